@@ -1,0 +1,136 @@
+"""Small Flax models that exercise the layouts LoRA must handle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class Nested(nn.Module):
+    """A Dense buried ``depth`` modules deep: params at ``inner/inner/.../dense/kernel``."""
+
+    features: int
+    depth: int = 0
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if self.depth == 0:
+            return nn.Dense(
+                self.features,
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="dense",
+            )(x)
+        return Nested(
+            self.features, self.depth - 1, self.use_bias, self.dtype, self.param_dtype,
+            name="inner",
+        )(x)
+
+
+class MLP(nn.Module):
+    """Dense layers of the given widths, each nested ``depth`` deep, tanh in between."""
+
+    widths: tuple[int, ...]
+    depth: int = 0
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        for i, width in enumerate(self.widths):
+            x = Nested(
+                width, self.depth, self.use_bias, self.dtype, self.param_dtype, name=f"layer_{i}"
+            )(x)
+            if i < len(self.widths) - 1:
+                x = jnp.tanh(x)
+        return x
+
+
+class Block(nn.Module):
+    """Attention-shaped block: square q/o projections, a non-square MLP, residuals."""
+
+    dim: int
+    hidden: int
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        dense = lambda n, name: nn.Dense(  # noqa: E731
+            n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        h = jnp.tanh(dense(self.dim, "q_proj")(x))
+        x = x + dense(self.dim, "o_proj")(h)
+        h = jax.nn.silu(dense(self.hidden, "up_proj")(x))
+        return x + dense(self.dim, "down_proj")(h), None
+
+
+class Stack(nn.Module):
+    """``num_layers`` Blocks, unrolled (``layers_i``) or ``nn.scan``-stacked (``layers``)."""
+
+    dim: int = 8
+    hidden: int = 12
+    num_layers: int = 3
+    scan: bool = False
+    remat: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        block = nn.remat(Block) if self.remat else Block
+        if self.scan:
+            scanned = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                length=self.num_layers,
+            )
+            x, _ = scanned(self.dim, self.hidden, self.dtype, self.param_dtype, name="layers")(
+                x, None
+            )
+        else:
+            for i in range(self.num_layers):
+                x, _ = block(
+                    self.dim, self.hidden, self.dtype, self.param_dtype, name=f"layers_{i}"
+                )(x)
+        return nn.Dense(3, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x)
+
+
+class CustomKernel(nn.Module):
+    """A layer that owns a ``kernel`` but multiplies by it itself: the wrapper can't see it."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features)
+        )
+        return jnp.dot(x, kernel)
+
+
+class WithCustom(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(6, name="dense")(x)
+        return CustomKernel(6, name="custom")(x)
+
+
+def randomize_b(params, key, std=0.5):
+    """The same tree with every ``lora_b`` replaced by random values (B is zero after init)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for (path, leaf), k in zip(leaves, keys, strict=True):
+        name = getattr(path[-1], "key", None)
+        out.append(std * jax.random.normal(k, leaf.shape, leaf.dtype) if name == "lora_b" else leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
