@@ -1,0 +1,1046 @@
+"""MiniMind2 in Flax linen: a small Llama-style decoder that loads PyTorch/Hugging Face weights.
+
+The architecture, per block (pre-norm, no biases, no dropout)::
+
+    h = h + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))   n = rmsnorm(h)
+    h = h + down_proj(silu(gate_proj(n)) * up_proj(n))                      n = rmsnorm(h)
+
+with grouped-query causal attention, rotary embeddings in the "rotate-half" layout of Hugging
+Face Llama, and an output head tied to the input embedding. Every projection is a plain
+``flax.linen.Dense`` with a ``(in, out)`` kernel, so ``minilora_jax.wrap`` can add adapters to
+any of them; module names follow MiniMind/Hugging Face, so param paths read
+``layers_0/self_attn/q_proj/kernel``.
+
+The file also holds what is needed to use the model: a KV cache (`init_cache`), jitted
+generation (`generate`), conversion to and from the PyTorch state-dict layout
+(`params_to_state_dict`, `state_dict_to_params`, `load_torch_weights`, `save_torch_weights`) and
+conversion between unrolled and ``nn.scan``-stacked layers (`stack_layers`, `unstack_layers`).
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> config = MiniMindConfig.named("minimind-tiny")
+  >>> model = MiniMind(config)
+  >>> tokens = jnp.zeros((1, 8), jnp.int32)
+  >>> params = model.init(jax.random.key(0), tokens)["params"]
+  >>> model.apply({"params": params}, tokens).shape
+  (1, 8, 6400)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "MiniMind",
+    "MiniMindConfig",
+    "generate",
+    "init_cache",
+    "load_torch_weights",
+    "params_to_state_dict",
+    "save_torch_weights",
+    "stack_layers",
+    "state_dict_to_params",
+    "unstack_layers",
+]
+
+Params = dict[str, Any]
+Cache = Any  # tuple of {"k", "v"} dicts (unrolled) or one {"k", "v"} dict (scan layout)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+_NAMED: dict[str, dict[str, Any]] = {
+    # MiniMind2-Small, 26M: github.com/jingyaogong/minimind
+    "minimind2-small": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2),
+    # MiniMind2, 104M.
+    "minimind2": dict(hidden_size=768, num_layers=16, num_heads=8, num_kv_heads=2),
+    # Not a released model: the same shape of network, small enough for CPU tests and demos.
+    "minimind-tiny": dict(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MiniMindConfig:
+    """Hyper-parameters of a MiniMind model. Frozen and hashable, so it can be a static argument.
+
+    Attributes:
+      vocab_size: number of tokens (MiniMind's tokenizer has 6,400).
+      hidden_size: width of the residual stream.
+      num_layers: number of decoder blocks.
+      num_heads: query heads; ``head_dim = hidden_size // num_heads``.
+      num_kv_heads: key/value heads (grouped-query attention); must divide ``num_heads``.
+      intermediate_size: width of the SwiGLU MLP; ``None`` means MiniMind's rule
+        ``64 * ceil(int(8 * hidden_size / 3) / 64)``, see `mlp_size`.
+      rope_theta: base of the rotary frequencies.
+      rms_eps: epsilon of RMSNorm.
+      max_seq_len: the longest sequence (prompt plus generated tokens) `generate` and
+        `init_cache` accept. Rotary angles are computed from positions on the fly, so nothing
+        is allocated for it; MiniMind's ``max_position_embeddings`` is 32,768.
+      dtype: compute dtype of activations (norms, softmax and logits are float32 regardless).
+      param_dtype: dtype of the parameters.
+      scan_layers: stack the blocks with ``nn.scan`` into one module ``layers`` whose params
+        have a leading layer axis, instead of ``layers_0 ... layers_{L-1}``.
+      remat: recompute each block's activations in the backward pass (``nn.remat``).
+      attention: ``"xla"``, attention written out with einsums (any mask, KV cache), or
+        ``"fused"``, ``jax.nn.dot_product_attention`` for the plain causal case (no cache, no
+        padding mask), which picks cuDNN's flash attention on GPUs that have it. Calls with a
+        cache or an attention mask always use the ``"xla"`` path.
+
+    Example:
+      >>> config = MiniMindConfig.named("minimind2-small")
+      >>> config.head_dim, config.mlp_size
+      (64, 1408)
+      >>> config.replace(scan_layers=True).scan_layers
+      True
+    """
+
+    vocab_size: int = 6400
+    hidden_size: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    intermediate_size: int | None = None
+    rope_theta: float = 1e6
+    rms_eps: float = 1e-5
+    max_seq_len: int = 32768
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat: bool = False
+    attention: str = "xla"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MiniMindConfig.{name} must be a positive int, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
+                f"{self.num_kv_heads}: each key/value head must serve a whole group of heads"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.attention not in ("xla", "fused"):
+            raise ValueError(f"attention must be 'xla' or 'fused', got {self.attention!r}")
+        if self.intermediate_size is not None and self.intermediate_size < 1:
+            raise ValueError(f"intermediate_size must be positive, got {self.intermediate_size}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head, ``hidden_size // num_heads``."""
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_size(self) -> int:
+        """The MLP width: ``intermediate_size`` if set, else MiniMind's rounded ``8/3 * hidden``.
+
+        Computed rather than stored, so ``dataclasses.replace(config, hidden_size=...)`` gives
+        the width that belongs to the new hidden size.
+        """
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        return 64 * math.ceil(int(self.hidden_size * 8 / 3) / 64)
+
+    def replace(self, **changes: Any) -> MiniMindConfig:
+        """A copy with some fields changed (``dataclasses.replace``).
+
+        Example:
+          >>> MiniMindConfig().replace(num_layers=2).num_layers
+          2
+        """
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def named(cls, name: str, **overrides: Any) -> MiniMindConfig:
+        """The config of a known model, with some fields overridden.
+
+        Args:
+          name: ``"minimind2-small"`` (26M params), ``"minimind2"`` (104M) or
+            ``"minimind-tiny"`` (hidden 256, 4 layers; for CPU tests and demos).
+          **overrides: fields to change, e.g. ``dtype=jnp.bfloat16, scan_layers=True``.
+
+        Returns:
+          The config.
+
+        Raises:
+          ValueError: for an unknown name.
+
+        Example:
+          >>> MiniMindConfig.named("minimind-tiny", num_layers=2).num_layers
+          2
+        """
+        if name not in _NAMED:
+            raise ValueError(f"unknown MiniMind config {name!r}; known names: {sorted(_NAMED)}")
+        return cls(**{**_NAMED[name], **overrides})
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x**2) + eps) * weight``, normalised in float32 (as Hugging Face Llama)."""
+
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # Cast before scaling, as the PyTorch models do, so low-precision runs round alike.
+        return normed.astype(self.dtype) * weight.astype(self.dtype)
+
+
+def _rotary(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of the rotary angles, float32 ``[batch, seq, head_dim]`` (halves repeated)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates ``x: [batch, seq, heads, head_dim]`` in the rotate-half (non-interleaved) layout."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def _dense(config: MiniMindConfig, features: int, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=False,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention with rotary embeddings and an optional KV cache."""
+
+    config: MiniMindConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        layer_cache: dict[str, jax.Array] | None,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array | None,
+        pos: jax.Array | int,
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        cfg = self.config
+        batch, seq, _ = x.shape
+        heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = _dense(cfg, heads * head_dim, "q_proj")(x).reshape(batch, seq, heads, head_dim)
+        k = _dense(cfg, kv_heads * head_dim, "k_proj")(x).reshape(batch, seq, kv_heads, head_dim)
+        v = _dense(cfg, kv_heads * head_dim, "v_proj")(x).reshape(batch, seq, kv_heads, head_dim)
+        q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+
+        if layer_cache is not None:
+            start = (0, pos, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(
+                layer_cache["k"], k.astype(layer_cache["k"].dtype), start
+            )
+            v_all = jax.lax.dynamic_update_slice(
+                layer_cache["v"], v.astype(layer_cache["v"].dtype), start
+            )
+            layer_cache = {"k": k_all, "v": v_all}
+            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+
+        if mask is None:  # plain causal self-attention, see MiniMindConfig.attention
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            out = out.reshape(batch, seq, heads * head_dim)
+            return _dense(cfg, cfg.hidden_size, "o_proj")(out), layer_cache
+
+        # Query head h uses key/value head h // group, as torch's repeat_interleave does.
+        group = heads // kv_heads
+        q = q.reshape(batch, seq, kv_heads, group, head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
+        scores = scores / math.sqrt(head_dim)
+        # A finite floor rather than -inf: a query with every key masked (left padding) then
+        # gets harmless uniform weights instead of NaNs that would leak through 0 * NaN.
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(batch, seq, heads * head_dim)
+        return _dense(cfg, cfg.hidden_size, "o_proj")(out), layer_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    config: MiniMindConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        gate = _dense(cfg, cfg.mlp_size, "gate_proj")(x)
+        up = _dense(cfg, cfg.mlp_size, "up_proj")(x)
+        return _dense(cfg, cfg.hidden_size, "down_proj")(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block. The signature ``(carry, scanned, *broadcast)`` suits ``nn.scan``."""
+
+    config: MiniMindConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        h: jax.Array,
+        layer_cache: dict[str, jax.Array] | None,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array | None,
+        pos: jax.Array | int,
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        cfg = self.config
+        norm = functools.partial(RMSNorm, cfg.rms_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        attended, layer_cache = Attention(cfg, name="self_attn")(
+            norm(name="input_layernorm")(h), layer_cache, cos, sin, mask, pos
+        )
+        h = h + attended
+        h = h + MLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(h))
+        return h, layer_cache
+
+
+class MiniMind(nn.Module):
+    """The MiniMind decoder: token ids in, float32 next-token logits out.
+
+    Without ``cache`` the call runs causal attention over ``tokens`` and returns
+    ``logits: float32[batch, seq, vocab]``. With ``cache`` (from `init_cache`) the tokens'
+    keys and values are written into it at slots ``pos ... pos + seq - 1``, each token attends to
+    the cache slots up to its own, and the call returns ``(logits, new_cache)``; the cache goes
+    in and comes out as plain arrays, so this is a pure function.
+
+    Attributes:
+      config: the `MiniMindConfig`.
+
+    Call args:
+      tokens: ``int[batch, seq]`` token ids.
+      cache: optional KV cache from `init_cache` (its layout must match
+        ``config.scan_layers``).
+      pos: the cache slot of ``tokens[:, 0]``, an int or int32 scalar; required with ``cache``.
+        Nothing checks ``pos + seq <= max_len`` under ``jit``: writes past the end are clamped
+        by XLA, so size the cache for the whole sequence.
+      positions: optional ``int[batch, seq]`` rotary positions; default ``pos + arange(seq)``
+        (``arange(seq)`` without cache). `generate` passes them for left-padded prompts.
+      attention_mask: optional ``bool[batch, key_len]``, False for keys that must never be
+        attended (padding); ``key_len`` is the cache length with ``cache``, else ``seq``.
+        Causality is always applied on top, by slot index.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> config = MiniMindConfig.named("minimind-tiny", num_layers=2)
+      >>> model = MiniMind(config)
+      >>> tokens = jnp.array([[1, 5, 7]])
+      >>> params = model.init(jax.random.key(0), tokens)["params"]
+      >>> full = model.apply({"params": params}, tokens)
+      >>> cache = init_cache(config, batch=1, max_len=8)
+      >>> logits, cache = model.apply({"params": params}, tokens, cache=cache, pos=0)
+      >>> bool(jnp.allclose(logits, full, atol=1e-5))
+      True
+    """
+
+    config: MiniMindConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        cache: Cache | None = None,
+        pos: jax.Array | int | None = None,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, Cache]:
+        cfg = self.config
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be int [batch, seq], got shape {tokens.shape}")
+        batch, seq = tokens.shape
+        if cache is not None:
+            if pos is None:
+                raise ValueError("pos (the cache slot of the first token) is required with cache")
+            key_len = _check_cache(cache, cfg, batch)
+            query_slots = pos + jnp.arange(seq)
+        else:
+            key_len = seq
+            query_slots = jnp.arange(seq)
+        if positions is None:
+            start = 0 if pos is None else pos
+            positions = jnp.broadcast_to(start + jnp.arange(seq), (batch, seq))
+        elif positions.shape != (batch, seq):
+            raise ValueError(f"positions must have shape {(batch, seq)}, got {positions.shape}")
+
+        mask = jnp.arange(key_len)[None, :] <= query_slots[:, None]  # [seq, key_len]
+        mask = jnp.broadcast_to(mask, (batch, seq, key_len))
+        if attention_mask is not None:
+            if attention_mask.shape != (batch, key_len):
+                raise ValueError(
+                    f"attention_mask must have shape (batch, key_len) = {(batch, key_len)}, "
+                    f"got {attention_mask.shape}"
+                )
+            mask = mask & attention_mask[:, None, :].astype(bool)
+        if cfg.attention == "fused" and cache is None and attention_mask is None:
+            mask = None
+        cos, sin = _rotary(positions, cfg.head_dim, cfg.rope_theta)
+
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=nn.initializers.normal(stddev=0.02),
+            name="embed_tokens",
+        )
+        h = embed(tokens)
+
+        layer = DecoderLayer
+        if cfg.remat:
+            # CSE prevention is only needed outside scan, where XLA could undo the remat.
+            layer = nn.remat(DecoderLayer, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            layers = nn.scan(
+                layer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+            )
+            h, new_cache = layers(cfg, name="layers")(h, cache, cos, sin, mask, pos)
+        else:
+            new_layers = []
+            for i in range(cfg.num_layers):
+                layer_cache = None if cache is None else cache[i]
+                h, layer_cache = layer(cfg, name=f"layers_{i}")(h, layer_cache, cos, sin, mask, pos)
+                new_layers.append(layer_cache)
+            new_cache = None if cache is None else tuple(new_layers)
+
+        h = RMSNorm(cfg.rms_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(h)
+        logits = embed.attend(h).astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
+
+
+def _check_cache(cache: Cache, config: MiniMindConfig, batch: int) -> int:
+    """Checks the cache's layout and shapes against the config; returns its length."""
+    if config.scan_layers:
+        entries, lead = {"cache": cache}, (config.num_layers,)
+        layout = "one {'k', 'v'} dict whose arrays have a leading layer axis"
+    else:
+        is_tuple = isinstance(cache, Sequence) and len(cache) == config.num_layers
+        entries = {f"cache[{i}]": c for i, c in enumerate(cache)} if is_tuple else {"cache": None}
+        lead = ()
+        layout = f"a tuple of {config.num_layers} per-layer {{'k', 'v'}} dicts"
+    for where, entry in entries.items():
+        if not isinstance(entry, Mapping) or set(entry) != {"k", "v"}:
+            got = entry if entry is not None else cache
+            what = type(got).__name__
+            if isinstance(got, Mapping):
+                what = f"dict with keys {sorted(got)}"
+            raise ValueError(
+                f"with scan_layers={config.scan_layers} the cache is {layout} (see init_cache); "
+                f"{where} is a {what}"
+            )
+    first = np.shape(next(iter(entries.values()))["k"])
+    max_len = first[len(lead) + 1] if len(first) == len(lead) + 4 else -1
+    expected = (*lead, batch, max_len, config.num_kv_heads, config.head_dim)
+    for where, entry in entries.items():
+        for name in ("k", "v"):
+            if np.shape(entry[name]) != expected:
+                raise ValueError(
+                    f"{where}['{name}'] has shape {np.shape(entry[name])}, expected {expected} "
+                    "([layers,] batch, max_len, kv_heads, head_dim)"
+                )
+    return max_len
+
+
+def init_cache(config: MiniMindConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
+    """An empty KV cache for `MiniMind` with room for ``max_len`` tokens per sequence.
+
+    Args:
+      config: the model's config; ``config.scan_layers`` decides the layout.
+      batch: number of sequences.
+      max_len: cache slots per sequence (prompt plus generated tokens).
+      dtype: dtype of the cached keys and values; default ``config.dtype``.
+
+    Returns:
+      With ``scan_layers=False`` a tuple of ``num_layers`` dicts ``{"k", "v"}`` of zeros of shape
+      ``[batch, max_len, num_kv_heads, head_dim]``; with ``scan_layers=True`` one such dict whose
+      arrays have a leading layer axis, ``[num_layers, batch, max_len, kv_heads, head_dim]``.
+
+    Example:
+      >>> config = MiniMindConfig.named("minimind-tiny")
+      >>> cache = init_cache(config, batch=2, max_len=16)
+      >>> len(cache), cache[0]["k"].shape
+      (4, (2, 16, 2, 32))
+    """
+    if max_len < 1 or max_len > config.max_seq_len:
+        raise ValueError(
+            f"max_len must be in [1, config.max_seq_len={config.max_seq_len}], got {max_len}"
+        )
+    dtype = config.dtype if dtype is None else dtype
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    if config.scan_layers:
+        stacked = (config.num_layers, *shape)
+        return {"k": jnp.zeros(stacked, dtype), "v": jnp.zeros(stacked, dtype)}
+    return tuple(
+        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        for _ in range(config.num_layers)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Unrolled <-> scan layouts
+# --------------------------------------------------------------------------------------------
+
+_LAYER_KEY = re.compile(r"layers_(\d+)")
+
+
+def stack_layers(params: Mapping[str, Any]) -> Params:
+    """Turns unrolled params (``layers_0 ... layers_{L-1}``) into the ``nn.scan`` layout.
+
+    Every leaf under ``layers_i`` is stacked along a new leading axis into ``layers``; other
+    entries are kept as they are. Adapter leaves (``lora_a``...) are stacked like any other.
+
+    Args:
+      params: params of a model built with ``scan_layers=False``.
+
+    Returns:
+      The same params for ``scan_layers=True``, e.g. ``layers/self_attn/q_proj/kernel`` of shape
+      ``[L, hidden, hidden]``.
+
+    Raises:
+      ValueError: if the layer numbers are not ``0 ... L-1`` or the layers differ in structure
+        or shapes.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"layers_0": {"w": jnp.zeros(3)}, "layers_1": {"w": jnp.ones(3)}}
+      >>> stack_layers(params)["layers"]["w"].shape
+      (2, 3)
+    """
+    numbered = {int(m.group(1)): k for k in params if (m := _LAYER_KEY.fullmatch(k))}
+    if not numbered:
+        raise ValueError(
+            f"no 'layers_<i>' entries to stack; top-level keys are {sorted(params)} "
+            "(already in the scan layout?)"
+        )
+    if "layers" in params:
+        raise ValueError("params hold both 'layers' and 'layers_<i>': mixed layouts")
+    if sorted(numbered) != list(range(len(numbered))):
+        raise ValueError(f"layer numbers must be 0..L-1, got {sorted(numbered)}")
+    layers = [params[numbered[i]] for i in range(len(numbered))]
+    first = jax.tree_util.tree_structure(layers[0])
+    for i, layer in enumerate(layers[1:], start=1):
+        if jax.tree_util.tree_structure(layer) != first:
+            raise ValueError(f"layers_{i} has a different structure from layers_0; can't stack")
+        for (path, a), b in zip(
+            jax.tree_util.tree_leaves_with_path(layers[0]),
+            jax.tree_util.tree_leaves(layer),
+            strict=True,
+        ):
+            if np.shape(a) != np.shape(b):
+                raise ValueError(
+                    f"layers_{i}{jax.tree_util.keystr(path)} has shape {np.shape(b)} but "
+                    f"layers_0's has {np.shape(a)}; can't stack"
+                )
+    out = {k: v for k, v in params.items() if not _LAYER_KEY.fullmatch(k)}
+    out["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+    return out
+
+
+def unstack_layers(params: Mapping[str, Any]) -> Params:
+    """Turns ``nn.scan``-stacked params (``layers`` with a leading axis) into ``layers_<i>``.
+
+    The inverse of `stack_layers`.
+
+    Args:
+      params: params of a model built with ``scan_layers=True``.
+
+    Returns:
+      The same params for ``scan_layers=False``.
+
+    Raises:
+      ValueError: if there is no ``layers`` entry or its leaves disagree on the layer count.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> unstack_layers({"layers": {"w": jnp.zeros((2, 3))}})["layers_1"]["w"].shape
+      (3,)
+    """
+    if "layers" not in params:
+        raise ValueError(
+            f"no 'layers' entry to unstack; top-level keys are {sorted(params)} (already unrolled?)"
+        )
+    stacked = params["layers"]
+    leaves = jax.tree_util.tree_leaves_with_path(stacked)
+    counts = {np.shape(x)[0] if np.ndim(x) else None for _, x in leaves}
+    if len(counts) != 1 or None in counts:
+        shapes = {jax.tree_util.keystr(p): np.shape(x) for p, x in leaves}
+        raise ValueError(f"'layers' leaves must share a leading layer axis; got shapes {shapes}")
+    (num_layers,) = counts
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+
+
+def _next_token(
+    logits: jax.Array, key: jax.Array, greedy: bool, temperature: jax.Array, top_p: jax.Array
+) -> jax.Array:
+    """Greedy or temperature + nucleus sampling from ``logits: float32[batch, vocab]``."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it
+    # is still short of top_p. The most likely token always stays.
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    keep = keep | (top_p >= 1.0)
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("apply_fn", "config", "max_new_tokens", "greedy"),
+)
+def _generate_jit(
+    params: Any,
+    tokens: jax.Array,
+    pad_lens: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    key: jax.Array,
+    eos_id: jax.Array,
+    pad_id: jax.Array,
+    *,
+    apply_fn: Callable[..., Any],
+    config: MiniMindConfig,
+    max_new_tokens: int,
+    greedy: bool,
+) -> jax.Array:
+    batch, prompt_len = tokens.shape
+    total = prompt_len + max_new_tokens
+    # Row r is left-padded by pad_lens[r]: its slot s holds its token number s - pad_lens[r].
+    attention_mask = jnp.arange(total)[None, :] >= pad_lens[:, None]
+    positions = jnp.maximum(jnp.arange(prompt_len)[None, :] - pad_lens[:, None], 0)
+    cache = init_cache(config, batch, total)
+    logits, cache = apply_fn(
+        {"params": params},
+        tokens,
+        cache=cache,
+        pos=0,
+        positions=positions,
+        attention_mask=attention_mask,
+    )
+    keys = jax.random.split(key, max_new_tokens)
+    token = _next_token(logits[:, -1], keys[0], greedy, temperature, top_p)
+    done = token == eos_id  # eos_id is -1 when there is none: never a token
+    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
+
+    def unfinished(state):
+        i, _, _, _, done = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def step(state):
+        i, out, cache, token, done = state
+        slot = prompt_len + i - 1  # where the previous token goes
+        logits, cache = apply_fn(
+            {"params": params},
+            token[:, None],
+            cache=cache,
+            pos=slot,
+            positions=(slot - pad_lens)[:, None],
+            attention_mask=attention_mask,
+        )
+        token = _next_token(logits[:, -1], keys[i], greedy, temperature, top_p)
+        token = jnp.where(done, pad_id, token)
+        done = done | (token == eos_id)
+        return i + 1, out.at[:, i].set(token), cache, token, done
+
+    state = (jnp.int32(1), out, cache, token, done)
+    _, out, _, _, _ = jax.lax.while_loop(unfinished, step, state)
+    return out
+
+
+def generate(
+    apply_fn: Callable[..., Any],
+    params: Any,
+    config: MiniMindConfig,
+    prompt: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    key: jax.Array | None = None,
+    eos_id: int | None = 2,
+    pad_id: int = 0,
+) -> np.ndarray:
+    """Continues each prompt by up to ``max_new_tokens`` tokens, with a KV cache.
+
+    Prompts of different lengths are left-padded with ``pad_id``; the padding is masked out of
+    attention and rotary positions start at each prompt's first real token, so every row gets the
+    tokens it would get on its own. The prompt is run in one pass (prefill), then one token per
+    step in a ``jax.lax.while_loop`` that stops early once every row has emitted ``eos_id``.
+    The whole thing is one jitted function, compiled once per ``(apply_fn, config, batch, prompt
+    length, max_new_tokens, greedy or not)``; ``temperature``, ``top_p``, ``key``, ``eos_id`` and
+    ``pad_id`` are traced, so changing them does not recompile.
+
+    Args:
+      apply_fn: ``model.apply`` of a `MiniMind`, or a function with its signature such as
+        ``minilora_jax.wrap(model.apply)``. It is called as
+        ``apply_fn({"params": params}, tokens, cache=..., pos=..., positions=...,
+        attention_mask=...)``. It is a static argument of ``jax.jit``: pass the same function
+        object each time to reuse the compiled code.
+      params: the params ``apply_fn`` takes, passed through untouched (adapters and all).
+      config: the model's config; it sizes the KV cache.
+      prompt: a non-empty list of non-empty token-id lists (or 1-D arrays), or an
+        ``int[batch, len]`` array of equal-length prompts.
+      max_new_tokens: number of tokens to generate per prompt.
+      temperature: 0 for greedy decoding, else the softmax temperature for sampling.
+      top_p: nucleus sampling: sample among the most likely tokens whose probability mass first
+        reaches ``top_p`` (1.0 keeps every token). Ignored when greedy.
+      key: PRNG key, required when sampling.
+      eos_id: end-of-sequence id; after a row emits it, the row emits ``pad_id``. ``None``
+        never stops early.
+      pad_id: id used for left padding and after ``eos_id``.
+
+    Returns:
+      ``np.ndarray`` of int32, shape ``[len(prompt), max_new_tokens]``: the new tokens only.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> config = MiniMindConfig.named("minimind-tiny", num_layers=2)
+      >>> model = MiniMind(config)
+      >>> params = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
+      >>> generate(model.apply, params, config, [[1, 5, 7], [1, 9]], max_new_tokens=4).shape
+      (2, 4)
+    """
+    if isinstance(prompt, (np.ndarray, jax.Array)) and prompt.ndim == 2:
+        prompt = list(np.asarray(prompt))  # equal-length prompts as one array
+    if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence) or not prompt:
+        raise ValueError("prompt must be a non-empty list of token-id lists")
+    rows = []
+    for i, row in enumerate(prompt):
+        row = np.asarray(row)
+        if row.ndim != 1 or row.size == 0 or not np.issubdtype(row.dtype, np.integer):
+            raise ValueError(
+                f"prompt[{i}] must be a non-empty list of int token ids, got shape {row.shape} "
+                f"dtype {row.dtype}"
+            )
+        if row.min() < 0 or row.max() >= config.vocab_size:
+            raise ValueError(
+                f"prompt[{i}] has ids outside [0, vocab_size={config.vocab_size}): "
+                f"min {row.min()}, max {row.max()}"
+            )
+        rows.append(row)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    prompt_len = max(len(r) for r in rows)
+    if prompt_len + max_new_tokens > config.max_seq_len:
+        raise ValueError(
+            f"longest prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"config.max_seq_len={config.max_seq_len}"
+        )
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    greedy = temperature == 0
+    if key is None:
+        if not greedy:
+            raise ValueError("sampling (temperature > 0) needs key=jax.random.key(...)")
+        key = jax.random.key(0)
+
+    tokens = np.full((len(rows), prompt_len), pad_id, np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, prompt_len - len(row) :] = row
+    pad_lens = np.asarray([prompt_len - len(r) for r in rows], np.int32)
+    out = _generate_jit(
+        params,
+        tokens,
+        pad_lens,
+        jnp.float32(max(temperature, 1e-6)),
+        jnp.float32(top_p),
+        key,
+        jnp.int32(-1 if eos_id is None else eos_id),
+        jnp.int32(pad_id),
+        apply_fn=apply_fn,
+        config=config,
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+    )
+    return np.asarray(out)
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch / Hugging Face state dicts
+# --------------------------------------------------------------------------------------------
+
+# Buffers some PyTorch checkpoints carry that are derived from the config, not learned.
+_DERIVED_BUFFERS = ("rotary_emb.inv_freq", "freqs_cos", "freqs_sin")
+
+
+def _layer_entries(config: MiniMindConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...]]]:
+    """``(torch name suffix, flax path in the layer, torch shape)`` for one block.
+
+    Torch Linear weights are ``(out, in)``; a flax path ending in ``kernel`` is the transpose.
+    """
+    h, q, kv, m = (
+        config.hidden_size,
+        config.num_heads * config.head_dim,
+        config.num_kv_heads * config.head_dim,
+        config.mlp_size,
+    )
+    return [
+        ("input_layernorm.weight", ("input_layernorm", "weight"), (h,)),
+        ("self_attn.q_proj.weight", ("self_attn", "q_proj", "kernel"), (q, h)),
+        ("self_attn.k_proj.weight", ("self_attn", "k_proj", "kernel"), (kv, h)),
+        ("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), (kv, h)),
+        ("self_attn.o_proj.weight", ("self_attn", "o_proj", "kernel"), (h, q)),
+        ("post_attention_layernorm.weight", ("post_attention_layernorm", "weight"), (h,)),
+        ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), (m, h)),
+        ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), (m, h)),
+        ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (h, m)),
+    ]
+
+
+def _entries(config: MiniMindConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...]]]:
+    """``(torch name, flax path, torch shape)`` for every tensor, in the unrolled layout."""
+    entries = [
+        (
+            "model.embed_tokens.weight",
+            ("embed_tokens", "embedding"),
+            (config.vocab_size, config.hidden_size),
+        )
+    ]
+    for i in range(config.num_layers):
+        entries += [
+            (f"model.layers.{i}.{name}", (f"layers_{i}", *path), shape)
+            for name, path, shape in _layer_entries(config)
+        ]
+    entries.append(("model.norm.weight", ("norm", "weight"), (config.hidden_size,)))
+    return entries
+
+
+def _flat(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, (*prefix, k)))
+        else:
+            out[(*prefix, k)] = v
+    return out
+
+
+def params_to_state_dict(
+    params: Mapping[str, Any], config: MiniMindConfig
+) -> dict[str, np.ndarray]:
+    """MiniMind params as a PyTorch/Hugging Face state dict of numpy arrays.
+
+    Kernels are transposed to torch's ``(out, in)``; ``lm_head.weight`` is written as a copy of
+    the embedding (MiniMind ties them, and ``load_state_dict`` on a tied torch model expects both
+    names). Arrays keep their dtype.
+
+    Args:
+      params: params of `MiniMind`, in either layout (unrolled or ``nn.scan``-stacked; detected
+        from the keys). Adapters must be merged first (``minilora_jax.merge``).
+      config: the model's config; every shape is checked against it.
+
+    Returns:
+      ``{"model.embed_tokens.weight": ..., "model.layers.0.self_attn.q_proj.weight": ...,
+      ..., "model.norm.weight": ..., "lm_head.weight": ...}``.
+
+    Raises:
+      ValueError: naming the param for a missing or unexpected param, or a shape that does not
+        fit the config.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> config = MiniMindConfig.named("minimind-tiny")
+      >>> params = MiniMind(config).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
+      >>> params_to_state_dict(params, config)["model.layers.0.mlp.up_proj.weight"].shape
+      (704, 256)
+    """
+    if "layers" in params:
+        params = unstack_layers(params)
+    flat = _flat(params)
+    entries = _entries(config)
+    expected = {path for _, path, _ in entries}
+    unexpected = sorted("/".join(p) for p in flat if p not in expected)
+    missing = sorted("/".join(p) for p in expected if p not in flat)
+    if unexpected or missing:
+        hint = ""
+        if any(p.rsplit("/", 1)[-1].startswith("lora_") for p in unexpected):
+            hint = " (the params hold LoRA adapters: merge them with minilora_jax.merge first)"
+        raise ValueError(
+            f"params do not fit MiniMind with {config}: missing {missing[:10]}, "
+            f"unexpected {unexpected[:10]}{hint}"
+        )
+    state_dict = {}
+    for name, path, torch_shape in entries:
+        value = np.asarray(flat[path])
+        if path[-1] == "kernel":
+            value = value.T
+        if value.shape != torch_shape:
+            raise ValueError(
+                f"param '{'/'.join(path)}' ({name}) has torch-layout shape {value.shape}, "
+                f"expected {torch_shape} for the config"
+            )
+        state_dict[name] = np.ascontiguousarray(value)
+    state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"].copy()
+    return state_dict
+
+
+def state_dict_to_params(state_dict: Mapping[str, Any], config: MiniMindConfig) -> Params:
+    """MiniMind params from a PyTorch/Hugging Face state dict (numpy arrays or array-likes).
+
+    Linear weights are transposed from ``(out, in)`` to Flax's ``(in, out)`` and every array is
+    cast to ``config.param_dtype``. ``lm_head.weight`` is optional; if present it must equal the
+    embedding, since the model ties them. Derived rotary buffers (``*.rotary_emb.inv_freq``,
+    ``freqs_cos``, ``freqs_sin``) are ignored.
+
+    Args:
+      state_dict: ``{"model.embed_tokens.weight": ..., "model.layers.0....": ..., ...}``;
+        torch tensors should be converted first (``t.float().numpy()``, or use
+        ``minimind_torch.from_torch_state_dict``).
+      config: the model's config.
+
+    Returns:
+      Params for ``MiniMind(config)``, in the scan layout if ``config.scan_layers``.
+
+    Raises:
+      ValueError: listing missing and unexpected keys, or naming the key and both shapes on a
+        shape mismatch, or if ``lm_head.weight`` differs from the embedding.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> config = MiniMindConfig.named("minimind-tiny")
+      >>> params = MiniMind(config).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
+      >>> back = state_dict_to_params(params_to_state_dict(params, config), config)
+      >>> back["layers_0"]["self_attn"]["k_proj"]["kernel"].shape
+      (256, 64)
+    """
+    entries = _entries(config)
+    known = {name for name, _, _ in entries} | {"lm_head.weight"}
+    unexpected = sorted(
+        k for k in state_dict if k not in known and not k.endswith(_DERIVED_BUFFERS)
+    )
+    missing = [name for name, _, _ in entries if name not in state_dict]
+    if missing or unexpected:
+        raise ValueError(
+            f"state dict does not fit MiniMind with {config}: missing keys {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
+            f"{' ...' if len(unexpected) > 10 else ''}"
+        )
+    params: Params = {}
+    for name, path, torch_shape in entries:
+        value = np.asarray(state_dict[name])
+        if value.shape != torch_shape:
+            raise ValueError(
+                f"state dict key '{name}' has shape {value.shape}, but the config needs "
+                f"{torch_shape} (flax param '{'/'.join(path)}')"
+            )
+        if path[-1] == "kernel":
+            value = value.T
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = jnp.asarray(value, dtype=config.param_dtype)
+    if "lm_head.weight" in state_dict:
+        head = np.asarray(state_dict["lm_head.weight"])
+        embed = np.asarray(state_dict["model.embed_tokens.weight"])
+        if head.shape != embed.shape or not np.array_equal(head, embed):
+            raise ValueError(
+                f"state dict key 'lm_head.weight' (shape {head.shape}) differs from "
+                f"'model.embed_tokens.weight' (shape {embed.shape}); MiniMind ties them and "
+                "this model has no separate output head"
+            )
+    return stack_layers(params) if config.scan_layers else params
+
+
+def load_torch_weights(path: str | Path, config: MiniMindConfig) -> Params:
+    """Reads MiniMind params from a safetensors file in the PyTorch/Hugging Face layout.
+
+    The file is read with ``safetensors.numpy`` (no pickle). See `state_dict_to_params` for the
+    mapping and checks.
+
+    Args:
+      path: a ``.safetensors`` file, e.g. MiniMind2's ``model.safetensors``.
+      config: the model's config.
+
+    Returns:
+      Params for ``MiniMind(config)`` (scan layout if ``config.scan_layers``).
+
+    Raises:
+      FileNotFoundError: if ``path`` is not a file.
+      ValueError: for missing, unexpected or misshapen tensors.
+
+    Example:
+      >>> config = MiniMindConfig.named("minimind2-small")
+      >>> params = load_torch_weights("minimind2-small/model.safetensors", config)  # doctest: +SKIP
+    """
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    return state_dict_to_params(load_file(str(path)), config)
+
+
+def save_torch_weights(path: str | Path, params: Mapping[str, Any], config: MiniMindConfig) -> None:
+    """Writes MiniMind params as a safetensors file in the PyTorch/Hugging Face layout.
+
+    The file holds the tensors of `params_to_state_dict` (``lm_head.weight`` as a separate copy
+    of the embedding) with metadata ``{"format": "pt"}``, so ``load_torch_weights``,
+    ``safetensors.torch.load_file`` and Hugging Face loaders all read it.
+
+    Args:
+      path: the file to write.
+      params: params of `MiniMind`, either layout; merge adapters first.
+      config: the model's config.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> config = MiniMindConfig.named("minimind-tiny")
+      >>> params = MiniMind(config).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
+      >>> save_torch_weights("/tmp/minimind-tiny.safetensors", params, config)
+      >>> back = load_torch_weights("/tmp/minimind-tiny.safetensors", config)
+    """
+    from safetensors.numpy import save_file
+
+    save_file(params_to_state_dict(params, config), str(path), metadata={"format": "pt"})
