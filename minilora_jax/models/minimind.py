@@ -240,6 +240,18 @@ def _dense(config: MiniMindConfig, features: int, name: str) -> nn.Dense:
     )
 
 
+def _fused_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal attention through ``jax.nn.dot_product_attention``, cuDNN's kernel where it fits."""
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        # implementation=None means XLA's einsums; the flash kernel must be asked for, and it
+        # refuses some shapes (sequence lengths, head sizes) at trace time.
+        try:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        except NotImplementedError:
+            pass
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
 class Attention(nn.Module):
     """Grouped-query causal self-attention with rotary embeddings and an optional KV cache."""
 
@@ -275,7 +287,7 @@ class Attention(nn.Module):
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
 
         if mask is None:  # plain causal self-attention, see MiniMindConfig.attention
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            out = _fused_attention(q, k, v)
             out = out.reshape(batch, seq, heads * head_dim)
             return _dense(cfg, cfg.hidden_size, "o_proj")(out), layer_cache
 
