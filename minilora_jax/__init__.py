@@ -12,8 +12,10 @@ Example:
   >>> merged = mlj.merge(lora_params)                            # a plain params tree again
 """
 
+from minilora_jax import peft
 from minilora_jax.adapters import LoraScale, init
 from minilora_jax.apply import AdapterNotAppliedError, wrap
+from minilora_jax.checkpoint import abstract_base, load_adapters, read_metadata, save_adapters
 from minilora_jax.merge import merge, unmerge
 from minilora_jax.partition import combine, split
 from minilora_jax.summary import AdapterInfo, Summary, summary
@@ -27,10 +29,15 @@ __all__ = [
     "LoraScale",
     "Summary",
     "__version__",
+    "abstract_base",
     "all_kernels",
     "combine",
     "init",
+    "load_adapters",
     "merge",
+    "peft",
+    "read_metadata",
+    "save_adapters",
     "split",
     "square_kernels",
     "summary",

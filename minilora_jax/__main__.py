@@ -1,0 +1,317 @@
+"""Command line: look at, merge and convert adapter files.
+
+    python -m minilora_jax inspect PATH [--base BASE]
+    python -m minilora_jax merge --base BASE --adapters PATH --out OUT
+    python -m minilora_jax convert PATH --to peft|minimind|orbax --out OUT [--base BASE]
+
+An adapter ``PATH`` is told apart by its contents: a directory with ``minilora.json`` is an orbax
+checkpoint (`minilora_jax.checkpoint`), one with ``adapter_config.json`` a PEFT directory
+(`minilora_jax.peft`), and a ``.safetensors``/``.pth`` file MiniMind's LoRA format
+(`minilora_jax.models.minimind_lora`). ``BASE`` is a ``.safetensors`` file of MiniMind weights
+in the Hugging Face/PyTorch layout (read with ``--config``, default ``minimind2-small``), or an
+orbax directory holding a params tree. Torch module names follow the default mapping of
+`minilora_jax.peft.module_name`.
+
+Errors are printed as one line on stderr, with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("orbax", "peft", "minimind")
+
+
+def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
+    """The format of an adapter path and the path its reader takes.
+
+    Args:
+      path: an adapter directory or file.
+
+    Returns:
+      ``(format, path)`` with format ``"orbax"``, ``"peft"`` or ``"minimind"``; for a PEFT
+      weights file given directly, the path is its directory.
+
+    Raises:
+      FileNotFoundError: if nothing is at ``path``.
+      ValueError: if the contents match no format.
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp
+      >>> import minilora_jax as mlj
+      >>> d = tempfile.mkdtemp()
+      >>> params = mlj.init({"q": {"kernel": jnp.ones((4, 4))}}, jax.random.key(0), rank=2)
+      >>> mlj.peft.save(d, params)
+      >>> detect_format(d)[0]
+      'peft'
+    """
+    from minilora_jax import checkpoint, peft
+
+    path = Path(path)
+    if path.is_dir():
+        if (path / checkpoint.METADATA_FILE).is_file():
+            return "orbax", path
+        peft_files = (peft.CONFIG_FILE, peft.WEIGHTS_FILE, *peft.PICKLE_FILES)
+        if any((path / name).is_file() for name in peft_files):
+            return "peft", path
+        raise ValueError(
+            f"cannot tell the adapter format of directory {path}: it holds neither "
+            f"{checkpoint.METADATA_FILE} (orbax checkpoint) nor {peft.CONFIG_FILE} (PEFT)"
+        )
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if path.name in (peft.CONFIG_FILE, peft.WEIGHTS_FILE):
+        return "peft", path.parent
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                keys = list(f.keys())
+        except Exception as e:  # safetensors' own error type for bad files
+            raise ValueError(f"{path} is not a valid safetensors file: {e}") from e
+        if any(".lora_A." in k for k in keys):
+            return "peft", path.parent
+        return "minimind", path
+    if path.suffix.lower() in (".pth", ".pt"):
+        return "minimind", path
+    raise ValueError(
+        f"cannot tell the adapter format of {path}: expected an orbax or PEFT directory, or a "
+        "MiniMind .safetensors/.pth file"
+    )
+
+
+def _config(name: str) -> Any:
+    from minilora_jax.models.minimind import MiniMindConfig
+
+    return MiniMindConfig.named(name)
+
+
+def _load_base(path: str, config_name: str) -> Any:
+    """Base params from a MiniMind safetensors file or an orbax params directory."""
+    base = Path(path)
+    if base.is_file():
+        from minilora_jax.models.minimind import load_torch_weights
+
+        return load_torch_weights(base, _config(config_name))
+    if base.is_dir():
+        from minilora_jax import checkpoint
+
+        if (base / checkpoint.METADATA_FILE).is_file():
+            raise ValueError(f"--base {base} is an adapter checkpoint, not base params")
+        import orbax.checkpoint as ocp
+
+        return ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(base.absolute())
+    raise FileNotFoundError(f"base params not found: {base}")
+
+
+def _save_params(out: Path, params: Any, fmt: str, config_name: str) -> None:
+    if fmt == "safetensors":
+        from minilora_jax.models.minimind import save_torch_weights
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_torch_weights(out, params, _config(config_name))
+        return
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; not overwriting it")
+    import orbax.checkpoint as ocp
+
+    ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(
+        out.absolute(), args=ocp.args.StandardSave(params)
+    )
+
+
+def _read_torch(fmt: str, path: Path) -> dict[str, Any]:
+    """Adapters of a PEFT or MiniMind source, in torch's layout, without a base."""
+    from minilora_jax import peft
+    from minilora_jax.models import minimind_lora
+
+    return peft.read(path) if fmt == "peft" else minimind_lora.read_minimind_lora(path)
+
+
+def _load_onto(fmt: str, path: Path, base: Any) -> Any:
+    from minilora_jax import checkpoint, peft
+    from minilora_jax.models import minimind_lora
+
+    if fmt == "orbax":
+        return checkpoint.load_adapters(path, base)
+    if fmt == "peft":
+        return peft.load(path, base)
+    return minimind_lora.load_minimind_lora(path, base)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    import minilora_jax as mlj
+    from minilora_jax import checkpoint
+
+    fmt, path = detect_format(args.path)
+    print(f"format: {fmt} ({path})")
+    if args.base:
+        print(mlj.summary(_load_onto(fmt, path, _load_base(args.base, args.config))))
+        return
+    if fmt == "orbax":
+        info = checkpoint.read_metadata(path)
+        print(f"written by minilora_jax {info['library_version']}")
+        print(f"base fingerprint: {info['base_fingerprint']}")
+        if info["metadata"]:
+            print(f"metadata: {info['metadata']}")
+        summary = mlj.summary(checkpoint.load_adapters(path, checkpoint.abstract_base(path)))
+        rows = summary.adapters
+    else:
+        rows = tuple(
+            mlj.AdapterInfo(
+                path=name,
+                # Shown in Flax's (in, out) layout, like mlj.summary.
+                kernel_shape=(t.lora_A.shape[1], t.lora_B.shape[0]),
+                lora_a_shape=t.lora_A.shape[::-1],
+                lora_b_shape=t.lora_B.shape[::-1],
+                rank=t.lora_A.shape[0],
+                scale=t.scale,
+            )
+            for name, t in _read_torch(fmt, path).items()
+        )
+    table = str(mlj.Summary(adapters=rows, trainable=0, total=0)).splitlines()[:-1]
+    print("\n".join(table))
+    print(f"adapter params: {_adapter_params(rows):,} in {len(rows)} adapted layers "
+          "(pass --base for the full summary)")
+
+
+def _adapter_params(rows: Sequence[Any]) -> int:
+    return sum(math.prod(i.lora_a_shape) + math.prod(i.lora_b_shape) for i in rows)
+
+
+def _merge(args: argparse.Namespace) -> None:
+    import minilora_jax as mlj
+
+    fmt, path = detect_format(args.adapters)
+    base = _load_base(args.base, args.config)
+    merged = mlj.merge(_load_onto(fmt, path, base), check_finite=True)
+    out = Path(args.out)
+    out_format = args.out_format or ("safetensors" if out.suffix == ".safetensors" else "orbax")
+    _save_params(out, merged, out_format, args.config)
+    print(f"merged {fmt} adapters from {path} into {args.base}; wrote {out_format} {out}")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from minilora_jax import checkpoint, peft
+    from minilora_jax.models import minimind_lora
+
+    fmt, path = detect_format(args.path)
+    out = Path(args.out)
+    if args.to == "orbax" or args.base or fmt == "orbax":
+        if args.base:
+            base = _load_base(args.base, args.config)
+        elif fmt == "orbax":
+            base = checkpoint.abstract_base(path)
+        else:
+            raise ValueError(
+                f"converting {fmt} adapters to orbax needs --base: an orbax checkpoint records "
+                "the base kernels' shapes and dtypes, which a PEFT or MiniMind file lacks"
+            )
+        params = _load_onto(fmt, path, base)
+        if args.to == "orbax":
+            checkpoint.save_adapters(out, params, metadata={"converted_from": f"{fmt}:{path}"})
+        elif args.to == "peft":
+            peft.save(out, params)
+        else:
+            minimind_lora.save_minimind_lora(out, params, fold_scale=args.fold_scale)
+    else:
+        adapters = _read_torch(fmt, path)
+        if args.to == "peft":
+            peft.write(out, adapters)
+        else:
+            minimind_lora.write_minimind_lora(out, adapters, fold_scale=args.fold_scale)
+    print(f"converted {fmt} adapters from {path} to {args.to}: {out}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m minilora_jax",
+        description="Inspect, merge and convert LoRA adapters (orbax, PEFT, MiniMind formats).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config = dict(
+        default="minimind2-small",
+        help="MiniMind config name for a .safetensors BASE (default: minimind2-small)",
+    )
+    base_help = "base params: a MiniMind .safetensors file (HF layout) or an orbax params directory"
+
+    inspect = commands.add_parser(
+        "inspect", help="show what an adapter file holds",
+        description="Print the adapted layers, shapes, ranks and scales of an adapter checkpoint "
+        "(orbax directory, PEFT directory or MiniMind file, detected by contents).",
+    )
+    inspect.add_argument("path", help="adapter directory or file")
+    inspect.add_argument("--base", help=base_help + "; gives the full minilora_jax.summary")
+    inspect.add_argument("--config", **config)
+    inspect.set_defaults(run=_inspect)
+
+    merge = commands.add_parser(
+        "merge", help="fold adapters into base weights",
+        description="Load BASE, attach the adapters, fold them into the kernels "
+        "(minilora_jax.merge) and write the plain weights to OUT.",
+    )
+    merge.add_argument("--base", required=True, help=base_help)
+    merge.add_argument("--adapters", required=True, help="adapter directory or file")
+    merge.add_argument("--out", required=True, help="output: a .safetensors file or a directory")
+    merge.add_argument(
+        "--out-format", choices=("safetensors", "orbax"),
+        help="default: safetensors if OUT ends in .safetensors, else an orbax directory",
+    )
+    merge.add_argument("--config", **config)
+    merge.set_defaults(run=_merge)
+
+    convert = commands.add_parser(
+        "convert", help="rewrite adapters in another format",
+        description="Convert adapters between the orbax, PEFT and MiniMind formats. Converting "
+        "to orbax from PEFT or MiniMind needs --base; with --base the adapters are also "
+        "checked against it.",
+    )
+    convert.add_argument("path", help="adapter directory or file")
+    convert.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    convert.add_argument(
+        "--out", required=True,
+        help="output directory (orbax, peft) or .safetensors/.pth file (minimind)",
+    )
+    convert.add_argument("--base", help=base_help)
+    convert.add_argument("--config", **config)
+    convert.add_argument(
+        "--fold-scale", action="store_true",
+        help="for --to minimind: multiply B by the scale where it is not 1 (MiniMind has none)",
+    )
+    convert.set_defaults(run=_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status.
+
+    Args:
+      argv: the arguments after the program name; default ``sys.argv[1:]``.
+
+    Returns:
+      0 on success, 1 on an error (printed as one line on stderr). ``--help`` and usage errors
+      exit through argparse (status 0 and 2).
+
+    Example:
+      >>> main(["convert", "/nonexistent", "--to", "peft", "--out", "/tmp/x"])
+      1
+    """
+    args = _parser().parse_args(argv)
+    try:
+        args.run(args)
+    except Exception as e:  # the command line reports, it does not show tracebacks
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"minilora_jax {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
