@@ -12,7 +12,7 @@ Example:
   >>> merged = mlj.merge(lora_params)                            # a plain params tree again
 """
 
-from minilora_jax import peft
+from minilora_jax import models, peft
 from minilora_jax.adapters import LoraScale, init
 from minilora_jax.apply import AdapterNotAppliedError, wrap
 from minilora_jax.checkpoint import abstract_base, load_adapters, read_metadata, save_adapters
@@ -35,6 +35,7 @@ __all__ = [
     "init",
     "load_adapters",
     "merge",
+    "models",
     "peft",
     "read_metadata",
     "save_adapters",

@@ -226,3 +226,13 @@ def test_summary_minimind2_small_line():
     assert str(mlj.summary(planned)).splitlines()[-1] == (
         "trainable params: 131,072 || all params: 25,960,960 || trainable%: 0.5049"
     )
+
+
+def test_tree_functions_trace_under_eval_shape():
+    base, params = _params(scan=True)
+    shapes = jax.eval_shape(lambda p: mlj.merge(p), params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(shapes, base)
+    adapters, base_part = jax.eval_shape(mlj.split, params)
+    chex.assert_trees_all_equal_structs(jax.eval_shape(mlj.combine, adapters, base_part), params)
+    back = jax.eval_shape(mlj.unmerge, mlj.merge(params), mlj.split(params)[0])
+    chex.assert_trees_all_equal_shapes_and_dtypes(back, params)

@@ -41,11 +41,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# MiniMind's own LoRA file format lives beside the model; re-exported here as part of its API.
+from minilora_jax.models.minimind_lora import load_minimind_lora, save_minimind_lora
+
 __all__ = [
     "MiniMind",
     "MiniMindConfig",
     "generate",
     "init_cache",
+    "load_minimind_lora",
+    "save_minimind_lora",
     "load_torch_weights",
     "params_to_state_dict",
     "save_torch_weights",
@@ -68,7 +73,12 @@ _NAMED: dict[str, dict[str, Any]] = {
     # MiniMind2, 104M.
     "minimind2": dict(hidden_size=768, num_layers=16, num_heads=8, num_kv_heads=2),
     # Not a released model: the same shape of network, small enough for CPU tests and demos.
-    "minimind-tiny": dict(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2),
+    # Its embedding starts at std 1/sqrt(hidden): a short pretraining leaves most tokens at their
+    # initial norm, and at 0.02 that norm capped the tied head's logits for them near 5, so a
+    # LoRA fine-tune could not push the loss on unseen tokens (Chinese, "MiniLoRA") below ~2.
+    "minimind-tiny": dict(
+        hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2, embed_init_std=0.0625
+    ),
 }
 
 
@@ -94,6 +104,9 @@ class MiniMindConfig:
       scan_layers: stack the blocks with ``nn.scan`` into one module ``layers`` whose params
         have a leading layer axis, instead of ``layers_0 ... layers_{L-1}``.
       remat: recompute each block's activations in the backward pass (``nn.remat``).
+      embed_init_std: standard deviation of the (tied) embedding at initialisation. Tokens a
+        short pretraining never sees keep their initial norm, and with the output head tied to
+        the embedding that norm caps how confidently a fine-tune can ever predict them.
       attention: ``"xla"``, attention written out with einsums (any mask, KV cache), or
         ``"fused"``, ``jax.nn.dot_product_attention`` for the plain causal case (no cache, no
         padding mask), which picks cuDNN's flash attention on GPUs that have it. Calls with a
@@ -121,6 +134,7 @@ class MiniMindConfig:
     scan_layers: bool = False
     remat: bool = False
     attention: str = "xla"
+    embed_init_std: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
@@ -428,7 +442,7 @@ class MiniMind(nn.Module):
             cfg.hidden_size,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
-            embedding_init=nn.initializers.normal(stddev=0.02),
+            embedding_init=nn.initializers.normal(stddev=cfg.embed_init_std),
             name="embed_tokens",
         )
         h = embed(tokens)

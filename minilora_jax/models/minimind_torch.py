@@ -146,7 +146,7 @@ class MiniMindTorch(nn.Module):
         self.minimind_config = config
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        nn.init.normal_(self.model.embed_tokens.weight, std=0.02)
+        nn.init.normal_(self.model.embed_tokens.weight, std=config.embed_init_std)
         self.lm_head.weight = self.model.embed_tokens.weight
         self.to(_torch_dtype(config.param_dtype))
 

@@ -1,0 +1,190 @@
+"""The main job: the whole LoRA life cycle on a small MiniMind model, on a CPU, nothing downloaded.
+
+1. pretrain a small MiniMind base on tiny-Shakespeare (cached on disk, reused on rerun);
+2. build the identity SFT set ("who are you?" in many phrasings, English and Chinese);
+3. LoRA fine-tune with MiniMind's recipe: square kernels (q_proj, o_proj), rank 8, AdamW,
+   cosine schedule from lr to lr/10, gradient clipping 1.0;
+4. print the trainable-parameter summary, save a loss curve and the adapters;
+5. merge, and check the merged model answers exactly as the wrapped model does;
+6. show answers to held-out phrasings before and after LoRA.
+
+Run ``make demo`` or ``python experiments/demo.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import identity_data  # noqa: E402
+import training  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import minilora_jax as mlj  # noqa: E402
+from minilora_jax.models import chat, minimind  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="minimind-tiny", help="MiniMind config name")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--steps", type=int, default=250, help="LoRA fine-tuning steps")
+    p.add_argument("--lr", type=float, default=1e-2, help="peak LoRA learning rate")
+    p.add_argument("--batch", type=int, default=16, help="LoRA batch size (conversations)")
+    p.add_argument("--pretrain-steps", type=int, default=150, help="base pretraining steps")
+    p.add_argument("--pretrain-lr", type=float, default=3e-3)
+    p.add_argument("--seq-len", type=int, default=128, help="pretraining sequence length")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "demo", help="output directory")
+    p.add_argument("--cache", type=Path, default=REPO / "runs" / "cache", help="base-model cache")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def pretrain(config, tokenizer, args) -> dict:
+    """Pretrains (or loads from the cache) a base model on tiny-Shakespeare."""
+    path = args.cache / (
+        f"base-{args.config}-steps{args.pretrain_steps}-seq{args.seq_len}-seed{args.seed}"
+        ".safetensors"
+    )
+    if path.exists():
+        say(f"[1/6] Base model: reusing the pretrained weights cached in {_rel(path)}")
+        return minimind.load_torch_weights(path, config)
+    say(f"[1/6] Pretraining a {args.config} base model on tiny-Shakespeare "
+        f"({args.pretrain_steps} steps of 16 x {args.seq_len} tokens); cached for reruns")
+    tokens = identity_data.shakespeare_tokens(tokenizer, cache_dir=args.cache)
+    model = minimind.MiniMind(config)
+    params = model.init(jax.random.key(args.seed), jnp.ones((1, 8), jnp.int32))["params"]
+    tx = training.optimizer(args.pretrain_lr, args.pretrain_steps)
+    opt_state = tx.init(params)
+    step = training.full_step(model.apply, tx)
+    batches = identity_data.pretrain_batches(tokens, 16, args.seq_len, args.seed)
+    with tqdm(range(args.pretrain_steps), desc="      pretrain", unit="step") as bar:
+        for _ in bar:
+            batch = jnp.asarray(next(batches))
+            params, opt_state, loss = step(params, opt_state, batch, None)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    minimind.save_torch_weights(path, params, config)
+    return params
+
+
+def answers(apply_fn, params, config, tokenizer, questions, max_new_tokens=48):
+    prompts = [
+        chat.encode_prompt([{"role": "user", "content": q}], tokenizer).tolist() for q in questions
+    ]
+    out = minimind.generate(apply_fn, params, config, prompts, max_new_tokens=max_new_tokens)
+    texts = [tokenizer.decode([t for t in row if t not in (chat.PAD_ID, chat.EOS_ID)])
+             for row in out]
+    return out, texts
+
+
+def plot_losses(losses, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(np.arange(1, len(losses) + 1), losses, lw=1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("assistant-token loss")
+    ax.set_title("LoRA fine-tune of MiniMind (identity SFT)")
+    ax.axhline(0.3, color="grey", ls="--", lw=0.8, label="0.3 target")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = minimind.MiniMindConfig.named(args.config)
+    tokenizer = identity_data.load_minimind_tokenizer()
+    model = minimind.MiniMind(config)
+
+    base = pretrain(config, tokenizer, args)
+
+    train, heldout = identity_data.identity_dataset(seed=args.seed)
+    ids, mask = chat.encode_sft_records(train, tokenizer, max_len=72)
+    questions = [r["conversations"][0]["content"] for r in heldout]
+    say(f"[2/6] Identity SFT set: {len(train)} training conversations, "
+        f"{len(heldout)} held-out phrasings never trained on (English and Chinese)")
+
+    params = mlj.init(base, jax.random.key(args.seed + 1), rank=args.rank)
+    report = mlj.summary(params)
+    say(f"[3/6] LoRA on the square kernels (q_proj, o_proj), rank {args.rank}, "
+        f"AdamW lr {args.lr:g} -> {args.lr / 10:g} (cosine), clip 1.0, {args.steps} steps")
+    say("      " + str(report).replace("\n", "\n      "))
+
+    batches = training.sft_stream(ids, mask, args.batch, args.seed)
+    with tqdm(total=args.steps, desc="      LoRA", unit="step") as bar:
+        def show(step, loss):
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}")
+
+        params, losses = training.train_lora(
+            model.apply, params, batches, steps=args.steps, lr=args.lr, callback=show
+        )
+    final = float(np.mean(losses[-10:]))
+
+    say(f"[4/6] Final assistant-token loss (mean of last 10 steps): {final:.3f} "
+        f"({'below' if final < 0.3 else 'NOT below'} the 0.3 target)")
+    plot_losses(losses, args.out / "loss_curve.png")
+    say(f"      loss curve: {_rel(args.out / 'loss_curve.png')}")
+    mlj.save_adapters(args.out / "adapters", params, metadata={"config": args.config})
+    say(f"      adapters (orbax): {_rel(args.out / 'adapters')}")
+
+    wrapped = mlj.wrap(model.apply)
+    merged = mlj.merge(params)
+    tok_wrapped, after = answers(wrapped, params, config, tokenizer, questions)
+    tok_merged, _ = answers(model.apply, merged, config, tokenizer, questions)
+    same = bool(np.array_equal(tok_wrapped, tok_merged))
+    say(f"[5/6] Merged the adapters into the kernels: merged greedy answers "
+        f"{'equal' if same else 'DIFFER FROM'} the wrapped model's on all {len(questions)} "
+        "held-out prompts")
+
+    _, before = answers(model.apply, base, config, tokenizer, questions)
+    say("[6/6] Held-out questions, before -> after LoRA:")
+    for q, b, a in zip(questions, before, after, strict=True):
+        say(f"      Q: {q}")
+        say(f"         before: {_short(b)}")
+        say(f"         after:  {_short(a)}")
+    hits = sum(identity_data.MODEL_NAME in a for a in after)
+    say(f"\nThe name '{identity_data.MODEL_NAME}' appears in {hits}/{len(after)} held-out "
+        f"answers after LoRA (before: {sum(identity_data.MODEL_NAME in b for b in before)}).")
+    say(f"Done in {time.perf_counter() - start:.0f} s.")
+    return 0 if same else 1
+
+
+def _short(text: str, width: int = 90) -> str:
+    text = text.replace("\n", " ").strip()
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
