@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="minimind-tiny", help="MiniMind config name")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--steps", type=int, default=250, help="LoRA fine-tuning steps")
+    p.add_argument("--steps", type=int, default=300, help="LoRA fine-tuning steps")
     p.add_argument("--lr", type=float, default=1e-2, help="peak LoRA learning rate")
     p.add_argument("--batch", type=int, default=16, help="LoRA batch size (conversations)")
     p.add_argument("--pretrain-steps", type=int, default=150, help="base pretraining steps")
