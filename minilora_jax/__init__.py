@@ -45,3 +45,7 @@ __all__ = [
     "unmerge",
     "wrap",
 ]
+
+from minilora_jax.sharding import init_sharded, optimizer_shardings, shardings  # noqa: E402
+
+__all__ += ["init_sharded", "optimizer_shardings", "shardings"]

@@ -1,0 +1,521 @@
+"""Sharded LoRA: derived adapter shardings, sharded training, checkpoints across meshes, multi-host.
+
+Three kinds of tests live here:
+
+* plain tests of `mlj.shardings`, `mlj.init_sharded` and `mlj.optimizer_shardings`, run in the
+  pytest process on whatever devices it has;
+* tests marked `on_eight_devices`, which need 8 devices. JAX fixes its CPU device count when its
+  backend starts, and other test files start it long before this one runs, so these tests run
+  in one child pytest process started with 8 simulated CPU devices; in this process each of
+  them reports its own result from that child run;
+* `test_two_processes_train_and_checkpoint`, which starts two JAX processes on loopback that
+  train together and write one orbax checkpoint, then restores it here.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
+
+import minilora_jax as mlj
+from minilora_jax.models.minimind import MiniMindConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "experiments"))
+import train_sharded as ts  # noqa: E402
+
+SCRIPT = ROOT / "experiments" / "train_sharded.py"
+IN_CHILD = os.environ.get("MINILORA_SHARDING_CHILD") == "1"
+CHILD_TIMEOUT_S = 300
+WORKER_TIMEOUT_S = 180
+
+# A small MiniMind; every split axis divides by up to 8 devices.
+SETTINGS = dict(num_layers=2, vocab_size=512, batch=8, seq_len=16, rank=4, lr=1e-2, seed=0)
+STEPS = 3
+
+
+def tiny_config(scan_layers: bool = True) -> MiniMindConfig:
+    return MiniMindConfig.named(
+        "minimind-tiny",
+        num_layers=SETTINGS["num_layers"],
+        vocab_size=SETTINGS["vocab_size"],
+        scan_layers=scan_layers,
+    )
+
+
+def mesh(fsdp: int, tp: int):
+    return ts.make_mesh(fsdp, tp, jax.devices()[: fsdp * tp])
+
+
+def build(fsdp: int, tp: int, **kwargs) -> "ts.Run":
+    s = SETTINGS
+    return ts.build(
+        tiny_config(),
+        mesh(fsdp, tp),
+        rank=s["rank"],
+        lr=s["lr"],
+        total_steps=STEPS,  # the script sizes its schedule by --steps
+        seed=s["seed"],
+        **kwargs,
+    )
+
+
+def batches(start: int = 0):
+    s = SETTINGS
+    return ts.random_batches(s["vocab_size"], s["batch"], s["seq_len"], s["seed"], start)
+
+
+def eval_rows() -> np.ndarray:
+    s = SETTINGS
+    return next(ts.random_batches(s["vocab_size"], s["batch"], s["seq_len"], s["seed"] + 1000))
+
+
+def leaves_by_path(tree) -> dict[str, object]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(k.key) for k in path): leaf for path, leaf in flat}
+
+
+# --------------------------------------------------------------------------------------------
+# Running tests in an 8-device child process
+# --------------------------------------------------------------------------------------------
+
+_EIGHT_DEVICE_TESTS: list[str] = []
+
+
+def on_eight_devices(test):
+    """Runs ``test`` in the 8-device child; here, reports the child's outcome for it."""
+    _EIGHT_DEVICE_TESTS.append(test.__name__)
+
+    @functools.wraps(test)
+    def run():
+        if IN_CHILD:
+            assert jax.device_count() == 8, jax.devices()
+            return test()
+        results = _child_results()
+        outcome, text = results.get(test.__name__, ("missing from the report", results["<output>"]))
+        if outcome == "skipped":
+            pytest.skip(text)
+        if outcome != "passed":
+            pytest.fail(f"{test.__name__} {outcome} in the 8-device subprocess:\n{text}")
+
+    return run
+
+
+@functools.cache
+def _child_results() -> dict[str, tuple[str, str]]:
+    """Runs every `on_eight_devices` test once in a child pytest with 8 CPU devices.
+
+    Returns ``{test name: (outcome, failure text)}``, and the child's output under "<output>".
+    """
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    env = {
+        **os.environ,
+        "XLA_FLAGS": flags.strip(),
+        "JAX_PLATFORMS": "cpu",  # the simulated devices are CPU devices, even on a GPU host
+        "MINILORA_SHARDING_CHILD": "1",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.xml"
+        ids = [f"{Path(__file__).resolve()}::{name}" for name in _EIGHT_DEVICE_TESTS]
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            *ids,
+            "-q",
+            "-o",
+            "addopts=",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={report}",
+        ]
+        try:
+            proc = subprocess.run(
+                command,
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=CHILD_TIMEOUT_S,
+            )
+            output = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        except subprocess.TimeoutExpired as e:
+            # Returned, not raised, so that the cache keeps it and the child runs only once.
+            partial = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
+            output = f"the child ran over {CHILD_TIMEOUT_S}s and was killed:\n{partial[-4000:]}"
+        results = {"<output>": ("", output)}
+        if not report.is_file():
+            return results
+        for case in ET.parse(report).getroot().iter("testcase"):
+            problem = case.find("failure")
+            if problem is None:
+                problem = case.find("error")
+            skipped = case.find("skipped")
+            if problem is not None:
+                results[case.get("name")] = ("failed", problem.text or problem.get("message"))
+            elif skipped is not None:
+                results[case.get("name")] = ("skipped", skipped.get("message", ""))
+            else:
+                results[case.get("name")] = ("passed", "")
+        return results
+
+
+# --------------------------------------------------------------------------------------------
+# mlj.shardings, init_sharded, optimizer_shardings (any device count)
+# --------------------------------------------------------------------------------------------
+
+
+def _abstract_adapted(base, **kwargs):
+    return jax.eval_shape(lambda: mlj.init(base, jax.random.key(0), **kwargs))
+
+
+def test_shardings_follow_the_kernel_axis_by_axis():
+    base = {
+        "q": {"kernel": jnp.zeros((16, 16))},
+        "o": {"kernel": jnp.zeros((16, 16))},
+        "norm": {"weight": jnp.ones(16)},
+    }
+    specs = {"q": {"kernel": P("fsdp", "tp")}, "o": {"kernel": P("tp")}, "norm": {"weight": P()}}
+    out = mlj.shardings(_abstract_adapted(base, rank=2), specs)
+    assert out["q"]["lora_a"] == P("fsdp", None) and out["q"]["lora_b"] == P(None, "tp")
+    assert out["o"]["lora_a"] == P("tp", None) and out["o"]["lora_b"] == P(None, None)
+    assert out["q"]["kernel"] == P("fsdp", "tp") and out["norm"]["weight"] == P()
+    assert isinstance(out["q"]["lora_scale"], mlj.LoraScale)
+
+
+def test_shardings_keep_the_layer_axis_of_scanned_layers():
+    base = {"layers": {"q": {"kernel": jnp.zeros((3, 16, 16))}}}
+    specs = {"layers": {"q": {"kernel": P("stage", ("fsdp", "data"), "tp")}}}
+    out = mlj.shardings(_abstract_adapted(base, rank=2), specs)["layers"]["q"]
+    assert out["lora_a"] == P("stage", ("fsdp", "data"), None)
+    assert out["lora_b"] == P("stage", None, "tp")
+
+
+def test_shardings_tree_lines_up_with_params_for_jit():
+    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"))
+    base = {"q": {"kernel": jnp.ones((8, 8))}, "k": {"kernel": jnp.ones((8, 4))}}
+    specs = {"q": {"kernel": P("fsdp", "tp")}, "k": {"kernel": P(None, "tp")}}
+    lp = mlj.init(base, jax.random.key(0), rank=2)
+    out = mlj.shardings(lp, specs, mesh=mesh)
+    # Same structure, LoraScale nodes included, so the tree serves as out_shardings.
+    assert jax.tree.structure(out, is_leaf=lambda x: isinstance(x, NamedSharding)) == (
+        jax.tree.structure(lp)
+    )
+    placed = jax.jit(lambda p: p, out_shardings=out)(lp)
+    assert placed["q"]["lora_b"].sharding.spec == P(None, "tp")
+    # A sharding tree that matches the adapted tree (built with jax.tree.map) works as well.
+    from_arrays = mlj.shardings(lp, jax.tree.map(lambda x: x.sharding, placed))
+    assert from_arrays["q"]["lora_a"].spec == P("fsdp", None)
+
+
+def test_shardings_accept_a_prefix_and_single_device_shardings():
+    base = {"blocks": {"q": {"kernel": jnp.zeros((8, 8))}}}
+    lp = _abstract_adapted(base, rank=2)
+    assert mlj.shardings(lp, {"blocks": P()})["blocks"]["q"]["lora_a"] == P(None, None)
+    single = SingleDeviceSharding(jax.devices()[0])
+    assert mlj.shardings(lp, single)["blocks"]["q"]["lora_b"] == single
+
+
+def test_shardings_errors_name_the_path():
+    base = {"layer": {"q": {"kernel": jnp.zeros((8, 8))}, "n": {"w": jnp.ones(8)}}}
+    lp = _abstract_adapted(base, rank=2)
+    with pytest.raises(ValueError, match="kernel of the adapter at 'layer/q'"):
+        mlj.shardings(lp, {"layer": {"q": {}, "n": {"w": P()}}})
+    with pytest.raises(ValueError, match="kernel of the adapter at 'layer/q'"):
+        mlj.shardings(lp, {"layer": {"q": {"kernel": None}, "n": {"w": P()}}})
+    with pytest.raises(ValueError, match="'layer/n'"):
+        mlj.shardings(lp, {"layer": {"q": {"kernel": P()}}})
+    with pytest.raises(ValueError, match="'layer/q/kernel'.*3 axes"):
+        mlj.shardings(lp, {"layer": {"q": {"kernel": P("a", "b", "c")}, "n": {"w": P()}}})
+    with pytest.raises(TypeError, match="'layer/q/lora_a'.*NamedSharding or a PartitionSpec"):
+        mlj.shardings(lp, {"layer": {"q": {"kernel": "fsdp"}, "n": {"w": P()}}})
+
+
+def test_init_sharded_matches_init_and_places_adapters():
+    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"))
+    sharding = NamedSharding(mesh, P("fsdp", "tp"))
+    base = {"q": {"kernel": jax.device_put(jnp.ones((16, 16)), sharding)}}
+    lp = mlj.init_sharded(base, jax.random.key(3), rank=4, alpha=8.0)
+    plain = mlj.init({"q": {"kernel": jnp.ones((16, 16))}}, jax.random.key(3), rank=4, alpha=8.0)
+    # The same draws; jit fuses the scaling, so equal to float32 rounding.
+    np.testing.assert_allclose(lp["q"]["lora_a"], plain["q"]["lora_a"], rtol=1e-6)
+    assert lp["q"]["kernel"] is base["q"]["kernel"]  # the base is not copied
+    assert lp["q"]["lora_a"].sharding.spec == P("fsdp", None)
+    assert float(lp["q"]["lora_scale"]) == 2.0
+    # From PartitionSpecs plus a mesh, with abstract kernels.
+    abstract = {"q": {"kernel": jax.ShapeDtypeStruct((16, 16), jnp.float32)}}
+    lp = mlj.init_sharded(
+        abstract, jax.random.key(3), {"q": {"kernel": P(None, "tp")}}, mesh=mesh, rank=4
+    )
+    assert lp["q"]["lora_b"].sharding.spec == P(None, "tp")
+    with pytest.raises(ValueError, match=r"\['q'\]\['kernel'\].*has no sharding"):
+        mlj.init_sharded({"q": {"kernel": np.ones((16, 16))}}, jax.random.key(3), rank=4)
+
+
+def test_optimizer_shardings_follow_the_adapters():
+    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"))
+    base = {"q": {"kernel": jnp.ones((8, 8))}}
+    adapters, _ = mlj.split(mlj.init(base, jax.random.key(0), rank=2))
+    adapter_sh = mlj.shardings(adapters, {"q": {"kernel": P("fsdp", "tp")}}, mesh=mesh)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    state_sh = mlj.optimizer_shardings(tx, adapters, adapter_sh)
+    state = jax.jit(tx.init, out_shardings=state_sh)(adapters)
+    adam = state[1][0]
+    assert adam.mu["q"]["lora_a"].sharding.spec == P("fsdp", None)
+    assert adam.nu["q"]["lora_b"].sharding.spec == P(None, "tp")
+    assert adam.count.sharding.spec == P()
+
+
+# --------------------------------------------------------------------------------------------
+# 8 devices: mesh fsdp=4 x tp=2 against one device
+# --------------------------------------------------------------------------------------------
+
+
+# Compiling is most of the cost on a busy CPU, so the tests share two trained runs and place
+# one host copy of the base on the other meshes instead of initialising it again.
+
+
+@functools.cache
+def _trained(fsdp: int, tp: int) -> tuple["ts.Run", list[float]]:
+    """A run trained for STEPS steps on a ``fsdp x tp`` mesh. Shared: never train it further."""
+    base = None if (fsdp, tp) == (4, 2) else _host_base()  # 4x2 makes it inside jit
+    run = build(fsdp, tp, base=base)
+    losses = ts.train(run, batches(), STEPS)
+    return run, losses
+
+
+@functools.cache
+def _host_base() -> dict:
+    return jax.tree.map(np.asarray, _trained(4, 2)[0].base)
+
+
+def _expected_adapter_specs(path: str, lead: tuple) -> tuple[P, P]:
+    if path.split("/")[-1] in ("o_proj", "down_proj"):  # row-parallel: kernel P("tp", "fsdp")
+        return P(*lead, "tp", None), P(*lead, None, "fsdp")
+    return P(*lead, "fsdp", None), P(*lead, None, "tp")  # column-parallel: P("fsdp", "tp")
+
+
+@on_eight_devices
+def test_sharded_losses_equal_single_device_losses():
+    run8, losses8 = _trained(4, 2)
+    run1, losses1 = _trained(1, 1)
+    np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
+    a8, a1 = leaves_by_path(run8.adapters), leaves_by_path(run1.adapters)
+    assert a8.keys() == a1.keys()
+    for name in a8:
+        # Adam divides by sqrt(nu): a coordinate whose gradient is ~0 amplifies reordered sums,
+        # so compare at a small fraction of the learning rate (1e-2), not at float32 epsilon.
+        np.testing.assert_allclose(
+            np.asarray(a8[name]), np.asarray(a1[name]), atol=1e-4, err_msg=name
+        )
+    assert any(np.abs(np.asarray(v)).max() > 0 for k, v in a8.items() if k.endswith("lora_b"))
+
+
+@on_eight_devices
+def test_base_bytes_per_device_scale_as_one_over_devices():
+    per_device = {}
+    for fsdp, tp in ((4, 2), (2, 2), (2, 1), (1, 1)):
+        if (fsdp, tp) == (4, 2):
+            run = _trained(4, 2)[0]  # made inside jit with out_shardings
+            base, shardings = run.base, run.base_shardings
+        else:
+            shardings = ts.base_shardings(_host_base(), mesh(fsdp, tp))
+            base = jax.device_put(_host_base(), shardings)
+        n = fsdp * tp
+        specs = leaves_by_path(shardings)
+        split = {k: v for k, v in leaves_by_path(base).items() if any(specs[k].spec)}
+        assert {k.rsplit("/", 1)[-1] for k in split} == {"kernel", "embedding"}
+        for name, leaf in split.items():
+            shards = leaf.addressable_shards
+            assert len(shards) == n, name
+            for shard in shards:  # every device holds exactly 1/n of the array
+                assert shard.data.nbytes * n == leaf.nbytes, (name, shard.data.shape, n)
+        held = ts.device_bytes(split)
+        assert len(held) == n and len(set(held.values())) == 1, held
+        per_device[n] = next(iter(held.values()))
+    total = per_device[1]
+    assert per_device == {n: total // n for n in (8, 4, 2, 1)}
+
+
+@on_eight_devices
+def test_adapters_and_optimizer_state_have_the_derived_shardings():
+    # Arrays: the trained run (scan layout, a leading layer axis that stays unsplit).
+    run, _ = _trained(4, 2)
+    base = leaves_by_path(run.base)
+    adapters = leaves_by_path(run.adapters)
+    mu = leaves_by_path(run.opt_state[1][0].mu)
+    derived = leaves_by_path(run.adapter_shardings)
+    layers = {name.rsplit("/", 1)[0] for name in adapters}
+    assert layers == {"layers/self_attn/q_proj", "layers/self_attn/o_proj"}  # square kernels
+    for layer in layers:
+        kernel = base[f"{layer}/kernel"]
+        want_a, want_b = _expected_adapter_specs(layer, (None,))
+        a, b = adapters[f"{layer}/lora_a"], adapters[f"{layer}/lora_b"]
+        assert a.sharding.is_equivalent_to(NamedSharding(run.mesh, want_a), a.ndim), layer
+        assert b.sharding.is_equivalent_to(NamedSharding(run.mesh, want_b), b.ndim), layer
+        assert a.sharding.is_equivalent_to(derived[f"{layer}/lora_a"], a.ndim), layer
+        assert b.sharding.is_equivalent_to(derived[f"{layer}/lora_b"], b.ndim), layer
+        assert kernel.sharding.spec[-2] == a.sharding.spec[-2]
+        assert kernel.sharding.spec[-1] == b.sharding.spec[-1]
+        assert mu[f"{layer}/lora_a"].sharding.is_equivalent_to(a.sharding, a.ndim), layer
+        # lora_a's d_in is split like the kernel's: each shard holds d_in / 4 (or / 2) rows.
+        rows = a.shape[-2] // run.mesh.shape[want_a[-2]]
+        assert all(s.data.shape == (a.shape[0], rows, a.shape[-1]) for s in a.addressable_shards)
+    # Shapes only: the unrolled layout, all four layers, no arrays made.
+    config = tiny_config().replace(scan_layers=False)
+    model = ts.MiniMind(config)
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    )
+    adapted = jax.eval_shape(lambda: mlj.init(abstract, jax.random.key(1), rank=4))
+    out = leaves_by_path(mlj.shardings(adapted, ts.base_shardings(abstract, run.mesh)))
+    for layer in {name.rsplit("/", 1)[0] for name in out if name.endswith("lora_a")}:
+        want_a, want_b = _expected_adapter_specs(layer, ())
+        assert (out[f"{layer}/lora_a"].spec, out[f"{layer}/lora_b"].spec) == (want_a, want_b)
+
+
+@on_eight_devices
+def test_merge_of_sharded_params_stays_sharded():
+    run, _ = _trained(4, 2)
+    params = mlj.combine(run.adapters, run.base)
+    kernels = {k: v for k, v in leaves_by_path(run.base).items() if k.endswith("kernel")}
+    for merged in (jax.jit(mlj.merge)(params), mlj.merge(params)):
+        out = leaves_by_path(merged)
+        assert out.keys() == leaves_by_path(run.base).keys()
+        for name, kernel in kernels.items():
+            assert out[name].sharding.is_equivalent_to(kernel.sharding, kernel.ndim), name
+            assert all(s.data.nbytes * 8 == kernel.nbytes for s in out[name].addressable_shards)
+    layer = leaves_by_path(run.adapters)
+    q = "layers/self_attn/q_proj"
+    want = np.asarray(kernels[f"{q}/kernel"]) + np.einsum(
+        "lir,lro->lio", np.asarray(layer[f"{q}/lora_a"]), np.asarray(layer[f"{q}/lora_b"])
+    )
+    np.testing.assert_allclose(np.asarray(out[f"{q}/kernel"]), want, atol=1e-5)
+
+
+@on_eight_devices
+def test_checkpoint_restores_onto_other_meshes():
+    run8, _ = _trained(4, 2)
+    saved = {k: np.asarray(v) for k, v in leaves_by_path(run8.adapters).items()}
+    eval8 = ts.evaluate(run8, eval_rows())
+    with tempfile.TemporaryDirectory() as tmp:
+        ts.save_state(Path(tmp) / "state", run8)
+        # One more step on the original mesh, on copies (the step donates its inputs).
+        copies = jax.tree.map(jnp.copy, (run8.adapters, run8.opt_state))
+        batch = ts.global_batch(run8, next(batches(STEPS)))
+        next_loss8 = float(run8.step_fn(*copies, run8.base, batch, None)[2])
+        restored = {
+            # 4 devices: a fresh run whose adapters are only shapes with shardings.
+            4: build(2, 2, base=_host_base(), init_adapters=False),
+            # 1 device: a copy of the 1-device run, whose step is compiled already.
+            1: dataclasses.replace(_trained(1, 1)[0]),
+        }
+        for n, run in restored.items():
+            ts.restore_state(Path(tmp) / "state", run)
+            assert jax.tree.structure(run.adapters) == jax.tree.structure(run8.adapters)
+            scale = run.adapters["layers"]["self_attn"]["q_proj"]["lora_scale"]
+            assert isinstance(scale, mlj.LoraScale) and float(scale) == 1.0
+            for name, leaf in leaves_by_path(run.adapters).items():
+                np.testing.assert_array_equal(np.asarray(leaf), saved[name], err_msg=name)
+                want = leaves_by_path(run.adapter_shardings)[name]
+                assert leaf.sharding.is_equivalent_to(want, leaf.ndim), name
+                assert len({s.device for s in leaf.addressable_shards}) == n, name
+            np.testing.assert_allclose(ts.evaluate(run, eval_rows()), eval8, rtol=1e-5)
+        # The optimizer state came back too: training goes on as it would have.
+        losses = ts.train(restored[1], batches(STEPS), 1)
+        np.testing.assert_allclose(losses[0], next_loss8, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Two processes on loopback
+# --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()  # by its own pid: only what this test started
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _flags(**settings) -> list[str]:
+    return [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+
+
+@pytest.mark.skipif(IN_CHILD, reason="started from the parent pytest only")
+def test_two_processes_train_and_checkpoint(tmp_path):
+    """Two JAX processes x 2 CPU devices, one 2x2 mesh, gloo collectives over loopback."""
+    command = [
+        sys.executable, str(SCRIPT), "--scan-layers", *_flags(steps=STEPS, **SETTINGS),
+        "--cpu-devices=2", "--mesh=2x2", f"--coordinator=127.0.0.1:{_free_port()}",
+        "--num-processes=2", f"--save={tmp_path / 'ckpt'}", f"--json={tmp_path / 'out.json'}",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    procs = []
+    try:
+        for i, log in enumerate(logs):
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen(
+                    [*command, f"--process-id={i}"], cwd=ROOT, env=env, stdout=out,
+                    stderr=subprocess.STDOUT, start_new_session=True,
+                ))  # fmt: skip
+        # Meanwhile, the same training here on one device, from the same seeds.
+        run = build(1, 1)
+        losses = ts.train(run, batches(), STEPS)
+        trained = {k: np.asarray(v) for k, v in leaves_by_path(run.adapters).items()}
+        deadline = time.monotonic() + WORKER_TIMEOUT_S
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                break
+    finally:
+        _stop(procs)  # kills whatever still runs, also when this test fails part-way
+    output = "\n".join(
+        f"--- process {i} (exit {p.returncode}):\n{log.read_text()[-3000:]}"
+        for i, (p, log) in enumerate(zip(procs, logs, strict=True))
+    )
+    assert [p.returncode for p in procs] == [0, 0], output
+
+    results = [json.loads((tmp_path / f"out.p{i}.json").read_text()) for i in range(2)]
+    assert [r["processes"] for r in results] == [2, 2]
+    assert results[0]["losses"] == results[1]["losses"]
+    assert len(results[0]["bytes"]["base"]) == 2  # each process holds its own two devices
+    assert results[0]["bytes"]["base"].keys() != results[1]["bytes"]["base"].keys()
+    np.testing.assert_allclose(results[0]["losses"], losses, rtol=1e-5)
+
+    # The checkpoint both processes wrote, read back by this single process onto one device.
+    restored = build(1, 1, base=run.base, init_adapters=False)
+    ts.restore_state(tmp_path / "ckpt" / ts.STATE_DIR, restored)
+    assert jax.tree.structure(restored.adapters) == jax.tree.structure(run.adapters)
+    for name, leaf in leaves_by_path(restored.adapters).items():
+        np.testing.assert_allclose(np.asarray(leaf), trained[name], atol=1e-4, err_msg=name)
+    eval_loss = ts.evaluate(restored, eval_rows())
+    np.testing.assert_allclose(eval_loss, results[0]["eval_loss"], rtol=1e-5)
