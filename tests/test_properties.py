@@ -37,7 +37,7 @@ def _build(c):
     return model, x, base, params
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(layouts)
 def test_fresh_adapters_change_nothing(c):
     model, x, base, params = _build(c)
@@ -47,7 +47,7 @@ def test_fresh_adapters_change_nothing(c):
     )
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(layouts)
 def test_wrapped_equals_merged_and_unmerge_inverts(c):
     model, x, _, params = _build(c)
