@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-len", type=int, default=72)
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-dir", type=Path, default=None)
     p.add_argument("--save-every", type=int, default=50)
@@ -63,6 +64,7 @@ def main(argv=None) -> int:
     params, losses = training.train_lora(
         model.apply, params, batches, steps=args.steps, lr=args.lr,
         checkpoint_dir=args.checkpoint_dir, save_every=args.save_every,
+        dropout=args.dropout, seed=args.seed,
     )
     mlj.save_adapters(args.out, params, metadata={"config": args.config, "steps": args.steps})
     print(f"final loss {losses[-1]:.4f}; adapters saved to {args.out}", flush=True)

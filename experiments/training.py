@@ -41,20 +41,23 @@ def optimizer(lr: float, steps: int, *, clip: float = 1.0, weight_decay: float =
     )
 
 
-def lora_step(apply_fn: Callable[..., Any], tx: optax.GradientTransformation):
-    """A jitted ``(adapters, opt_state, base, tokens, mask) -> (adapters, opt_state, loss)``.
+def lora_step(apply_fn: Callable[..., Any], tx: optax.GradientTransformation, dropout: float = 0.0):
+    """A jitted ``(adapters, opt_state, base, tokens, mask, rng=None) -> (adapters, opt_state,
+    loss)``.
 
-    ``apply_fn`` is the model's plain ``model.apply``; it is wrapped here.
+    ``apply_fn`` is the model's plain ``model.apply``; it is wrapped here, with LoRA dropout at
+    rate ``dropout`` on the steps that pass an ``rng``.
     """
-    wrapped = mlj.wrap(apply_fn)
+    wrapped = mlj.wrap(apply_fn, dropout=dropout)
 
-    def loss_fn(adapters, base, tokens, mask):
-        logits = wrapped({"params": mlj.combine(adapters, base)}, tokens)
+    def loss_fn(adapters, base, tokens, mask, rng):
+        rngs = {} if rng is None else {"dropout": rng}
+        logits = wrapped({"params": mlj.combine(adapters, base)}, tokens, rngs=rngs)
         return next_token_loss(logits, tokens, mask)
 
     @jax.jit
-    def step(adapters, opt_state, base, tokens, mask):
-        loss, grads = jax.value_and_grad(loss_fn)(adapters, base, tokens, mask)
+    def step(adapters, opt_state, base, tokens, mask, rng=None):
+        loss, grads = jax.value_and_grad(loss_fn)(adapters, base, tokens, mask, rng)
         updates, opt_state = tx.update(grads, opt_state, adapters)
         return optax.apply_updates(adapters, updates), opt_state, loss
 
@@ -101,15 +104,18 @@ def train_lora(
     lr: float,
     checkpoint_dir: str | None = None,
     save_every: int = 50,
+    dropout: float = 0.0,
+    seed: int = 0,
     callback: Callable[[int, float], None] | None = None,
 ) -> tuple[Any, np.ndarray]:
     """LoRA fine-tuning with MiniMind's recipe, resumable from an orbax checkpoint.
 
     With ``checkpoint_dir`` an orbax ``CheckpointManager`` keeps the adapters, optimiser state,
-    step and loss history every ``save_every`` steps (and at the end). Killed at any moment and
-    started again with the same arguments, the run continues from the last complete checkpoint
-    and, on CPU, ends with bit-identical adapters: the data stream is a pure function of the
-    step (``batches(start)`` yields the batches from step ``start`` on).
+    step, RNG key and loss history every ``save_every`` steps (and at the end). Killed at any
+    moment and started again with the same arguments, the run continues from the last complete
+    checkpoint and, on CPU, ends with bit-identical adapters: the data stream and the dropout
+    keys are pure functions of the step (``batches(start)`` yields the batches from step
+    ``start`` on).
 
     Args:
       apply_fn: the model's plain ``model.apply``.
@@ -119,6 +125,8 @@ def train_lora(
       lr: peak learning rate (cosine decay to lr/10, AdamW, clipping 1.0).
       checkpoint_dir: where to keep checkpoints; None disables them.
       save_every: steps between checkpoints.
+      dropout: LoRA dropout rate; step ``i`` draws its mask from ``fold_in(key, i)``.
+      seed: seed of that key.
       callback: called as ``callback(step, loss)`` after every step (progress bars, logs).
 
     Returns:
@@ -133,6 +141,7 @@ def train_lora(
         "adapters": adapters,
         "opt_state": tx.init(adapters),
         "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(seed)),
         "losses": jnp.zeros((steps,), jnp.float32),
     }
     manager = None
@@ -145,14 +154,16 @@ def train_lora(
             # The live state is the restore target: it carries the LoraScale structure.
             state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
     start = int(state["step"])
-    step = lora_step(apply_fn, tx)
+    step = lora_step(apply_fn, tx, dropout=dropout)
     losses = np.asarray(state["losses"]).copy()
     adapters, opt_state = state["adapters"], state["opt_state"]
+    rng = jax.random.wrap_key_data(state["rng"])
     stream = batches(start)
     for i in range(start, steps):
         tokens, mask = next(stream)
         adapters, opt_state, loss = step(
-            adapters, opt_state, base, jnp.asarray(tokens), jnp.asarray(mask)
+            adapters, opt_state, base, jnp.asarray(tokens), jnp.asarray(mask),
+            jax.random.fold_in(rng, i) if dropout > 0 else None,
         )
         losses[i] = float(loss)
         if callback is not None:
@@ -163,7 +174,8 @@ def train_lora(
                 done,
                 args=ocp.args.StandardSave(
                     {"adapters": adapters, "opt_state": opt_state,
-                     "step": jnp.asarray(done, jnp.int32), "losses": jnp.asarray(losses)}
+                     "step": jnp.asarray(done, jnp.int32), "rng": jax.random.key_data(rng),
+                     "losses": jnp.asarray(losses)}
                 ),
                 force=True,
             )

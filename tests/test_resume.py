@@ -15,7 +15,9 @@ import minilora_jax as mlj
 from minilora_jax.models.minimind import MiniMind, MiniMindConfig
 
 SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "train_lora.py"
-ARGS = ["--hidden", "64", "--layers", "1", "--steps", "25", "--batch", "4", "--save-every", "5"]
+# Dropout on, so the RNG must be restored too for the runs to agree.
+ARGS = ["--hidden", "64", "--layers", "1", "--steps", "25", "--batch", "4", "--save-every", "5",
+        "--dropout", "0.1"]
 
 
 def _command(tmp_path, name):
