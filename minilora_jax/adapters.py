@@ -67,9 +67,8 @@ jax.tree_util.register_pytree_node(
 )
 
 
-def scale_of(path: Path, node: Mapping) -> float:
-    """The scale stored beside the adapter at ``path``, with a clear error if it is absent."""
-    scale = node.get(LORA_SCALE)
+def scale_of(path: Path, scale: Any) -> float:
+    """The value of the ``lora_scale`` entry of the adapter at ``path``; a clear error if absent."""
     if isinstance(scale, LoraScale):
         return float(scale)
     raise ValueError(
@@ -90,7 +89,7 @@ def check_adapter(path: Path, node: Mapping) -> tuple[Any, Any, Any, float]:
     if kernel is None or a is None or b is None:
         missing = [k for k, v in (("kernel", kernel), (LORA_A, a), (LORA_B, b)) if v is None]
         raise ValueError(f"{where} is incomplete: missing {', '.join(missing)}")
-    scale = scale_of(path, node)
+    scale = scale_of(path, node.get(LORA_SCALE))
     ks, as_, bs = tuple(kernel.shape), tuple(a.shape), tuple(b.shape)
     fits = (
         len(ks) >= 2

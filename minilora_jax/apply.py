@@ -23,7 +23,7 @@ def _low_rank(module: nn.Dense, x: jax.Array, out_dtype: Any, dropout: float, rn
     """``s * dropout(x) @ A @ B`` for the Dense ``module``, in its compute dtype."""
     a = module.get_variable("params", LORA_A)
     b = module.get_variable("params", LORA_B)
-    scale = scale_of(tuple(module.path), {LORA_SCALE: module.get_variable("params", LORA_SCALE)})
+    scale = scale_of(tuple(module.path), module.get_variable("params", LORA_SCALE))
     if dropout > 0.0 and module.has_rng(rng):
         keep = jax.random.bernoulli(module.make_rng(rng), 1.0 - dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x))

@@ -217,7 +217,7 @@ def test_variables_without_params():
 def _all_eqns(jaxpr):
     for eqn in jaxpr.eqns:
         yield eqn
-        for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else _subjaxprs(eqn):
+        for sub in _subjaxprs(eqn):
             yield from _all_eqns(sub)
 
 
