@@ -1,11 +1,11 @@
 """MiniMind written in Flax NNX, with ``nnx.LoRALinear`` on chosen projections: a benchmark peer.
 
 Same blocks, sizes and arithmetic as `minilora_jax.models.minimind.MiniMind` on its default
-``attention="xla"`` path (pre-norm RMSNorm, grouped-query causal attention written with einsums
-and a boolean mask, rotate-half rotary embeddings, SwiGLU MLP, output head tied to the
-embedding), so that `experiments/bench.py` compares LoRA implementations and not two different
-networks. `load_linen_params` copies the linen model's weights in, which lets a test check that
-both compute the same logits.
+``attention="xla"`` path (pre-norm RMSNorm, the same blockwise grouped-query causal attention
+and SwiGLU functions, rotate-half rotary embeddings, output head tied to the embedding), so that
+`experiments/bench.py` compares LoRA implementations and not two different networks.
+`load_linen_params` copies the linen model's weights in, which lets a test check that both
+compute the same logits.
 
 LoRA here is Flax's own: each targeted projection is an ``nnx.LoRALinear``, which adds
 ``x @ lora_a @ lora_b`` (scale 1, i.e. alpha = rank, as MiniMind) to the frozen ``nnx.Linear``;
@@ -14,7 +14,7 @@ its ``lora_a``/``lora_b`` are ``nnx.LoRAParam`` variables, which is what a train
 Example:
   >>> import jax.numpy as jnp
   >>> from flax import nnx
-  >>> from minilora_jax.models.minimind import MiniMindConfig
+  >>> from minilora_jax.models.minimind import MiniMindConfig, blockwise_causal_attention, swiglu
   >>> config = MiniMindConfig.named("minimind-tiny", num_layers=1)
   >>> model = MiniMindNNX(config, lora_rank=4, targets=("q_proj",), rngs=nnx.Rngs(0))
   >>> model(jnp.zeros((1, 8), jnp.int32)).shape
@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minilora_jax.models.minimind import MiniMindConfig
+from minilora_jax.models.minimind import MiniMindConfig, blockwise_causal_attention, swiglu
 
 
 class RMSNorm(nnx.Module):
@@ -76,21 +75,17 @@ class Block(nnx.Module):
         self.gate_proj, self.up_proj = proj(d, f, "gate_proj"), proj(d, f, "up_proj")
         self.down_proj = proj(f, d, "down_proj")
 
-    def __call__(self, h, cos, sin, mask):
+    def __call__(self, h, cos, sin):
         cfg = self.cfg
         batch, seq, _ = h.shape
-        kvh, group, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+        kvh, hd = cfg.num_kv_heads, cfg.head_dim
         n = self.input_layernorm(h)
         q = _rotate(self.q_proj(n).reshape(batch, seq, cfg.num_heads, hd), cos, sin)
         k = _rotate(self.k_proj(n).reshape(batch, seq, kvh, hd), cos, sin)
         v = self.v_proj(n).reshape(batch, seq, kvh, hd)
-        q = q.reshape(batch, seq, kvh, group, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) / math.sqrt(hd)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        out = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(scores, axis=-1), v)
-        h = h + self.o_proj(out.reshape(batch, seq, -1))
+        h = h + self.o_proj(blockwise_causal_attention(q, k, v))
         n = self.post_attention_layernorm(h)
-        return h + self.down_proj(jax.nn.silu(self.gate_proj(n)) * self.up_proj(n))
+        return h + self.down_proj(swiglu(self.gate_proj(n), self.up_proj(n)))
 
 
 class MiniMindNNX(nnx.Module):
@@ -98,7 +93,7 @@ class MiniMindNNX(nnx.Module):
 
     Args:
       config: a `MiniMindConfig` (float32; ``scan_layers``, ``remat`` and ``attention`` are
-        ignored: the layers are unrolled and attention is the einsum path).
+        ignored: the layers are unrolled and attention is the blockwise einsum path).
       lora_rank: rank of the ``nnx.LoRALinear`` adapters; 0 for none.
       targets: projection names to adapt, e.g. ``("q_proj", "o_proj")``.
       rngs: ``nnx.Rngs`` for the initial weights.
@@ -126,10 +121,9 @@ class MiniMindNNX(nnx.Module):
         angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * inv_freq
         angles = jnp.concatenate([angles, angles], axis=-1)[None]  # [1, seq, head_dim]
         cos, sin = jnp.cos(angles), jnp.sin(angles)
-        causal = jnp.arange(seq)[None, :] <= jnp.arange(seq)[:, None]  # [query, key]
         h = self.embed_tokens(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, causal)
+            h = layer(h, cos, sin)
         return self.embed_tokens.attend(self.norm(h)).astype(jnp.float32)
 
 

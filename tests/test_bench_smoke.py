@@ -80,3 +80,23 @@ def test_peer_contenders_run_one_step(peer):
     for fn in (*forwards.values(), *steps.values()):
         fn()
     assert forwards and steps and info["trainable_params"] > 0
+
+
+def test_nnx_peer_computes_the_same_network():
+    # The NNX comparison is only fair if both models are the same function of the same weights.
+    import jax
+    import jax.numpy as jnp
+    import nnx_minimind
+    import numpy as np
+    from flax import nnx
+
+    from minilora_jax.models.minimind import MiniMind
+
+    config = TOY.replace(num_layers=2)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 70)), jnp.int32)
+    params = MiniMind(config).init(jax.random.key(0), tokens)["params"]
+    model = nnx_minimind.MiniMindNNX(config, lora_rank=0, targets=(), rngs=nnx.Rngs(1))
+    nnx_minimind.load_linen_params(model, params)
+    np.testing.assert_allclose(
+        model(tokens), MiniMind(config).apply({"params": params}, tokens), atol=1e-5, rtol=1e-5
+    )
