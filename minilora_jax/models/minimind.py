@@ -346,11 +346,11 @@ def blockwise_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.
 
     Example:
       >>> import jax
-      >>> q = jax.random.normal(jax.random.key(0), (1, 200, 4, 16))
-      >>> k, v = jax.random.normal(jax.random.key(1), (2, 1, 200, 2, 16))
-      >>> out = blockwise_causal_attention(q, k, v)
+      >>> q = jax.random.normal(jax.random.key(0), (1, 70, 4, 16))
+      >>> k, v = jax.random.normal(jax.random.key(1), (2, 1, 70, 2, 16))
+      >>> out = blockwise_causal_attention(q, k, v)  # two blocks: 64 queries, then 6
       >>> out.shape
-      (1, 200, 64)
+      (1, 70, 64)
       >>> # the first query sees only the first key: its output is value 0 of its kv head
       >>> bool(jnp.allclose(out[0, 0, :16], v[0, 0, 0], atol=1e-6))
       True
