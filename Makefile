@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo lint clean-venv
+.PHONY: test demo bench lint clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed-experiments
 	$(PY) experiments/demo.py $(ARGS)
+
+# The CPU benchmark suite against PEFT, qwix and Flax NNX (torch and peft come with [dev]).
+# ARGS=--quick for the short run.
+bench: $(VENV)/.installed-dev
+	$(PY) experiments/bench.py $(ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
