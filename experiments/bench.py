@@ -1117,7 +1117,13 @@ def main(argv: list[str] | None = None) -> int:
         "--torch-threads", type=int, help="torch threads for PEFT (default: usable cores)"
     )
     parser.add_argument("--skip", default="", help="comma-separated peers to leave out")
-    parser.add_argument("--out", type=Path, default=RESULTS / "bench_cpu.json")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="results JSON (a PNG is written beside it); default "
+        "experiments/results/bench_cpu.json, or runs/bench_cpu_quick.json with --quick, so that "
+        "a quick run never overwrites the published results",
+    )
     args = parser.parse_args(argv)
     given = {
         "batch": args.batch,
@@ -1133,8 +1139,13 @@ def main(argv: list[str] | None = None) -> int:
     skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
     results = run(options, skip)
     log("\n" + report(results))
-    png = write(results, args.out)
-    log(f"\nwrote {args.out} and {png}")
+    out = args.out or (
+        RESULTS.parent.parent / "runs" / "bench_cpu_quick.json"
+        if args.quick
+        else RESULTS / "bench_cpu.json"
+    )
+    png = write(results, out)
+    log(f"\nwrote {out} and {png}")
     return 0
 
 
