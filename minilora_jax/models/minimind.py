@@ -110,8 +110,8 @@ class MiniMindConfig:
         short pretraining never sees keep their initial norm, and with the output head tied to
         the embedding that norm caps how confidently a fine-tune can ever predict them.
       attention: how the plain causal case (no cache, no padding mask: training) runs.
-        ``"xla"``: `blockwise_causal_attention`, einsums that skip the key blocks above the
-        diagonal (the fastest and leanest choice on CPU). ``"fused"``:
+        ``"xla"``: `blockwise_causal_attention`, einsums that compute, keep and differentiate
+        only the score tiles on or below the diagonal (written with CPUs in mind). ``"fused"``:
         ``jax.nn.dot_product_attention``, which picks cuDNN's flash attention on GPUs that have
         it. Calls with a cache or an attention mask always use masked einsums.
 
