@@ -30,8 +30,8 @@ SHAPES = (
 
 def _median_ms(fns: dict, rounds: int) -> dict[str, float]:
     """Median ms per call. Each contender runs ``rounds`` calls in a row, twice, in the order
-    A B ... B A: interleaving single calls would measure each framework's thread pool waking
-    up after the other's (about 10-30% on these millisecond products on a 2-core machine)."""
+    A B ... B A: interleaving single calls would also measure each framework's thread pool
+    waking up after the other's, which on a 2-core machine visibly slows millisecond products."""
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
     for order in (names, names[::-1]):

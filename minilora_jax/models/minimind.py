@@ -273,9 +273,10 @@ def _fused_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     """``silu(gate) * up``, differentiated from ``gate`` and ``up`` alone.
 
-    Plain autodiff keeps three ``[tokens, mlp_size]`` intermediates of ``silu`` alive until the
-    backward pass, on top of ``gate`` and ``up``; this keeps only the two inputs and recomputes
-    the sigmoid (elementwise, cheap) in the backward pass. Values and gradients are those of
+    With plain autodiff, XLA kept intermediates of ``silu`` (two ``[tokens, mlp_size]`` arrays
+    per layer in MiniMind2-small's compiled LoRA step) alive until the backward pass, on top of
+    ``gate`` and ``up``; this keeps only the two inputs and recomputes the sigmoid (elementwise,
+    cheap) in the backward pass. Values and gradients are those of
     ``jax.nn.silu(gate) * up``.
 
     Example:
@@ -540,17 +541,17 @@ class MiniMind(nn.Module):
         elif positions.shape != (batch, seq):
             raise ValueError(f"positions must have shape {(batch, seq)}, got {positions.shape}")
 
-        mask = jnp.arange(key_len)[None, :] <= query_slots[:, None]  # [seq, key_len]
-        mask = jnp.broadcast_to(mask, (batch, seq, key_len))
-        if attention_mask is not None:
-            if attention_mask.shape != (batch, key_len):
-                raise ValueError(
-                    f"attention_mask must have shape (batch, key_len) = {(batch, key_len)}, "
-                    f"got {attention_mask.shape}"
-                )
-            mask = mask & attention_mask[:, None, :].astype(bool)
-        if cache is None and attention_mask is None:
-            mask = None  # plain causal: the blockwise or fused path, see MiniMindConfig.attention
+        if attention_mask is not None and attention_mask.shape != (batch, key_len):
+            raise ValueError(
+                f"attention_mask must have shape (batch, key_len) = {(batch, key_len)}, "
+                f"got {attention_mask.shape}"
+            )
+        mask = None  # plain causal: the blockwise or fused path, see MiniMindConfig.attention
+        if cache is not None or attention_mask is not None:
+            mask = jnp.arange(key_len)[None, :] <= query_slots[:, None]  # [seq, key_len]
+            mask = jnp.broadcast_to(mask, (batch, seq, key_len))
+            if attention_mask is not None:
+                mask = mask & attention_mask[:, None, :].astype(bool)
         cos, sin = _rotary(positions, cfg.head_dim, cfg.rope_theta)
 
         embed = nn.Embed(
