@@ -865,13 +865,14 @@ def check_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         found["compiled memory: LoRA step / full step"] = {"ratio": results["memory"]["ratio"]}
     rows = []
     for name, (op, bound) in TARGETS.items():
-        value = found.get(name, {}).get("ratio")
+        entry = found.get(name, {})
+        value = entry.get("ratio")
         met = None if value is None else (value <= bound if op == "<=" else value >= bound)
         rows.append(
             {
                 "metric": name,
                 "value": value,
-                "spread": found.get(name, {}).get("spread"),
+                "spread": entry.get("spread"),
                 "target": f"{op} {bound}",
                 "met": met,
             }
@@ -882,6 +883,10 @@ def check_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------
+
+
+def _spread(spread: list[float] | None) -> str:
+    return "(deterministic)" if spread is None else f"{spread[0]:.3f} – {spread[1]:.3f}"
 
 
 def _mib(n: int | None) -> str:
@@ -908,10 +913,11 @@ def report(results: Mapping[str, Any]) -> str:
     ]
     for row in r["targets"]:
         value = "n/a" if row["value"] is None else f"{row['value']:.3f}"
-        spread = row.get("spread")
-        spread = "(deterministic)" if spread is None else f"{spread[0]:.3f} – {spread[1]:.3f}"
         met = {True: "yes", False: "**no**", None: "n/a"}[row["met"]]
-        lines.append(f"| {row['metric']} | {value} | {spread} | {row['target']} | {met} |")
+        lines.append(
+            f"| {row['metric']} | {value} | {_spread(row.get('spread'))} | {row['target']} "
+            f"| {met} |"
+        )
     for section in ("forward", "step"):
         lines += ["", f"| {section} | median ms | min ms |", "|---|---|---|"]
         for name, t in r[section]["ms"].items():
@@ -924,7 +930,7 @@ def report(results: Mapping[str, Any]) -> str:
         ]
         for name, x in r[section]["ratios"].items():
             lines.append(
-                f"| {name} | {x['ratio']:.3f} | {x['spread'][0]:.3f} – {x['spread'][1]:.3f} "
+                f"| {name} | {x['ratio']:.3f} | {_spread(x['spread'])} "
                 f"| {x['ratio_of_minima']:.3f} | {x['numerator_ms']:.1f} | "
                 f"{x['denominator_ms']:.1f} |"
             )
