@@ -1,4 +1,4 @@
-"""minilora_jax: LoRA for JAX and Flax, as pure functions over params pytrees.
+"""minilora_jax: LoRA for any JAX model, as pure functions over parameter pytrees.
 
 Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -6,39 +6,37 @@ Example:
   >>> model = nn.Dense(8)
   >>> x = jnp.ones((1, 8))
   >>> params = model.init(jax.random.key(0), x)["params"]
-  >>> lora_params = mlj.init(params, jax.random.key(1), rank=4)  # adapters beside the kernel
+  >>> lora_params = mlj.init(params, jax.random.key(1), rank=4)  # a Lora node in the kernel's place
   >>> adapters, base = mlj.split(lora_params)                    # train `adapters` only
   >>> y = mlj.wrap(model.apply)({"params": mlj.combine(adapters, base)}, x)
   >>> merged = mlj.merge(lora_params)                            # a plain params tree again
 """
 
-from minilora_jax import models, peft
-from minilora_jax.adapters import LoraScale, init
+from minilora_jax.adapters import find_kernels, init
 from minilora_jax.apply import AdapterNotAppliedError, wrap
-from minilora_jax.checkpoint import abstract_base, load_adapters, read_metadata, save_adapters
+from minilora_jax.lora import Layout, Lora, is_lora
 from minilora_jax.merge import merge, unmerge
 from minilora_jax.partition import combine, split
 from minilora_jax.summary import AdapterInfo, Summary, summary
-from minilora_jax.targets import all_kernels, square_kernels
+from minilora_jax.targets import Kernel, LayoutUnknownError, all_kernels, square_kernels
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AdapterInfo",
     "AdapterNotAppliedError",
-    "LoraScale",
+    "Kernel",
+    "Layout",
+    "LayoutUnknownError",
+    "Lora",
     "Summary",
     "__version__",
-    "abstract_base",
     "all_kernels",
     "combine",
+    "find_kernels",
     "init",
-    "load_adapters",
+    "is_lora",
     "merge",
-    "models",
-    "peft",
-    "read_metadata",
-    "save_adapters",
     "split",
     "square_kernels",
     "summary",
@@ -46,6 +44,24 @@ __all__ = [
     "wrap",
 ]
 
-from minilora_jax.sharding import init_sharded, optimizer_shardings, shardings  # noqa: E402
+# The interop modules load on first use, so `import minilora_jax` stays light.
+_LAZY = {
+    "peft": ("minilora_jax.peft", None),
+    "save_adapters": ("minilora_jax.checkpoint", "save_adapters"),
+    "load_adapters": ("minilora_jax.checkpoint", "load_adapters"),
+    "read_metadata": ("minilora_jax.checkpoint", "read_metadata"),
+    "abstract_base": ("minilora_jax.checkpoint", "abstract_base"),
+    "shardings": ("minilora_jax.sharding", "shardings"),
+    "init_sharded": ("minilora_jax.sharding", "init_sharded"),
+    "optimizer_shardings": ("minilora_jax.sharding", "optimizer_shardings"),
+}
 
-__all__ += ["init_sharded", "optimizer_shardings", "shardings"]
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        loaded = importlib.import_module(module)
+        return loaded if attr is None else getattr(loaded, attr)
+    raise AttributeError(f"module 'minilora_jax' has no attribute {name!r}")

@@ -1,80 +1,71 @@
-"""Walking nested-dict params trees: the few helpers every other module shares.
+"""Paths in any pytree: the names users see in errors and match with patterns.
 
-Flax params are nested mappings whose leaves are arrays. A *node* here is one such mapping, and
-its *path* is the tuple of keys from the params root down to it; ``"/".join(path)`` is the
-string form users see in errors and patterns (``"layers_0/self_attn/q_proj"``).
+A leaf's *path* is the ``/``-joined sequence of its keys from the root: dict keys, attribute
+names (equinox modules, dataclasses) and sequence indices, as ``jax.tree_util`` reports them.
+A trailing attribute ``value`` is dropped: it is how an NNX ``Variable`` holds its array, so the
+kernel of ``nnx.Linear`` reads ``linear/kernel``, as in linen. A Flax variables dict
+``{"params": ...}`` is named from inside ``params``.
+
+Examples: ``layers_0/self_attn/q_proj/kernel`` (linen), ``layers/0/weight`` (equinox),
+``mlp/~/linear_0/w`` (haiku), ``w1`` (a plain dict).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from flax.core import FrozenDict
+import jax
 
-Path = tuple[str, ...]
+from minilora_jax.lora import is_lora
 
-LORA_A = "lora_a"
-LORA_B = "lora_b"
-LORA_SCALE = "lora_scale"
-ADAPTER_KEYS = (LORA_A, LORA_B, LORA_SCALE)
+KeyPath = tuple[Any, ...]
 
 
-def path_str(path: Path) -> str:
-    """The '/'-joined form of a path, or ``'<root>'`` for the empty one."""
-    return "/".join(str(p) for p in path) or "<root>"
+def key_name(key: Any) -> str:
+    """The string form of one ``jax.tree_util`` key."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
-def like(node: Mapping, items: Mapping) -> Mapping:
-    """A mapping of ``node``'s kind (dict or FrozenDict) holding ``items``."""
-    return FrozenDict(items) if isinstance(node, FrozenDict) else dict(items)
+def path_str(path: KeyPath, *, variables: bool = False) -> str:
+    """The ``/``-joined name of a key path (see the module docstring); ``'<root>'`` if empty.
+
+    ``variables=True`` says the path starts at a Flax variables dict: a leading ``params`` is
+    then left out.
+
+    Example:
+      >>> import jax
+      >>> [(p, _)] = jax.tree_util.tree_flatten_with_path({"dense": {"kernel": 0}})[0]
+      >>> path_str(p)
+      'dense/kernel'
+    """
+    names = [key_name(k) for k in path]
+    if variables and names and names[0] == "params":
+        names = names[1:]
+    if names and names[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+        names = names[:-1]
+    return "/".join(names) or "<root>"
 
 
 def is_variables(tree: Any) -> bool:
-    """Whether ``tree`` is a Flax variables dict (``{"params": ..., ...}``) rather than params."""
+    """Whether ``tree`` is a Flax variables dict (``{"params": ..., ...}``)."""
     return isinstance(tree, Mapping) and isinstance(tree.get("params"), Mapping)
 
 
-def params_root(tree: Any) -> Mapping:
-    """The params tree inside ``tree``, which may be params or a variables dict."""
-    if not isinstance(tree, Mapping):
-        raise TypeError(
-            f"expected a params tree (nested dicts of arrays) or a variables dict holding "
-            f"'params', got {type(tree).__name__}"
-        )
-    return tree["params"] if is_variables(tree) else tree
+def flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
+    """``(paths, leaves, treedef)`` of ``tree``, `minilora_jax.Lora` nodes kept whole as leaves.
 
+    ``jax.tree.unflatten(treedef, leaves)`` rebuilds the tree; replacing a kernel leaf by a
+    `Lora` node (or back) before unflattening is how adapters are added and removed.
 
-def with_params_root(tree: Any, new_params: Mapping) -> Any:
-    """``tree`` with its params tree replaced by ``new_params`` (inverse of `params_root`)."""
-    if is_variables(tree):
-        return like(tree, {**tree, "params": new_params})
-    return new_params
-
-
-def nodes(tree: Mapping, path: Path = ()) -> Iterator[tuple[Path, Mapping]]:
-    """Yields ``(path, node)`` for ``tree`` and every mapping below it, parents first."""
-    yield path, tree
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from nodes(value, (*path, key))
-
-
-def map_nodes(tree: Mapping, fn: Callable[[Path, Mapping], Mapping], path: Path = ()) -> Mapping:
-    """Rebuilds ``tree`` bottom-up, replacing each mapping ``m`` at ``path`` by ``fn(path, m)``.
-
-    Leaves are carried over as the same objects: nothing is copied.
+    Example:
+      >>> import jax.numpy as jnp
+      >>> flatten({"params": {"dense": {"kernel": jnp.zeros((2, 2))}}})[0]
+      ['dense/kernel']
     """
-    rebuilt = like(
-        tree,
-        {
-            k: map_nodes(v, fn, (*path, k)) if isinstance(v, Mapping) else v
-            for k, v in tree.items()
-        },
-    )
-    return fn(path, rebuilt)
-
-
-def adapter_nodes(tree: Mapping) -> dict[Path, Mapping]:
-    """The nodes of ``tree`` that hold a ``lora_a`` leaf, by path."""
-    return {path: node for path, node in nodes(tree) if LORA_A in node}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lora)
+    variables = is_variables(tree)
+    return [path_str(p, variables=variables) for p, _ in flat], [x for _, x in flat], treedef

@@ -1,122 +1,29 @@
-"""Adding adapters to a params tree, and what an adapter looks like.
+"""Adding adapters to a tree: `init`.
 
-An adapted layer is the dict that holds its ``kernel`` of shape ``(*lead, d_in, d_out)``, with
-three more entries beside it:
-
-* ``lora_a``: shape ``(*lead, d_in, r)``, trainable;
-* ``lora_b``: shape ``(*lead, r, d_out)``, trainable, zero at the start;
-* ``lora_scale``: a `LoraScale`, the static factor ``s`` of ``y = x W + s (x A) B``.
-
-``lead`` is empty for a plain ``nn.Dense`` and the layer axis for ``nn.scan``-stacked layers.
-The scale travels with the adapter so that `minilora_jax.merge` needs nothing but the tree; it is
-a pytree node *without leaves*, so ``jax.grad``, optax and ``jax.tree.map`` never see it as a
-parameter and it is never trained or decayed.
+`init` finds the kernels of any pytree (a Flax params or variables dict, an NNX state, an
+equinox module, a haiku params dict, a plain dict), selects some with a target spec
+(`minilora_jax.targets`) and puts a `minilora_jax.Lora` node in each one's place. A kernel's
+layout is read from how a function uses it (``apply_fn=``), or, without one, only from what the
+tree makes unambiguous: a 2-D leaf named ``kernel`` is Flax's ``(in, out)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import re
-from collections.abc import Callable, Mapping
+import numbers
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from minilora_jax._tree import (
-    LORA_A,
-    LORA_B,
-    LORA_SCALE,
-    Path,
-    like,
-    map_nodes,
-    params_root,
-    path_str,
-    with_params_root,
-)
-from minilora_jax.targets import Targets, kernels, select, square_kernels
+from minilora_jax._tree import flatten
+from minilora_jax.lora import Layout, Lora, is_lora
+from minilora_jax.program import read_uses
+from minilora_jax.targets import Kernel, Targets, pattern_value, select, square_kernels
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 InitSpec = str | Initializer
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraScale:
-    """The static scale ``alpha / rank`` of one adapter: a pytree node with no leaves.
-
-    Because it has no leaves it is part of the tree's *structure*: it survives ``jax.jit``,
-    ``jax.grad``, optax updates and ``jax.tree.map`` unchanged, and changing it retraces.
-
-    Example:
-      >>> import jax
-      >>> jax.tree.leaves({"lora_scale": LoraScale(2.0)})
-      []
-      >>> float(LoraScale(2.0))
-      2.0
-    """
-
-    value: float
-
-    def __float__(self) -> float:
-        return float(self.value)
-
-
-jax.tree_util.register_pytree_node(
-    LoraScale, lambda s: ((), s.value), lambda value, _: LoraScale(value)
-)
-
-
-def scale_of(path: Path, scale: Any) -> float:
-    """The value of the ``lora_scale`` entry of the adapter at ``path``; a clear error if absent."""
-    if isinstance(scale, LoraScale):
-        return float(scale)
-    raise ValueError(
-        f"adapter at '{path_str(path)}' has no lora_scale (found {scale!r}). The scale is "
-        "structure, not data: a checkpoint restored without a target tree loses it. Restore "
-        "with minilora_jax.load_adapters or pass the adapted tree as the restore target."
-    )
-
-
-def check_adapter(path: Path, node: Mapping) -> tuple[Any, Any, Any, float]:
-    """Validates the adapter at ``path`` and returns ``(kernel, lora_a, lora_b, scale)``.
-
-    Raises:
-      ValueError: naming the path and the shapes when they do not fit together.
-    """
-    kernel, a, b = node.get("kernel"), node.get(LORA_A), node.get(LORA_B)
-    where = f"adapter at '{path_str(path)}'"
-    if kernel is None or a is None or b is None:
-        missing = [k for k, v in (("kernel", kernel), (LORA_A, a), (LORA_B, b)) if v is None]
-        raise ValueError(f"{where} is incomplete: missing {', '.join(missing)}")
-    scale = scale_of(path, node.get(LORA_SCALE))
-    ks, as_, bs = tuple(kernel.shape), tuple(a.shape), tuple(b.shape)
-    fits = (
-        len(ks) >= 2
-        and len(as_) == len(ks)
-        and len(bs) == len(ks)
-        and as_[:-2] == ks[:-2]
-        and bs[:-2] == ks[:-2]
-        and as_[-2] == ks[-2]
-        and bs[-1] == ks[-1]
-        and as_[-1] == bs[-2]
-    )
-    if not fits:
-        raise ValueError(
-            f"{where} does not fit its kernel: kernel {ks} (*lead, d_in, d_out) needs "
-            f"lora_a (*lead, d_in, r) and lora_b (*lead, r, d_out); got lora_a {as_} and "
-            f"lora_b {bs}"
-        )
-    return kernel, a, b, scale
-
-
-def _pattern_value(patterns: Mapping[str, Any] | None, path: str, default: Any) -> Any:
-    # PEFT matches rank_pattern/alpha_pattern keys against the end of the module name; the
-    # equivalent here is a regex that matches a '/'-aligned suffix of the path.
-    for pattern, value in (patterns or {}).items():
-        if re.fullmatch(rf"(?:.*/)?(?:{pattern})", path):
-            return value
-    return default
 
 
 def _initializer(spec: InitSpec, rank: int, d_in: int) -> Initializer:
@@ -136,8 +43,90 @@ def _initializer(spec: InitSpec, rank: int, d_in: int) -> Initializer:
     )
 
 
+def _leaf_name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+def find_kernels(
+    tree: Any,
+    apply_fn: Callable[..., Any] | None = None,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Kernel], dict[str, tuple[tuple[int, ...], str]]]:
+    """The kernels of ``tree`` with their layouts, and why other leaves are not kernels.
+
+    With ``apply_fn``, a leaf is a kernel when ``apply_fn(tree, *args, **kwargs)`` contracts it
+    with an input in one consistent way and uses it for nothing else; its layout is read from
+    that contraction (traced abstractly: no FLOPs). Without, a leaf named ``kernel`` is one,
+    with layout ``(in, out)`` if it is 2-D and unknown otherwise.
+
+    Returns:
+      ``({path: Kernel}, {path: (shape, reason)})``; leaves with fewer than two axes are in
+      neither. Leaves that already hold an adapter are kernels too (init refuses to adapt them
+      twice).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> tree = {"w": jnp.zeros((3, 4)), "dense": {"kernel": jnp.zeros((4, 4))}}
+      >>> kernels, others = find_kernels(tree)
+      >>> kernels["dense/kernel"].layout
+      Layout(in_axes=(0,), out_axes=(1,), batch_axes=())
+      >>> kernels, _ = find_kernels(tree, lambda t, x: x @ t["w"].T @ t["dense"]["kernel"],
+      ...                           (jnp.ones(4),))
+      >>> kernels["w"].layout
+      Layout(in_axes=(1,), out_axes=(0,), batch_axes=())
+    """
+    kernels: dict[str, Kernel] = {}
+    others: dict[str, tuple[tuple[int, ...], str]] = {}
+    if apply_fn is not None:
+        names, leaves, _, records = read_uses(apply_fn, tree, args, kwargs)
+    else:
+        names, leaves, _ = flatten(tree)
+        records = [None] * len(leaves)
+    for path, leaf, record in zip(names, leaves, records, strict=True):
+        if is_lora(leaf):
+            kernels[path] = Kernel(tuple(leaf.kernel.shape), leaf.kernel.dtype, leaf.layout)
+            continue
+        shape = tuple(getattr(leaf, "shape", ()))
+        if len(shape) < 2:
+            continue
+        if record is None:
+            if _leaf_name(path) == "kernel":
+                layout = Layout.dense() if len(shape) == 2 else None
+                kernels[path] = Kernel(shape, leaf.dtype, layout)
+            else:
+                others[path] = (
+                    shape,
+                    "its layout cannot be read from the tree (only a leaf named 'kernel' is "
+                    "known to be (in, out)); pass apply_fn= (and args=) to minilora_jax.init",
+                )
+        elif record.other:
+            uses = ", ".join(sorted(set(record.other)))
+            others[path] = (shape, f"the program uses it in {uses}, which an adapter cannot follow")
+        elif len(record.layouts) > 1:
+            ways = "; ".join(str(lay) for lay in sorted(record.layouts, key=str))
+            others[path] = (shape, f"the program contracts it in more than one way: {ways}")
+        elif record.layouts:
+            kernels[path] = Kernel(shape, leaf.dtype, next(iter(record.layouts)))
+        else:
+            others[path] = (shape, "the program never contracts it with an input")
+    return kernels, others
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _finite(value: Any) -> bool:
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
 def init(
-    params: Any,
+    tree: Any,
     key: jax.Array,
     *,
     rank: int = 8,
@@ -149,96 +138,108 @@ def init(
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
     dtype: Any = jnp.float32,
+    apply_fn: Callable[..., Any] | None = None,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
 ) -> Any:
-    """Adds LoRA adapters beside every targeted kernel.
+    """Puts a LoRA adapter in the place of every targeted kernel of ``tree``.
 
-    For a targeted ``kernel`` of shape ``(*lead, d_in, d_out)`` the returned tree holds, in the
-    same dict, ``lora_a`` ``(*lead, d_in, r)``, ``lora_b`` ``(*lead, r, d_out)`` (zeros) and a
-    `LoraScale` ``s``, so that the adapted layer computes ``x W + s (x A) B`` (Hu et al., 2021,
-    "LoRA: Low-Rank Adaptation of Large Language Models"). ``s = alpha / r``, or
-    ``alpha / sqrt(r)`` with ``rslora`` (Kalajdzievski, 2023). Because B is zero, the adapted
-    model starts exactly equal to the base model. The caller's arrays are reused, not copied.
+    Each targeted kernel becomes a `minilora_jax.Lora` node holding the kernel, ``lora_a``
+    ``(*batch, *in, r)``, ``lora_b`` ``(*batch, r, *out)`` (zeros), the scale ``s`` and the
+    kernel's `minilora_jax.Layout`, so that the adapted layer computes ``x W + s (x A) B``
+    (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models"): one rank-``r``
+    update per batch index. ``s = alpha / r``, or ``alpha / sqrt(r)`` with ``rslora``
+    (Kalajdzievski, 2023). Because B is zero, the adapted model starts exactly equal to the base
+    model. The caller's arrays are reused, not copied.
+
+    Layouts are read, never guessed: with ``apply_fn``, from how
+    ``apply_fn(tree, *args, **kwargs)`` contracts each kernel (traced abstractly, so it works
+    under ``jax.eval_shape`` for any size); without it, only a 2-D leaf named ``kernel`` (Flax's
+    ``(in, out)``) has a known layout, and selecting any other kernel raises.
 
     Args:
-      params: a Flax params tree, or a variables dict holding ``"params"``.
+      tree: any pytree holding the kernels: Flax params or variables, an NNX state, an equinox
+        module (or its array partition), haiku params, a plain dict.
       key: PRNG key for ``lora_a``.
-      rank: the rank ``r``, ``1 <= r <= min(d_in, d_out)``.
-      alpha: the LoRA alpha; ``None`` means ``alpha = r`` for each layer, i.e. scale 1 as in
-        MiniMind.
+      rank: the rank ``r``, ``1 <= r <= min(prod(in), prod(out))``.
+      alpha: the LoRA alpha; ``None`` means ``alpha = r`` for each layer (scale 1, MiniMind).
       targets: which kernels to adapt (see `minilora_jax.targets`); default: square kernels.
       exclude: kernels to leave alone, same forms as ``targets``.
       init: ``"minimind"`` (A ~ N(0, 0.02²)), ``"peft"`` (A ~ U(±1/sqrt(d_in)), as PyTorch's
         kaiming-uniform with a=sqrt(5)), ``"gaussian"`` (A ~ N(0, 1/r²)), or a callable
         ``(key, shape, dtype) -> array``. B is always zero.
       rslora: use the rank-stabilised scale ``alpha / sqrt(r)``.
-      rank_pattern: ``{regex: rank}`` overriding ``rank`` for layers whose path ends with a
-        match (the first matching pattern wins), as PEFT's ``rank_pattern``.
-      alpha_pattern: ``{regex: alpha}``, likewise for ``alpha``.
+      rank_pattern: ``{pattern: rank}`` overriding ``rank`` for the kernels a pattern matches
+        (the first matching pattern wins), as PEFT's ``rank_pattern``.
+      alpha_pattern: ``{pattern: alpha}``, likewise for ``alpha``.
       dtype: dtype of ``lora_a`` and ``lora_b``.
+      apply_fn: a function ``apply_fn(tree, *args, **kwargs)`` that runs the model; its traced
+        program gives every kernel's layout.
+      args, kwargs: example arguments for ``apply_fn`` (arrays or ``jax.ShapeDtypeStruct``).
 
     Returns:
-      A tree of the same structure and kind as ``params`` with the adapters added.
+      ``tree`` with `minilora_jax.Lora` nodes in place of the targeted kernels.
 
     Raises:
-      ValueError: if ``targets`` selects nothing, a rank is out of range, or a kernel already
-        has an adapter; the message names the path and shape.
+      ValueError: if ``targets`` selects nothing, names a leaf that cannot be adapted (saying
+        why: unknown layout, not a contraction, already adapted), or a rank is out of range;
+        the message names the path and shape.
 
     Example:
       >>> import jax, jax.numpy as jnp
       >>> import minilora_jax as mlj
       >>> p = {"q_proj": {"kernel": jnp.ones((16, 16))}, "k_proj": {"kernel": jnp.ones((16, 4))}}
       >>> lp = mlj.init(p, jax.random.key(0), rank=2)
-      >>> lp["q_proj"]["lora_a"].shape, lp["q_proj"]["lora_b"].shape
+      >>> lp["q_proj"]["kernel"].lora_a.shape, lp["q_proj"]["kernel"].lora_b.shape
       ((16, 2), (2, 16))
-      >>> "lora_a" in lp["k_proj"]
-      False
+      >>> type(lp["k_proj"]["kernel"]).__name__
+      'ArrayImpl'
     """
-    root = params_root(params)
-    chosen = select(root, targets, exclude)
-    found = kernels(root)
+    if not isinstance(key, jax.Array):
+        raise TypeError(f"key must be a JAX PRNG key (jax.random.key(0)), got {key!r}")
+    if not _positive_int(rank):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if alpha is not None and not _finite(alpha):
+        raise ValueError(f"alpha must be a finite number or None, got {alpha!r}")
+    if not isinstance(rslora, bool):
+        raise TypeError(f"rslora must be True or False, got {rslora!r}")
+    if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise ValueError(f"dtype must be a floating-point dtype, got {jnp.dtype(dtype)}")
+    kernels, others = find_kernels(tree, apply_fn, args, kwargs)
+    chosen = select(kernels, others, targets, exclude)
+    names, leaves, treedef = flatten(tree)
+    index = {name: i for i, name in enumerate(names)}
     keys = dict(zip(chosen, jax.random.split(key, len(chosen)), strict=True))
 
-    plans = {}
     for path in chosen:
-        kernel = found[path]
-        name = path_str(path)
-        *lead, d_in, d_out = kernel.shape
-        r = _pattern_value(rank_pattern, name, rank)
-        if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= min(d_in, d_out):
+        leaf = leaves[index[path]]
+        if is_lora(leaf):
             raise ValueError(
-                f"rank {r!r} is invalid for '{name}' with kernel shape {tuple(kernel.shape)}: "
-                f"it must be an integer with 1 <= rank <= min(d_in, d_out) = {min(d_in, d_out)}"
+                f"'{path}' already has an adapter; merge or split it off before adding another"
             )
-        a = _pattern_value(alpha_pattern, name, alpha)
+        layout = kernels[path].layout
+        shape = tuple(leaf.shape)
+        d_in, d_out = layout.d_in(shape), layout.d_out(shape)
+        r = pattern_value(rank_pattern, path, rank, "rank_pattern")
+        if not _positive_int(r) or r > min(d_in, d_out):
+            raise ValueError(
+                f"rank {r!r} is invalid for '{path}' with kernel shape {shape} "
+                f"({layout.describe(shape)}): it must be an integer with "
+                f"1 <= rank <= min(prod(in), prod(out)) = {min(d_in, d_out)}"
+            )
+        r = int(r)
+        a = pattern_value(alpha_pattern, path, alpha, "alpha_pattern")
         a = r if a is None else a
-        if not isinstance(a, (int, float)) or not math.isfinite(a):
-            raise ValueError(f"alpha {a!r} for '{name}' must be a finite number")
-        scale = a / math.sqrt(r) if rslora else a / r
-        plans[path] = (tuple(lead), d_in, d_out, r, scale)
-
-    def add(path: Path, node: Mapping) -> Mapping:
-        if path not in plans:
-            return node
-        if LORA_A in node:
+        if not _finite(a):
+            raise ValueError(f"alpha {a!r} for '{path}' must be a finite number")
+        scale = float(a) / math.sqrt(r) if rslora else float(a) / r
+        a_shape, b_shape = layout.a_shape(shape, r), layout.b_shape(shape, r)
+        lora_a = _initializer(init, r, d_in)(keys[path], a_shape, dtype)
+        if tuple(lora_a.shape) != a_shape:
             raise ValueError(
-                f"'{path_str(path)}' already has an adapter; merge or split it off before "
-                "adding another"
+                f"init for '{path}' returned shape {tuple(lora_a.shape)}, expected {a_shape}"
             )
-        lead, d_in, d_out, r, scale = plans[path]
-        a = _initializer(init, r, d_in)(keys[path], (*lead, d_in, r), dtype)
-        if tuple(a.shape) != (*lead, d_in, r):
-            raise ValueError(
-                f"init for '{path_str(path)}' returned shape {tuple(a.shape)}, expected "
-                f"{(*lead, d_in, r)}"
-            )
-        return like(
-            node,
-            {
-                **node,
-                LORA_A: jnp.asarray(a, dtype),
-                LORA_B: jnp.zeros((*lead, r, d_out), dtype),
-                LORA_SCALE: LoraScale(float(scale)),
-            },
+        leaves[index[path]] = Lora(
+            leaf, jnp.asarray(lora_a, dtype), jnp.zeros(b_shape, dtype), scale, layout
         )
-
-    return with_params_root(params, map_nodes(root, add))
+    return jax.tree.unflatten(treedef, leaves)

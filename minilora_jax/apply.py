@@ -1,128 +1,96 @@
-"""Running a Flax model whose params hold adapters, without touching the model's code."""
+"""Running any JAX function whose params hold adapters: `wrap`."""
 
 from __future__ import annotations
 
 import functools
+import numbers
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from minilora_jax._tree import LORA_A, LORA_B, LORA_SCALE, Path, adapter_nodes, path_str
-from minilora_jax.adapters import check_adapter, scale_of
+from minilora_jax.program import apply
 
 
 class AdapterNotAppliedError(RuntimeError):
-    """Raised when params hold an adapter that the wrapped call could not apply."""
+    """Raised when a kernel with an adapter is used in a way the adapter cannot follow."""
 
 
-def _low_rank(module: nn.Dense, x: jax.Array, out_dtype: Any, dropout: float, rng: str):
-    """``s * dropout(x) @ A @ B`` for the Dense ``module``, in its compute dtype."""
-    a = module.get_variable("params", LORA_A)
-    b = module.get_variable("params", LORA_B)
-    scale = scale_of(tuple(module.path), module.get_variable("params", LORA_SCALE))
-    if dropout > 0.0 and module.has_rng(rng):
-        keep = jax.random.bernoulli(module.make_rng(rng), 1.0 - dropout, x.shape)
-        x = jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x))
-    dtype = module.dtype if module.dtype is not None else jnp.result_type(x, a, b)
-    x, a, b = (t.astype(dtype) for t in (x, a, b))
-    # Scaling the rank-r intermediate costs r multiplies per token instead of d_out.
-    xa = jnp.matmul(x, a, precision=module.precision) * jnp.asarray(scale, dtype)
-    return jnp.matmul(xa, b, precision=module.precision).astype(out_dtype)
+# Folded into a Flax dropout key so LoRA's mask is independent of the model's own dropout.
+_DROPOUT_SALT = 0x10A
 
 
 def wrap(
-    apply_fn: Callable[..., Any],
+    fn: Callable[..., Any],
     *,
     dropout: float = 0.0,
     dropout_rng: str = "dropout",
     strict: bool = True,
 ) -> Callable[..., Any]:
-    """Wraps a Flax linen ``model.apply`` so that it applies the adapters in the params.
+    """Wraps ``fn(tree, *args, **kwargs)`` so that it applies the adapters held in ``tree``.
 
-    For every adapted ``nn.Dense`` the wrapped call computes
-    ``dense(x) + scale * (dropout(x) @ lora_a) @ lora_b``: the layer's own output (kernel, bias,
-    dtype handling and all) plus the low-rank term. ``kernel + A @ B`` is never formed, in the
-    forward or the backward pass. The model's code is not modified: the layers are intercepted
-    with ``flax.linen.intercept_methods`` for the duration of the call only. Works under
-    ``jax.jit``, ``jax.grad``, ``jax.vmap``, ``nn.scan`` and ``nn.remat``. The low-rank term is
-    computed in the layer's compute ``dtype`` when it has one, else in the promoted dtype of
-    input and adapters, and cast to the layer's output dtype.
+    ``fn`` is any function whose first argument holds the params: ``model.apply`` of a linen
+    module (with a variables dict), ``lambda state, x: nnx.merge(graphdef, state)(x)``, an
+    equinox model called through ``eqx.combine``, a haiku ``transform(...).apply``, a plain
+    ``f(params, x)``. ``fn`` never sees the adapters: it runs on the plain kernels, and wherever
+    its program contracts an adapted kernel with an input, the wrapped call adds
+    ``scale * (dropout(x) A) B`` to that contraction's result. ``kernel + A @ B`` is never
+    formed, in the forward or the backward pass, and the low-rank term is computed in the
+    contraction's own dtype and precision.
+
+    Works under ``jax.jit``, ``jax.grad``, ``jax.vmap``, ``jax.checkpoint`` and
+    ``jax.lax.scan``, and through what ``fn`` uses inside: ``nn.scan`` (the layer axis anywhere),
+    ``nn.remat``, ``nn.jit``, ``cond`` and ``while`` loops. Each call (each trace under
+    ``jit``) checks every adapter: a kernel used by anything but a contraction (an embedding
+    lookup, an elementwise product, a custom-gradient function) raises.
 
     Args:
-      apply_fn: ``model.apply`` of a linen module (or any function with its signature that
-        runs linen modules).
+      fn: the function to wrap.
       dropout: dropout rate on the LoRA input, as PEFT's ``lora_dropout``. It is applied only
-        when the call provides the ``dropout_rng`` stream (``rngs={"dropout": key}``), the usual
-        Flax way of saying "training".
-      dropout_rng: the name of the rng stream for that dropout.
-      strict: if True, raise `AdapterNotAppliedError` when the params hold an adapter that the
-        call did not apply (for instance on a custom layer that multiplies by its ``kernel``
-        itself); if False, warn instead.
+        when the call provides a key: linen-style ``rngs={"dropout": key}`` (the usual Flax way
+        of saying "training"), or the keyword ``lora_dropout_key=key``, which the wrapper
+        consumes.
+      dropout_rng: the name of the linen rng stream that supplies that key.
+      strict: if True, raise `AdapterNotAppliedError` when a kernel with an adapter is used in a
+        way the adapter cannot follow; if False, warn instead (that use then sees the kernel
+        without its adapter).
 
     Returns:
-      A function with the same signature as ``apply_fn``.
+      A function with the same signature as ``fn``.
 
     Example:
-      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> import jax, jax.numpy as jnp
       >>> import minilora_jax as mlj
-      >>> model = nn.Dense(4)
-      >>> x = jnp.ones((2, 4))
-      >>> params = mlj.init(model.init(jax.random.key(0), x)["params"], jax.random.key(1), rank=2)
-      >>> y = jax.jit(mlj.wrap(model.apply))({"params": params}, x)
-      >>> bool(jnp.allclose(y, model.apply({"params": mlj.merge(params)}, x)))
+      >>> f = lambda p, x: jnp.tanh(x @ p["w"])
+      >>> params = {"w": jnp.eye(4)}
+      >>> lp = mlj.init(params, jax.random.key(1), rank=2, targets="w", apply_fn=f,
+      ...               args=(jnp.ones(4),))
+      >>> y = jax.jit(mlj.wrap(f))(lp, jnp.ones(4))
+      >>> bool(jnp.allclose(y, f(mlj.merge(lp), jnp.ones(4))))
       True
     """
+    if not callable(fn):
+        raise TypeError(f"wrap expects a function, got {type(fn).__name__}")
+    if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool):
+        raise TypeError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
-    @functools.wraps(apply_fn)
-    def wrapped(variables: Any, *args: Any, **kwargs: Any) -> Any:
-        params = variables.get("params") if hasattr(variables, "get") else None
-        if params is None:
-            raise TypeError(
-                "the wrapped apply takes a variables dict holding 'params', like model.apply: "
-                "call it as wrapped({'params': params}, ...)"
-            )
-        adapted = adapter_nodes(params)
-        for path, node in adapted.items():
-            check_adapter(path, node)
-        applied: set[Path] = set()
-        called: set[Path] = set()
-
-        def interceptor(next_fun, args_, kwargs_, context):
-            module = context.module
-            path = tuple(module.path)
-            called.add(path)
-            if (
-                path in adapted
-                and isinstance(module, nn.Dense)
-                and context.method_name == "__call__"
-            ):
-                x = args_[0] if args_ else kwargs_["inputs"]
-                y = next_fun(*args_, **kwargs_)
-                applied.add(path)
-                return y + _low_rank(module, x, y.dtype, dropout, dropout_rng)
-            return next_fun(*args_, **kwargs_)
-
-        with nn.intercept_methods(interceptor):
-            out = apply_fn(variables, *args, **kwargs)
-
-        # With method=..., only part of the model runs: adapters of layers that never ran were
-        # not needed. Otherwise every adapter must have been applied.
-        partial = kwargs.get("method") is not None
-        skipped = [p for p in adapted if p not in applied and (not partial or p in called)]
-        if skipped:
-            names = ", ".join(f"'{path_str(p)}'" for p in skipped)
+    @functools.wraps(fn)
+    def wrapped(tree: Any, *args: Any, **kwargs: Any) -> Any:
+        key = kwargs.pop("lora_dropout_key", None)
+        rngs = kwargs.get("rngs")
+        if key is None and isinstance(rngs, Mapping) and dropout_rng in rngs:
+            key = jax.random.fold_in(rngs[dropout_rng], _DROPOUT_SALT)
+        out, problems = apply(fn, tree, args, kwargs, dropout=float(dropout), key=key)
+        if problems:
+            where = "; ".join(f"'{path}' ({', '.join(ops)})" for path, ops in problems.items())
             message = (
-                f"adapters at {names} were not applied: the layer there is not a "
-                "flax.linen.Dense called through __call__ (for instance a custom module that "
-                "multiplies by its own 'kernel'), or it never ran. Its output would silently "
-                "ignore the adapter. Adapt only nn.Dense layers (targets=/exclude=), or merge "
-                "the adapters with minilora_jax.merge and use the plain model.apply."
+                f"adapters could not be applied to every use of their kernels: {where}. Such a "
+                "use would silently ignore the adapter. Leave these kernels out of targets= "
+                "(or exclude=), or merge the adapters with minilora_jax.merge and call the "
+                "plain function."
             )
             if strict:
                 raise AdapterNotAppliedError(message)

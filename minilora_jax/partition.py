@@ -1,81 +1,90 @@
-"""Splitting the trainable adapters from the frozen base, and joining them back."""
+"""Splitting the trainable adapters from the frozen base, and joining them back.
+
+As equinox's ``partition``/``combine``: both halves keep the whole tree's structure. The
+adapters half holds each `minilora_jax.Lora` node without its kernel (``kernel=None``) and
+``None`` everywhere else; the base half holds the plain kernels and every other leaf.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-from minilora_jax._tree import ADAPTER_KEYS, LORA_A, Path, like, path_str
+import jax
+
+from minilora_jax._tree import flatten
+from minilora_jax.lora import is_lora
 
 
-def split(params: Any) -> tuple[Any, Any]:
+def split(tree: Any) -> tuple[Any, Any]:
     """Splits a tree into ``(adapters, base)``.
 
-    ``adapters`` holds only the ``lora_a``/``lora_b``/``lora_scale`` entries, in dicts along the
-    same paths; ``base`` holds everything else. Differentiating with respect to ``adapters``
-    alone, ``jax.grad(loss)(adapters, base, batch)``, computes no kernel gradients at all, and
-    an optax state built on ``adapters`` is as small as the adapters. Works on params or on a
-    variables dict (then both parts keep the ``"params"`` level).
+    Differentiating with respect to ``adapters`` alone, ``jax.grad(loss)(adapters, base, ...)``,
+    computes no kernel gradients at all, and an optax state built on ``adapters`` is as small as
+    the adapters (``None`` is an empty subtree to JAX and optax).
 
     Example:
       >>> import jax, jax.numpy as jnp
       >>> import minilora_jax as mlj
-      >>> lp = mlj.init({"dense": {"kernel": jnp.eye(4)}}, jax.random.key(0), rank=2)
+      >>> lp = mlj.init({"dense": {"kernel": jnp.eye(4), "bias": jnp.zeros(4)}},
+      ...               jax.random.key(0), rank=2)
       >>> adapters, base = mlj.split(lp)
-      >>> sorted(adapters["dense"]), sorted(base["dense"])
-      (['lora_a', 'lora_b', 'lora_scale'], ['kernel'])
+      >>> adapters["dense"]["bias"], adapters["dense"]["kernel"].kernel
+      (None, None)
+      >>> [x.shape for x in jax.tree.leaves(adapters)]
+      [(4, 2), (2, 4)]
+      >>> base["dense"]["kernel"].shape
+      (4, 4)
     """
-    if not isinstance(params, Mapping):
-        raise TypeError(f"split expects nested dicts of arrays, got {type(params).__name__}")
-    adapters, base = {}, {}
-    for key, value in params.items():
-        if key in ADAPTER_KEYS:
-            adapters[key] = value
-        elif isinstance(value, Mapping):
-            sub_adapters, sub_base = split(value)
-            if sub_adapters:
-                adapters[key] = sub_adapters
-            base[key] = sub_base
-        else:
-            base[key] = value
-    return like(params, adapters), like(params, base)
+    adapters = jax.tree.map(
+        lambda x: x.replace(kernel=None) if is_lora(x) else None, tree, is_leaf=is_lora
+    )
+    base = jax.tree.map(lambda x: x.kernel if is_lora(x) else x, tree, is_leaf=is_lora)
+    return adapters, base
 
 
 def combine(adapters: Any, base: Any) -> Any:
     """Joins ``adapters`` back into ``base``; the inverse of `split`.
 
     Raises:
-      ValueError: if an adapter has no kernel beside it in ``base``, or a key is in both.
+      ValueError: if the two trees do not have the same structure, or an adapter does not fit
+        the kernel it lands on (naming the path and shapes).
 
     Example:
       >>> import jax, jax.numpy as jnp
       >>> import minilora_jax as mlj
       >>> lp = mlj.init({"dense": {"kernel": jnp.eye(4)}}, jax.random.key(0), rank=2)
-      >>> sorted(mlj.combine(*mlj.split(lp))["dense"])
-      ['kernel', 'lora_a', 'lora_b', 'lora_scale']
+      >>> mlj.combine(*mlj.split(lp))["dense"]["kernel"].rank
+      2
     """
-    return _combine(adapters, base, ())
-
-
-def _combine(adapters: Mapping, base: Mapping, path: Path) -> Mapping:
-    if not isinstance(base, Mapping):
-        raise ValueError(
-            f"adapters at '{path_str(path)}' have no matching dict in the base tree "
-            f"(found {type(base).__name__})"
+    if adapters is None or base is None:
+        raise TypeError(
+            "combine(adapters, base) takes the two halves returned by minilora_jax.split; got "
+            f"{type(adapters).__name__} and {type(base).__name__}"
         )
-    if LORA_A in adapters and "kernel" not in base:
-        raise ValueError(f"adapter at '{path_str(path)}' has no kernel beside it in the base tree")
-    out = dict(base)
-    for key, value in adapters.items():
-        if isinstance(value, Mapping) and key not in ADAPTER_KEYS:
-            if key not in base:
-                raise ValueError(
-                    f"adapters at '{path_str((*path, key))}' have no matching layer in the base "
-                    "tree"
-                )
-            out[key] = _combine(value, base[key], (*path, key))
-        elif key in base:
-            raise ValueError(f"'{path_str((*path, key))}' is in both the adapters and the base")
-        else:
-            out[key] = value
-    return like(base, out)
+
+    def join(node: Any, kernel: Any) -> Any:
+        if node is None:
+            return kernel
+        if not is_lora(node):
+            raise ValueError(
+                f"the adapters tree holds {type(node).__name__} where only adapters (Lora "
+                "nodes) or None belong; pass the adapters half of minilora_jax.split"
+            )
+        if is_lora(kernel) or kernel is None:
+            raise ValueError("an adapter lands on a place of the base that holds no plain kernel")
+        return node.replace(kernel=kernel)
+
+    try:
+        joined = jax.tree.map(join, adapters, base, is_leaf=lambda x: x is None or is_lora(x))
+    except ValueError as e:
+        if "adapters tree holds" in str(e) or "lands on" in str(e):
+            raise
+        raise ValueError(
+            "the adapters and the base do not have the same tree structure; pass the two "
+            f"halves of minilora_jax.split (or a base of the same model): {e}"
+        ) from e
+    names, leaves, _ = flatten(joined)
+    for path, leaf in zip(names, leaves, strict=True):
+        if is_lora(leaf):
+            leaf.check(path)
+    return joined

@@ -8,13 +8,13 @@ from typing import Any
 
 import jax
 
-from minilora_jax._tree import LORA_A, LORA_B, adapter_nodes, params_root, path_str
-from minilora_jax.adapters import check_adapter
+from minilora_jax._tree import flatten
+from minilora_jax.lora import Layout, is_lora
 
 
 @dataclasses.dataclass(frozen=True)
 class AdapterInfo:
-    """One adapted layer: its path, the kernel's and adapters' shapes, rank and scale."""
+    """One adapted kernel: its path, shapes, layout, rank and scale."""
 
     path: str
     kernel_shape: tuple[int, ...]
@@ -22,6 +22,7 @@ class AdapterInfo:
     lora_b_shape: tuple[int, ...]
     rank: int
     scale: float
+    layout: Layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +38,10 @@ class Summary:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        header = ("path", "kernel", "lora_a", "lora_b", "rank", "scale")
+        header = ("path", "kernel", "layout", "lora_a", "lora_b", "rank", "scale")
         rows = [
-            (i.path, str(i.kernel_shape), str(i.lora_a_shape), str(i.lora_b_shape), str(i.rank),
-             f"{i.scale:g}")
+            (i.path, str(i.kernel_shape), i.layout.describe(i.kernel_shape), str(i.lora_a_shape),
+             str(i.lora_b_shape), str(i.rank), f"{i.scale:g}")
             for i in self.adapters
         ]
         widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
@@ -53,10 +54,10 @@ class Summary:
         return "\n".join(lines)
 
 
-def summary(params: Any) -> Summary:
-    """Summarises the adapters in ``params``.
+def summary(tree: Any) -> Summary:
+    """Summarises the adapters in ``tree``.
 
-    The last line of ``str(summary(params))`` is in PEFT's form,
+    The last line of ``str(summary(tree))`` is in PEFT's form,
     ``trainable params: N || all params: M || trainable%: P``, where "trainable" counts the
     ``lora_a``/``lora_b`` entries and "all" every array leaf, adapters included. Works on
     ``jax.ShapeDtypeStruct`` trees too (from ``jax.eval_shape``).
@@ -68,21 +69,24 @@ def summary(params: Any) -> Summary:
       >>> print(str(mlj.summary(lp)).splitlines()[-1])
       trainable params: 32 || all params: 96 || trainable%: 33.3333
     """
-    root = params_root(params)
+    names, leaves, _ = flatten(tree)
     infos = []
     trainable = 0
-    for path, node in adapter_nodes(root).items():
-        kernel, a, b, scale = check_adapter(path, node)
+    for path, leaf in zip(names, leaves, strict=True):
+        if not is_lora(leaf):
+            continue
+        leaf.check(path)
         infos.append(
             AdapterInfo(
-                path=path_str(path),
-                kernel_shape=tuple(kernel.shape),
-                lora_a_shape=tuple(a.shape),
-                lora_b_shape=tuple(b.shape),
-                rank=int(a.shape[-1]),
-                scale=scale,
+                path=path,
+                kernel_shape=tuple(leaf.kernel.shape),
+                lora_a_shape=tuple(leaf.lora_a.shape),
+                lora_b_shape=tuple(leaf.lora_b.shape),
+                rank=leaf.rank,
+                scale=float(leaf.scale),
+                layout=leaf.layout,
             )
         )
-        trainable += math.prod(node[LORA_A].shape) + math.prod(node[LORA_B].shape)
-    total = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(root))
+        trainable += math.prod(leaf.lora_a.shape) + math.prod(leaf.lora_b.shape)
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
     return Summary(adapters=tuple(infos), trainable=trainable, total=total)

@@ -1,0 +1,229 @@
+"""What an adapter is: one record, `Lora`, and the kernel layout it carries, `Layout`.
+
+`minilora_jax.init` puts a `Lora` node *in the kernel's place* in any pytree (a dict entry, an
+equinox module field, an NNX state entry, a haiku params dict). It holds:
+
+* ``kernel``: the base kernel, untouched (``None`` in the adapters half of `minilora_jax.split`);
+* ``lora_a``: ``(*batch, *in, r)``, trainable;
+* ``lora_b``: ``(*batch, r, *out)``, trainable, zero at the start;
+* ``scale`` and ``layout``: static, part of the tree's structure (never trained, decayed or
+  seen by ``jax.grad``; changing them retraces).
+
+The `Layout` says which axes of the kernel are contracted with the input (``in_axes``), which
+produce the output (``out_axes``) and which index independent matrices (``batch_axes``: the
+layer axis of ``nn.scan``-stacked layers, wherever it sits, or per-head/per-expert groups). For
+every batch index the update is a true rank-``r`` matrix of shape ``prod(in) x prod(out)``::
+
+    delta[batch, in, out] = scale * sum_r lora_a[batch, in, r] * lora_b[batch, r, out]
+
+read back into the kernel's own axis order. Every module of the library reads shapes and axes
+from here; nothing else re-derives them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Which kernel axes are input, output and batch axes.
+
+    Attributes:
+      in_axes: axes contracted with the layer's input, in the order the kernel stores them.
+      out_axes: axes that appear in the layer's output.
+      batch_axes: axes that index separate matrices (stacked layers, heads, experts).
+
+    Example:
+      >>> Layout.dense()  # Flax's (in, out) kernel
+      Layout(in_axes=(0,), out_axes=(1,), batch_axes=())
+      >>> Layout(in_axes=(1,), out_axes=(0,)).describe((3, 5))  # a torch/equinox (out, in) weight
+      'in (5,) out (3,)'
+    """
+
+    in_axes: tuple[int, ...]
+    out_axes: tuple[int, ...]
+    batch_axes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("in_axes", "out_axes", "batch_axes"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+            ):
+                raise TypeError(f"Layout.{name} must be a tuple of axis indices, got {value!r}")
+        every = self.in_axes + self.out_axes + self.batch_axes
+        if not self.in_axes or not self.out_axes:
+            raise ValueError(f"a Layout needs at least one in axis and one out axis: {self}")
+        if sorted(every) != list(range(len(every))):
+            raise ValueError(
+                f"in_axes, out_axes and batch_axes must split the axes 0..n-1 between them, "
+                f"each once: {self}"
+            )
+
+    @classmethod
+    def dense(cls, stacked: int = 0) -> Layout:
+        """``(*stack, in, out)``: Flax's ``nn.Dense`` kernel, with ``stacked`` leading axes."""
+        return cls((stacked,), (stacked + 1,), tuple(range(stacked)))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.in_axes) + len(self.out_axes) + len(self.batch_axes)
+
+    def sizes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        """``(batch dims, in dims, out dims)`` of a kernel of ``shape``."""
+        pick = lambda axes: tuple(int(shape[i]) for i in axes)  # noqa: E731
+        return pick(self.batch_axes), pick(self.in_axes), pick(self.out_axes)
+
+    def d_in(self, shape: tuple[int, ...]) -> int:
+        return math.prod(self.sizes(shape)[1])
+
+    def d_out(self, shape: tuple[int, ...]) -> int:
+        return math.prod(self.sizes(shape)[2])
+
+    def a_shape(self, shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
+        """The shape of ``lora_a`` for a kernel of ``shape``: ``(*batch, *in, r)``."""
+        batch, ins, _ = self.sizes(shape)
+        return (*batch, *ins, rank)
+
+    def b_shape(self, shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
+        """The shape of ``lora_b`` for a kernel of ``shape``: ``(*batch, r, *out)``."""
+        batch, _, outs = self.sizes(shape)
+        return (*batch, rank, *outs)
+
+    def describe(self, shape: tuple[int, ...]) -> str:
+        batch, ins, outs = self.sizes(shape)
+        text = f"in {ins} out {outs}"
+        return text + (f" batch {batch}" if batch else "")
+
+    def to_json(self) -> dict[str, list[int]]:
+        return {
+            "in": list(self.in_axes),
+            "out": list(self.out_axes),
+            "batch": list(self.batch_axes),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Layout:
+        if not isinstance(data, dict) or set(data) != {"in", "out", "batch"}:
+            raise ValueError(
+                f"a layout is {{'in': [...], 'out': [...], 'batch': [...]}}, got {data!r}"
+            )
+        try:
+            return cls(tuple(data["in"]), tuple(data["out"]), tuple(data["batch"]))
+        except TypeError as e:
+            raise ValueError(str(e)) from e
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Lora:
+    """A kernel with its LoRA adapter: the node `minilora_jax.init` puts in the kernel's place.
+
+    Its children are ``kernel``, ``lora_a`` and ``lora_b``; ``scale`` and ``layout`` are static
+    (structure, not data). Use `minilora_jax.wrap` to run a model with it, `minilora_jax.merge`
+    to fold it into a plain kernel.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> node = Lora(jnp.zeros((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)), 0.5, Layout.dense())
+      >>> [x.shape for x in jax.tree.leaves(node)]
+      [(4, 3), (4, 2), (2, 3)]
+      >>> node.rank, node.delta().shape, float(node.delta()[0, 0])
+      (2, (4, 3), 1.0)
+    """
+
+    __slots__ = ("kernel", "lora_a", "lora_b", "scale", "layout")
+
+    def __init__(self, kernel: Any, lora_a: Any, lora_b: Any, scale: float, layout: Layout):
+        self.kernel = kernel
+        self.lora_a = lora_a
+        self.lora_b = lora_b
+        self.scale = scale
+        self.layout = layout
+
+    def tree_flatten_with_keys(self):
+        children = tuple(
+            (jax.tree_util.GetAttrKey(name), getattr(self, name))
+            for name in ("kernel", "lora_a", "lora_b")
+        )
+        return children, (self.scale, self.layout)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    def replace(self, **changes: Any) -> Lora:
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        return Lora(**{**fields, **changes})
+
+    def __repr__(self) -> str:
+        shape = lambda x: tuple(x.shape) if hasattr(x, "shape") else x  # noqa: E731
+        return (
+            f"Lora(kernel={shape(self.kernel)}, lora_a={shape(self.lora_a)}, "
+            f"lora_b={shape(self.lora_b)}, scale={self.scale:g}, layout={self.layout})"
+        )
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_a.shape[-1])
+
+    def check(self, path: str, kernel_shape: tuple[int, ...] | None = None) -> None:
+        """Raises ValueError naming ``path`` and the shapes if the parts do not fit together.
+
+        ``kernel_shape`` is needed when ``kernel`` is None (the adapters half of a split).
+        """
+        where = f"adapter at '{path}'"
+        if not isinstance(self.layout, Layout):
+            raise ValueError(f"{where} has no Layout (found {self.layout!r})")
+        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise ValueError(f"{where} has scale {self.scale!r}; expected a finite number")
+        if self.lora_a is None or self.lora_b is None:
+            raise ValueError(f"{where} is missing lora_a or lora_b")
+        if self.kernel is not None:
+            kernel_shape = tuple(self.kernel.shape)
+        if kernel_shape is None:
+            raise ValueError(f"{where} has no kernel to check against")
+        if len(kernel_shape) != self.layout.ndim:
+            raise ValueError(
+                f"{where}: kernel {kernel_shape} has {len(kernel_shape)} axes but its layout "
+                f"{self.layout} describes {self.layout.ndim}"
+            )
+        r = int(self.lora_a.shape[-1]) if len(self.lora_a.shape) else 0
+        want_a = self.layout.a_shape(kernel_shape, r)
+        want_b = self.layout.b_shape(kernel_shape, r)
+        if r < 1 or tuple(self.lora_a.shape) != want_a or tuple(self.lora_b.shape) != want_b:
+            raise ValueError(
+                f"{where} does not fit its kernel {kernel_shape} "
+                f"({self.layout.describe(kernel_shape)}): it needs lora_a (*batch, *in, r) and "
+                f"lora_b (*batch, r, *out), e.g. {want_a} and {want_b}; got lora_a "
+                f"{tuple(self.lora_a.shape)} and lora_b {tuple(self.lora_b.shape)}"
+            )
+
+    def delta(self) -> jax.Array:
+        """``scale * lora_a @ lora_b`` in float32 at full precision, in the kernel's axis order."""
+        layout = self.layout
+        nb, ni, no = len(layout.batch_axes), len(layout.in_axes), len(layout.out_axes)
+        letters = iter(string.ascii_letters)
+        b_, i_, o_ = ([next(letters) for _ in range(n)] for n in (nb, ni, no))
+        r_ = next(letters)
+        canonical = "".join(b_ + i_ + o_)
+        spec = f"{''.join(b_ + i_)}{r_},{''.join(b_)}{r_}{''.join(o_)}->{canonical}"
+        d = jnp.einsum(
+            spec,
+            self.lora_a.astype(jnp.float32),
+            self.lora_b.astype(jnp.float32),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        order = layout.batch_axes + layout.in_axes + layout.out_axes
+        return self.scale * jnp.transpose(d, [order.index(k) for k in range(layout.ndim)])
+
+
+def is_lora(x: Any) -> bool:
+    """Whether ``x`` is a `Lora` node (for ``is_leaf=`` in ``jax.tree`` functions)."""
+    return isinstance(x, Lora)

@@ -1,0 +1,621 @@
+"""Reading and rewriting the traced program: how any JAX function is made to apply adapters.
+
+`minilora_jax.wrap` and `minilora_jax.init(..., apply_fn=...)` trace the user's function with
+``jax.make_jaxpr`` and walk the resulting jaxpr with a small interpreter. Every input leaf that
+may be a kernel is followed through the operations that only rearrange it (transpose, reshape
+that merges axes, dtype conversion, sharding constraints, nested ``jit``), into the control flow
+that carries it (``scan`` slicing a stack of layers, ``checkpoint``, ``cond``, ``while``), down
+to the ``dot_general`` that contracts it with an input. That contraction says what the kernel's
+axes are: the contracted ones are its *in* axes, the dot's batch dimensions (and axes a ``scan``
+slices off) its *batch* axes, the rest its *out* axes. ``init`` reads layouts this way; ``wrap``
+adds, at each such contraction, the low-rank term ``scale * (x A) B`` computed in factored form,
+so ``kernel + A @ B`` is never formed, forward or backward.
+
+Only public JAX APIs are used: ``jax.make_jaxpr``, ``jax.core.eval_jaxpr`` for the untouched
+parts of the program, the ``jax.extend.core`` types, and ``jax.lax`` / ``jax.checkpoint`` to
+rebuild control flow. A kernel used by any other operation (an embedding lookup, an elementwise
+product, a custom-gradient function, a loop carry) is reported, never guessed at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
+
+from minilora_jax._tree import flatten
+from minilora_jax.lora import Layout, is_lora
+
+Groups = tuple[tuple[int, ...], ...]
+
+_PASS_THROUGH = {
+    "convert_element_type",
+    "copy",
+    "copy_p",
+    "sharding_constraint",
+    "reduce_precision",
+    "name",
+    "pvary",
+    "mesh_cast",
+    "reshard",
+}
+_INLINE = {"jit", "pjit", "closed_call", "core_call"}
+_REMAT = {"remat2", "checkpoint", "remat"}
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """A value of the program that is kernel ``src`` rearranged.
+
+    ``groups[j]`` lists the kernel axes that axis ``j`` of the value holds (several when a
+    reshape merged them, none for an inserted unit axis); ``sliced`` are kernel axes a ``scan``
+    has sliced off, which makes them batch axes.
+    """
+
+    src: int
+    groups: Groups
+    sliced: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass
+class Arrays:
+    """One adapter's arrays as seen inside the current scope, axes labelled by kernel axis."""
+
+    a: Any
+    b: Any
+    a_labels: tuple[Any, ...]
+    b_labels: tuple[Any, ...]
+    scale: float
+    layout: Layout
+
+
+@dataclasses.dataclass
+class Record:
+    """What one kernel's uses in the program were."""
+
+    layouts: set[Layout] = dataclasses.field(default_factory=set)
+    other: list[str] = dataclasses.field(default_factory=list)
+    applied: int = 0
+
+
+class LayoutMismatchError(ValueError):
+    """The program contracts a kernel differently from what its adapter's layout records."""
+
+
+def _arrange(x: Any, labels: Sequence[Any], groups: Sequence[tuple[Any, ...]]) -> Any:
+    """``x`` with its labelled axes put in the order of ``groups`` and each group merged."""
+    order = [labels.index(axis) for group in groups for axis in group]
+    x = jnp.transpose(x, order)
+    sizes = []
+    at = 0
+    for group in groups:
+        sizes.append(math.prod(x.shape[at : at + len(group)]))
+        at += len(group)
+    return jnp.reshape(x, sizes)
+
+
+def _reshape_groups(groups: Groups, old: Sequence[int], new: Sequence[int]) -> Groups | None:
+    """The groups after a reshape from ``old`` to ``new``, or None if it splits an axis."""
+    out: list[tuple[int, ...]] = []
+    i = 0
+    for n in new:
+        merged: list[int] = []
+        size = 1
+        if n == 1 and (i >= len(old) or old[i] != 1):
+            out.append(())
+            continue
+        while i < len(old) and (size < n or (size == n and old[i] == 1 and n != 1)):
+            if size * old[i] > n:
+                return None
+            size *= old[i]
+            merged.extend(groups[i])
+            i += 1
+            if size == n and n != 1:
+                break
+        if n == 1 and not merged and i < len(old) and old[i] == 1:
+            merged.extend(groups[i])
+            i += 1
+        if size != n:
+            return None
+        out.append(tuple(merged))
+    while i < len(old) and old[i] == 1 and out:
+        out[-1] = (*out[-1], *groups[i])
+        i += 1
+    return tuple(out) if i == len(old) else None
+
+
+class Interpreter:
+    """Evaluates a jaxpr while following kernel views (see the module docstring).
+
+    With ``arrays`` (adapter arrays by source index) it applies the adapters; without, it only
+    records how each kernel is used (``records``), which is how layouts are read.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        arrays: dict[int, Arrays] | None,
+        dropout: float = 0.0,
+        key: Any = None,
+    ):
+        self.names = names
+        self.arrays = arrays
+        self.records = {i: Record() for i in range(len(names))}
+        self.dropout = dropout
+        self.key = key
+        self.count = 0
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _other(self, view: View, what: str) -> None:
+        self.records[view.src].other.append(what)
+
+    def _next_key(self, key: Any) -> Any:
+        self.count += 1
+        return jax.random.fold_in(key, self.count)
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def run(
+        self,
+        jaxpr: Any,
+        consts: Sequence[Any],
+        args: Sequence[Any],
+        views: Sequence[View | None],
+        scope: dict[int, Arrays] | None,
+        key: Any,
+    ) -> tuple[list[Any], list[View | None]]:
+        env: dict[Any, Any] = {}
+        seen: dict[Any, View] = {}
+        for var, value in zip(jaxpr.constvars, consts, strict=True):
+            env[var] = value
+        for var, value, view in zip(jaxpr.invars, args, views, strict=True):
+            env[var] = value
+            if view is not None:
+                seen[var] = view
+
+        def read(atom: Any) -> Any:
+            return atom.val if isinstance(atom, jex.core.Literal) else env[atom]
+
+        def view_of(atom: Any) -> View | None:
+            return None if isinstance(atom, jex.core.Literal) else seen.get(atom)
+
+        pending: list[Any] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            defined = {v for eqn in pending for v in eqn.outvars}
+            needed: dict[Any, None] = {}
+            for eqn in pending:
+                for atom in eqn.invars:
+                    if isinstance(atom, jex.core.Var) and atom not in defined:
+                        needed[atom] = None
+            inputs = list(needed)
+            outputs = [v for eqn in pending for v in eqn.outvars if not _is_drop(v)]
+            effects = set().union(*(eqn.effects for eqn in pending))
+            segment = jex.core.Jaxpr([], inputs, outputs, list(pending), effects)
+            values = jax.core.eval_jaxpr(segment, [], *[env[v] for v in inputs])
+            env.update(zip(outputs, values, strict=True))
+            pending.clear()
+
+        for eqn in jaxpr.eqns:
+            in_views = [view_of(a) for a in eqn.invars]
+            if not any(in_views):
+                pending.append(eqn)
+                continue
+            flush()
+            values = [read(a) for a in eqn.invars]
+            outs, out_views = self._touched(eqn, values, in_views, scope, key)
+            for var, value, view in zip(eqn.outvars, outs, out_views, strict=True):
+                if _is_drop(var):
+                    continue
+                env[var] = value
+                if view is not None:
+                    seen[var] = view
+        flush()
+        return [read(v) for v in jaxpr.outvars], [view_of(v) for v in jaxpr.outvars]
+
+    def _touched(self, eqn, values, in_views, scope, key):
+        name = eqn.primitive.name
+        params = eqn.params
+        if name == "dot_general":
+            return [self._dot(eqn, values, in_views, scope, key)], [None]
+        if name in _INLINE and "jaxpr" in params:
+            sub = params["jaxpr"]
+            return self.run(sub.jaxpr, sub.consts, values, in_views, scope, key)
+        if name == "scan":
+            return self._scan(eqn, values, in_views, scope, key), [None] * len(eqn.outvars)
+        if name in _REMAT and "jaxpr" in params:
+            return self._remat(eqn, values, in_views, scope, key), [None] * len(eqn.outvars)
+        if name == "cond":
+            return self._cond(eqn, values, in_views, scope, key), [None] * len(eqn.outvars)
+        if name == "while":
+            return self._while(eqn, values, in_views, scope), [None] * len(eqn.outvars)
+        outs = _bind(eqn, values)
+        view = in_views[0]
+        new = None
+        if len(in_views) == 1 and view is not None:
+            new = _rearranged(eqn, view, values[0])
+        elif name == "optimization_barrier":
+            return outs, list(in_views)
+        if new is None:
+            for v in in_views:
+                if v is not None:
+                    self._other(v, f"'{name}'")
+            return outs, [None] * len(outs)
+        return outs, [new]
+
+    # -- the contraction -----------------------------------------------------------------------
+
+    def _dot(self, eqn, values, in_views, scope, key):
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        base = _bind(eqn, values)[0]
+        lhs_view, rhs_view = in_views
+        if lhs_view is not None and rhs_view is not None:
+            self._other(lhs_view, "'dot_general' with another kernel")
+            self._other(rhs_view, "'dot_general' with another kernel")
+            return base
+        k_is_lhs = lhs_view is not None
+        view = lhs_view if k_is_lhs else rhs_view
+        k_val, x_val = (values[0], values[1]) if k_is_lhs else (values[1], values[0])
+        kc, xc = (lc, rc) if k_is_lhs else (rc, lc)
+        kb, xb = (lb, rb) if k_is_lhs else (rb, lb)
+        kc, xc, kb, xb = (tuple(int(i) for i in d) for d in (kc, xc, kb, xb))
+        kf = tuple(j for j in range(len(view.groups)) if j not in kc and j not in kb)
+        roles = {axis: "in" for j in kc for axis in view.groups[j]}
+        roles.update({axis: "out" for j in kf for axis in view.groups[j]})
+        roles.update({axis: "batch" for j in kb for axis in view.groups[j]})
+        roles.update({axis: "batch" for axis in view.sliced})
+        pick = lambda role: tuple(sorted(a for a, r in roles.items() if r == role))  # noqa: E731
+        if not pick("in") or not pick("out"):
+            self._other(view, "'dot_general' that leaves it no input or no output axis")
+            return base
+        layout = Layout(pick("in"), pick("out"), pick("batch"))
+        record = self.records[view.src]
+        record.layouts.add(layout)
+        if self.arrays is None:
+            return base
+        arrays = scope[view.src]
+        if layout != arrays.layout:
+            raise LayoutMismatchError(
+                f"the program contracts the kernel at '{self.names[view.src]}' as {layout}, "
+                f"but its adapter was made for {arrays.layout}; re-create the adapter with "
+                "minilora_jax.init(..., apply_fn=...) for this program"
+            )
+        record.applied += 1
+        groups = view.groups
+        a = _arrange(arrays.a, arrays.a_labels, [groups[j] for j in kb + kc] + [("r",)])
+        b = _arrange(arrays.b, arrays.b_labels, [groups[j] for j in kb] + [("r",)] +
+                     [groups[j] for j in kf])
+        dtype = jnp.result_type(x_val.dtype, k_val.dtype)
+        x = x_val
+        if key is not None and self.dropout > 0.0:
+            keep = jax.random.bernoulli(self._next_key(key), 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
+        nb, nc = len(kb), len(kc)
+        precision = eqn.params.get("precision")
+        preferred = eqn.params.get("preferred_element_type")
+        xa = jax.lax.dot_general(
+            x.astype(dtype),
+            a.astype(dtype),
+            ((xc, tuple(range(nb, nb + nc))), (xb, tuple(range(nb)))),
+            precision=precision,
+            preferred_element_type=preferred,
+        )
+        # Scaling the rank-r intermediate costs r multiplies per row instead of d_out.
+        if arrays.scale != 1.0:
+            xa = (xa * jnp.asarray(arrays.scale, xa.dtype)).astype(dtype)
+        y = jax.lax.dot_general(
+            xa,
+            b.astype(dtype),
+            (((xa.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb)))),
+            precision=precision,
+            preferred_element_type=preferred,
+        )
+        if k_is_lhs:  # dot_general puts lhs free axes first: (batch, kernel free, x free)
+            nx = y.ndim - nb - len(kf)
+            order = (
+                list(range(nb))
+                + list(range(nb + nx, y.ndim))
+                + list(range(nb, nb + nx))
+            )
+            y = jnp.transpose(y, order)
+        return base + y.astype(base.dtype)
+
+    # -- control flow --------------------------------------------------------------------------
+
+    def _scan(self, eqn, values, in_views, scope, key):
+        p = eqn.params
+        n_consts, n_carry = p["num_consts"], p["num_carry"]
+        for v in in_views[n_consts : n_consts + n_carry]:
+            if v is not None:
+                self._other(v, "a 'scan' loop carry")
+        consts = values[:n_consts]
+        init = values[n_consts : n_consts + n_carry]
+        xs = values[n_consts + n_carry :]
+        const_views = in_views[:n_consts]
+        xs_views = in_views[n_consts + n_carry :]
+        body_xs_views: list[View | None] = []
+        extra: dict[int, tuple[Any, ...]] = {}
+        for v in xs_views:
+            if v is None:
+                body_xs_views.append(None)
+                continue
+            head, *rest = v.groups
+            if len(head) != 1:
+                self._other(v, "a 'scan' over merged axes")
+                body_xs_views.append(None)
+                continue
+            axis = head[0]
+            body_xs_views.append(View(v.src, tuple(rest), (*v.sliced, axis)))
+            if self.arrays is not None and v.src in scope:
+                arr = scope[v.src]
+                if axis not in arr.a_labels or axis not in arr.b_labels:
+                    raise LayoutMismatchError(
+                        f"the program scans over axis {axis} of the kernel at "
+                        f"'{self.names[v.src]}', which its adapter's layout {arr.layout} does "
+                        "not hold as a batch axis"
+                    )
+                extra[v.src] = (
+                    jnp.moveaxis(arr.a, arr.a_labels.index(axis), 0),
+                    jnp.moveaxis(arr.b, arr.b_labels.index(axis), 0),
+                    axis,
+                )
+        keys = None
+        if key is not None and self.dropout > 0.0:
+            keys = jax.random.split(self._next_key(key), p["length"])
+        body = p["jaxpr"]
+
+        def step(carry, x):
+            x_vals, sliced, step_key = x
+            inner = dict(scope) if scope is not None else None
+            for src, (a, b) in sliced.items():
+                arr, axis = scope[src], extra[src][2]
+                inner[src] = dataclasses.replace(
+                    arr,
+                    a=a,
+                    b=b,
+                    a_labels=tuple(lbl for lbl in arr.a_labels if lbl != axis),
+                    b_labels=tuple(lbl for lbl in arr.b_labels if lbl != axis),
+                )
+            outs, _ = self.run(
+                body.jaxpr,
+                body.consts,
+                [*consts, *carry, *x_vals],
+                [*const_views, *[None] * n_carry, *body_xs_views],
+                inner,
+                step_key,
+            )
+            return list(outs[:n_carry]), list(outs[n_carry:])
+
+        adapter_xs = {src: (a, b) for src, (a, b, _) in extra.items()}
+        carry, ys = jax.lax.scan(
+            step,
+            list(init),
+            (list(xs), adapter_xs, keys),
+            length=p["length"],
+            reverse=p["reverse"],
+            unroll=p.get("unroll", 1),
+        )
+        return [*carry, *ys]
+
+    def _remat(self, eqn, values, in_views, scope, key):
+        p = eqn.params
+        jaxpr = p["jaxpr"]
+
+        def fn(*args):
+            return self.run(jaxpr, [], args, in_views, scope, key)[0]
+
+        return list(
+            jax.checkpoint(fn, prevent_cse=p.get("prevent_cse", True), policy=p.get("policy"))(
+                *values
+            )
+        )
+
+    def _cond(self, eqn, values, in_views, scope, key):
+        index, *ops = values
+        if in_views[0] is not None:
+            self._other(in_views[0], "a 'cond' index")
+        op_views = in_views[1:]
+
+        def branch(closed):
+            return lambda *args: self.run(closed.jaxpr, closed.consts, args, op_views, scope,
+                                          key)[0]
+
+        return list(jax.lax.switch(index, [branch(b) for b in eqn.params["branches"]], *ops))
+
+    def _while(self, eqn, values, in_views, scope):
+        p = eqn.params
+        nc, nb = p["cond_nconsts"], p["body_nconsts"]
+        cond_consts, body_consts, init = values[:nc], values[nc : nc + nb], values[nc + nb :]
+        cond_views, body_views = in_views[:nc], in_views[nc : nc + nb]
+        for v in in_views[nc + nb :]:
+            if v is not None:
+                self._other(v, "a 'while' loop carry")
+        n = len(init)
+        cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
+
+        def cond_fun(carry):
+            return self.run(cj.jaxpr, cj.consts, [*cond_consts, *carry], [*cond_views,
+                            *[None] * n], scope, None)[0][0]
+
+        def body_fun(carry):
+            # No LoRA dropout inside while loops: they are not differentiable anyway.
+            return list(self.run(bj.jaxpr, bj.consts, [*body_consts, *carry], [*body_views,
+                                 *[None] * n], scope, None)[0])
+
+        return list(jax.lax.while_loop(cond_fun, body_fun, list(init)))
+
+
+def _is_drop(var: Any) -> bool:
+    return isinstance(var, jex.core.DropVar)
+
+
+def _bind(eqn: Any, values: Sequence[Any]) -> list[Any]:
+    """Evaluates one equation on ``values`` (through ``jax.core.eval_jaxpr``)."""
+    env = {a: v for a, v in zip(eqn.invars, values, strict=True) if isinstance(a, jex.core.Var)}
+    outputs = [v for v in eqn.outvars if not _is_drop(v)]
+    segment = jex.core.Jaxpr([], list(env), outputs, [eqn], eqn.effects)
+    got = iter(jax.core.eval_jaxpr(segment, [], *env.values()))
+    return [None if _is_drop(v) else next(got) for v in eqn.outvars]
+
+
+def _rearranged(eqn: Any, view: View, value: Any) -> View | None:
+    """The view of the output of a one-operand equation that only rearranges a kernel."""
+    name = eqn.primitive.name
+    p = eqn.params
+    if name in _PASS_THROUGH:
+        return view
+    if name == "transpose":
+        return View(view.src, tuple(view.groups[i] for i in p["permutation"]), view.sliced)
+    if name == "reshape" and p.get("dimensions") is None:
+        old = tuple(eqn.invars[0].aval.shape)
+        groups = _reshape_groups(view.groups, old, tuple(p["new_sizes"]))
+        return None if groups is None else View(view.src, groups, view.sliced)
+    if name == "broadcast_in_dim":
+        shape, dims = tuple(p["shape"]), tuple(p["broadcast_dimensions"])
+        old = tuple(eqn.invars[0].aval.shape)
+        groups: list[tuple[int, ...]] = []
+        for j, size in enumerate(shape):
+            if j in dims:
+                if old[dims.index(j)] != size:
+                    return None
+                groups.append(view.groups[dims.index(j)])
+            elif size == 1:
+                groups.append(())
+            else:
+                return None
+        return View(view.src, tuple(groups), view.sliced)
+    if name == "squeeze":
+        dims = tuple(p["dimensions"])
+        if any(view.groups[d] for d in dims):
+            return None
+        return View(view.src, tuple(g for j, g in enumerate(view.groups) if j not in dims),
+                    view.sliced)
+    return None
+
+
+def trace(
+    fn: Callable[..., Any], tree_leaves: Sequence[Any], args: Any, kwargs: Any, treedef: Any
+) -> tuple[Any, Any, list[Any], Callable[[Sequence[Any]], Any]]:
+    """Traces ``fn(unflatten(leaves), *args, **kwargs)`` to a closed jaxpr.
+
+    Array leaves of ``args``/``kwargs`` become inputs after the tree's leaves; everything else
+    is held fixed. Returns ``(closed_jaxpr, out_tree, dynamic_values, rebuild)``.
+    """
+    call_leaves, call_def = jax.tree.flatten((args, kwargs))
+    dynamic = [i for i, x in enumerate(call_leaves) if _is_array(x)]
+    n = len(tree_leaves)
+
+    def flat(*inputs):
+        leaves = list(call_leaves)
+        for i, value in zip(dynamic, inputs[n:], strict=True):
+            leaves[i] = value
+        a, k = jax.tree.unflatten(call_def, leaves)
+        return fn(jax.tree.unflatten(treedef, list(inputs[:n])), *a, **k)
+
+    values = [*tree_leaves, *[call_leaves[i] for i in dynamic]]
+    closed, shapes = jax.make_jaxpr(flat, return_shape=True)(*[_abstract(v) for v in values])
+    return closed, jax.tree.structure(shapes), values, flat
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _abstract(x: Any) -> Any:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    aval = jax.typeof(x) if isinstance(x, jax.Array) else None
+    weak = bool(getattr(aval, "weak_type", False))
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, weak_type=weak)
+
+
+def _whole(i: int, leaf: Any) -> View:
+    return View(i, tuple((k,) for k in range(len(leaf.shape))))
+
+
+def read_uses(
+    fn: Callable[..., Any], tree: Any, args: Sequence[Any], kwargs: Any
+) -> tuple[list[str], list[Any], Any, list[Record]]:
+    """How ``fn(tree, *args, **kwargs)`` uses each leaf of ``tree``, found abstractly (no FLOPs).
+
+    Returns ``(paths, leaves, treedef, records)``; ``records[i]`` holds the layouts with which
+    leaf ``i`` is contracted and any other use. Leaves with fewer than two axes are not followed.
+    """
+    names, leaves, treedef = flatten(tree)
+    plain = [x.kernel if is_lora(x) else x for x in leaves]
+    closed, _, values, _ = trace(fn, plain, args, kwargs or {}, treedef)
+    views = [
+        _whole(i, x) if hasattr(x, "shape") and len(x.shape) >= 2 else None
+        for i, x in enumerate(plain)
+    ] + [None] * (len(values) - len(plain))
+    interp = Interpreter(names, None)
+
+    def go(*vals):
+        outs, out_views = interp.run(closed.jaxpr, closed.consts, vals, views, None, None)
+        for v in out_views:
+            if v is not None:
+                interp._other(v, "the function's output")
+        return outs
+
+    jax.eval_shape(go, *[_abstract(v) for v in values])
+    return names, leaves, treedef, [interp.records[i] for i in range(len(plain))]
+
+
+def apply(
+    fn: Callable[..., Any],
+    tree: Any,
+    args: Sequence[Any],
+    kwargs: Any,
+    *,
+    dropout: float = 0.0,
+    key: Any = None,
+) -> tuple[Any, dict[str, list[str]]]:
+    """``fn(tree, *args, **kwargs)`` with every `Lora` node of ``tree`` applied in factored form.
+
+    Returns ``(output, problems)``: ``problems`` maps the path of each adapter that some use of
+    its kernel could not follow to the operations involved (an empty dict when all is well).
+    """
+    names, leaves, treedef = flatten(tree)
+    adapters = {i: x for i, x in enumerate(leaves) if is_lora(x)}
+    for i, node in adapters.items():
+        if node.kernel is None:
+            raise ValueError(
+                f"the adapter at '{names[i]}' has no kernel: this is the adapters half of "
+                "minilora_jax.split; join it to the base with minilora_jax.combine first"
+            )
+        node.check(names[i])
+    plain = [x.kernel if is_lora(x) else x for x in leaves]
+    closed, out_tree, values, _ = trace(fn, plain, args, kwargs, treedef)
+    views = [_whole(i, plain[i]) if i in adapters else None for i in range(len(plain))]
+    views += [None] * (len(values) - len(plain))
+    arrays = {}
+    for i, node in adapters.items():
+        lay = node.layout
+        arrays[i] = Arrays(
+            node.lora_a,
+            node.lora_b,
+            (*lay.batch_axes, *lay.in_axes, "r"),
+            (*lay.batch_axes, "r", *lay.out_axes),
+            float(node.scale),
+            lay,
+        )
+    interp = Interpreter(names, arrays, dropout, key)
+    outs, out_views = interp.run(closed.jaxpr, closed.consts, values, views, arrays, key)
+    for v in out_views:
+        if v is not None:
+            interp._other(v, "the function's output")
+    problems = {
+        names[i]: sorted(set(interp.records[i].other))
+        for i in adapters
+        if interp.records[i].other
+    }
+    return jax.tree.unflatten(out_tree, outs), problems
