@@ -3,17 +3,19 @@
 The mesh has two axes, ``("fsdp", "tp")``:
 
 * every kernel is split over both: column-parallel layers (``q/k/v_proj``, ``gate/up_proj``)
-  as ``P("fsdp", "tp")`` (input axis over fsdp, output axis over tp), row-parallel layers
-  (``o_proj``, ``down_proj``) as ``P("tp", "fsdp")``, the embedding as ``P("tp", "fsdp")``
-  (vocabulary over tp); norms are replicated. A device holds ``1 / devices`` of each kernel.
+  with the input axis over fsdp and the output axis over tp (``P("fsdp", "tp")`` for an
+  ``(in, out)`` kernel), row-parallel layers (``o_proj``, ``down_proj``) the other way round;
+  which axis is which is read from each kernel's layout (`minilora_jax.find_kernels`), so the
+  ``nn.scan`` layer axis stays whole. The embedding is ``P("tp", "fsdp")`` (vocabulary over
+  tp); norms are replicated. A device holds ``1 / devices`` of each kernel.
 * the batch is split over ``fsdp`` and replicated over ``tp``: the fsdp axis is the
   data-parallel axis, as in ZeRO-3, where each data-parallel rank stores a slice of the weights
   and gathers a layer's weights just before using it. A separate replica axis ("data", weights
   replicated) only pays off when it spans slow links between slices or hosts; it would be one
   more leading mesh axis, and nothing below would change.
 * adapters follow their kernels (`minilora_jax.shardings`): ``lora_a`` keeps the kernel's input
-  axis split, ``lora_b`` its output axis, rank replicated. Adam's moments follow the adapters
-  (`minilora_jax.optimizer_shardings`).
+  (and layer) axes split, ``lora_b`` its output (and layer) axes, rank replicated. Adam's
+  moments follow the adapters (`minilora_jax.optimizer_shardings`).
 
 The base is initialised inside ``jax.jit`` with ``out_shardings`` and the adapters with
 `minilora_jax.init_sharded`, so no array is ever assembled on one device. On a CPU the script
@@ -54,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import training  # noqa: E402
 
 import minilora_jax as mlj  # noqa: E402
+from minilora_jax._tree import flatten  # noqa: E402
 from minilora_jax.models.minimind import MiniMind, MiniMindConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,14 +64,18 @@ AXES = ("fsdp", "tp")
 STATE_DIR = "state"  # the orbax checkpoint inside a --save directory
 RUN_FILE = "run.json"  # how the run was configured, so --restore rebuilds the same model
 
-# (regex on the '/'-joined param path, spec of the last axes). Leading axes (nn.scan's layer
-# axis) are never split. The first match wins.
+# Kernels: (regex on the param path, (mesh axis of the kernel's in axis, of its out axis)); the
+# kernel's layout says where those axes are, and its batch axes (the layer axis) stay whole.
+KERNEL_RULES: tuple[tuple[str, tuple[str, str]], ...] = (
+    (r".*/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel", ("fsdp", "tp")),  # column-parallel
+    (r".*/(o_proj|down_proj)/kernel", ("tp", "fsdp")),  # row-parallel
+)
+# Every other leaf: (regex on the param path, spec). The first match wins.
 RULES: tuple[tuple[str, P], ...] = (
-    (r".*/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel", P("fsdp", "tp")),
-    (r".*/(o_proj|down_proj)/kernel", P("tp", "fsdp")),
     (r"embed_tokens/embedding", P("tp", "fsdp")),
     (r".*", P()),
 )
+EXAMPLE_TOKENS = jax.ShapeDtypeStruct((1, 8), jnp.int32)  # what the layouts are read with
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,14 +99,41 @@ def make_mesh(fsdp: int, tp: int, devices: list | None = None) -> Mesh:
     return Mesh(grid, AXES, axis_types=auto)
 
 
-def base_shardings(abstract_params: Mapping, mesh: Mesh) -> dict:
-    """NamedShardings of MiniMind's params by `RULES`; every split axis must divide evenly."""
+def kernel_layouts(model: MiniMind, abstract_params: Mapping) -> dict[str, mlj.Layout]:
+    """``{param path: Layout}`` of MiniMind's kernels, read from how ``model.apply`` uses them."""
+    kernels, _ = mlj.find_kernels(abstract_params, apply_fn(model), (EXAMPLE_TOKENS,))
+    return {path: kernel.layout for path, kernel in kernels.items()}
 
-    def rule(path: Any, leaf: Any) -> NamedSharding:
-        name = "/".join(str(k.key) for k in path)
-        spec = next(s for pattern, s in RULES if re.fullmatch(pattern, name))
-        spec = P(*([None] * (leaf.ndim - len(spec))), *spec)
-        for size, axis in zip(leaf.shape, spec, strict=True):
+
+def apply_fn(model: MiniMind) -> Any:
+    """``(params, tokens) -> logits``: the function the adapters' layouts are read from."""
+    return lambda params, tokens: model.apply({"params": params}, tokens)
+
+
+def base_shardings(abstract_params: Mapping, layouts: Mapping[str, mlj.Layout], mesh: Mesh) -> Any:
+    """NamedShardings of MiniMind's params by `KERNEL_RULES` and `RULES`.
+
+    ``layouts`` (from `kernel_layouts`) says which axes of each kernel are its in and out axes.
+    Every split axis must divide evenly.
+    """
+
+    def spec_of(name: str, shape: tuple[int, ...]) -> P:
+        role = next((axes for pattern, axes in KERNEL_RULES if re.fullmatch(pattern, name)), None)
+        if role is None:
+            return next(s for pattern, s in RULES if re.fullmatch(pattern, name))
+        layout = layouts.get(name)
+        if layout is None or len(layout.in_axes) != 1 or len(layout.out_axes) != 1:
+            raise ValueError(
+                f"'{name}' {shape} is split by KERNEL_RULES, which needs a kernel with one in "
+                f"axis and one out axis; its layout is {layout}"
+            )
+        entries = [None] * len(shape)
+        entries[layout.in_axes[0]], entries[layout.out_axes[0]] = role
+        return P(*entries)
+
+    def rule(name: str, leaf: Any) -> NamedSharding:
+        spec = spec_of(name, tuple(leaf.shape))
+        for size, axis in zip(leaf.shape, spec, strict=False):
             parts = mesh.shape[axis] if axis is not None else 1
             if size % parts:
                 raise ValueError(
@@ -108,7 +142,8 @@ def base_shardings(abstract_params: Mapping, mesh: Mesh) -> dict:
                 )
         return NamedSharding(mesh, spec)
 
-    return jax.tree_util.tree_map_with_path(rule, abstract_params)
+    names, leaves, treedef = flatten(abstract_params)
+    return jax.tree.unflatten(treedef, [rule(n, x) for n, x in zip(names, leaves, strict=True)])
 
 
 def abstract(tree: Any, shardings: Any) -> Any:
@@ -141,7 +176,7 @@ class Run:
     model: MiniMind
     tx: optax.GradientTransformation
     base: dict
-    adapters: dict
+    adapters: dict  # the adapters half of mlj.split: Lora nodes without kernels, None elsewhere
     opt_state: Any
     base_shardings: dict
     adapter_shardings: dict
@@ -181,22 +216,24 @@ def build(
     base_key, lora_key = jax.random.split(jax.random.key(seed))
 
     def init_base(key: jax.Array) -> dict:
-        return model.init(key, jnp.zeros((1, 8), jnp.int32))["params"]
+        return model.init(key, jnp.zeros(EXAMPLE_TOKENS.shape, EXAMPLE_TOKENS.dtype))["params"]
 
     abstract_base = jax.eval_shape(init_base, base_key)
-    base_sh = base_shardings(abstract_base, mesh)
+    base_sh = base_shardings(abstract_base, kernel_layouts(model, abstract_base), mesh)
     if base is None:
         base = jax.jit(init_base, out_shardings=base_sh)(base_key)
     else:
         base = jax.device_put(base, base_sh)
     tx = training.optimizer(lr, total_steps)
+    # With scan_layers the kernels are 3-D: their layouts come from the model's program.
+    lora = dict(rank=rank, apply_fn=apply_fn(model), args=(EXAMPLE_TOKENS,))
     if init_adapters:
-        adapters, _ = mlj.split(mlj.init_sharded(base, lora_key, base_sh, rank=rank))
+        adapters, _ = mlj.split(mlj.init_sharded(base, lora_key, base_sh, **lora))
         adapter_sh = mlj.shardings(adapters, base_sh)
         opt_sh = mlj.optimizer_shardings(tx, adapters, adapter_sh)
         opt_state = jax.jit(tx.init, out_shardings=opt_sh)(adapters)
     else:
-        shapes = jax.eval_shape(lambda k: mlj.split(mlj.init(abstract_base, k, rank=rank))[0],
+        shapes = jax.eval_shape(lambda k: mlj.split(mlj.init(abstract_base, k, **lora))[0],
                                 lora_key)  # fmt: skip
         adapter_sh = mlj.shardings(shapes, base_sh)
         adapters = abstract(shapes, adapter_sh)
@@ -304,7 +341,8 @@ def restore_state(directory: str | os.PathLike, run: Run) -> None:
     """Reads adapters and optimizer state into ``run``, in ``run``'s shardings (any mesh).
 
     The target is the run's own tree as ``ShapeDtypeStruct`` s with the new shardings, so the
-    `minilora_jax.LoraScale` nodes (structure, not data) come back with it.
+    `minilora_jax.Lora` nodes, with their scale and layout (structure, not data), come back
+    with it.
     """
     import orbax.checkpoint as ocp
 

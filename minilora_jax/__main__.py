@@ -1,16 +1,28 @@
 """Command line: look at, merge and convert adapter files.
 
     python -m minilora_jax inspect PATH [--base BASE]
-    python -m minilora_jax merge --base BASE --adapters PATH --out OUT
+    python -m minilora_jax merge --base BASE --adapters PATH --out OUT [--out-format FORMAT]
     python -m minilora_jax convert PATH --to peft|minimind|orbax --out OUT [--base BASE]
 
 An adapter ``PATH`` is told apart by its contents: a directory with ``minilora.json`` is an orbax
 checkpoint (`minilora_jax.checkpoint`), one with ``adapter_config.json`` a PEFT directory
 (`minilora_jax.peft`), and a ``.safetensors``/``.pth`` file MiniMind's LoRA format
-(`minilora_jax.models.minimind_lora`). ``BASE`` is a ``.safetensors`` file of MiniMind weights
-in the Hugging Face/PyTorch layout (read with ``--config``, default ``minimind2-small``), or an
-orbax directory holding a params tree. Torch module names follow the default mapping of
+(`minilora_jax.models.minimind_lora`). Torch module names follow the default mapping of
 `minilora_jax.peft.module_name`.
+
+A ``BASE`` is one of:
+
+* a directory: an orbax checkpoint of a params tree (``StandardCheckpointHandler``);
+* a ``.safetensors`` file holding ``model.embed_tokens.weight``: MiniMind weights in the Hugging
+  Face/PyTorch layout, read with ``--config`` (default ``minimind2-small``);
+* any other ``.safetensors`` file: a params tree written flat, each key the ``/``-joined path of
+  a leaf (``layers_0/self_attn/q_proj/kernel``, ``head/bias``), the value its array; keys are
+  nested back into dicts. ``merge --out-format params`` writes this form.
+
+``merge`` writes OUT as ``--out-format``: ``minimind`` (a Hugging Face ``.safetensors`` file),
+``params`` (the flat ``.safetensors`` above) or ``orbax`` (a directory). The default is
+``orbax`` unless OUT ends in ``.safetensors``; then it is ``minimind`` for a MiniMind base and
+``params`` for any other.
 
 Errors are printed as one line on stderr, with exit status 1.
 """
@@ -26,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 FORMATS = ("orbax", "peft", "minimind")
+OUT_FORMATS = ("minimind", "params", "orbax")
+MINIMIND_KEY = "model.embed_tokens.weight"
 
 
 def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
@@ -51,12 +65,14 @@ def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
       >>> detect_format(d)[0]
       'peft'
     """
-    from minilora_jax import checkpoint, peft
+    from minilora_jax import checkpoint
 
     path = Path(path)
+    if path.is_dir() and (path / checkpoint.METADATA_FILE).is_file():
+        return "orbax", path
+    from minilora_jax import peft
+
     if path.is_dir():
-        if (path / checkpoint.METADATA_FILE).is_file():
-            return "orbax", path
         peft_files = (peft.CONFIG_FILE, peft.WEIGHTS_FILE, *peft.PICKLE_FILES)
         if any((path / name).is_file() for name in peft_files):
             return "peft", path
@@ -93,30 +109,147 @@ def _config(name: str) -> Any:
     return MiniMindConfig.named(name)
 
 
-def _load_base(path: str, config_name: str) -> Any:
-    """Base params from a MiniMind safetensors file or an orbax params directory."""
-    base = Path(path)
-    if base.is_file():
-        from minilora_jax.models.minimind import load_torch_weights
-
-        return load_torch_weights(base, _config(config_name))
-    if base.is_dir():
+def _base_format(path: Path) -> str:
+    """``"orbax"``, ``"minimind"`` or ``"params"`` for a BASE (see the module docstring)."""
+    if path.is_dir():
         from minilora_jax import checkpoint
 
-        if (base / checkpoint.METADATA_FILE).is_file():
-            raise ValueError(f"--base {base} is an adapter checkpoint, not base params")
-        import orbax.checkpoint as ocp
+        if (path / checkpoint.METADATA_FILE).is_file():
+            raise ValueError(f"--base {path} is an adapter checkpoint, not base params")
+        return "orbax"
+    if not path.exists():
+        raise FileNotFoundError(f"base params not found: {path}")
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(
+            f"--base {path}: expected an orbax params directory or a .safetensors file"
+        )
+    return "minimind" if MINIMIND_KEY in _safetensors_keys(path) else "params"
 
-        return ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(base.absolute())
-    raise FileNotFoundError(f"base params not found: {base}")
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors' own error type for bad files
+        raise ValueError(f"{path} is not a valid safetensors file: {e}") from e
+
+
+def _load_base(path: str, config_name: str) -> tuple[Any, str]:
+    """Base params and their format (see the module docstring)."""
+    base = Path(path)
+    fmt = _base_format(base)
+    if fmt == "minimind":
+        from minilora_jax.models.minimind import load_torch_weights
+
+        return load_torch_weights(base, _config(config_name)), fmt
+    if fmt == "params":
+        return read_params(base), fmt
+    import orbax.checkpoint as ocp
+
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(base.absolute()), fmt
+
+
+def read_params(path: str | os.PathLike) -> dict[str, Any]:
+    """A params tree from a flat ``.safetensors`` file whose keys are ``/``-joined leaf paths.
+
+    Args:
+      path: the file, e.g. written by `write_params`.
+
+    Returns:
+      Nested dicts of numpy arrays.
+
+    Raises:
+      ValueError: naming the file and key for an unreadable file, an empty path component, or
+        a key that is both a leaf and a prefix of another key.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> file = tempfile.mkdtemp() + "/params.safetensors"
+      >>> write_params(file, {"dense": {"kernel": np.ones((2, 3), np.float32)}})
+      >>> read_params(file)["dense"]["kernel"].shape
+      (2, 3)
+    """
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    try:
+        flat = load_file(str(path))
+    except Exception as e:  # safetensors' own error type for bad files
+        raise ValueError(f"{path} is not a valid safetensors file: {e}") from e
+    if not flat:
+        raise ValueError(f"{path} holds no tensors")
+    tree: dict[str, Any] = {}
+    for key in sorted(flat):
+        parts = key.split("/")
+        if not all(parts):
+            raise ValueError(f"{path}: key '{key}' has an empty path component")
+        node = tree
+        for i, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(
+                    f"{path}: '{'/'.join(parts[: i + 1])}' is a tensor and also the parent of "
+                    f"'{key}'"
+                )
+        if parts[-1] in node:
+            raise ValueError(f"{path}: '{key}' is a tensor and also the parent of other keys")
+        node[parts[-1]] = flat[key]
+    return tree
+
+
+def write_params(path: str | os.PathLike, tree: Any) -> None:
+    """Writes a tree of arrays as a flat ``.safetensors`` file keyed by ``/``-joined leaf paths.
+
+    Keys are the tree's full key paths (a Flax variables dict keeps its ``params``), so
+    `read_params` gives back the same nesting, with dicts for every node.
+
+    Args:
+      path: the file to write (replaced if it exists).
+      tree: a tree of arrays without adapters (merge them first).
+
+    Raises:
+      ValueError: if the tree still holds adapters, or a leaf is not an array.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> file = tempfile.mkdtemp() + "/params.safetensors"
+      >>> write_params(file, {"head": {"bias": np.zeros(3, np.float32)}})
+      >>> from safetensors.numpy import load_file
+      >>> sorted(load_file(file))
+      ['head/bias']
+    """
+    import jax
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from minilora_jax._tree import key_name
+    from minilora_jax.lora import is_lora
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lora)
+    tensors = {}
+    for keys, leaf in flat:
+        name = "/".join(key_name(k) for k in keys)
+        if is_lora(leaf):
+            raise ValueError(f"'{name}' holds an adapter; merge it first (minilora_jax.merge)")
+        if not hasattr(leaf, "shape") or not name:
+            raise ValueError(f"leaf '{name}' is {type(leaf).__name__}, not an array")
+        tensors[name] = np.ascontiguousarray(np.asarray(leaf))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
 
 
 def _save_params(out: Path, params: Any, fmt: str, config_name: str) -> None:
-    if fmt == "safetensors":
+    if fmt == "minimind":
         from minilora_jax.models.minimind import save_torch_weights
 
         out.parent.mkdir(parents=True, exist_ok=True)
         save_torch_weights(out, params, _config(config_name))
+        return
+    if fmt == "params":
+        write_params(out, params)
         return
     if out.exists():
         raise FileExistsError(f"{out} already exists; not overwriting it")
@@ -136,14 +269,35 @@ def _read_torch(fmt: str, path: Path) -> dict[str, Any]:
 
 
 def _load_onto(fmt: str, path: Path, base: Any) -> Any:
-    from minilora_jax import checkpoint, peft
-    from minilora_jax.models import minimind_lora
-
     if fmt == "orbax":
+        from minilora_jax import checkpoint
+
         return checkpoint.load_adapters(path, base)
     if fmt == "peft":
+        from minilora_jax import peft
+
         return peft.load(path, base)
+    from minilora_jax.models import minimind_lora
+
     return minimind_lora.load_minimind_lora(path, base)
+
+
+def _torch_rows(adapters: dict[str, Any]) -> tuple[Any, ...]:
+    """Summary rows for torch-layout adapters: the kernel is torch's ``(out, in)`` weight."""
+    import minilora_jax as mlj
+
+    return tuple(
+        mlj.AdapterInfo(
+            path=name,
+            kernel_shape=(t.lora_B.shape[0], t.lora_A.shape[1]),
+            lora_a_shape=t.lora_A.shape[::-1],
+            lora_b_shape=t.lora_B.shape[::-1],
+            rank=t.lora_A.shape[0],
+            scale=t.scale,
+            layout=mlj.Layout(in_axes=(1,), out_axes=(0,)),
+        )
+        for name, t in adapters.items()
+    )
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -153,29 +307,22 @@ def _inspect(args: argparse.Namespace) -> None:
     fmt, path = detect_format(args.path)
     print(f"format: {fmt} ({path})")
     if args.base:
-        print(mlj.summary(_load_onto(fmt, path, _load_base(args.base, args.config))))
+        base, _ = _load_base(args.base, args.config)
+        print(mlj.summary(_load_onto(fmt, path, base)))
         return
     if fmt == "orbax":
         info = checkpoint.read_metadata(path)
-        print(f"written by minilora_jax {info['library_version']}")
+        print(
+            f"written by minilora_jax {info['library_version']} "
+            f"(format version {info['format_version']})"
+        )
         print(f"base fingerprint: {info['base_fingerprint']}")
         if info["metadata"]:
             print(f"metadata: {info['metadata']}")
         summary = mlj.summary(checkpoint.load_adapters(path, checkpoint.abstract_base(path)))
         rows = summary.adapters
     else:
-        rows = tuple(
-            mlj.AdapterInfo(
-                path=name,
-                # Shown in Flax's (in, out) layout, like mlj.summary.
-                kernel_shape=(t.lora_A.shape[1], t.lora_B.shape[0]),
-                lora_a_shape=t.lora_A.shape[::-1],
-                lora_b_shape=t.lora_B.shape[::-1],
-                rank=t.lora_A.shape[0],
-                scale=t.scale,
-            )
-            for name, t in _read_torch(fmt, path).items()
-        )
+        rows = _torch_rows(_read_torch(fmt, path))
     table = str(mlj.Summary(adapters=rows, trainable=0, total=0)).splitlines()[:-1]
     print("\n".join(table))
     print(f"adapter params: {_adapter_params(rows):,} in {len(rows)} adapted layers "
@@ -190,23 +337,25 @@ def _merge(args: argparse.Namespace) -> None:
     import minilora_jax as mlj
 
     fmt, path = detect_format(args.adapters)
-    base = _load_base(args.base, args.config)
+    base, base_format = _load_base(args.base, args.config)
     merged = mlj.merge(_load_onto(fmt, path, base), check_finite=True)
     out = Path(args.out)
-    out_format = args.out_format or ("safetensors" if out.suffix == ".safetensors" else "orbax")
+    out_format = args.out_format
+    if out_format is None and out.suffix.lower() == ".safetensors":
+        out_format = "minimind" if base_format == "minimind" else "params"
+    out_format = out_format or "orbax"
     _save_params(out, merged, out_format, args.config)
     print(f"merged {fmt} adapters from {path} into {args.base}; wrote {out_format} {out}")
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from minilora_jax import checkpoint, peft
-    from minilora_jax.models import minimind_lora
+    from minilora_jax import checkpoint
 
     fmt, path = detect_format(args.path)
     out = Path(args.out)
     if args.to == "orbax" or args.base or fmt == "orbax":
         if args.base:
-            base = _load_base(args.base, args.config)
+            base, _ = _load_base(args.base, args.config)
         elif fmt == "orbax":
             base = checkpoint.abstract_base(path)
         else:
@@ -214,19 +363,25 @@ def _convert(args: argparse.Namespace) -> None:
                 f"converting {fmt} adapters to orbax needs --base: an orbax checkpoint records "
                 "the base kernels' shapes and dtypes, which a PEFT or MiniMind file lacks"
             )
-        params = _load_onto(fmt, path, base)
+        tree = _load_onto(fmt, path, base)
         if args.to == "orbax":
-            checkpoint.save_adapters(out, params, metadata={"converted_from": f"{fmt}:{path}"})
+            checkpoint.save_adapters(out, tree, metadata={"converted_from": f"{fmt}:{path}"})
         elif args.to == "peft":
-            peft.save(out, params)
+            from minilora_jax import peft
+
+            peft.save(out, tree)
         else:
-            minimind_lora.save_minimind_lora(out, params, fold_scale=args.fold_scale)
+            from minilora_jax.models import minimind_lora
+
+            minimind_lora.save_minimind_lora(out, tree, fold_scale=args.fold_scale)
+    elif args.to == "peft":
+        from minilora_jax import peft
+
+        peft.write(out, _read_torch(fmt, path))
     else:
-        adapters = _read_torch(fmt, path)
-        if args.to == "peft":
-            peft.write(out, adapters)
-        else:
-            minimind_lora.write_minimind_lora(out, adapters, fold_scale=args.fold_scale)
+        from minilora_jax.models import minimind_lora
+
+        minimind_lora.write_minimind_lora(out, _read_torch(fmt, path), fold_scale=args.fold_scale)
     print(f"converted {fmt} adapters from {path} to {args.to}: {out}")
 
 
@@ -238,13 +393,17 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     config = dict(
         default="minimind2-small",
-        help="MiniMind config name for a .safetensors BASE (default: minimind2-small)",
+        help="MiniMind config name for a MiniMind .safetensors BASE or OUT (default: "
+        "minimind2-small)",
     )
-    base_help = "base params: a MiniMind .safetensors file (HF layout) or an orbax params directory"
+    base_help = (
+        "base params: an orbax params directory, a MiniMind .safetensors file (HF layout), or a "
+        ".safetensors file keyed by '/'-joined leaf paths"
+    )
 
     inspect = commands.add_parser(
         "inspect", help="show what an adapter file holds",
-        description="Print the adapted layers, shapes, ranks and scales of an adapter checkpoint "
+        description="Print the adapted kernels, shapes, layouts, ranks and scales of adapters "
         "(orbax directory, PEFT directory or MiniMind file, detected by contents).",
     )
     inspect.add_argument("path", help="adapter directory or file")
@@ -261,8 +420,10 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapters", required=True, help="adapter directory or file")
     merge.add_argument("--out", required=True, help="output: a .safetensors file or a directory")
     merge.add_argument(
-        "--out-format", choices=("safetensors", "orbax"),
-        help="default: safetensors if OUT ends in .safetensors, else an orbax directory",
+        "--out-format", choices=OUT_FORMATS,
+        help="minimind: Hugging Face .safetensors; params: .safetensors keyed by leaf paths; "
+        "orbax: a directory. Default: orbax, or for an OUT ending in .safetensors minimind "
+        "for a MiniMind base and params for any other",
     )
     merge.add_argument("--config", **config)
     merge.set_defaults(run=_merge)

@@ -98,7 +98,8 @@ def find_kernels(
                 others[path] = (
                     shape,
                     "its layout cannot be read from the tree (only a leaf named 'kernel' is "
-                    "known to be (in, out)); pass apply_fn= (and args=) to minilora_jax.init",
+                    "known to be (in, out)); pass apply_fn= (and args=) so the layout is read from "
+                    "how the program uses it",
                 )
         elif record.other:
             uses = ", ".join(sorted(set(record.other)))

@@ -103,15 +103,10 @@ def unmerge(merged: Any, adapters: Any) -> Any:
         is_leaf=is_lora,
     )
     joined = combine(adapter_half, merged)
-    names, leaves, treedef = flatten(joined)
-    out = []
-    for path, leaf in zip(names, leaves, strict=True):
-        if is_lora(leaf):
-            if is_lora(leaf.kernel):
-                raise ValueError(f"'{path}' in the merged tree already holds an adapter")
-            kernel = leaf.kernel
-            leaf = leaf.replace(
-                kernel=(kernel.astype(jnp.float32) - leaf.delta()).astype(kernel.dtype)
-            )
-        out.append(leaf)
-    return jax.tree.unflatten(treedef, out)
+    def unfold(leaf: Any) -> Any:
+        if not is_lora(leaf):
+            return leaf
+        kernel = leaf.kernel
+        return leaf.replace(kernel=(kernel.astype(jnp.float32) - leaf.delta()).astype(kernel.dtype))
+
+    return jax.tree.map(unfold, joined, is_leaf=is_lora)

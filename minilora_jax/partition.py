@@ -11,8 +11,12 @@ from typing import Any
 
 import jax
 
-from minilora_jax._tree import flatten
+from minilora_jax._tree import flatten, is_variables, path_str
 from minilora_jax.lora import is_lora
+
+
+class _Misfit(ValueError):
+    pass
 
 
 def split(tree: Any) -> tuple[Any, Any]:
@@ -62,23 +66,30 @@ def combine(adapters: Any, base: Any) -> Any:
             f"{type(adapters).__name__} and {type(base).__name__}"
         )
 
-    def join(node: Any, kernel: Any) -> Any:
+    variables = is_variables(base)
+
+    def join(path: Any, node: Any, kernel: Any) -> Any:
         if node is None:
             return kernel
+        where = path_str(path, variables=variables)
         if not is_lora(node):
-            raise ValueError(
-                f"the adapters tree holds {type(node).__name__} where only adapters (Lora "
-                "nodes) or None belong; pass the adapters half of minilora_jax.split"
+            raise _Misfit(
+                f"the adapters tree holds a {type(node).__name__} at '{where}' where only "
+                "adapters (Lora nodes) or None belong; pass the adapters half of "
+                "minilora_jax.split"
             )
         if is_lora(kernel) or kernel is None:
-            raise ValueError("an adapter lands on a place of the base that holds no plain kernel")
+            raise _Misfit(f"the adapter at '{where}' lands on a place of the base that holds no "
+                          "plain kernel (it already holds an adapter, or nothing)")
         return node.replace(kernel=kernel)
 
     try:
-        joined = jax.tree.map(join, adapters, base, is_leaf=lambda x: x is None or is_lora(x))
+        joined = jax.tree_util.tree_map_with_path(
+            join, adapters, base, is_leaf=lambda x: x is None or is_lora(x)
+        )
+    except _Misfit:
+        raise
     except ValueError as e:
-        if "adapters tree holds" in str(e) or "lands on" in str(e):
-            raise
         raise ValueError(
             "the adapters and the base do not have the same tree structure; pass the two "
             f"halves of minilora_jax.split (or a base of the same model): {e}"

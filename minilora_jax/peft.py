@@ -4,19 +4,30 @@ A PEFT LoRA directory holds two files:
 
 * ``adapter_model.safetensors``: for each adapted torch module ``<name>``, the tensors
   ``base_model.model.<name>.lora_A.weight`` of shape ``(r, in)`` and
-  ``base_model.model.<name>.lora_B.weight`` of shape ``(out, r)``, in torch's ``(out, in)``
-  convention. Our ``lora_a`` ``(in, r)`` is ``lora_A.T`` and ``lora_b`` ``(r, out)`` is
-  ``lora_B.T``; both compute ``y = W x + s B A x``.
+  ``base_model.model.<name>.lora_B.weight`` of shape ``(out, r)``. Both compute
+  ``y = W x + s B A x``, so PEFT's ``lora_A`` is our ``lora_a`` ``(in, r)`` transposed and
+  ``lora_B`` our ``lora_b`` ``(r, out)`` transposed. That holds whatever order the JAX kernel
+  keeps its axes in (Flax's ``(in, out)`` ``kernel``, equinox's ``(out, in)`` ``weight``), because
+  a `minilora_jax.Lora` node stores ``lora_a``/``lora_b`` in that canonical order and its
+  `minilora_jax.Layout` says which kernel axis is which.
 * ``adapter_config.json``: a ``LoraConfig``. The scale of module ``<name>`` is
   ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), where ``r`` and
   ``lora_alpha`` may be overridden per module by ``rank_pattern``/``alpha_pattern``: a key
   matches a module when it matches a ``.``-aligned suffix of its name (PEFT's
   ``get_pattern_key``; the first matching key wins).
 
-Our Flax paths are mapped to torch module names by ``module_names``; the default, `module_name`,
-follows MiniMind/Hugging Face: ``layers_3/self_attn/q_proj`` -> ``model.layers.3.self_attn.q_proj``.
-A kernel with a leading layer axis (``nn.scan``-stacked, path ``layers/...``) is one adapter per
-layer: slice ``i`` is named as the unrolled path ``layers_<i>/...`` would be.
+A torch ``Linear`` has one input axis and one output axis, so only adapters whose layout has one
+in axis and one out axis are exported; a ``DenseGeneral`` or attention projection with per-head
+axes is refused, naming it. One batch axis is allowed for an ``nn.scan`` layer stack (a path
+with a ``layers`` component): it is one adapter per layer, and slice ``i`` is named as the
+unrolled path ``layers_<i>/...`` would be.
+
+Module names are made from *layer paths*: a kernel's leaf path (see `minilora_jax._tree`)
+without its last component, e.g. ``layers_3/self_attn/q_proj`` for
+``layers_3/self_attn/q_proj/kernel``, or ``layers/0`` for an equinox ``layers/0/weight`` (a leaf
+at the root of the tree, like ``w`` in ``{"w": ...}``, is its own layer path). The default,
+`module_name`, follows MiniMind/Hugging Face: ``layers_3/self_attn/q_proj`` ->
+``model.layers.3.self_attn.q_proj``; ``module_names=`` overrides it.
 
 Writing: `save` lists the adapted modules by their full names in ``target_modules`` (so PEFT
 adapts exactly those), takes the most common rank and alpha as ``r`` and ``lora_alpha`` and puts
@@ -26,8 +37,12 @@ bit for bit; ``use_rslora`` is set to whichever of false/true makes that possibl
 module (false for scales made as ``alpha / r``, true for ``alpha / sqrt(r)``). Weights keep the
 adapters' dtype.
 
-Reading: `read`/`load` accept such directories whether we or PEFT wrote them. Files are read with
-``safetensors.numpy``; pickles (``adapter_model.bin``) are refused, never unpickled.
+Reading: `read`/`load` accept such directories whether we or PEFT wrote them. `load` finds the
+base kernels and their layouts with `minilora_jax.find_kernels`: without ``apply_fn`` only 2-D
+leaves named ``kernel`` (Flax's ``(in, out)``) are known; for any other tree (an equinox
+module's ``weight``, a plain function's arrays, a scan stack) pass the function that runs it.
+Files are read with ``safetensors.numpy``; pickles (``adapter_model.bin``) are refused, never
+unpickled.
 
 Example:
   >>> import tempfile, jax, jax.numpy as jnp
@@ -38,7 +53,7 @@ Example:
   >>> mlj.peft.save(d, params)
   >>> sorted(mlj.peft.read(d))
   ['model.layers.0.self_attn.q_proj']
-  >>> float(mlj.peft.load(d, base)["layers_0"]["self_attn"]["q_proj"]["lora_scale"])
+  >>> mlj.peft.load(d, base)["layers_0"]["self_attn"]["q_proj"]["kernel"].scale
   2.0
 """
 
@@ -50,27 +65,17 @@ import os
 import re
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path as FilePath
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minilora_jax._tree import (
-    LORA_A,
-    LORA_B,
-    LORA_SCALE,
-    Path,
-    adapter_nodes,
-    like,
-    map_nodes,
-    params_root,
-    path_str,
-    with_params_root,
-)
-from minilora_jax.adapters import LoraScale, check_adapter
-from minilora_jax.targets import kernels
+from minilora_jax._tree import flatten
+from minilora_jax.adapters import find_kernels
+from minilora_jax.lora import Layout, Lora, is_lora
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -103,13 +108,14 @@ _LAYER = re.compile(r"layers_(\d+)")
 
 
 def module_name(path: str) -> str:
-    """The default torch module name of a Flax layer path (MiniMind / Hugging Face layout).
+    """The default torch module name of a layer path (MiniMind / Hugging Face layout).
 
     ``/`` becomes ``.``, every ``layers_<i>`` component becomes ``layers.<i>``, and the whole
     name is prefixed with ``model.``.
 
     Args:
-      path: a '/'-joined Flax layer path (the dict holding ``kernel``).
+      path: a '/'-joined layer path: a kernel's leaf path without its last component (see the
+        module docstring).
 
     Returns:
       The torch module name.
@@ -117,14 +123,19 @@ def module_name(path: str) -> str:
     Example:
       >>> module_name("layers_0/self_attn/q_proj")
       'model.layers.0.self_attn.q_proj'
-      >>> module_name("embed_tokens")
-      'model.embed_tokens'
+      >>> module_name("layers/1")  # an equinox list of Linear layers: layers/1/weight
+      'model.layers.1'
     """
     parts = []
     for part in path.split("/"):
         m = _LAYER.fullmatch(part)
         parts.append(f"layers.{m.group(1)}" if m else part)
     return "model." + ".".join(parts)
+
+
+def _layer_path(path: str) -> str:
+    # The module that owns the kernel; a leaf at the root has no owner but itself.
+    return path.rsplit("/", 1)[0] if "/" in path else path
 
 
 def _namer(module_names: ModuleNames) -> Callable[[str], str]:
@@ -137,8 +148,8 @@ def _namer(module_names: ModuleNames) -> Callable[[str], str]:
         fn = module_names
     else:
         raise TypeError(
-            "module_names must be None, a dict {flax path: torch module name} or a callable "
-            f"path -> name; got {type(module_names).__name__}"
+            "module_names must be None, a dict {layer path: torch module name} or a callable "
+            f"layer path -> name; got {type(module_names).__name__}"
         )
 
     def checked(path: str) -> str:
@@ -150,44 +161,90 @@ def _namer(module_names: ModuleNames) -> Callable[[str], str]:
     return checked
 
 
-def _slices(path: Path, shape: tuple[int, ...]) -> list[tuple[str, int | None]] | None:
-    """``(unrolled path, index)`` of each layer a kernel holds, or None if it can't be named.
+def _linears(
+    path: str, shape: tuple[int, ...], layout: Layout
+) -> list[tuple[str, int | None]] | str:
+    """``(layer path, batch index)`` of each torch Linear the kernel at ``path`` holds, or why
+    it holds none.
 
-    A 2-D kernel is one layer (index None). A kernel with one leading axis is ``nn.scan``-stacked:
-    its first ``layers`` component is numbered, ``layers/q`` -> ``layers_0/q``, ``layers_1/q``...
+    A kernel with one in and one out axis is one Linear (index None). With one batch axis as
+    well, under a ``layers`` path component, it is an ``nn.scan`` stack of them, named unrolled:
+    ``layers/q/kernel`` -> ``layers_0/q``, ``layers_1/q``...
     """
-    if len(shape) == 2:
-        return [(path_str(path), None)]
-    if len(shape) == 3 and "layers" in path:
-        at = path.index("layers")
-        return [
-            (path_str((*path[:at], f"layers_{i}", *path[at + 1 :])), i) for i in range(shape[0])
-        ]
-    return None
+    if len(layout.in_axes) != 1 or len(layout.out_axes) != 1:
+        return (
+            "a torch Linear has one in axis and one out axis, and this kernel has several "
+            "(a DenseGeneral or per-head attention projection?); leave it out of the adapters "
+            "(targets=/exclude=) to export the others"
+        )
+    layer = _layer_path(path)
+    if not layout.batch_axes:
+        return [(layer, None)]
+    parts = layer.split("/")
+    if len(layout.batch_axes) > 1 or "layers" not in parts:
+        return (
+            "its batch axes are not the layer axis of an nn.scan stack (one batch axis under a "
+            "'layers' path component), so they cannot be named as separate torch Linears"
+        )
+    at = parts.index("layers")
+    count = shape[layout.batch_axes[0]]
+    return [("/".join([*parts[:at], f"layers_{i}", *parts[at + 1 :]]), i) for i in range(count)]
+
+
+def _not_linear(shape: tuple[int, ...], layout: Layout, why: str) -> str:
+    return f"(kernel {tuple(shape)}, layout {layout.describe(shape)}): {why}"
+
+
+def _kernel_shape(path: str, node: Lora) -> tuple[int, ...]:
+    """The kernel shape of an adapter, checked; read from its arrays when the kernel is None
+    (the adapters half of `minilora_jax.split`)."""
+    shape = None if node.kernel is None else tuple(node.kernel.shape)
+    layout = node.layout
+    a, b = node.lora_a, node.lora_b
+    if shape is None and isinstance(layout, Layout) and a is not None and b is not None:
+        nb = len(layout.batch_axes)
+        a_ndim, b_ndim = nb + len(layout.in_axes) + 1, nb + len(layout.out_axes) + 1
+        if len(a.shape) == a_ndim and len(b.shape) == b_ndim:
+            dims = [0] * layout.ndim
+            for j, axis in enumerate(layout.batch_axes + layout.in_axes):
+                dims[axis] = a.shape[j]
+            for j, axis in enumerate(layout.out_axes):
+                dims[axis] = b.shape[nb + 1 + j]
+            shape = tuple(dims)
+    node.check(path, shape)
+    return shape
 
 
 # --------------------------------------------------------------------------------------------
-# Params <-> torch-layout adapters
+# Trees <-> torch-layout adapters
 # --------------------------------------------------------------------------------------------
 
 
-def to_torch(params: Any, *, module_names: ModuleNames = None) -> dict[str, TorchAdapter]:
-    """The adapters of ``params`` in torch's layout, keyed by torch module name.
+def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchAdapter]:
+    """The adapters of ``tree`` in torch's layout, keyed by torch module name.
+
+    Each adapter's `minilora_jax.Layout` says which kernel axis is the input and which the
+    output, so kernels stored ``(in, out)`` (Flax) and ``(out, in)`` (equinox, torch-style
+    functions) export alike: ``lora_A = lora_a.T``, ``lora_B = lora_b.T``.
 
     Args:
-      params: an adapted params tree (or variables dict). Kernels are only inspected, so
-        shape-only kernels (``jax.ShapeDtypeStruct``) are fine.
-      module_names: how Flax paths become torch module names: a callable ``path -> name``, or a
-        dict ``{path: name}`` whose missing paths fall back to the default, `module_name`. Paths
-        of ``nn.scan``-stacked layers are given unrolled (``layers_<i>/...``).
+      tree: any pytree with `minilora_jax.Lora` nodes (a Flax params or variables dict, an
+        equinox module, an NNX state, a plain dict), or its adapters half from
+        `minilora_jax.split`. Kernels are only inspected, so shape-only kernels
+        (``jax.ShapeDtypeStruct``) are fine.
+      module_names: how layer paths (leaf paths without their last component) become torch
+        module names: a callable ``path -> name``, or a dict ``{path: name}`` whose missing
+        paths fall back to the default, `module_name`. Layers of an ``nn.scan`` stack are given
+        unrolled (``layers_<i>/...``).
 
     Returns:
       ``{name: TorchAdapter(lora_A (r, in), lora_B (out, r), scale)}`` with numpy arrays in the
       adapters' dtype.
 
     Raises:
-      ValueError: if there are no adapters, two layers get the same name, or a kernel with
-        leading axes cannot be split into named layers.
+      ValueError: if there are no adapters, two layers get the same name, or an adapter's
+        layout is not a torch Linear's (several in or out axes, or batch axes other than one
+        ``nn.scan`` layer axis), naming the path and the layout.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -201,89 +258,116 @@ def to_torch(params: Any, *, module_names: ModuleNames = None) -> dict[str, Torc
     namer = _namer(module_names)
     out: dict[str, TorchAdapter] = {}
     origin: dict[str, str] = {}
-    found = adapter_nodes(params_root(params))
+    paths, leaves, _ = flatten(tree)
+    found = [(path, leaf) for path, leaf in zip(paths, leaves, strict=True) if is_lora(leaf)]
     if not found:
-        raise ValueError("params hold no adapters (no 'lora_a' entries): nothing to export")
-    for path, node in found.items():
-        kernel, a, b, scale = check_adapter(path, node)
-        slices = _slices(path, tuple(kernel.shape))
-        if slices is None:
+        raise ValueError(
+            "the tree holds no adapters (no minilora_jax.Lora nodes): nothing to export"
+        )
+    for path, node in found:
+        shape = _kernel_shape(path, node)
+        linears = _linears(path, shape, node.layout)
+        if isinstance(linears, str):
             raise ValueError(
-                f"cannot name the adapter at '{path_str(path)}' (kernel {tuple(kernel.shape)}) "
-                "as torch modules: only 2-D kernels and nn.scan-stacked ones with one leading "
-                "axis under a 'layers' path component map to torch Linear layers"
+                f"cannot export the adapter at '{path}' to PEFT "
+                + _not_linear(shape, node.layout, linears)
             )
-        a, b = np.asarray(a), np.asarray(b)
-        for unrolled, i in slices:
-            name = namer(unrolled)
+        a, b = np.asarray(node.lora_a), np.asarray(node.lora_b)
+        for layer, i in linears:
+            name = namer(layer)
             if name in out:
                 raise ValueError(
-                    f"'{unrolled}' and '{origin[name]}' both map to torch module '{name}'"
+                    f"'{layer}' and '{origin[name]}' both map to torch module '{name}'"
                 )
-            origin[name] = unrolled
+            origin[name] = layer
             sa, sb = (a, b) if i is None else (a[i], b[i])
             out[name] = TorchAdapter(
-                np.ascontiguousarray(sa.T), np.ascontiguousarray(sb.T), float(scale)
+                np.ascontiguousarray(sa.T), np.ascontiguousarray(sb.T), float(node.scale)
             )
     return out
 
 
 def from_torch(
-    params: Any,
+    tree: Any,
     adapters: Mapping[str, TorchAdapter],
     *,
     module_names: ModuleNames = None,
     source: str = "adapters",
+    apply_fn: Callable[..., Any] | None = None,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
 ) -> Any:
-    """Attaches torch-layout adapters to the base ``params``: the inverse of `to_torch`.
+    """Attaches torch-layout adapters to the base ``tree``: the inverse of `to_torch`.
+
+    The base kernels and their layouts come from `minilora_jax.find_kernels`: without
+    ``apply_fn`` only 2-D leaves named ``kernel`` (Flax's ``(in, out)``) are known; with it,
+    every kernel ``apply_fn(tree, *args, **kwargs)`` contracts with an input, in whatever axis
+    order (an equinox ``weight`` is ``(out, in)``), including ``nn.scan`` stacks. Each adapter
+    becomes a `minilora_jax.Lora` node in its kernel's place, with ``lora_a = lora_A.T`` and
+    ``lora_b = lora_B.T`` (stacked over the layers of a scan stack).
 
     Args:
-      params: the base params tree (or variables dict), without adapters on the layers that
-        receive them. Kernels are only inspected.
+      tree: the base pytree (Flax params or variables, an equinox module, a plain dict...),
+        without adapters on the layers that receive them. Kernels are only inspected.
       adapters: ``{torch module name: TorchAdapter}``, e.g. from `read`.
       module_names: as for `to_torch`.
       source: what ``adapters`` came from (a file name), used in error messages.
+      apply_fn, args, kwargs: a function ``apply_fn(tree, *args, **kwargs)`` that runs the
+        model and example arguments, as for `minilora_jax.init`.
 
     Returns:
-      ``params`` with ``lora_a``, ``lora_b`` and ``lora_scale`` beside each kernel that has an
-      adapter, arrays in the adapters' dtype.
+      ``tree`` with a `minilora_jax.Lora` node in place of each kernel that has an adapter,
+      arrays in the adapters' dtype.
 
     Raises:
-      ValueError: naming the module, the Flax path and the shapes, if a module is not in the
-        base, its shapes do not fit the kernel, or the layers of an ``nn.scan`` stack are only
-        partly covered or differ in rank or scale.
+      ValueError: naming the module, the path and the shapes, if a module is not in the base,
+        its kernel's layout is unknown (pass ``apply_fn``) or not a torch Linear's, its shapes
+        do not fit the kernel, or the layers of an ``nn.scan`` stack are only partly covered or
+        differ in rank or scale.
 
     Example:
       >>> import numpy as np, jax.numpy as jnp
       >>> base = {"layers_0": {"q": {"kernel": jnp.zeros((4, 3))}}}
       >>> t = TorchAdapter(np.ones((2, 4), np.float32), np.ones((3, 2), np.float32), 0.5)
-      >>> p = from_torch(base, {"model.layers.0.q": t})
-      >>> p["layers_0"]["q"]["lora_a"].shape, p["layers_0"]["q"]["lora_b"].shape
-      ((4, 2), (2, 3))
+      >>> node = from_torch(base, {"model.layers.0.q": t})["layers_0"]["q"]["kernel"]
+      >>> node.lora_a.shape, node.lora_b.shape, node.scale
+      ((4, 2), (2, 3), 0.5)
+      >>> w = {"q": {"weight": jnp.zeros((3, 4))}}  # torch-style (out, in), read from apply_fn
+      >>> node = from_torch(w, {"model.q": t}, apply_fn=lambda p, x: x @ p["q"]["weight"].T,
+      ...                   args=(jnp.ones(4),))["q"]["weight"]
+      >>> node.lora_a.shape, node.lora_b.shape, node.layout
+      ((4, 2), (2, 3), Layout(in_axes=(1,), out_axes=(0,), batch_axes=()))
     """
     namer = _namer(module_names)
-    root = params_root(params)
-    found = kernels(root)
-    candidates: dict[str, list[tuple[Path, int | None]]] = {}
-    for path, kernel in found.items():
-        for unrolled, i in _slices(path, tuple(kernel.shape)) or []:
-            candidates.setdefault(namer(unrolled), []).append((path, i))
+    kernels, others = find_kernels(tree, apply_fn, args, kwargs)
+    candidates: dict[str, list[tuple[str, int | None]]] = {}
+    # Leaves no adapter can go on, with why, for the error of a module that names one.
+    unusable: dict[str, str] = {}
+    for path, kernel in kernels.items():
+        if kernel.layout is None:
+            unusable[path] = (
+                f"{kernel.shape}: its layout cannot be read from the tree (only a 2-D leaf named "
+                "'kernel' is known to be (in, out)); pass apply_fn= (and args=)"
+            )
+            continue
+        linears = _linears(path, kernel.shape, kernel.layout)
+        if isinstance(linears, str):
+            unusable[path] = _not_linear(kernel.shape, kernel.layout, linears)
+            continue
+        for layer, i in linears:
+            candidates.setdefault(namer(layer), []).append((path, i))
+    unusable.update({path: f"{shape}: {why}" for path, (shape, why) in others.items()})
 
-    placed: dict[Path, dict[int | None, tuple[str, TorchAdapter]]] = {}
+    placed: dict[str, dict[int | None, tuple[str, TorchAdapter]]] = {}
     for name, adapter in adapters.items():
         if name not in candidates:
-            known = sorted(candidates)[:6]
-            raise ValueError(
-                f"{source}: module '{name}' is not in the base params (no kernel maps to that "
-                f"name); modules in the base include {known}. Pass module_names= if the Flax "
-                "paths are named differently."
-            )
+            raise ValueError(_missing(source, name, candidates, unusable, namer))
         if len(candidates[name]) > 1:
-            paths = [path_str(p) for p, _ in candidates[name]]
+            paths = [p for p, _ in candidates[name]]
             raise ValueError(f"{source}: module '{name}' is the name of several layers: {paths}")
         path, i = candidates[name][0]
-        kernel = found[path]
-        d_in, d_out = kernel.shape[-2], kernel.shape[-1]
+        shape, layout = kernels[path].shape, kernels[path].layout
+        d_in, d_out = layout.d_in(shape), layout.d_out(shape)
         a_shape, b_shape = tuple(adapter.lora_A.shape), tuple(adapter.lora_B.shape)
         fits = (
             len(a_shape) == 2
@@ -294,56 +378,80 @@ def from_torch(
         )
         if not fits:
             raise ValueError(
-                f"{source}: the adapter of '{name}' does not fit its base layer '{path_str(path)}' "
-                f"(kernel {tuple(kernel.shape)}, torch weight ({d_out}, {d_in})): lora_A "
-                f"{a_shape} needs (r, {d_in}) and lora_B {b_shape} needs ({d_out}, r)"
+                f"{source}: the adapter of '{name}' does not fit its base kernel '{path}' "
+                f"(kernel {shape}, {layout.describe(shape)}; torch weight ({d_out}, {d_in})): "
+                f"lora_A {a_shape} needs (r, {d_in}) and lora_B {b_shape} needs ({d_out}, r)"
             )
         placed.setdefault(path, {})[i] = (name, adapter)
 
-    arrays: dict[Path, tuple[Any, Any, float]] = {}
+    arrays: dict[str, tuple[Any, Any, float]] = {}
     for path, by_index in placed.items():
-        node_path = path_str(path)
         if None in by_index:
             _, t = by_index[None]
-            arrays[path] = (t.lora_A.T, t.lora_B.T, t.scale)
+            arrays[path] = (t.lora_A.T, t.lora_B.T, float(t.scale))
             continue
-        count = found[path].shape[0]
-        layers = _slices(path, tuple(found[path].shape)) or []
-        missing = [namer(u) for u, i in layers if i not in by_index]
+        layers = _linears(path, kernels[path].shape, kernels[path].layout)
+        missing = [namer(layer) for layer, i in layers if i not in by_index]
         if missing:
             raise ValueError(
-                f"{source}: the nn.scan-stacked layer '{node_path}' has {count} layers but "
+                f"{source}: the nn.scan-stacked kernel '{path}' has {len(layers)} layers but "
                 f"{len(missing)} of them have no adapter: {missing[:6]}. A stack takes an "
                 "adapter on every layer or on none."
             )
-        ranks = {by_index[i][1].lora_A.shape[0] for i in range(count)}
-        scales = {by_index[i][1].scale for i in range(count)}
+        stack = [by_index[i][1] for _, i in layers]
+        ranks = {t.lora_A.shape[0] for t in stack}
+        scales = {float(t.scale) for t in stack}
         if len(ranks) > 1 or len(scales) > 1:
             raise ValueError(
-                f"{source}: the layers of the nn.scan-stacked '{node_path}' differ in rank "
+                f"{source}: the layers of the nn.scan-stacked kernel '{path}' differ in rank "
                 f"{sorted(ranks)} or scale {sorted(scales)}; a stack shares one rank and scale"
             )
+        # lora_a is (batch, in, r) and lora_b (batch, r, out) wherever the stack axis sits.
         arrays[path] = (
-            np.stack([by_index[i][1].lora_A.T for i in range(count)]),
-            np.stack([by_index[i][1].lora_B.T for i in range(count)]),
+            np.stack([t.lora_A.T for t in stack]),
+            np.stack([t.lora_B.T for t in stack]),
             scales.pop(),
         )
 
-    def attach(path: Path, node: Mapping) -> Mapping:
-        if path not in arrays:
-            return node
-        if LORA_A in node:
+    paths, leaves, treedef = flatten(tree)
+    index = {path: k for k, path in enumerate(paths)}
+    for path, (a, b, scale) in arrays.items():
+        leaf = leaves[index[path]]
+        if is_lora(leaf):
             raise ValueError(
-                f"'{path_str(path)}' already holds an adapter in the base params; load onto the "
-                "base without adapters (minilora_jax.split(params)[1])"
+                f"'{path}' already holds an adapter in the base; load onto the base without "
+                "adapters (minilora_jax.split(tree)[1])"
             )
-        a, b, scale = arrays[path]
-        return like(
-            node,
-            {**node, LORA_A: jnp.asarray(a), LORA_B: jnp.asarray(b), LORA_SCALE: LoraScale(scale)},
-        )
+        node = Lora(leaf, jnp.asarray(a), jnp.asarray(b), scale, kernels[path].layout)
+        node.check(path)
+        leaves[index[path]] = node
+    return jax.tree.unflatten(treedef, leaves)
 
-    return with_params_root(params, map_nodes(root, attach))
+
+def _missing(
+    source: str,
+    name: str,
+    candidates: Mapping[str, Any],
+    unusable: Mapping[str, str],
+    namer: Callable[[str], str],
+) -> str:
+    """The error for a module that no usable kernel of the base is named as."""
+    for path, why in unusable.items():
+        try:
+            named = namer(_layer_path(path))
+        except Exception:  # a user's module_names may not know this leaf; only the message suffers
+            continue
+        if named == name:
+            return f"{source}: module '{name}' is '{path}' in the base, which cannot take it: {why}"
+    text = (
+        f"{source}: module '{name}' is not in the base (no kernel maps to that name); modules in "
+        f"the base include {sorted(candidates)[:6]}. Pass module_names= if the layers are named "
+        "differently."
+    )
+    if unusable:
+        path, why = next(iter(unusable.items()))
+        text += f" {len(unusable)} leaves of the base cannot take an adapter, e.g. '{path}' {why}"
+    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,10 +459,32 @@ def from_torch(
 # --------------------------------------------------------------------------------------------
 
 
-def _read_safetensors(file: FilePath) -> dict[str, np.ndarray]:
-    """All tensors of ``file``, with errors that name it; never unpickles anything."""
+def read_safetensors(file: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file, as numpy arrays; never unpickles anything.
+
+    Every tensor must hold finite floats (bfloat16 comes back as ``ml_dtypes.bfloat16``).
+
+    Args:
+      file: the ``.safetensors`` file.
+
+    Returns:
+      ``{key: array}`` in the file's dtypes.
+
+    Raises:
+      FileNotFoundError: if ``file`` does not exist.
+      ValueError: naming the file (and the key) if it is truncated or corrupt, or a tensor is
+        not floating point or holds NaN or Inf.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> file = tempfile.mkdtemp() + "/w.safetensors"
+      >>> write_safetensors(file, {"a": np.ones((2, 3), np.float32)})
+      >>> read_safetensors(file)["a"].shape
+      (2, 3)
+    """
     from safetensors.numpy import load_file
 
+    file = FilePath(file)
     if not file.is_file():
         raise FileNotFoundError(f"weights file not found: {file}")
     try:
@@ -371,10 +501,26 @@ def _read_safetensors(file: FilePath) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _write_safetensors(file: FilePath, tensors: Mapping[str, np.ndarray]) -> None:
+def write_safetensors(file: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
+    """Writes ``tensors`` to a safetensors file atomically, with torch's ``format: pt`` tag.
+
+    The file is written beside its destination and renamed into place, so a reader never sees
+    half a file. The parent directory must exist.
+
+    Args:
+      file: the ``.safetensors`` file; replaced if it exists.
+      tensors: ``{key: array}``; each array is stored in its own dtype and shape.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> file = tempfile.mkdtemp() + "/w.safetensors"
+      >>> write_safetensors(file, {"a": np.zeros((4,), np.float32)})
+      >>> sorted(read_safetensors(file))
+      ['a']
+    """
     from safetensors.numpy import save_file
 
-    # Written beside and renamed, so a reader never sees half a file.
+    file = FilePath(file)
     tmp = file.with_name(f".{file.name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
         save_file(dict(tensors), str(tmp), metadata={"format": "pt"})
@@ -398,7 +544,9 @@ def _write_json(file: FilePath, document: Any) -> None:
 
 
 def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
-    # PEFT's get_pattern_key: the first key that matches a '.'-aligned suffix of the name.
+    # PEFT's get_pattern_key: the first key that matches a '.'-aligned suffix of the torch module
+    # name. This is PEFT's file semantics for its own config, deliberately not the '/'-aligned
+    # rule of minilora_jax.targets, which matches our leaf paths.
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", name):
             return value
@@ -568,7 +716,7 @@ def read(directory: str | os.PathLike) -> dict[str, TorchAdapter]:
             raise FileNotFoundError(f"PEFT adapter directory not found: {directory}")
     config_file = directory / CONFIG_FILE
     config = _read_config(config_file)
-    tensors = _read_safetensors(weights)
+    tensors = read_safetensors(weights)
 
     halves: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
@@ -669,32 +817,34 @@ def write(
     directory = FilePath(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Weights first: a directory whose config is new is then never paired with old weights.
-    _write_safetensors(directory / WEIGHTS_FILE, tensors)
+    write_safetensors(directory / WEIGHTS_FILE, tensors)
     _write_json(directory / CONFIG_FILE, config)
 
 
 def save(
     directory: str | os.PathLike,
-    params: Any,
+    tree: Any,
     *,
     module_names: ModuleNames = None,
     base_model_name_or_path: str | None = None,
 ) -> None:
-    """Saves the adapters of ``params`` as a PEFT LoRA directory.
+    """Saves the adapters of ``tree`` as a PEFT LoRA directory.
 
     ``peft.PeftModel.from_pretrained(torch_model, directory)`` then computes what
-    ``minilora_jax.wrap(model.apply)`` computes, given the same base weights. Every adapter's rank
-    and scale round-trip exactly (see the module docstring for how the config is chosen).
+    ``minilora_jax.wrap(apply_fn)`` computes, given the same base weights, whether the JAX
+    kernels are stored ``(in, out)`` or ``(out, in)``. Every adapter's rank and scale round-trip
+    exactly (see the module docstring for how the config is chosen).
 
     Args:
       directory: created if missing.
-      params: an adapted params tree (or variables dict).
-      module_names: Flax path -> torch module name, a callable or a dict (missing paths use the
-        default `module_name`); ``nn.scan``-stacked layers are named per layer, unrolled.
+      tree: any pytree with `minilora_jax.Lora` nodes, or its adapters half.
+      module_names: layer path -> torch module name, a callable or a dict (missing paths use
+        the default `module_name`); ``nn.scan``-stacked layers are named per layer, unrolled.
       base_model_name_or_path: recorded in ``adapter_config.json``.
 
     Raises:
-      ValueError: if ``params`` hold no adapters or a layer cannot be named.
+      ValueError: if ``tree`` holds no adapters, a layer cannot be named, or an adapter's
+        layout is not a torch Linear's (see `to_torch`).
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp
@@ -707,25 +857,37 @@ def save(
     """
     write(
         directory,
-        to_torch(params, module_names=module_names),
+        to_torch(tree, module_names=module_names),
         base_model_name_or_path=base_model_name_or_path,
     )
 
 
-def load(directory: str | os.PathLike, params: Any, *, module_names: ModuleNames = None) -> Any:
-    """Loads a PEFT LoRA directory onto the base ``params``.
+def load(
+    directory: str | os.PathLike,
+    tree: Any,
+    *,
+    module_names: ModuleNames = None,
+    apply_fn: Callable[..., Any] | None = None,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+) -> Any:
+    """Loads a PEFT LoRA directory onto the base ``tree``.
 
     Args:
       directory: written by `save` or by ``PeftModel.save_pretrained`` (safetensors only).
-      params: the base params tree (or variables dict).
+      tree: the base pytree (Flax params or variables, an equinox module, a plain dict...).
       module_names: as for `save`; it must name the base's layers the way the torch model did.
+      apply_fn, args, kwargs: the function that runs ``tree`` and example arguments, from which
+        the kernels' layouts are read (see `from_torch`); needed for any kernel that is not a
+        2-D leaf named ``kernel``, e.g. an equinox ``weight`` or an ``nn.scan`` stack.
 
     Returns:
-      ``params`` with adapters attached, in the file's dtype, with PEFT's scales.
+      ``tree`` with `minilora_jax.Lora` nodes in place of the adapted kernels, in the file's
+      dtype, with PEFT's scales.
 
     Raises:
       FileNotFoundError: naming the missing file.
-      ValueError: naming the file, key and shapes for any bad input (see `read` and
+      ValueError: naming the file, key, path and shapes for any bad input (see `read` and
         `from_torch`).
 
     Example:
@@ -734,10 +896,16 @@ def load(directory: str | os.PathLike, params: Any, *, module_names: ModuleNames
       >>> base = {"o_proj": {"kernel": jnp.ones((8, 8))}}
       >>> d = tempfile.mkdtemp()
       >>> save(d, mlj.init(base, jax.random.key(0), rank=2, rslora=True, alpha=4))
-      >>> load(d, base)["o_proj"]["lora_scale"]
-      LoraScale(value=2.82842712474619)
+      >>> load(d, base)["o_proj"]["kernel"].scale
+      2.82842712474619
     """
     directory = FilePath(directory)
     return from_torch(
-        params, read(directory), module_names=module_names, source=str(directory / WEIGHTS_FILE)
+        tree,
+        read(directory),
+        module_names=module_names,
+        source=str(directory / WEIGHTS_FILE),
+        apply_fn=apply_fn,
+        args=args,
+        kwargs=kwargs,
     )

@@ -200,7 +200,7 @@ class Interpreter:
             inputs = list(needed)
             outputs = [v for eqn in pending for v in eqn.outvars if not _is_drop(v)]
             effects = set().union(*(eqn.effects for eqn in pending))
-            segment = jex.core.Jaxpr([], inputs, outputs, list(pending), effects)
+            segment = _jaxpr(inputs, outputs, list(pending), effects)
             values = jax.core.eval_jaxpr(segment, [], *[env[v] for v in inputs])
             env.update(zip(outputs, values, strict=True))
             pending.clear()
@@ -458,11 +458,17 @@ def _is_drop(var: Any) -> bool:
     return isinstance(var, jex.core.DropVar)
 
 
+def _jaxpr(inputs: list[Any], outputs: list[Any], eqns: list[Any], effects: Any) -> Any:
+    """A jaxpr of part of the traced program, to evaluate with ``jax.core.eval_jaxpr``."""
+    info = jex.core.DebugInfo("minilora_jax.wrap", "<program part>", None, None)
+    return jex.core.Jaxpr([], inputs, outputs, eqns, effects, debug_info=info)
+
+
 def _bind(eqn: Any, values: Sequence[Any]) -> list[Any]:
     """Evaluates one equation on ``values`` (through ``jax.core.eval_jaxpr``)."""
     env = {a: v for a, v in zip(eqn.invars, values, strict=True) if isinstance(a, jex.core.Var)}
     outputs = [v for v in eqn.outvars if not _is_drop(v)]
-    segment = jex.core.Jaxpr([], list(env), outputs, [eqn], eqn.effects)
+    segment = _jaxpr(list(env), outputs, [eqn], eqn.effects)
     got = iter(jax.core.eval_jaxpr(segment, [], *env.values()))
     return [None if _is_drop(v) else next(got) for v in eqn.outvars]
 
@@ -527,7 +533,7 @@ def trace(
 
 
 def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
 def _abstract(x: Any) -> Any:

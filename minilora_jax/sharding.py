@@ -1,59 +1,63 @@
 """Where adapters live on a device mesh: shardings derived from the kernels they belong to.
 
-A base model sharded over a mesh gives every ``kernel`` ``(*lead, d_in, d_out)`` a sharding. Its
-adapter follows it axis by axis, so that ``x @ lora_a @ lora_b`` needs no more communication than
-``x @ kernel`` does:
+A base model sharded over a mesh gives every kernel a sharding. Its adapter follows it axis by
+axis, as the kernel's `minilora_jax.Layout` names them, so that ``x @ lora_a @ lora_b`` needs
+no more communication than ``x @ kernel`` does. With ``e[k]`` the kernel's spec entry for its
+axis ``k``:
 
-* ``lora_a`` ``(*lead, d_in, r)`` keeps the kernel's partitioning of ``lead`` and ``d_in``;
-* ``lora_b`` ``(*lead, r, d_out)`` keeps the partitioning of ``lead`` and ``d_out``;
+* ``lora_a`` ``(*batch, *in, r)`` gets ``(e[batch...], e[in...], None)``;
+* ``lora_b`` ``(*batch, r, *out)`` gets ``(e[batch...], None, e[out...])``;
 * the rank axis ``r`` is replicated: it is small and every shard needs all of it.
 
-For a kernel partitioned ``P("fsdp", "tp")`` that is ``lora_a: P("fsdp", None)`` and
-``lora_b: P(None, "tp")``. `shardings` computes this from shapes and shardings alone (no forward
-pass, no arrays needed), `init_sharded` creates adapters directly in place so that a base too
-big for one device is never gathered onto one, and `optimizer_shardings` carries the result over
-to an optax state.
+For a Flax ``(in, out)`` kernel partitioned ``P("fsdp", "tp")`` that is ``lora_a: P("fsdp",
+None)`` and ``lora_b: P(None, "tp")``; for a torch-style ``(out, in)`` weight partitioned
+``P("tp", "fsdp")`` it is the same. `shardings` computes this from shapes and shardings alone
+(no forward pass, no arrays needed), `init_sharded` creates adapters directly in place so that
+a base too big for one device is never gathered onto one, and `optimizer_shardings` carries the
+result over to an optax state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
-from minilora_jax._tree import LORA_A, LORA_B, LORA_SCALE, Path, like, path_str
+from minilora_jax._tree import flatten, is_variables, path_str
 from minilora_jax.adapters import init
+from minilora_jax.lora import Layout, Lora, is_lora
 from minilora_jax.partition import combine, split
 
-SpecLike = NamedSharding | PartitionSpec
 
-
-def shardings(params: Any, base_shardings: Any, *, mesh: jax.sharding.Mesh | None = None) -> Any:
+def shardings(tree: Any, base_shardings: Any, *, mesh: jax.sharding.Mesh | None = None) -> Any:
     """The sharding of every leaf of an adapted tree, adapters derived from their kernels.
 
-    Each ``lora_a`` ``(*lead, d_in, r)`` gets its kernel's partitioning of ``lead`` and ``d_in``
-    and a replicated rank axis; each ``lora_b`` ``(*lead, r, d_out)`` gets the partitioning of
-    ``lead`` and ``d_out``, rank replicated. Every other leaf gets its entry of
-    ``base_shardings``. Only shapes are looked at, so ``params`` may hold arrays or
-    ``jax.ShapeDtypeStruct`` s (from ``jax.eval_shape``), and it may be the full adapted tree or
-    just the adapters from `minilora_jax.split`.
+    Each `minilora_jax.Lora` node becomes ``Lora(kernel=..., lora_a=..., lora_b=...)`` with the
+    node's own scale and layout, holding shardings: the kernel's entry of ``base_shardings``
+    (``None`` where the node has no kernel, as in the adapters half of `minilora_jax.split`),
+    ``lora_a`` ``(*batch, *in, r)`` with the kernel's partitioning of its batch and in axes and
+    a replicated rank axis, ``lora_b`` ``(*batch, r, *out)`` with the partitioning of its batch
+    and out axes. Which kernel axis is which is read from the node's layout, so an ``(out, in)``
+    kernel or a layer axis in the middle is handled. Every other leaf gets its entry of
+    ``base_shardings``. Only shapes are looked at, so ``tree`` may hold arrays or
+    ``jax.ShapeDtypeStruct`` s (from ``jax.eval_shape``).
 
     Args:
-      params: an adapted params tree (or variables dict), or its adapters alone.
-      base_shardings: a tree matching the base params (without adapters) or the adapted tree,
-        whose leaves are ``NamedSharding`` or ``PartitionSpec``. Entries at ``lora_a``,
-        ``lora_b`` and ``lora_scale`` are ignored. As in ``jax.jit``, a single sharding in
-        place of a subtree applies to everything below it. A fully replicated sharding of any
-        kind (``SingleDeviceSharding`` too) is passed on unchanged to the adapter.
+      tree: any pytree holding `minilora_jax.Lora` nodes (the adapted tree or its adapters
+        half), e.g. a Flax params or variables dict, an NNX state, an equinox module.
+      base_shardings: a tree matching the base tree (plain kernels) or the adapted tree (then
+        only each node's ``kernel`` entry is read), whose leaves are ``NamedSharding`` or
+        ``PartitionSpec``. As in ``jax.jit``, a single sharding in place of a subtree applies
+        to everything below it. A fully replicated sharding of any kind
+        (``SingleDeviceSharding`` too) is passed on unchanged to the adapter.
       mesh: if given, ``PartitionSpec`` entries are turned into ``NamedSharding(mesh, spec)``;
         without it they stay ``PartitionSpec`` s (for ``jax.set_mesh`` or ``shard_map``).
 
     Returns:
-      A tree with exactly the structure of ``params`` (its `LoraScale` nodes included, so it
-      lines up with ``params`` in ``jax.tree.map`` and as ``jax.jit``'s ``in_shardings`` /
+      A tree with exactly the structure of ``tree`` (its `minilora_jax.Lora` nodes included, so
+      it lines up with ``tree`` in ``jax.tree.map`` and as ``jax.jit``'s ``in_shardings`` /
       ``out_shardings``), holding a sharding or spec at every leaf.
 
     Raises:
@@ -70,21 +74,37 @@ def shardings(params: Any, base_shardings: Any, *, mesh: jax.sharding.Mesh | Non
       >>> lp = jax.eval_shape(lambda: mlj.init(base, jax.random.key(0), rank=2))
       >>> specs = {"q_proj": {"kernel": P("fsdp", "tp")}, "norm": {"scale": P()}}
       >>> out = mlj.shardings(lp, specs)
-      >>> out["q_proj"]["lora_a"], out["q_proj"]["lora_b"], out["norm"]["scale"]
-      (P('fsdp', None), P(None, 'tp'), P())
+      >>> node = out["q_proj"]["kernel"]
+      >>> node.kernel, node.lora_a, node.lora_b, out["norm"]["scale"]
+      (P('fsdp', 'tp'), P('fsdp', None), P(None, 'tp'), P())
       >>> mesh = jax.make_mesh((1, 1), ("fsdp", "tp"))
-      >>> mlj.shardings(lp, specs, mesh=mesh)["q_proj"]["lora_b"].spec
+      >>> mlj.shardings(lp, specs, mesh=mesh)["q_proj"]["kernel"].lora_b.spec
       P(None, 'tp')
     """
-    if not isinstance(params, Mapping):
-        raise TypeError(
-            f"shardings expects a params tree (nested dicts), got {type(params).__name__}"
-        )
-    return _derive(params, base_shardings, (), mesh)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lora)
+    variables = is_variables(tree)
+    out = []
+    for keys, leaf in flat:
+        path = path_str(keys, variables=variables)
+        if is_lora(leaf):
+            out.append(_lora_shardings(leaf, _kernel_entry(base_shardings, keys, path), path, mesh))
+            continue
+        entry = _entry(base_shardings, keys, f"'{path}'")
+        if is_lora(entry):  # base_shardings matches the adapted tree, this is the base tree
+            entry = entry.kernel
+        if not _is_entry(entry):
+            raise ValueError(
+                f"base_shardings holds a {type(entry).__name__} subtree at '{path}', where the "
+                "tree has a leaf; it must match the base tree (or be a prefix of it)"
+            )
+        if hasattr(leaf, "shape"):
+            _check_rank(entry, len(leaf.shape), path)
+        out.append(_bind(entry, mesh))
+    return jax.tree.unflatten(treedef, out)
 
 
 def init_sharded(
-    params: Any,
+    tree: Any,
     key: jax.Array,
     base_shardings: Any = None,
     *,
@@ -96,28 +116,31 @@ def init_sharded(
     The adapters are made inside ``jax.jit`` with ``out_shardings`` from `shardings`, and the
     kernels are only looked at for their shapes (they are not even inputs of the jitted call),
     so no kernel and no whole adapter is ever put on one device. The random values are those
-    of ``mlj.init(params, key, **init_kwargs)`` (to float rounding: jit fuses the scaling), as
+    of ``mlj.init(tree, key, **init_kwargs)`` (to float rounding: jit fuses the scaling), as
     JAX's default partitionable threefry draws the same numbers whatever the sharding. The
     recipe, should you want it inside your own function::
 
-        make = lambda k: mlj.split(mlj.init(abstract_params, k, **init_kwargs))[0]
+        make = lambda k: mlj.split(mlj.init(abstract_tree, k, **init_kwargs))[0]
         adapters = jax.jit(make, out_shardings=adapter_shardings)(key)
-        params = mlj.combine(adapters, params)
+        tree = mlj.combine(adapters, tree)
 
     Args:
-      params: the base params (or variables dict): sharded ``jax.Array`` s, or
-        ``jax.ShapeDtypeStruct`` s that carry a ``sharding``.
+      tree: the base tree (any pytree `minilora_jax.init` accepts): sharded ``jax.Array`` s,
+        or ``jax.ShapeDtypeStruct`` s that carry a ``sharding``.
       key: PRNG key, the same on every process of a multi-host run.
-      base_shardings: the shardings of ``params``, as for `shardings`; ``None`` reads them from
+      base_shardings: the shardings of ``tree``, as for `shardings`; ``None`` reads them from
         the arrays' ``.sharding``.
       mesh: turns ``PartitionSpec`` entries of ``base_shardings`` into ``NamedSharding`` s.
-      **init_kwargs: passed to `minilora_jax.init` (``rank``, ``targets``, ``alpha``...).
+      **init_kwargs: passed to `minilora_jax.init` (``rank``, ``targets``, ``alpha``, and
+        ``apply_fn``/``args``/``kwargs`` for kernels whose layout only the program shows).
+        ``apply_fn`` is traced with the abstract tree, so it must not need concrete values.
 
     Returns:
-      ``params`` with the adapters added; the base leaves are the caller's own objects.
+      ``tree`` with `minilora_jax.Lora` nodes in place of the targeted kernels; their kernels
+      (and every other leaf) are the caller's own objects.
 
     Raises:
-      ValueError: as `minilora_jax.init` and `shardings` do, and if a leaf of ``params`` has no
+      ValueError: as `minilora_jax.init` and `shardings` do, and if a leaf of ``tree`` has no
         sharding while ``base_shardings`` is None (the message names the path).
 
     Example:
@@ -127,19 +150,23 @@ def init_sharded(
       >>> mesh = jax.make_mesh((1, 1), ("fsdp", "tp"))
       >>> kernel = jax.device_put(jnp.ones((8, 8)), NamedSharding(mesh, P("fsdp", "tp")))
       >>> lp = mlj.init_sharded({"q_proj": {"kernel": kernel}}, jax.random.key(0), rank=2)
-      >>> lp["q_proj"]["lora_a"].sharding.spec, lp["q_proj"]["lora_b"].sharding.spec
+      >>> node = lp["q_proj"]["kernel"]
+      >>> node.lora_a.sharding.spec, node.lora_b.sharding.spec
       (P('fsdp', None), P(None, 'tp'))
     """
     if base_shardings is None:
-        base_shardings = jax.tree_util.tree_map_with_path(_sharding_of, params)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        names, leaves, treedef = flatten(tree)
+        base_shardings = jax.tree.unflatten(
+            treedef, [_sharding_of(p, x) for p, x in zip(names, leaves, strict=True)]
+        )
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
     def make(k: jax.Array) -> Any:
         return split(init(abstract, k, **init_kwargs))[0]
 
     adapter_shardings = shardings(jax.eval_shape(make, key), base_shardings, mesh=mesh)
     adapters = jax.jit(make, out_shardings=adapter_shardings)(key)
-    return combine(adapters, params)
+    return combine(adapters, tree)
 
 
 def optimizer_shardings(
@@ -169,7 +196,7 @@ def optimizer_shardings(
       >>> adapters, _ = mlj.split(mlj.init({"q": {"kernel": jnp.ones((8, 8))}}, jax.random.key(0)))
       >>> specs = mlj.shardings(adapters, {"q": {"kernel": P("fsdp", "tp")}})
       >>> state = mlj.optimizer_shardings(optax.adam(1e-3), adapters, specs)
-      >>> state[0].mu["q"]["lora_b"], state[0].count
+      >>> state[0].mu["q"]["kernel"].lora_b, state[0].count
       (P(None, 'tp'), P())
     """
     leaves = jax.tree.leaves(adapter_shardings)
@@ -185,89 +212,106 @@ def optimizer_shardings(
     )
 
 
-def _sharding_of(path: Any, leaf: Any) -> Sharding:
+def _sharding_of(path: str, leaf: Any) -> Sharding:
     sharding = getattr(leaf, "sharding", None)
     if sharding is None:
         raise ValueError(
-            f"'{jax.tree_util.keystr(path)}' ({type(leaf).__name__}) has no sharding: put the "
-            "base on the mesh first (jax.device_put or a jitted init with out_shardings), or "
-            "pass base_shardings"
+            f"'{path}' ({type(leaf).__name__}) has no sharding: put the base on the mesh first "
+            "(jax.device_put or a jitted init with out_shardings), or pass base_shardings"
         )
     return sharding
 
 
-def _derive(node: Mapping, spec_node: Any, path: Path, mesh: Any) -> Mapping:
-    """The sharding tree of ``node``, read from ``spec_node`` (a matching subtree or a prefix)."""
-    out = {}
-    for key, value in node.items():
-        where = (*path, key)
-        if key == LORA_SCALE:
-            out[key] = value  # structure, not data: it stays so the trees line up
-        elif key in (LORA_A, LORA_B):
-            kernel = _lookup(spec_node, "kernel", path, adapter=True)
-            out[key] = _adapter_sharding(kernel, key, len(value.shape), where, mesh)
-        elif isinstance(value, Mapping):
-            out[key] = _derive(value, _lookup(spec_node, key, path), where, mesh)
-        else:
-            entry = _lookup(spec_node, key, path, adapter=key == "kernel" and LORA_A in node)
-            if hasattr(value, "shape"):
-                _check_rank(entry, len(value.shape), where)
-            out[key] = _bind(entry, mesh)
-    return like(node, out)
+def _is_entry(node: Any) -> bool:
+    """Whether ``node`` is a leaf of a sharding tree (a sharding, a spec, or None)."""
+    if node is None:
+        return True
+    treedef = jax.tree.structure(node)
+    return treedef.num_nodes == 1 and treedef.num_leaves == 1  # not an (empty) container
 
 
-def _lookup(spec_node: Any, key: str, path: Path, *, adapter: bool = False) -> Any:
-    if not isinstance(spec_node, Mapping):
-        return spec_node  # a sharding standing for a whole subtree, as a jit prefix does
-    entry = spec_node.get(key)
-    # None is a legal jit entry ("unspecified") for a plain leaf, but an adapter needs a kernel
-    # sharding to derive from.
-    if key not in spec_node or (adapter and entry is None):
-        what = (
-            f"the kernel of the adapter at '{path_str(path)}'"
-            if adapter
-            else f"'{path_str((*path, key))}'"
-        )
-        known = ", ".join(f"'{k}'" for k in list(spec_node)[:8])
+def _entry(spec_tree: Any, keys: tuple[Any, ...], what: str) -> Any:
+    """The entry of ``spec_tree`` for the leaf at ``keys``: its own, or a prefix's.
+
+    ``what`` names the leaf in the error raised when there is none.
+    """
+    node = spec_tree
+    for depth, key in enumerate(keys):
+        if _is_entry(node):
+            return node  # a sharding standing for a whole subtree, as a jit prefix does
+        children = _children(node)
+        if key not in children:
+            where = path_str(keys[:depth])
+            known = ", ".join(f"'{path_str((k,))}'" for k in list(children)[:8])
+            raise ValueError(
+                f"base_shardings has no entry for {what}; at '{where}' it holds [{known}]. "
+                "base_shardings must match the base tree (or the adapted tree, or be a prefix "
+                "of either)."
+            )
+        node = children[key]
+    return node
+
+
+def _children(node: Any) -> dict[Any, Any]:
+    """``{key: child}`` one level below the pytree node ``node``."""
+    flat = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
+    return {key: child for (key,), child in flat}
+
+
+def _kernel_entry(spec_tree: Any, keys: tuple[Any, ...], path: str) -> Any:
+    """The sharding of the kernel of the adapter at ``keys``."""
+    entry = _entry(spec_tree, keys, f"the kernel of the adapter at '{path}'")
+    if is_lora(entry):  # base_shardings matches the adapted tree
+        entry = entry.kernel
+    if entry is None or not _is_entry(entry):
+        # None is a legal jit entry ("unspecified") for a plain leaf, but an adapter needs a
+        # kernel sharding to derive from.
+        found = "None" if entry is None else f"a {type(entry).__name__} subtree"
         raise ValueError(
-            f"base_shardings has no entry for {what}; at '{path_str(path)}' it holds "
-            f"[{known}]. base_shardings must match the base params tree (or be a prefix of it)."
+            f"base_shardings has no entry for the kernel of the adapter at '{path}' (it holds "
+            f"{found} there); give it the kernel's NamedSharding or PartitionSpec"
         )
     return entry
 
 
-def _check_rank(entry: Any, ndim: int, where: Path) -> None:
+def _check_rank(entry: Any, ndim: int, path: str) -> None:
     spec = entry.spec if isinstance(entry, NamedSharding) else entry
     if isinstance(spec, PartitionSpec) and len(spec) > ndim:
         raise ValueError(
-            f"sharding {spec} for '{path_str(where)}' names {len(spec)} axes, but the array "
-            f"has {ndim}"
+            f"sharding {spec} for '{path}' names {len(spec)} axes, but the array has {ndim}"
         )
 
 
-def _adapter_sharding(kernel: Any, which: str, ndim: int, where: Path, mesh: Any) -> Any:
-    """``lora_a``: (*lead, d_in, None); ``lora_b``: (*lead, None, d_out)."""
-    if isinstance(kernel, NamedSharding):
-        spec = kernel.spec
-    elif isinstance(kernel, PartitionSpec):
-        spec = kernel
+def _lora_shardings(node: Lora, kernel: Any, path: str, mesh: Any) -> Lora:
+    """The node's shardings: its kernel's, and ``lora_a`` / ``lora_b`` derived by its layout."""
+    layout = node.layout
+    if not isinstance(layout, Layout):
+        raise ValueError(f"the adapter at '{path}' has no Layout (found {layout!r})")
+    kernel_out = None
+    if node.kernel is not None:
+        _check_rank(kernel, len(node.kernel.shape), path)
+        kernel_out = _bind(kernel, mesh)
+    if isinstance(kernel, (NamedSharding, PartitionSpec)):
+        spec = kernel.spec if isinstance(kernel, NamedSharding) else kernel
     elif isinstance(kernel, Sharding) and kernel.is_fully_replicated:
-        return kernel  # replicated (or on one device): the adapter can sit in the same place
+        # Replicated (or on one device): the adapter can sit in the same place.
+        return node.replace(kernel=kernel_out, lora_a=kernel, lora_b=kernel)
     else:
         raise TypeError(
-            f"cannot derive the sharding of '{path_str(where)}' from its kernel's "
+            f"cannot derive the shardings of the adapter at '{path}' from its kernel's "
             f"{type(kernel).__name__} ({kernel!r}): give the kernel a NamedSharding or a "
             "PartitionSpec"
         )
-    _check_rank(spec, ndim, (*where[:-1], "kernel"))
-    entries = (*spec, *([None] * (ndim - len(spec))))
-    lead, d_in, d_out = entries[:-2], entries[-2], entries[-1]
-    derived = (
-        PartitionSpec(*lead, d_in, None) if which == LORA_A else PartitionSpec(*lead, None, d_out)
-    )
+    _check_rank(spec, layout.ndim, path)
+    e = (*spec, *([None] * (layout.ndim - len(spec))))
+    batch = [e[k] for k in layout.batch_axes]
+    lora_a = PartitionSpec(*batch, *(e[k] for k in layout.in_axes), None)
+    lora_b = PartitionSpec(*batch, None, *(e[k] for k in layout.out_axes))
     if isinstance(kernel, NamedSharding):
-        return NamedSharding(kernel.mesh, derived, memory_kind=kernel.memory_kind)
-    return _bind(derived, mesh)
+        place = lambda s: NamedSharding(kernel.mesh, s, memory_kind=kernel.memory_kind)  # noqa: E731
+    else:
+        place = lambda s: _bind(s, mesh)  # noqa: E731
+    return node.replace(kernel=kernel_out, lora_a=place(lora_a), lora_b=place(lora_b))
 
 
 def _bind(entry: Any, mesh: Any) -> Any:

@@ -51,8 +51,8 @@ class LayoutUnknownError(ValueError):
 def layout_unknown(path: str, shape: tuple[int, ...]) -> LayoutUnknownError:
     return LayoutUnknownError(
         f"the layout of '{path}' {tuple(shape)} cannot be read from the tree: only a 2-D leaf "
-        "named 'kernel' is known to be (in, out). Pass apply_fn= (and args=) to "
-        "minilora_jax.init so the layout is read from how the program uses it."
+        "named 'kernel' is known to be (in, out). Pass apply_fn= (and args=) so the layout "
+        "is read from how the program uses it."
     )
 
 

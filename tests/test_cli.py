@@ -7,10 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
+from toy_models import randomize_b
 
 import minilora_jax as mlj
 from minilora_jax import checkpoint
-from minilora_jax.__main__ import main
+from minilora_jax.__main__ import main, read_params, write_params
 
 minimind = pytest.importorskip("minilora_jax.models.minimind")
 
@@ -39,9 +41,7 @@ def files(tmp_path_factory):
 
     normal = lambda key, shape, dtype: (0.1 * rng.normal(size=shape)).astype(dtype)  # noqa: E731
     params = mlj.init(base, jax.random.key(1), rank=4, alpha=8.0, init=normal)
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: normal(None, x.shape, x.dtype) if p[-1].key == "lora_b" else x, params
-    )
+    params = randomize_b(params, jax.random.key(2), std=0.1)
     checkpoint.save_adapters(root / "ckpt", params)
     return root, base, params
 
@@ -123,6 +123,95 @@ def test_merge_orbax_base_into_orbax(files, tmp_path, capsys):
                  "--out", str(tmp_path / "x")]) == 1
     assert "is an adapter checkpoint, not base params" in capsys.readouterr().err
 
+    # An orbax base into a .safetensors OUT: the flat params form unless asked for MiniMind's.
+    assert main(["merge", "--base", str(tmp_path / "merged"), "--adapters", str(root / "ckpt"),
+                 "--out", str(tmp_path / "twice.safetensors")]) == 0
+    flat = load_file(tmp_path / "twice.safetensors")
+    np.testing.assert_array_equal(flat["/".join(k)], twice[k[0]][k[1]][k[2]][k[3]])
+    assert main(["merge", "--base", str(tmp_path / "merged"), "--adapters", str(root / "ckpt"),
+                 "--out", str(tmp_path / "hf.safetensors"), "--out-format", "minimind",
+                 "--config", CONFIG]) == 0
+    hf = minimind.load_torch_weights(tmp_path / "hf.safetensors",
+                                     minimind.MiniMindConfig.named(CONFIG))
+    np.testing.assert_allclose(hf[k[0]][k[1]][k[2]][k[3]], twice[k[0]][k[1]][k[2]][k[3]],
+                               atol=1e-6)
+
+
+def _plain_model():
+    """A base that is not MiniMind: a torch-style (out, in) weight and a Flax kernel."""
+    rng = np.random.default_rng(3)
+    base = {"w": rng.normal(size=(4, 6)).astype(np.float32),
+            "dense": {"kernel": rng.normal(size=(4, 4)).astype(np.float32),
+                      "bias": np.zeros(4, np.float32)}}
+    fn = lambda t, x: (x @ t["w"].T) @ t["dense"]["kernel"] + t["dense"]["bias"]  # noqa: E731
+    lp = mlj.init(base, jax.random.key(0), rank=2, alpha=3.0, targets=mlj.all_kernels,
+                  apply_fn=fn, args=(jnp.ones(6),))
+    return base, randomize_b(lp, jax.random.key(1)), fn
+
+
+def test_merge_params_safetensors_base(tmp_path, capsys):
+    base, lp, fn = _plain_model()
+    assert lp["w"].layout == mlj.Layout((1,), (0,))
+    save_file({"w": base["w"], "dense/kernel": base["dense"]["kernel"],
+               "dense/bias": base["dense"]["bias"]}, str(tmp_path / "base.safetensors"))
+    checkpoint.save_adapters(tmp_path / "ckpt", lp)
+    assert main(["merge", "--base", str(tmp_path / "base.safetensors"), "--adapters",
+                 str(tmp_path / "ckpt"), "--out", str(tmp_path / "merged.safetensors")]) == 0
+    assert "wrote params" in capsys.readouterr().out
+    got = read_params(tmp_path / "merged.safetensors")
+    want = mlj.merge(lp)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    x = jnp.arange(6.0)
+    np.testing.assert_allclose(fn(got, x), mlj.wrap(fn)(lp, x), atol=1e-5)
+
+    assert main(["merge", "--base", str(tmp_path / "base.safetensors"), "--adapters",
+                 str(tmp_path / "ckpt"), "--out", str(tmp_path / "merged")]) == 0
+    import orbax.checkpoint as ocp
+
+    restored = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(tmp_path / "merged")
+    np.testing.assert_allclose(restored["w"], want["w"], atol=1e-6)
+    capsys.readouterr()
+
+    # inspect with such a base gives the full summary, layouts included.
+    assert main(["inspect", str(tmp_path / "ckpt"), "--base",
+                 str(tmp_path / "base.safetensors")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:] == str(mlj.summary(lp)).splitlines()
+    assert any(line.split()[:6] == ["w", "(4,", "6)", "in", "(6,)", "out"] for line in out)
+
+    # A base whose kernel has another shape: refused, naming the path and both shapes.
+    save_file({"w": np.zeros((4, 5), np.float32), "dense/kernel": base["dense"]["kernel"]},
+              str(tmp_path / "other.safetensors"))
+    assert main(["merge", "--base", str(tmp_path / "other.safetensors"), "--adapters",
+                 str(tmp_path / "ckpt"), "--out", str(tmp_path / "x.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "kernel at 'w' has shape (4, 5) float32 in the base" in err and "(4, 6)" in err
+
+
+def test_params_files(tmp_path):
+    tree = {"params": {"a": {"kernel": np.ones((2, 3), np.float32)}},
+            "stats": {"mean": np.zeros(3, jnp.bfloat16)}}
+    write_params(tmp_path / "p.safetensors", tree)
+    assert sorted(load_file(tmp_path / "p.safetensors")) == ["params/a/kernel", "stats/mean"]
+    back = read_params(tmp_path / "p.safetensors")
+    assert jax.tree.structure(back) == jax.tree.structure(tree)
+    assert back["stats"]["mean"].dtype == jnp.bfloat16
+    _, lp, _ = _plain_model()
+    with pytest.raises(ValueError, match="'dense/kernel' holds an adapter; merge it first"):
+        write_params(tmp_path / "q.safetensors", lp)
+
+    save_file({"a": np.ones(2), "a/b": np.ones(2)}, str(tmp_path / "clash.safetensors"))
+    with pytest.raises(ValueError, match="'a' is a tensor and also the parent of 'a/b'"):
+        read_params(tmp_path / "clash.safetensors")
+    save_file({"a//b": np.ones(2)}, str(tmp_path / "empty.safetensors"))
+    with pytest.raises(ValueError, match="key 'a//b' has an empty path component"):
+        read_params(tmp_path / "empty.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["merge", "--base", str(tmp_path / "bad.safetensors"), "--adapters",
+                 str(tmp_path), "--out", str(tmp_path / "x")]) == 1
+
 
 def test_inspect_each_format(files, tmp_path, capsys):
     root, _, params = files
@@ -130,8 +219,10 @@ def test_inspect_each_format(files, tmp_path, capsys):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"format: orbax ({root / 'ckpt'})"
-    assert any(line.split()[:6] == ["layers_3/self_attn/q_proj", "(256,", "256)", "(256,", "4)",
-                                    "(4,"] for line in lines)
+    assert "written by minilora_jax" in lines[1] and "(format version 2)" in lines[1]
+    assert any(line.split() == ["layers_3/self_attn/q_proj/kernel", "(256,", "256)", "in",
+                                "(256,)", "out", "(256,)", "(256,", "4)", "(4,", "256)", "4", "2"]
+               for line in lines)
     assert "adapter params: 65,536 in 32 adapted layers" not in result.stdout  # 8 layers
     assert "adapter params: 16,384 in 8 adapted layers" in result.stdout
 
@@ -139,6 +230,9 @@ def test_inspect_each_format(files, tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "peft")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("format: peft") and "model.layers.3.self_attn.o_proj" in out
+    # Without a base, a torch file's kernel is torch's (out, in) weight, and says so.
+    assert any(line.split()[:7] == ["model.layers.3.self_attn.o_proj", "(256,", "256)", "in",
+                                    "(256,)", "out", "(256,)"] for line in out.splitlines())
 
     assert main(["inspect", str(tmp_path / "peft"), "--base", str(root / "base.safetensors"),
                  "--config", CONFIG]) == 0

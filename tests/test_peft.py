@@ -2,18 +2,21 @@
 
 Parity tests run real Hugging Face PEFT on a torch twin of `toy_models.Stack`: its module names
 (``model.layers.<i>.q_proj``, ``model.head``) are what the default naming gives for the Flax
-paths (``layers_<i>/q_proj``, ``head``), and it computes the same function from the same weights.
+layer paths (``layers_<i>/q_proj``, ``head``), and it computes the same function from the same
+weights. Other tests do the same for kernels stored torch-style, ``(out, in)``: a plain function
+and an equinox model, whose layouts are read from ``apply_fn``.
 """
 
 import json
 import math
 
+import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
-from toy_models import Stack
+from toy_models import Stack, randomize_b
 
 import minilora_jax as mlj
 import minilora_jax.peft as mpeft
@@ -50,18 +53,22 @@ def _base(scan=False, dtype=jnp.float32):
 
 
 def _adapted(base, seed=1, **kwargs):
-    """Adapters with random A and B (B is zero after init), drawn with numpy."""
+    """Adapters with random A and B (B is zero after init); A is drawn with numpy."""
     rng = np.random.default_rng(seed)
     normal = lambda key, shape, dtype: (0.1 * rng.normal(size=shape)).astype(dtype)  # noqa: E731
     kwargs = {"rank": 3, "targets": mlj.all_kernels, "init": normal, **kwargs}
     params = mlj.init(base, jax.random.key(seed), **kwargs)
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: normal(None, x.shape, x.dtype) if p[-1].key == "lora_b" else x, params
-    )
+    return randomize_b(params, jax.random.key(seed + 100), std=0.1)
 
 
 def _ours(model, params):
     return np.asarray(mlj.wrap(model.apply)({"params": params}, jnp.asarray(X)))
+
+
+def _layouts(model):
+    """``apply_fn`` and ``args`` that let init/load read the layouts of `Stack`'s params; needed
+    for the nn.scan stack, whose 3-D kernels have no layout in the tree alone."""
+    return {"apply_fn": lambda p, x: model.apply({"params": p}, x), "args": (X,)}
 
 
 def _assert_same_adapters(a, b):
@@ -142,7 +149,7 @@ def _torch_out(model):
 def test_our_export_runs_in_peft_like_in_jax(tmp_path, scan, kwargs):
     peft = pytest.importorskip("peft")
     model, base = _base(scan=scan)
-    params = _adapted(base, **kwargs)
+    params = _adapted(base, **kwargs, **_layouts(model))
     scales = {i.scale for i in mlj.summary(params).adapters}
     assert len(scales) > 1 and 1.0 not in scales
     mlj.peft.save(tmp_path, params, base_model_name_or_path="toy/stack")
@@ -193,13 +200,13 @@ def test_peft_saved_adapters_load_and_match_peft(tmp_path, scan, rslora):
     expected = _torch_out(peft_model)
     assert np.abs(expected - plain).max() > 1e-2  # the adapters do something
 
-    params = mlj.peft.load(tmp_path, base)
+    params = mlj.peft.load(tmp_path, base, **(_layouts(model) if scan else {}))
     np.testing.assert_allclose(_ours(model, params), expected, atol=1e-5)
     infos = {i.path: i for i in mlj.summary(params).adapters}
     assert len(infos) == (4 if scan else 4 * LAYERS)
-    up = infos["layers/up_proj" if scan else "layers_1/up_proj"]
+    up = infos["layers/up_proj/kernel" if scan else "layers_1/up_proj/kernel"]
     assert up.scale == ((6 if scan else 3) / (math.sqrt(4) if rslora else 4))
-    assert infos["layers/o_proj" if scan else "layers_2/o_proj"].rank == 2
+    assert infos["layers/o_proj/kernel" if scan else "layers_2/o_proj/kernel"].rank == 2
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -241,14 +248,32 @@ def test_minimind_export_runs_in_peft_on_minimind_torch(tmp_path):
 @pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_peft_round_trip_is_exact(tmp_path, scan, dtype):
-    _, base = _base(scan=scan)
-    params = _adapted(base, alpha=7.0, rslora=True, dtype=dtype, rank_pattern={"q_proj": 2})
+    model, base = _base(scan=scan)
+    params = _adapted(base, alpha=7.0, rslora=True, dtype=dtype, rank_pattern={"q_proj": 2},
+                      **_layouts(model))
     mlj.peft.save(tmp_path, params)
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
     a = tensors["base_model.model.model.layers.2.up_proj.lora_A.weight"]
     b = tensors["base_model.model.model.layers.2.up_proj.lora_B.weight"]
     assert a.shape == (3, DIM) and b.shape == (HIDDEN, 3) and a.dtype == jnp.dtype(dtype)
-    _assert_same_adapters(mlj.peft.load(tmp_path, base), params)
+    node = params["layers" if scan else "layers_2"]["up_proj"]["kernel"]
+    want_a, want_b = (node.lora_a[2], node.lora_b[2]) if scan else (node.lora_a, node.lora_b)
+    np.testing.assert_array_equal(a, np.asarray(want_a).T)
+    np.testing.assert_array_equal(b, np.asarray(want_b).T)
+    _assert_same_adapters(mlj.peft.load(tmp_path, base, **_layouts(model)), params)
+    if not scan:  # 2-D leaves named 'kernel' need no apply_fn
+        _assert_same_adapters(mlj.peft.load(tmp_path, base), params)
+
+
+def test_adapters_half_exports_like_the_whole_tree():
+    _, base = _base()
+    params = _adapted(base, rank_pattern={"o_proj": 2})
+    whole, half = mpeft.to_torch(params), mpeft.to_torch(mlj.split(params)[0])
+    assert whole.keys() == half.keys()
+    for name, t in whole.items():
+        np.testing.assert_array_equal(t.lora_A, half[name].lora_A)
+        np.testing.assert_array_equal(t.lora_B, half[name].lora_B)
+        assert t.scale == half[name].scale
 
 
 def test_peft_config_layout(tmp_path):
@@ -277,14 +302,14 @@ def test_variables_dict_and_module_names(tmp_path):
 
 def test_minimind_round_trip_is_exact(tmp_path):
     for scan in (False, True):
-        _, base = _base(scan=scan)
-        params = _adapted(base, targets=mlj.square_kernels)
+        model, base = _base(scan=scan)
+        params = _adapted(base, targets=mlj.square_kernels, **_layouts(model))
         path = tmp_path / f"lora_{scan}.safetensors"
         save_minimind_lora(path, params)
         keys = set(load_file(str(path)))
         assert "model.layers.0.q_proj.lora.A.weight" in keys
         assert load_file(str(path))["model.layers.1.o_proj.lora.B.weight"].shape == (DIM, 3)
-        _assert_same_adapters(load_minimind_lora(path, base), params)
+        _assert_same_adapters(load_minimind_lora(path, base, **_layouts(model)), params)
 
 
 def test_minimind_pth_prefixes_and_torch_load(tmp_path):
@@ -432,10 +457,21 @@ def test_pickle_files_are_refused(tmp_path, saved):
 
 def test_partial_scan_stack_is_refused(tmp_path):
     _, unrolled = _base()
-    _, stacked = _base(scan=True)
+    model, stacked = _base(scan=True)
     params = _adapted(unrolled, targets=r"layers_[01]/q_proj")
     mlj.peft.save(tmp_path, params)
-    with pytest.raises(ValueError, match="'layers/q_proj' has 3 layers but 1 of them have no"):
+    with pytest.raises(
+        ValueError, match="'layers/q_proj/kernel' has 3 layers but 1 of them have no"
+    ):
+        mlj.peft.load(tmp_path, stacked, **_layouts(model))
+
+
+def test_scan_stack_without_apply_fn_says_to_pass_it(tmp_path):
+    _, unrolled = _base()
+    _, stacked = _base(scan=True)
+    mlj.peft.save(tmp_path, _adapted(unrolled, targets="q_proj"))
+    with pytest.raises(ValueError, match=r"'model.layers.0.q_proj' is not in the base.*"
+                                         r"'layers/.*/kernel' \(3, .*pass apply_fn="):
         mlj.peft.load(tmp_path, stacked)
 
 
@@ -465,3 +501,164 @@ def test_minimind_bad_files(tmp_path):
     (tmp_path / "evil.pth").write_bytes(b"neither a zip file nor a pickle")
     with pytest.raises(ValueError, match="weights_only=True"):
         read_minimind_lora(tmp_path / "evil.pth")
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels stored (out, in), and layouts a torch Linear cannot hold
+# --------------------------------------------------------------------------------------------
+
+
+def _torch_style(w):
+    """``f(p, x) = x @ p["w"].T`` with ``p["w"]`` a torch Linear weight ``(out, in)``."""
+    return {"w": w}, lambda p, x: x @ p["w"].T
+
+
+def test_square_out_in_kernel_exports_into_peft_with_our_outputs(tmp_path):
+    """Regression: a square (out, in) kernel exported as if it were (in, out) loads into PEFT
+    without complaint (the shapes agree) and gives other outputs."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    rng = np.random.default_rng(3)
+    p, f = _torch_style((rng.normal(size=(DIM, DIM)) / np.sqrt(DIM)).astype(np.float32))
+    lp = mlj.init(p, jax.random.key(0), rank=3, alpha=5.0, init="gaussian", apply_fn=f,
+                  args=(X,))
+    lp = randomize_b(lp, jax.random.key(1))
+    node = lp["w"]
+    assert node.layout == mlj.Layout(in_axes=(1,), out_axes=(0,))
+    want = np.asarray(mlj.wrap(f)(lp, jnp.asarray(X)))
+    assert np.abs(want - np.asarray(f(p, X))).max() > 1e-2  # the adapter does something
+    # lora_a (in, r) and lora_b (r, out) are canonical, so torch's halves are their transposes.
+    t = mpeft.to_torch(lp, module_names={"w": "proj"})["proj"]
+    np.testing.assert_array_equal(t.lora_A, np.asarray(node.lora_a).T)
+    np.testing.assert_array_equal(t.lora_B, np.asarray(node.lora_b).T)
+    mlj.peft.save(tmp_path, lp, module_names={"w": "proj"})
+
+    class Twin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(DIM, DIM, bias=False)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    twin = Twin()
+    with torch.no_grad():
+        twin.proj.weight.copy_(torch.from_numpy(p["w"]))  # the same (out, in) array
+    peft_model = peft.PeftModel.from_pretrained(twin, str(tmp_path)).eval()
+    np.testing.assert_allclose(_torch_out(peft_model), want, atol=1e-5)
+
+
+def _attention():
+    mha = linen.MultiHeadDotProductAttention(num_heads=2, qkv_features=DIM)
+    x = jnp.asarray(X)[None]  # (batch 1, length 5, DIM)
+    params = mha.init(jax.random.key(0), x)["params"]
+    return params, {"apply_fn": lambda p, x: mha.apply({"params": p}, x), "args": (x,)}
+
+
+@pytest.mark.parametrize(
+    "target, layout",
+    [("query", r"in \(8,\) out \(2, 4\)"), ("out", r"in \(2, 4\) out \(8,\)")],
+)
+def test_multi_axis_layouts_are_refused_on_export(tmp_path, target, layout):
+    params, layouts = _attention()
+    lp = mlj.init(params, jax.random.key(1), rank=2, targets=f"{target}/kernel", **layouts)
+    lp = randomize_b(lp, jax.random.key(2))
+    message = rf"'{target}/kernel' .*layout {layout}.*one in axis and one out axis"
+    with pytest.raises(ValueError, match=message):
+        mlj.peft.save(tmp_path, lp)
+    with pytest.raises(ValueError, match=message):
+        save_minimind_lora(tmp_path / "lora.safetensors", lp, fold_scale=True)
+    assert not (tmp_path / "adapter_config.json").exists()
+
+
+def test_per_head_batch_axis_outside_a_layer_stack_is_refused():
+    heads, d_in, d_out = 2, 4, 3
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(heads, d_in, d_out)), jnp.float32)
+    f = lambda p, x: jnp.einsum("bhi,hio->bho", x, p["heads"]["w"])  # noqa: E731
+    lp = mlj.init({"heads": {"w": w}}, jax.random.key(0), rank=2, targets="w", apply_fn=f,
+                  args=(jnp.ones((1, heads, d_in)),))
+    with pytest.raises(ValueError, match=r"'heads/w' .*layout in \(4,\) out \(3,\) batch \(2,\)"
+                                         r".*not the layer axis of an nn.scan stack"):
+        mpeft.to_torch(lp)
+
+
+def test_load_refuses_a_module_whose_kernel_has_several_axes(tmp_path):
+    params, layouts = _attention()
+    t = mpeft.TorchAdapter(np.ones((2, DIM), np.float32), np.ones((DIM, 2), np.float32), 1.0)
+    mpeft.write(tmp_path, {"model.query": t})
+    with pytest.raises(ValueError, match=r"module 'model.query' is 'query/kernel' in the base, "
+                                         r"which cannot take it: .*one in axis and one out"):
+        mlj.peft.load(tmp_path, params, **layouts)
+
+
+def _equinox_mlp(widths, key):
+    eqx = pytest.importorskip("equinox")
+
+    class MLP(eqx.Module):
+        layers: list
+
+        def __call__(self, x):
+            for layer in self.layers[:-1]:
+                x = jax.nn.tanh(layer(x))
+            return self.layers[-1](x)
+
+    pairs = zip(widths[:-1], widths[1:], jax.random.split(key, len(widths) - 1), strict=True)
+    return MLP([eqx.nn.Linear(a, b, key=k) for a, b, k in pairs])
+
+
+def test_peft_directory_loads_onto_out_in_equinox_weights(tmp_path):
+    """PEFT's adapters on torch Linears load onto an equinox model, whose ``weight`` is
+    ``(out, in)`` like torch's, and give PEFT's outputs; the default names fit
+    (``layers/1/weight`` -> ``model.layers.1``)."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    widths = (DIM, DIM, HIDDEN, 3)  # one square layer, where a swapped layout would still fit
+    model = _equinox_mlp(widths, jax.random.key(0))
+    run = lambda m, x: jax.vmap(m)(x)  # noqa: E731
+
+    class Twin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.layers = torch.nn.ModuleList(
+                torch.nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)
+            )
+
+        def forward(self, x):
+            for layer in self.model.layers[:-1]:
+                x = torch.tanh(layer(x))
+            return self.model.layers[-1](x)
+
+    twin = Twin().eval()
+    with torch.no_grad():
+        for theirs, ours in zip(twin.model.layers, model.layers, strict=True):
+            theirs.weight.copy_(torch.from_numpy(np.array(ours.weight)))
+            theirs.bias.copy_(torch.from_numpy(np.array(ours.bias)))
+    plain = _torch_out(twin)
+    np.testing.assert_allclose(plain, np.asarray(run(model, X)), atol=1e-5)
+    config = peft.LoraConfig(r=3, lora_alpha=4, target_modules=["layers.0", "layers.1"],
+                             rank_pattern={"layers.1": 2}, init_lora_weights=False)
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(twin, config).eval()
+    peft_model.save_pretrained(str(tmp_path))
+    expected = _torch_out(peft_model)
+    assert np.abs(expected - plain).max() > 1e-2  # the adapters do something
+
+    with pytest.raises(ValueError, match=r"module 'model.layers.0' is 'layers/0/weight' in the "
+                                         r"base, which cannot take it: .*pass apply_fn="):
+        mlj.peft.load(tmp_path, model)
+    loaded = mlj.peft.load(tmp_path, model, apply_fn=run, args=(X,))
+    first, second = loaded.layers[0].weight, loaded.layers[1].weight
+    assert first.layout == mlj.Layout(in_axes=(1,), out_axes=(0,))
+    assert (first.lora_a.shape, first.lora_b.shape) == ((DIM, 3), (3, DIM))
+    assert (second.lora_a.shape, second.lora_b.shape, second.scale) == ((DIM, 2), (2, HIDDEN), 2.0)
+    assert not mlj.is_lora(loaded.layers[2].weight)
+    np.testing.assert_allclose(np.asarray(mlj.wrap(run)(loaded, X)), expected, atol=1e-5)
+    # And back: our export of the equinox adapters is the directory PEFT wrote.
+    mlj.peft.save(tmp_path / "ours", loaded)
+    theirs, ours = mlj.peft.read(tmp_path), mlj.peft.read(tmp_path / "ours")
+    assert theirs.keys() == ours.keys()
+    for name, t in theirs.items():
+        np.testing.assert_array_equal(ours[name].lora_A, t.lora_A)
+        np.testing.assert_array_equal(ours[name].lora_B, t.lora_B)
+        assert ours[name].scale == t.scale

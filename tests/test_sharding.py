@@ -29,15 +29,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import minilora_jax as mlj
+from minilora_jax._tree import flatten, path_str
 from minilora_jax.models.minimind import MiniMindConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
 import train_sharded as ts  # noqa: E402
+from toy_models import randomize_b  # noqa: E402
 
 SCRIPT = ROOT / "experiments" / "train_sharded.py"
 IN_CHILD = os.environ.get("MINILORA_SHARDING_CHILD") == "1"
@@ -86,8 +89,15 @@ def eval_rows() -> np.ndarray:
 
 
 def leaves_by_path(tree) -> dict[str, object]:
+    """Every array leaf by its path; an adapter's arrays as ``.../kernel/lora_a`` and so on."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(k.key) for k in path): leaf for path, leaf in flat}
+    return {path_str(path): leaf for path, leaf in flat}
+
+
+def lora_nodes(tree) -> dict[str, mlj.Lora]:
+    """The `mlj.Lora` nodes of ``tree`` by the path of the kernel they stand in for."""
+    names, leaves, _ = flatten(tree)
+    return {name: leaf for name, leaf in zip(names, leaves, strict=True) if mlj.is_lora(leaf)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,6 +194,51 @@ def _abstract_adapted(base, **kwargs):
     return jax.eval_shape(lambda: mlj.init(base, jax.random.key(0), **kwargs))
 
 
+def _out_in(p, x):
+    """A torch-style layer: ``w`` is stored (out, in)."""
+    return jnp.tanh(x @ p["w"].T + p["b"])
+
+
+OUT_IN_BASE = {"w": jnp.zeros((16, 32)), "b": jnp.zeros(16)}  # 16 out, 32 in
+
+
+def _out_in_adapted(base=OUT_IN_BASE, **kwargs):
+    x = jax.ShapeDtypeStruct((2, 32), jnp.float32)
+    return mlj.init(
+        base, jax.random.key(0), rank=2, targets="w", apply_fn=_out_in, args=(x,), **kwargs
+    )
+
+
+class _ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return jnp.tanh(nn.Dense(16, use_bias=False, name="q")(x)), None
+
+
+class _Scanned(nn.Module):
+    """Three ``_ScanBlock`` s stacked by ``nn.scan`` with the layer axis at ``layer_axis``."""
+
+    layer_axis: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(
+            _ScanBlock,
+            variable_axes={"params": self.layer_axis},
+            split_rngs={"params": True},
+            length=4,
+        )
+        return scan(name="layers")(x, None)[0]
+
+
+def _scanned(layer_axis: int):
+    """``(model, params, apply_fn, x)`` of a `_Scanned` whose kernel is 3-D."""
+    model = _Scanned(layer_axis)
+    x = jnp.ones((2, 16))
+    params = model.init(jax.random.key(0), x)["params"]
+    return model, params, lambda p, x: model.apply({"params": p}, x), x
+
+
 def test_shardings_follow_the_kernel_axis_by_axis():
     base = {
         "q": {"kernel": jnp.zeros((16, 16))},
@@ -191,19 +246,71 @@ def test_shardings_follow_the_kernel_axis_by_axis():
         "norm": {"weight": jnp.ones(16)},
     }
     specs = {"q": {"kernel": P("fsdp", "tp")}, "o": {"kernel": P("tp")}, "norm": {"weight": P()}}
-    out = mlj.shardings(_abstract_adapted(base, rank=2), specs)
-    assert out["q"]["lora_a"] == P("fsdp", None) and out["q"]["lora_b"] == P(None, "tp")
-    assert out["o"]["lora_a"] == P("tp", None) and out["o"]["lora_b"] == P(None, None)
-    assert out["q"]["kernel"] == P("fsdp", "tp") and out["norm"]["weight"] == P()
-    assert isinstance(out["q"]["lora_scale"], mlj.LoraScale)
+    lp = _abstract_adapted(base, rank=2, alpha=4.0)
+    out = mlj.shardings(lp, specs)
+    q, o = out["q"]["kernel"], out["o"]["kernel"]
+    assert mlj.is_lora(q) and (q.scale, q.layout) == (2.0, mlj.Layout.dense())
+    assert (q.kernel, q.lora_a, q.lora_b) == (P("fsdp", "tp"), P("fsdp", None), P(None, "tp"))
+    assert (o.lora_a, o.lora_b) == (P("tp", None), P(None, None))
+    assert out["norm"]["weight"] == P()
 
 
-def test_shardings_keep_the_layer_axis_of_scanned_layers():
-    base = {"layers": {"q": {"kernel": jnp.zeros((3, 16, 16))}}}
-    specs = {"layers": {"q": {"kernel": P("stage", ("fsdp", "data"), "tp")}}}
-    out = mlj.shardings(_abstract_adapted(base, rank=2), specs)["layers"]["q"]
-    assert out["lora_a"] == P("stage", ("fsdp", "data"), None)
-    assert out["lora_b"] == P("stage", None, "tp")
+def test_shardings_of_an_out_in_kernel_follow_its_layout():
+    lp = _out_in_adapted()
+    node = lp["w"]
+    assert node.layout == mlj.Layout((1,), (0,))  # read from the program, not assumed
+    out = mlj.shardings(lp, {"w": P("tp", "fsdp"), "b": P("tp")})["w"]
+    # lora_a (in, r) takes the kernel's in axis (its axis 1), lora_b (r, out) its axis 0.
+    assert (out.kernel, out.lora_a, out.lora_b) == (P("tp", "fsdp"), P("fsdp", None), P(None, "tp"))
+
+
+@pytest.mark.parametrize("layer_axis", [0, 1])
+def test_shardings_keep_the_layer_axis_of_scanned_layers(layer_axis):
+    _, params, apply_fn, x = _scanned(layer_axis)
+    kernel = params["layers"]["q"]["kernel"]
+    assert kernel.shape[layer_axis] == 4 and kernel.ndim == 3
+    lp = mlj.init(params, jax.random.key(1), rank=2, apply_fn=apply_fn, args=(x,))
+    node = lp["layers"]["q"]["kernel"]
+    assert node.layout.batch_axes == (layer_axis,)
+    entries = ["fsdp", "tp"]
+    entries.insert(layer_axis, "stage")  # the layer axis over "stage", in over fsdp, out over tp
+    out = mlj.shardings(lp, {"layers": {"q": {"kernel": P(*entries)}}})["layers"]["q"]["kernel"]
+    assert out.kernel == P(*entries)
+    assert out.lora_a == P("stage", "fsdp", None)  # (layers, in, r)
+    assert out.lora_b == P("stage", None, "tp")  # (layers, r, out)
+
+
+def test_shardings_of_a_kernel_with_two_in_axes():
+    model = nn.DenseGeneral(12, axis=(-2, -1), use_bias=False)
+    x = jnp.ones((2, 4, 8))
+    params = model.init(jax.random.key(0), x)["params"]  # kernel (4, 8, 12): in (4, 8), out 12
+    lp = jax.eval_shape(
+        lambda: mlj.init(
+            params, jax.random.key(1), rank=2, targets="kernel",
+            apply_fn=lambda p, x: model.apply({"params": p}, x), args=(x,),
+        )
+    )  # fmt: skip
+    assert lp["kernel"].layout == mlj.Layout((0, 1), (2,))
+    out = mlj.shardings(lp, {"kernel": P("tp", None, "fsdp")})["kernel"]
+    assert (out.lora_a, out.lora_b) == (P("tp", None, None), P(None, "fsdp"))
+
+
+def test_shardings_of_an_equinox_module():
+    eqx = pytest.importorskip("equinox")
+    model = eqx.nn.Linear(32, 16, key=jax.random.key(0))  # weight (16, 32): (out, in)
+    params, static = eqx.partition(model, eqx.is_array)
+    x = jnp.ones(32)
+    lp = mlj.init(
+        params, jax.random.key(1), rank=2, targets="weight",
+        apply_fn=lambda p, x: eqx.combine(p, static)(x), args=(x,),
+    )  # fmt: skip
+    specs = jax.tree.map(lambda a: P("tp", "fsdp") if a.ndim == 2 else P("tp"), params)
+    out = mlj.shardings(lp, specs)
+    assert (out.weight.lora_a, out.weight.lora_b, out.bias) == (
+        P("fsdp", None), P(None, "tp"), P("tp")
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="kernel of the adapter at 'weight'"):
+        mlj.shardings(lp, {"weight": P()})
 
 
 def test_shardings_tree_lines_up_with_params_for_jit():
@@ -212,37 +319,57 @@ def test_shardings_tree_lines_up_with_params_for_jit():
     specs = {"q": {"kernel": P("fsdp", "tp")}, "k": {"kernel": P(None, "tp")}}
     lp = mlj.init(base, jax.random.key(0), rank=2)
     out = mlj.shardings(lp, specs, mesh=mesh)
-    # Same structure, LoraScale nodes included, so the tree serves as out_shardings.
-    assert jax.tree.structure(out, is_leaf=lambda x: isinstance(x, NamedSharding)) == (
-        jax.tree.structure(lp)
-    )
+    # Same structure, Lora nodes (scale and layout) included, so the tree serves as out_shardings.
+    assert jax.tree.structure(out) == jax.tree.structure(lp)
     placed = jax.jit(lambda p: p, out_shardings=out)(lp)
-    assert placed["q"]["lora_b"].sharding.spec == P(None, "tp")
+    assert placed["q"]["kernel"].lora_b.sharding.spec == P(None, "tp")
+    assert placed["k"]["kernel"].sharding.spec == P(None, "tp")
     # A sharding tree that matches the adapted tree (built with jax.tree.map) works as well.
     from_arrays = mlj.shardings(lp, jax.tree.map(lambda x: x.sharding, placed))
-    assert from_arrays["q"]["lora_a"].spec == P("fsdp", None)
+    assert from_arrays["q"]["kernel"].lora_a.spec == P("fsdp", None)
+    assert jax.tree.structure(from_arrays) == jax.tree.structure(lp)
+
+
+def test_shardings_of_the_adapters_half_line_up_with_it():
+    base = {"q": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)}}
+    adapters, _ = mlj.split(mlj.init(base, jax.random.key(0), rank=2))
+    specs = {"q": {"kernel": P("fsdp", "tp"), "bias": P("tp")}}
+    out = mlj.shardings(adapters, specs)
+    node = out["q"]["kernel"]
+    assert (node.kernel, node.lora_a, node.lora_b) == (None, P("fsdp", None), P(None, "tp"))
+    assert out["q"]["bias"] is None
+    assert jax.tree.structure(out) == jax.tree.structure(adapters)
+    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"))
+    placed = jax.jit(lambda a: a, out_shardings=mlj.shardings(adapters, specs, mesh=mesh))(adapters)
+    assert placed["q"]["kernel"].lora_a.sharding.spec == P("fsdp", None)
 
 
 def test_shardings_accept_a_prefix_and_single_device_shardings():
     base = {"blocks": {"q": {"kernel": jnp.zeros((8, 8))}}}
     lp = _abstract_adapted(base, rank=2)
-    assert mlj.shardings(lp, {"blocks": P()})["blocks"]["q"]["lora_a"] == P(None, None)
+    node = mlj.shardings(lp, {"blocks": P()})["blocks"]["q"]["kernel"]
+    assert (node.kernel, node.lora_a, node.lora_b) == (P(), P(None, None), P(None, None))
     single = SingleDeviceSharding(jax.devices()[0])
-    assert mlj.shardings(lp, single)["blocks"]["q"]["lora_b"] == single
+    node = mlj.shardings(lp, single)["blocks"]["q"]["kernel"]
+    assert node.kernel == node.lora_a == node.lora_b == single
 
 
 def test_shardings_errors_name_the_path():
     base = {"layer": {"q": {"kernel": jnp.zeros((8, 8))}, "n": {"w": jnp.ones(8)}}}
     lp = _abstract_adapted(base, rank=2)
-    with pytest.raises(ValueError, match="kernel of the adapter at 'layer/q'"):
+    with pytest.raises(
+        ValueError, match=r"kernel of the adapter at 'layer/q/kernel'; at 'layer/q'"
+    ):
         mlj.shardings(lp, {"layer": {"q": {}, "n": {"w": P()}}})
-    with pytest.raises(ValueError, match="kernel of the adapter at 'layer/q'"):
+    with pytest.raises(ValueError, match="kernel of the adapter at 'layer/q/kernel' .*None"):
         mlj.shardings(lp, {"layer": {"q": {"kernel": None}, "n": {"w": P()}}})
-    with pytest.raises(ValueError, match="'layer/n'"):
+    with pytest.raises(ValueError, match="no entry for 'layer/n/w'; at 'layer' it holds \\['q'\\]"):
         mlj.shardings(lp, {"layer": {"q": {"kernel": P()}}})
     with pytest.raises(ValueError, match="'layer/q/kernel'.*3 axes"):
         mlj.shardings(lp, {"layer": {"q": {"kernel": P("a", "b", "c")}, "n": {"w": P()}}})
-    with pytest.raises(TypeError, match="'layer/q/lora_a'.*NamedSharding or a PartitionSpec"):
+    with pytest.raises(ValueError, match="subtree at 'layer/n/w'"):
+        mlj.shardings(lp, {"layer": {"q": {"kernel": P()}, "n": {"w": {"x": P()}}}})
+    with pytest.raises(TypeError, match="'layer/q/kernel'.*NamedSharding or a PartitionSpec"):
         mlj.shardings(lp, {"layer": {"q": {"kernel": "fsdp"}, "n": {"w": P()}}})
 
 
@@ -252,32 +379,51 @@ def test_init_sharded_matches_init_and_places_adapters():
     base = {"q": {"kernel": jax.device_put(jnp.ones((16, 16)), sharding)}}
     lp = mlj.init_sharded(base, jax.random.key(3), rank=4, alpha=8.0)
     plain = mlj.init({"q": {"kernel": jnp.ones((16, 16))}}, jax.random.key(3), rank=4, alpha=8.0)
+    node, want = lp["q"]["kernel"], plain["q"]["kernel"]
     # The same draws; jit fuses the scaling, so equal to float32 rounding.
-    np.testing.assert_allclose(lp["q"]["lora_a"], plain["q"]["lora_a"], rtol=1e-6)
-    assert lp["q"]["kernel"] is base["q"]["kernel"]  # the base is not copied
-    assert lp["q"]["lora_a"].sharding.spec == P("fsdp", None)
-    assert float(lp["q"]["lora_scale"]) == 2.0
+    np.testing.assert_allclose(node.lora_a, want.lora_a, rtol=1e-6)
+    assert node.kernel is base["q"]["kernel"]  # the base is not copied
+    assert node.lora_a.sharding.spec == P("fsdp", None)
+    assert (node.scale, node.layout) == (2.0, mlj.Layout.dense())
     # From PartitionSpecs plus a mesh, with abstract kernels.
     abstract = {"q": {"kernel": jax.ShapeDtypeStruct((16, 16), jnp.float32)}}
     lp = mlj.init_sharded(
         abstract, jax.random.key(3), {"q": {"kernel": P(None, "tp")}}, mesh=mesh, rank=4
     )
-    assert lp["q"]["lora_b"].sharding.spec == P(None, "tp")
-    with pytest.raises(ValueError, match=r"\['q'\]\['kernel'\].*has no sharding"):
+    assert lp["q"]["kernel"].lora_b.sharding.spec == P(None, "tp")
+    with pytest.raises(ValueError, match="'q/kernel' \\(ndarray\\) has no sharding"):
         mlj.init_sharded({"q": {"kernel": np.ones((16, 16))}}, jax.random.key(3), rank=4)
+
+
+def test_init_sharded_passes_apply_fn_to_init():
+    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"))
+    specs = {"w": P("tp", "fsdp"), "b": P("tp")}
+    base = jax.device_put(OUT_IN_BASE, mlj.shardings(OUT_IN_BASE, specs, mesh=mesh))
+    x = jax.ShapeDtypeStruct((2, 32), jnp.float32)
+    lp = mlj.init_sharded(base, jax.random.key(0), rank=2, targets="w", apply_fn=_out_in, args=(x,))
+    node, want = lp["w"], _out_in_adapted()["w"]
+    assert node.layout == want.layout == mlj.Layout((1,), (0,))
+    np.testing.assert_allclose(node.lora_a, want.lora_a, rtol=1e-6)
+    assert node.lora_a.sharding.spec == P("fsdp", None)
+    assert node.lora_b.sharding.spec == P(None, "tp")
+    assert lp["b"] is base["b"]
+    # Without apply_fn a leaf named 'w' has no known layout: init's error comes through.
+    with pytest.raises(ValueError, match=r"'w' \(16, 32\).*pass apply_fn"):
+        mlj.init_sharded(base, jax.random.key(0), rank=2, targets="w")
 
 
 def test_optimizer_shardings_follow_the_adapters():
     mesh = jax.make_mesh((1, 1), ("fsdp", "tp"))
-    base = {"q": {"kernel": jnp.ones((8, 8))}}
+    base = {"q": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)}}
     adapters, _ = mlj.split(mlj.init(base, jax.random.key(0), rank=2))
-    adapter_sh = mlj.shardings(adapters, {"q": {"kernel": P("fsdp", "tp")}}, mesh=mesh)
+    specs = {"q": {"kernel": P("fsdp", "tp"), "bias": P()}}
+    adapter_sh = mlj.shardings(adapters, specs, mesh=mesh)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
     state_sh = mlj.optimizer_shardings(tx, adapters, adapter_sh)
     state = jax.jit(tx.init, out_shardings=state_sh)(adapters)
     adam = state[1][0]
-    assert adam.mu["q"]["lora_a"].sharding.spec == P("fsdp", None)
-    assert adam.nu["q"]["lora_b"].sharding.spec == P(None, "tp")
+    assert adam.mu["q"]["kernel"].lora_a.sharding.spec == P("fsdp", None)
+    assert adam.nu["q"]["kernel"].lora_b.sharding.spec == P(None, "tp")
     assert adam.count.sharding.spec == P()
 
 
@@ -304,10 +450,11 @@ def _host_base() -> dict:
     return jax.tree.map(np.asarray, _trained(4, 2)[0].base)
 
 
-def _expected_adapter_specs(path: str, lead: tuple) -> tuple[P, P]:
-    if path.split("/")[-1] in ("o_proj", "down_proj"):  # row-parallel: kernel P("tp", "fsdp")
-        return P(*lead, "tp", None), P(*lead, None, "fsdp")
-    return P(*lead, "fsdp", None), P(*lead, None, "tp")  # column-parallel: P("fsdp", "tp")
+def _expected_specs(path: str, lead: tuple) -> tuple[P, P, P]:
+    """MiniMind's (kernel, lora_a, lora_b) specs; ``lead`` is the scan layout's layer axis."""
+    if path.split("/")[-2] in ("o_proj", "down_proj"):  # row-parallel: in over tp, out over fsdp
+        return P(*lead, "tp", "fsdp"), P(*lead, "tp", None), P(*lead, None, "fsdp")
+    return P(*lead, "fsdp", "tp"), P(*lead, "fsdp", None), P(*lead, None, "tp")
 
 
 @on_eight_devices
@@ -329,12 +476,14 @@ def test_sharded_losses_equal_single_device_losses():
 @on_eight_devices
 def test_base_bytes_per_device_scale_as_one_over_devices():
     per_device = {}
+    run8 = _trained(4, 2)[0]
     for fsdp, tp in ((4, 2), (2, 2), (2, 1), (1, 1)):
         if (fsdp, tp) == (4, 2):
             run = _trained(4, 2)[0]  # made inside jit with out_shardings
             base, shardings = run.base, run.base_shardings
         else:
-            shardings = ts.base_shardings(_host_base(), mesh(fsdp, tp))
+            layouts = ts.kernel_layouts(run8.model, _host_base())
+            shardings = ts.base_shardings(_host_base(), layouts, mesh(fsdp, tp))
             base = jax.device_put(_host_base(), shardings)
         n = fsdp * tp
         specs = leaves_by_path(shardings)
@@ -355,27 +504,30 @@ def test_base_bytes_per_device_scale_as_one_over_devices():
 @on_eight_devices
 def test_adapters_and_optimizer_state_have_the_derived_shardings():
     # Arrays: the trained run (scan layout, a leading layer axis that stays unsplit).
+    # Arrays: the trained run (scan layout, a leading layer axis that stays unsplit).
     run, _ = _trained(4, 2)
     base = leaves_by_path(run.base)
-    adapters = leaves_by_path(run.adapters)
-    mu = leaves_by_path(run.opt_state[1][0].mu)
-    derived = leaves_by_path(run.adapter_shardings)
-    layers = {name.rsplit("/", 1)[0] for name in adapters}
-    assert layers == {"layers/self_attn/q_proj", "layers/self_attn/o_proj"}  # square kernels
-    for layer in layers:
-        kernel = base[f"{layer}/kernel"]
-        want_a, want_b = _expected_adapter_specs(layer, (None,))
-        a, b = adapters[f"{layer}/lora_a"], adapters[f"{layer}/lora_b"]
-        assert a.sharding.is_equivalent_to(NamedSharding(run.mesh, want_a), a.ndim), layer
-        assert b.sharding.is_equivalent_to(NamedSharding(run.mesh, want_b), b.ndim), layer
-        assert a.sharding.is_equivalent_to(derived[f"{layer}/lora_a"], a.ndim), layer
-        assert b.sharding.is_equivalent_to(derived[f"{layer}/lora_b"], b.ndim), layer
-        assert kernel.sharding.spec[-2] == a.sharding.spec[-2]
-        assert kernel.sharding.spec[-1] == b.sharding.spec[-1]
-        assert mu[f"{layer}/lora_a"].sharding.is_equivalent_to(a.sharding, a.ndim), layer
-        # lora_a's d_in is split like the kernel's: each shard holds d_in / 4 (or / 2) rows.
-        rows = a.shape[-2] // run.mesh.shape[want_a[-2]]
-        assert all(s.data.shape == (a.shape[0], rows, a.shape[-1]) for s in a.addressable_shards)
+    adapters = lora_nodes(run.adapters)
+    mu = lora_nodes(run.opt_state[1][0].mu)
+    derived = lora_nodes(run.adapter_shardings)
+    # The square kernels, (layers, in, out) as the program shows.
+    assert adapters.keys() == {"layers/self_attn/q_proj/kernel", "layers/self_attn/o_proj/kernel"}
+    for path, node in adapters.items():
+        assert node.layout == mlj.Layout.dense(stacked=1) and node.kernel is None, path
+        want_kernel, want_a, want_b = _expected_specs(path, (None,))
+        kernel, a, b = base[path], node.lora_a, node.lora_b
+        assert kernel.sharding.is_equivalent_to(NamedSharding(run.mesh, want_kernel), 3), path
+        assert a.sharding.is_equivalent_to(NamedSharding(run.mesh, want_a), a.ndim), path
+        assert b.sharding.is_equivalent_to(NamedSharding(run.mesh, want_b), b.ndim), path
+        assert derived[path].kernel is None, path
+        assert a.sharding.is_equivalent_to(derived[path].lora_a, a.ndim), path
+        assert b.sharding.is_equivalent_to(derived[path].lora_b, b.ndim), path
+        assert mu[path].lora_a.sharding.is_equivalent_to(a.sharding, a.ndim), path
+        assert mu[path].lora_b.sharding.is_equivalent_to(b.sharding, b.ndim), path
+        # lora_a's d_in (axis 1) is split like the kernel's: each shard holds d_in / 4 (or / 2).
+        layers, d_in, r = a.shape
+        rows = d_in // run.mesh.shape[want_a[1]]
+        assert all(s.data.shape == (layers, rows, r) for s in a.addressable_shards), path
     # Shapes only: the unrolled layout, all four layers, no arrays made.
     config = tiny_config().replace(scan_layers=False)
     model = ts.MiniMind(config)
@@ -383,10 +535,12 @@ def test_adapters_and_optimizer_state_have_the_derived_shardings():
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     )
     adapted = jax.eval_shape(lambda: mlj.init(abstract, jax.random.key(1), rank=4))
-    out = leaves_by_path(mlj.shardings(adapted, ts.base_shardings(abstract, run.mesh)))
-    for layer in {name.rsplit("/", 1)[0] for name in out if name.endswith("lora_a")}:
-        want_a, want_b = _expected_adapter_specs(layer, ())
-        assert (out[f"{layer}/lora_a"].spec, out[f"{layer}/lora_b"].spec) == (want_a, want_b)
+    specs = ts.base_shardings(abstract, ts.kernel_layouts(model, abstract), run.mesh)
+    out = lora_nodes(mlj.shardings(adapted, specs))
+    assert len(out) == 2 * SETTINGS["num_layers"]
+    for path, node in out.items():
+        want = _expected_specs(path, ())
+        assert (node.kernel.spec, node.lora_a.spec, node.lora_b.spec) == want, path
 
 
 @on_eight_devices
@@ -400,12 +554,13 @@ def test_merge_of_sharded_params_stays_sharded():
         for name, kernel in kernels.items():
             assert out[name].sharding.is_equivalent_to(kernel.sharding, kernel.ndim), name
             assert all(s.data.nbytes * 8 == kernel.nbytes for s in out[name].addressable_shards)
-    layer = leaves_by_path(run.adapters)
-    q = "layers/self_attn/q_proj"
-    want = np.asarray(kernels[f"{q}/kernel"]) + np.einsum(
-        "lir,lro->lio", np.asarray(layer[f"{q}/lora_a"]), np.asarray(layer[f"{q}/lora_b"])
+    q = "layers/self_attn/q_proj/kernel"
+    node = lora_nodes(run.adapters)[q]
+    assert node.layout == mlj.Layout.dense(stacked=1)  # (layers, in, out)
+    want = np.asarray(kernels[q]) + node.scale * np.einsum(
+        "lir,lro->lio", np.asarray(node.lora_a), np.asarray(node.lora_b)
     )
-    np.testing.assert_allclose(np.asarray(out[f"{q}/kernel"]), want, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out[q]), want, atol=1e-5)
 
 
 @on_eight_devices
@@ -428,8 +583,9 @@ def test_checkpoint_restores_onto_other_meshes():
         for n, run in restored.items():
             ts.restore_state(Path(tmp) / "state", run)
             assert jax.tree.structure(run.adapters) == jax.tree.structure(run8.adapters)
-            scale = run.adapters["layers"]["self_attn"]["q_proj"]["lora_scale"]
-            assert isinstance(scale, mlj.LoraScale) and float(scale) == 1.0
+            node = run.adapters["layers"]["self_attn"]["q_proj"]["kernel"]
+            assert mlj.is_lora(node) and node.kernel is None
+            assert (node.scale, node.layout) == (1.0, mlj.Layout.dense(stacked=1))
             for name, leaf in leaves_by_path(run.adapters).items():
                 np.testing.assert_array_equal(np.asarray(leaf), saved[name], err_msg=name)
                 want = leaves_by_path(run.adapter_shardings)[name]
@@ -439,6 +595,45 @@ def test_checkpoint_restores_onto_other_meshes():
         # The optimizer state came back too: training goes on as it would have.
         losses = ts.train(restored[1], batches(STEPS), 1)
         np.testing.assert_allclose(losses[0], next_loss8, rtol=1e-5)
+
+
+def _check_sharded_forward(name, apply_fn, params, specs, x):
+    """``apply_fn`` wrapped, on ``params`` sharded by ``specs`` over 4x2, equals it unsharded."""
+    run_mesh = mesh(4, 2)
+    params = randomize_b(params, jax.random.key(7))  # a zero B would hide a dropped adapter
+    shardings = mlj.shardings(params, specs, mesh=run_mesh)
+    placed = jax.device_put(params, shardings)
+    wrapped = mlj.wrap(apply_fn)
+    for path, node in lora_nodes(placed).items():  # every adapter really is split
+        want = lora_nodes(shardings)[path]
+        for part in ("kernel", "lora_a", "lora_b"):
+            array = getattr(node, part)
+            assert array.sharding.is_equivalent_to(getattr(want, part), array.ndim), (name, part)
+            assert len({s.data.shape for s in array.addressable_shards}) == 1
+            assert array.addressable_shards[0].data.size < array.size, (name, part)
+    sharded = jax.jit(wrapped)(placed, x)
+    unsharded = jax.jit(wrapped)(jax.device_put(params, jax.devices()[0]), x)
+    merged = apply_fn(mlj.merge(params), x)
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(unsharded), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(merged), rtol=1e-4, atol=1e-4)
+    assert float(jnp.abs(unsharded - apply_fn(mlj.split(params)[1], x)).max()) > 1e-3
+
+
+@on_eight_devices
+def test_sharded_wrapped_forward_equals_unsharded():
+    # An (out, in) kernel: out over tp, in over fsdp.
+    x = jax.random.normal(jax.random.key(1), (4, 32))
+    base = jax.tree.map(lambda a: jax.random.normal(jax.random.key(2), a.shape) / 4, OUT_IN_BASE)
+    params = _out_in_adapted(base)
+    _check_sharded_forward("out_in", _out_in, params, {"w": P("tp", "fsdp"), "b": P("tp")}, x)
+    # nn.scan with the layer axis at 1: kernel (in, layers, out), layers over tp, in over fsdp.
+    _, params, apply_fn, _ = _scanned(layer_axis=1)
+    x = jax.random.normal(jax.random.key(3), (4, 16))
+    params = mlj.init(params, jax.random.key(4), rank=2, apply_fn=apply_fn, args=(x,))
+    specs = {"layers": {"q": {"kernel": P("fsdp", "tp", None)}}}
+    node = mlj.shardings(params, specs)["layers"]["q"]["kernel"]
+    assert (node.lora_a, node.lora_b) == (P("tp", "fsdp", None), P("tp", None, None))
+    _check_sharded_forward("scan_axis_1", apply_fn, params, specs, x)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import minilora_jax as mlj
+
 
 class Nested(nn.Module):
     """A Dense buried ``depth`` modules deep: params at ``inner/inner/.../dense/kernel``."""
@@ -126,11 +128,14 @@ class WithCustom(nn.Module):
 
 
 def randomize_b(params, key, std=0.5):
-    """The same tree with every ``lora_b`` replaced by random values (B is zero after init)."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for (path, leaf), k in zip(leaves, keys, strict=True):
-        name = getattr(path[-1], "key", None)
-        out.append(std * jax.random.normal(k, leaf.shape, leaf.dtype) if name == "lora_b" else leaf)
-    return jax.tree_util.tree_unflatten(treedef, out)
+    """The same tree with every adapter's ``lora_b`` random (B is zero after init)."""
+    nodes = [x for x in jax.tree.leaves(params, is_leaf=mlj.is_lora) if mlj.is_lora(x)]
+    keys = iter(jax.random.split(key, max(len(nodes), 1)))
+
+    def fill(x):
+        if not mlj.is_lora(x):
+            return x
+        b = std * jax.random.normal(next(keys), x.lora_b.shape, jnp.float32)
+        return x.replace(lora_b=b.astype(x.lora_b.dtype))
+
+    return jax.tree.map(fill, params, is_leaf=mlj.is_lora)

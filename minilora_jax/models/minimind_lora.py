@@ -12,6 +12,11 @@ object was saved, names may lack the ``model.`` prefix, and a model wrapped in
 ``DistributedDataParallel`` adds ``module.``; `read_minimind_lora` accepts all of these and
 returns names in the ``model.layers.<i>...`` form, the same as `minilora_jax.peft` uses.
 
+Like `minilora_jax.peft`, this works on any pytree: an adapter is read and written through its
+`minilora_jax.Layout`, so only adapters on kernels with one in and one out axis (a torch
+``Linear``) are written, and loading onto a kernel that is not a 2-D leaf named ``kernel`` (an
+equinox ``weight``, an ``nn.scan`` stack) needs ``apply_fn=`` to read its layout.
+
 Scales: MiniMind has none, so writing an adapter whose scale is not 1 raises by default (MiniMind
 would silently apply it at the wrong strength). ``fold_scale=True`` multiplies ``B`` by the scale
 instead, which gives the same outputs; it is then stored, and read back, as scale 1.
@@ -29,9 +34,8 @@ Example:
   >>> save_minimind_lora(path, params)
   >>> sorted(read_minimind_lora(path))
   ['model.layers.0.self_attn.q_proj']
-  >>> back = load_minimind_lora(path, base)
-  >>> bool((back["layers_0"]["self_attn"]["q_proj"]["lora_a"]
-  ...       == params["layers_0"]["self_attn"]["q_proj"]["lora_a"]).all())
+  >>> back = load_minimind_lora(path, base)["layers_0"]["self_attn"]["q_proj"]["kernel"]
+  >>> bool((back.lora_a == params["layers_0"]["self_attn"]["q_proj"]["kernel"].lora_a).all())
   True
 """
 
@@ -39,7 +43,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path as FilePath
 from typing import Any
 
@@ -48,10 +52,10 @@ import numpy as np
 from minilora_jax.peft import (
     ModuleNames,
     TorchAdapter,
-    _read_safetensors,
-    _write_safetensors,
     from_torch,
+    read_safetensors,
     to_torch,
+    write_safetensors,
 )
 
 __all__ = [
@@ -145,7 +149,7 @@ def read_minimind_lora(path: str | os.PathLike) -> dict[str, TorchAdapter]:
       (2, 8)
     """
     path = FilePath(path)
-    tensors = _read_pth(path) if _kind(path) == "pth" else _read_safetensors(path)
+    tensors = _read_pth(path) if _kind(path) == "pth" else read_safetensors(path)
     halves: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
     for key, value in tensors.items():
         m = _KEY.fullmatch(key)
@@ -223,7 +227,7 @@ def write_minimind_lora(
         tensors[f"{name}.lora.B.weight"] = np.ascontiguousarray(b)
     path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "safetensors":
-        _write_safetensors(path, tensors)
+        write_safetensors(path, tensors)
         return
     import torch
 
@@ -237,23 +241,25 @@ def write_minimind_lora(
 
 def save_minimind_lora(
     path: str | os.PathLike,
-    params: Any,
+    tree: Any,
     *,
     module_names: ModuleNames = None,
     fold_scale: bool = False,
 ) -> None:
-    """Saves the adapters of MiniMind ``params`` in MiniMind's LoRA format.
+    """Saves the adapters of ``tree`` in MiniMind's LoRA format.
 
     Args:
       path: a ``.safetensors`` or ``.pth`` file.
-      params: adapted params of `minilora_jax.models.minimind.MiniMind` (either layout), or any
-        tree whose paths ``module_names`` maps to MiniMind's module names.
+      tree: adapted params of `minilora_jax.models.minimind.MiniMind` (either layout), or any
+        pytree with `minilora_jax.Lora` nodes whose layer paths ``module_names`` maps to
+        MiniMind's module names (its adapters half from `minilora_jax.split` too).
       module_names: as in `minilora_jax.peft.to_torch`; the default gives
-        ``model.layers.<i>.self_attn.q_proj`` for ``layers_<i>/self_attn/q_proj``.
+        ``model.layers.<i>.self_attn.q_proj`` for ``layers_<i>/self_attn/q_proj/kernel``.
       fold_scale: see `write_minimind_lora`; by default a scale other than 1 raises.
 
     Raises:
-      ValueError: if ``params`` hold no adapters or a scale is not 1 (without ``fold_scale``).
+      ValueError: if ``tree`` holds no adapters, a scale is not 1 (without ``fold_scale``), or
+        an adapter's layout is not a torch Linear's (see `minilora_jax.peft.to_torch`).
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp
@@ -265,21 +271,31 @@ def save_minimind_lora(
       ...
       ValueError: adapter 'model.layers.0.self_attn.o_proj' has scale 2.0, but MiniMind's ...
     """
-    write_minimind_lora(path, to_torch(params, module_names=module_names), fold_scale=fold_scale)
+    write_minimind_lora(path, to_torch(tree, module_names=module_names), fold_scale=fold_scale)
 
 
 def load_minimind_lora(
-    path: str | os.PathLike, params: Any, *, module_names: ModuleNames = None
+    path: str | os.PathLike,
+    tree: Any,
+    *,
+    module_names: ModuleNames = None,
+    apply_fn: Callable[..., Any] | None = None,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
 ) -> Any:
-    """Loads a MiniMind LoRA file onto base ``params``, with scale 1.
+    """Loads a MiniMind LoRA file onto the base ``tree``, with scale 1.
 
     Args:
       path: a ``.safetensors`` or ``.pth`` file written by MiniMind or `save_minimind_lora`.
-      params: the base params (or variables dict), unrolled or ``nn.scan``-stacked.
+      tree: the base params (or variables dict, or any pytree holding the kernels).
       module_names: as in `minilora_jax.peft.from_torch`.
+      apply_fn, args, kwargs: the function that runs ``tree`` and example arguments, from
+        which the kernels' layouts are read; needed for ``nn.scan``-stacked params and any
+        kernel that is not a 2-D leaf named ``kernel`` (see `minilora_jax.peft.from_torch`).
 
     Returns:
-      ``params`` with the adapters attached, in the file's dtype.
+      ``tree`` with `minilora_jax.Lora` nodes in place of the adapted kernels, in the file's
+      dtype.
 
     Raises:
       FileNotFoundError, ImportError, ValueError: see `read_minimind_lora`; and ValueError naming
@@ -291,9 +307,15 @@ def load_minimind_lora(
       >>> base = {"layers_0": {"self_attn": {"o_proj": {"kernel": jnp.ones((8, 8))}}}}
       >>> path = tempfile.mkdtemp() + "/lora.safetensors"
       >>> save_minimind_lora(path, mlj.init(base, jax.random.key(0), rank=2))
-      >>> load_minimind_lora(path, base)["layers_0"]["self_attn"]["o_proj"]["lora_b"].shape
+      >>> load_minimind_lora(path, base)["layers_0"]["self_attn"]["o_proj"]["kernel"].lora_b.shape
       (2, 8)
     """
     return from_torch(
-        params, read_minimind_lora(path), module_names=module_names, source=str(path)
+        tree,
+        read_minimind_lora(path),
+        module_names=module_names,
+        source=str(path),
+        apply_fn=apply_fn,
+        args=args,
+        kwargs=kwargs,
     )
