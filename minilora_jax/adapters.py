@@ -67,12 +67,12 @@ def find_kernels(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> tree = {"w": jnp.zeros((3, 4)), "dense": {"kernel": jnp.zeros((4, 4))}}
+      >>> tree = {"w": jnp.zeros((4, 3)), "dense": {"kernel": jnp.zeros((4, 4))}}
       >>> kernels, others = find_kernels(tree)
       >>> kernels["dense/kernel"].layout
       Layout(in_axes=(0,), out_axes=(1,), batch_axes=())
       >>> kernels, _ = find_kernels(tree, lambda t, x: x @ t["w"].T @ t["dense"]["kernel"],
-      ...                           (jnp.ones(4),))
+      ...                           (jnp.ones(3),))
       >>> kernels["w"].layout
       Layout(in_axes=(1,), out_axes=(0,), batch_axes=())
     """
