@@ -47,13 +47,16 @@ def category(op_name: str) -> str:
     direction = "bwd" if "transpose(" in op_name else "fwd"
     if any(word in op_name for word in ("adam", "clip", "optax", "apply_updates")):
         return "optimizer"
+    # wrap's low-rank products run outside the model's module scopes: no module in the name.
+    if re.fullmatch(r"jit\([^()]*\)(/jvp\(\)|/transpose\(jvp\(\)\))?/dot_general", op_name):
+        return f"{direction} adapter matmuls (x A, then B)"
     op = re.sub(r"layers_\d+/", "", op_name)
     if "/mlp/" in op:
         return f"{direction} mlp " + ("matmul" if "dot_general" in op else "elementwise")
     if "attend" in op:
         return f"{direction} lm head matmul"
     if re.search(r"[qkvo]_proj/dot_general", op):
-        return f"{direction} q/k/v/o matmul (with adapters)"
+        return f"{direction} q/k/v/o matmul"
     if "self_attn" in op:
         return f"{direction} attention " + ("matmul" if "dot_general" in op else "other")
     if "norm" in op:

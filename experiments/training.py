@@ -151,7 +151,8 @@ def train_lora(
             options=ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=save_every),
         )
         if manager.latest_step() is not None:
-            # The live state is the restore target: it carries the LoraScale structure.
+            # The live state is the restore target: it carries the structure a checkpoint
+            # does not hold, the Lora nodes' scale and layout.
             state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
     start = int(state["step"])
     step = lora_step(apply_fn, tx, dropout=dropout)

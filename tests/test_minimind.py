@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+import minilora_jax as mlj
 from minilora_jax.models.minimind import (
     MiniMind,
     MiniMindConfig,
@@ -306,6 +307,79 @@ def test_stack_unstack_round_trip_and_errors(tiny):
         unstack_layers(params)
 
 
+def _adapted(params, **kwargs):
+    """Adapters on the square kernels with a random B (a zero B would hide a dropped adapter)."""
+    lp = mlj.init(params, jax.random.key(1), rank=4, **kwargs)
+    keys = iter(jax.random.split(jax.random.key(2), 64))
+
+    def randomise(x):
+        if not mlj.is_lora(x):
+            return x
+        return x.replace(lora_b=0.3 * jax.random.normal(next(keys), x.lora_b.shape))
+
+    return jax.tree.map(randomise, lp, is_leaf=mlj.is_lora)
+
+
+def test_stacked_adapters_match_unrolled_and_what_init_reads_from_the_scanned_model(tiny):
+    _, params = tiny
+    lp = _adapted(params)
+    stacked = stack_layers(lp)
+    node = stacked["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert node.layout == mlj.Layout((1,), (2,), (0,))
+    assert node.lora_a.shape == (TINY.num_layers, 64, 4)
+    assert node.lora_b.shape == (TINY.num_layers, 4, 64)
+    # The layout stack_layers gives is the one init reads from the nn.scan model's program.
+    config = TINY.replace(scan_layers=True)
+    tokens = _tokens(2, 9, seed=6)
+    read = mlj.init(
+        {"params": stack_layers(params)}, jax.random.key(1), rank=4,
+        apply_fn=MiniMind(config).apply, args=(tokens,),
+    )["params"]
+    assert jax.tree.structure(read) == jax.tree.structure(stacked)
+    # Without apply_fn the 3-D kernels' layout is unknown: init says so instead of guessing.
+    with pytest.raises(mlj.LayoutUnknownError, match="apply_fn"):
+        mlj.init(stack_layers(params), jax.random.key(1), rank=4)
+
+    unrolled = jax.jit(mlj.wrap(MiniMind(TINY).apply))({"params": lp}, tokens)
+    scanned = jax.jit(mlj.wrap(MiniMind(config).apply))({"params": stacked}, tokens)
+    merged = _logits(mlj.merge(lp), tokens)
+    np.testing.assert_allclose(scanned, unrolled, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(merged, unrolled, atol=1e-4, rtol=1e-4)
+    assert not np.allclose(unrolled, _logits(params, tokens), atol=1e-3)
+
+    back = unstack_layers(stacked)
+    assert jax.tree.structure(back) == jax.tree.structure(lp)
+    jax.tree.map(np.testing.assert_array_equal, back, lp)
+    # The halves of mlj.split stack and unstack too, so trained adapters can change layout.
+    adapters, base = mlj.split(lp)
+    joined = mlj.combine(stack_layers(adapters), stack_layers(base))
+    assert jax.tree.structure(joined) == jax.tree.structure(stacked)
+    jax.tree.map(np.testing.assert_array_equal, joined, stacked)
+    assert jax.tree.structure(unstack_layers(stack_layers(adapters))) == jax.tree.structure(
+        adapters
+    )
+    lp_bad = mlj.init(params, jax.random.key(1), rank=2, targets="layers_0/self_attn/q_proj")
+    with pytest.raises(ValueError, match="structure"):
+        stack_layers(lp_bad)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_wrapped_generation_matches_merged(tiny, scan):
+    # Decoding runs the wrapped apply inside a while loop, with a KV cache.
+    _, params = tiny
+    lp = _adapted(params)
+    config = TINY.replace(scan_layers=scan)
+    apply = MiniMind(config).apply
+    if scan:
+        lp, params = stack_layers(lp), stack_layers(params)
+    prompts = [[5, 17, 300, 42], [11, 400]]
+    wrapped = generate(mlj.wrap(apply), lp, config, prompts, max_new_tokens=NEW, eos_id=None)
+    merged = generate(apply, mlj.merge(lp), config, prompts, max_new_tokens=NEW, eos_id=None)
+    base = generate(apply, params, config, prompts, max_new_tokens=NEW, eos_id=None)
+    np.testing.assert_array_equal(wrapped, merged)
+    assert not np.array_equal(wrapped, base)
+
+
 def test_wrong_cache_layout_is_named(tiny):
     model, params = tiny
     cache = init_cache(TINY.replace(scan_layers=True), batch=1, max_len=8)
@@ -349,10 +423,11 @@ def test_state_dict_layout_and_errors(tiny):
         state_dict_to_params(dict(sd, **{"lm_head.weight": sd["lm_head.weight"] + 1}), TINY)
     # Derived rotary buffers are not weights and may be present.
     state_dict_to_params(dict(sd, **{"model.layers.0.self_attn.rotary_emb.inv_freq": 0}), TINY)
-    with_adapter = jax.tree_util.tree_map(lambda x: x, params)
-    with_adapter["layers_0"]["self_attn"]["q_proj"]["lora_a"] = jnp.zeros((64, 2))
-    with pytest.raises(ValueError, match="merge"):
+    with_adapter = mlj.init(params, jax.random.key(1), rank=2, targets="q_proj")
+    with pytest.raises(ValueError, match=r"layers_0/self_attn/q_proj/kernel.*merge"):
         params_to_state_dict(with_adapter, TINY)
+    with pytest.raises(ValueError, match="merge"):
+        params_to_state_dict(stack_layers(with_adapter), TINY)
 
 
 def test_load_missing_file_raises(tmp_path):

@@ -7,9 +7,11 @@ The architecture, per block (pre-norm, no biases, no dropout)::
 
 with grouped-query causal attention, rotary embeddings in the "rotate-half" layout of Hugging
 Face Llama, and an output head tied to the input embedding. Every projection is a plain
-``flax.linen.Dense`` with a ``(in, out)`` kernel, so ``minilora_jax.wrap`` can add adapters to
-any of them; module names follow MiniMind/Hugging Face, so param paths read
-``layers_0/self_attn/q_proj/kernel``.
+``flax.linen.Dense`` with a ``(in, out)`` kernel; module names follow MiniMind/Hugging Face, so
+param paths read ``layers_0/self_attn/q_proj/kernel``. In this (default, unrolled) layout
+``minilora_jax.init(params, key)`` knows every kernel's layout from the tree alone. With
+``scan_layers=True`` the kernels are 3-D ``[layer, in, out]`` and their layout is read from the
+model: ``minilora_jax.init({"params": params}, key, apply_fn=model.apply, args=(tokens,))``.
 
 The file also holds what is needed to use the model: a KV cache (`init_cache`), jitted
 generation (`generate`), conversion to and from the PyTorch state-dict layout
@@ -34,15 +36,18 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# MiniMind's own LoRA file format lives beside the model; re-exported here as part of its API.
-from minilora_jax.models.minimind_lora import load_minimind_lora, save_minimind_lora
+from minilora_jax._tree import path_str
+from minilora_jax.lora import Layout, Lora, is_lora
+
+if TYPE_CHECKING:
+    from minilora_jax.models.minimind_lora import load_minimind_lora, save_minimind_lora
 
 __all__ = [
     "MiniMind",
@@ -60,6 +65,19 @@ __all__ = [
     "swiglu",
     "unstack_layers",
 ]
+
+# MiniMind's own LoRA file format lives beside the model and is re-exported here as part of its
+# API, loaded on first use: the model itself needs none of the interop code.
+_LAZY = {"load_minimind_lora", "save_minimind_lora"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from minilora_jax.models import minimind_lora
+
+        return getattr(minimind_lora, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 Params = dict[str, Any]
 Cache = Any  # tuple of {"k", "v"} dicts (unrolled) or one {"k", "v"} dict (scan layout)
@@ -665,14 +683,59 @@ def init_cache(config: MiniMindConfig, batch: int, max_len: int, dtype: Any = No
 _LAYER_KEY = re.compile(r"layers_(\d+)")
 
 
+def _stacked_layout(layout: Layout) -> Layout:
+    """The layout of a kernel stacked along a new leading layer axis: that axis is a batch axis."""
+    shift = lambda axes: tuple(i + 1 for i in axes)  # noqa: E731
+    return Layout(shift(layout.in_axes), shift(layout.out_axes), (0, *shift(layout.batch_axes)))
+
+
+def _stack(*xs: Any) -> Any:
+    if not is_lora(xs[0]):
+        return jnp.stack(xs)
+    # lora_a (*batch, *in, r) and lora_b (*batch, r, *out) gain the layer axis in front, as the
+    # layout's batch axes do: one rank-r adapter per layer, exactly as before stacking.
+    node = xs[0]
+    kernels = [x.kernel for x in xs]
+    return Lora(
+        None if node.kernel is None else jnp.stack(kernels),  # None: an adapters half
+        jnp.stack([x.lora_a for x in xs]),
+        jnp.stack([x.lora_b for x in xs]),
+        node.scale,
+        _stacked_layout(node.layout),
+    )
+
+
+def _unstacked(path: str, node: Lora, i: int) -> Lora:
+    """Layer ``i`` of a `Lora` node whose kernel has the layer axis (axis 0) as a batch axis."""
+    layout = node.layout
+    if 0 not in layout.batch_axes:
+        raise ValueError(
+            f"the adapter at '{path}' has layout {layout}: its kernel's layer axis (axis "
+            "0) is not a batch axis, so the adapter is not one adapter per layer and cannot be "
+            "unstacked"
+        )
+    at = layout.batch_axes.index(0)  # lora_a and lora_b lead with the batch axes, in order
+    take = lambda x: x[(slice(None),) * at + (i,)]  # noqa: E731
+    shift = lambda axes: tuple(a - 1 for a in axes if a != 0)  # noqa: E731
+    return Lora(
+        None if node.kernel is None else node.kernel[i],
+        take(node.lora_a),
+        take(node.lora_b),
+        node.scale,
+        Layout(shift(layout.in_axes), shift(layout.out_axes), shift(layout.batch_axes)),
+    )
+
+
 def stack_layers(params: Mapping[str, Any]) -> Params:
     """Turns unrolled params (``layers_0 ... layers_{L-1}``) into the ``nn.scan`` layout.
 
     Every leaf under ``layers_i`` is stacked along a new leading axis into ``layers``; other
-    entries are kept as they are. Adapter leaves (``lora_a``...) are stacked like any other.
+    entries are kept as they are. Adapters (`minilora_jax.Lora` nodes) are stacked into one
+    node per kernel whose layout has the new layer axis as a batch axis: still one rank-``r``
+    adapter per layer, as `minilora_jax.init` with ``apply_fn=`` reads it from the scanned model.
 
     Args:
-      params: params of a model built with ``scan_layers=False``.
+      params: params of a model built with ``scan_layers=False``, with or without adapters.
 
     Returns:
       The same params for ``scan_layers=True``, e.g. ``layers/self_attn/q_proj/kernel`` of shape
@@ -680,13 +743,19 @@ def stack_layers(params: Mapping[str, Any]) -> Params:
 
     Raises:
       ValueError: if the layer numbers are not ``0 ... L-1`` or the layers differ in structure
-        or shapes.
+        (adapters included: their targets, ranks and scales) or shapes.
 
     Example:
-      >>> import jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp
+      >>> import minilora_jax as mlj
       >>> params = {"layers_0": {"w": jnp.zeros(3)}, "layers_1": {"w": jnp.ones(3)}}
       >>> stack_layers(params)["layers"]["w"].shape
       (2, 3)
+      >>> lp = mlj.init({f"layers_{i}": {"kernel": jnp.ones((4, 4))} for i in range(2)},
+      ...               jax.random.key(0), rank=2)
+      >>> node = stack_layers(lp)["layers"]["kernel"]
+      >>> node.lora_a.shape, node.lora_b.shape, node.layout
+      ((2, 4, 2), (2, 2, 4), Layout(in_axes=(1,), out_axes=(2,), batch_axes=(0,)))
     """
     numbered = {int(m.group(1)): k for k in params if (m := _LAYER_KEY.fullmatch(k))}
     if not numbered:
@@ -702,7 +771,10 @@ def stack_layers(params: Mapping[str, Any]) -> Params:
     first = jax.tree_util.tree_structure(layers[0])
     for i, layer in enumerate(layers[1:], start=1):
         if jax.tree_util.tree_structure(layer) != first:
-            raise ValueError(f"layers_{i} has a different structure from layers_0; can't stack")
+            raise ValueError(
+                f"layers_{i} has a different structure from layers_0 (different entries, or "
+                "adapters with different targets, ranks, scales or layouts); can't stack"
+            )
         for (path, a), b in zip(
             jax.tree_util.tree_leaves_with_path(layers[0]),
             jax.tree_util.tree_leaves(layer),
@@ -714,14 +786,14 @@ def stack_layers(params: Mapping[str, Any]) -> Params:
                     f"layers_0's has {np.shape(a)}; can't stack"
                 )
     out = {k: v for k, v in params.items() if not _LAYER_KEY.fullmatch(k)}
-    out["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+    out["layers"] = jax.tree_util.tree_map(_stack, *layers, is_leaf=is_lora)
     return out
 
 
 def unstack_layers(params: Mapping[str, Any]) -> Params:
     """Turns ``nn.scan``-stacked params (``layers`` with a leading axis) into ``layers_<i>``.
 
-    The inverse of `stack_layers`.
+    The inverse of `stack_layers`, adapters included.
 
     Args:
       params: params of a model built with ``scan_layers=True``.
@@ -730,7 +802,8 @@ def unstack_layers(params: Mapping[str, Any]) -> Params:
       The same params for ``scan_layers=False``.
 
     Raises:
-      ValueError: if there is no ``layers`` entry or its leaves disagree on the layer count.
+      ValueError: if there is no ``layers`` entry, its leaves disagree on the layer count, or an
+        adapter does not hold the layer axis as a batch axis (naming it).
 
     Example:
       >>> import jax.numpy as jnp
@@ -742,15 +815,32 @@ def unstack_layers(params: Mapping[str, Any]) -> Params:
             f"no 'layers' entry to unstack; top-level keys are {sorted(params)} (already unrolled?)"
         )
     stacked = params["layers"]
-    leaves = jax.tree_util.tree_leaves_with_path(stacked)
-    counts = {np.shape(x)[0] if np.ndim(x) else None for _, x in leaves}
+    leaves = jax.tree_util.tree_leaves_with_path(stacked, is_leaf=is_lora)
+
+    def lead(x: Any) -> tuple[int, ...]:
+        if not is_lora(x):
+            return np.shape(x)
+        if x.kernel is not None:
+            return np.shape(x.kernel)
+        # An adapters half: the layer count is lora_a's size along the layer (batch) axis.
+        at = x.layout.batch_axes.index(0) if 0 in x.layout.batch_axes else None
+        return () if at is None else (np.shape(x.lora_a)[at],)
+
+    counts = {lead(x)[0] if lead(x) else None for _, x in leaves}
     if len(counts) != 1 or None in counts:
-        shapes = {jax.tree_util.keystr(p): np.shape(x) for p, x in leaves}
+        shapes = {jax.tree_util.keystr(p): lead(x) for p, x in leaves}
         raise ValueError(f"'layers' leaves must share a leading layer axis; got shapes {shapes}")
     (num_layers,) = counts
+
+    def take(i: int) -> Any:
+        def one(path: Any, x: Any) -> Any:
+            return _unstacked(f"layers/{path_str(path)}", x, i) if is_lora(x) else x[i]
+
+        return jax.tree_util.tree_map_with_path(one, stacked, is_leaf=is_lora)
+
     out = {k: v for k, v in params.items() if k != "layers"}
     for i in range(num_layers):
-        out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+        out[f"layers_{i}"] = take(i)
     return out
 
 
@@ -1030,7 +1120,7 @@ def params_to_state_dict(
 
     Raises:
       ValueError: naming the param for a missing or unexpected param, or a shape that does not
-        fit the config.
+        fit the config; naming the paths if the params still hold adapters.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -1039,6 +1129,15 @@ def params_to_state_dict(
       >>> params_to_state_dict(params, config)["model.layers.0.mlp.up_proj.weight"].shape
       (704, 256)
     """
+    adapted = [
+        path_str(p) for p, x in jax.tree_util.tree_leaves_with_path(params, is_leaf=is_lora)
+        if is_lora(x)
+    ]
+    if adapted:
+        raise ValueError(
+            f"the params hold LoRA adapters (at {adapted[:4]}{' ...' if len(adapted) > 4 else ''}"
+            "); merge them into the kernels with minilora_jax.merge first"
+        )
     if "layers" in params:
         params = unstack_layers(params)
     flat = _flat(params)
@@ -1047,12 +1146,9 @@ def params_to_state_dict(
     unexpected = sorted("/".join(p) for p in flat if p not in expected)
     missing = sorted("/".join(p) for p in expected if p not in flat)
     if unexpected or missing:
-        hint = ""
-        if any(p.rsplit("/", 1)[-1].startswith("lora_") for p in unexpected):
-            hint = " (the params hold LoRA adapters: merge them with minilora_jax.merge first)"
         raise ValueError(
             f"params do not fit MiniMind with {config}: missing {missing[:10]}, "
-            f"unexpected {unexpected[:10]}{hint}"
+            f"unexpected {unexpected[:10]}"
         )
     state_dict = {}
     for name, path, torch_shape in entries:
