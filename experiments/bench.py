@@ -53,9 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import training  # noqa: E402
 from bench_gpu import model_flops_per_token  # noqa: E402
+from minimind_jax import model as minimind  # noqa: E402
 
 import minilora_jax as mlj  # noqa: E402
-from minilora_jax.models import minimind  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -562,8 +562,7 @@ def peft_contenders(setup: Setup) -> tuple[dict[str, Callable], dict[str, Callab
     """Hugging Face PEFT on `MiniMindTorch` with our base weights; torch eager on CPU."""
     import peft
     import torch
-
-    from minilora_jax.models.minimind_torch import MiniMindTorch, to_torch_state_dict
+    from minimind_jax.torch_twin import MiniMindTorch, to_torch_state_dict
 
     o, cfg = setup.options, setup.options.config
     torch.set_num_threads(o.torch_threads)

@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import training  # noqa: E402
+from minimind_jax import model as minimind  # noqa: E402
 
 import minilora_jax as mlj  # noqa: E402
-from minilora_jax.models import minimind  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s
 
@@ -77,8 +77,7 @@ def jax_contender(config, args, batches):
 def torch_contender(config, args, batches, compiled: bool):
     import peft
     import torch
-
-    from minilora_jax.models.minimind_torch import MiniMindTorch
+    from minimind_jax.torch_twin import MiniMindTorch
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -24,12 +24,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import identity_data  # noqa: E402
 import training  # noqa: E402
+from minimind_jax import chat
+from minimind_jax import identity as identity_data  # noqa: E402
+from minimind_jax import model as minimind  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import minilora_jax as mlj  # noqa: E402
-from minilora_jax.models import chat, minimind  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

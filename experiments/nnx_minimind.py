@@ -1,6 +1,6 @@
 """MiniMind written in Flax NNX, with ``nnx.LoRALinear`` on chosen projections: a benchmark peer.
 
-Same blocks, sizes and arithmetic as `minilora_jax.models.minimind.MiniMind` on its default
+Same blocks, sizes and arithmetic as `minimind_jax.model.MiniMind` on its default
 ``attention="xla"`` path (pre-norm RMSNorm, the same blockwise grouped-query causal attention
 and SwiGLU functions, rotate-half rotary embeddings, output head tied to the embedding), so that
 `experiments/bench.py` compares LoRA implementations and not two different networks.
@@ -14,7 +14,7 @@ its ``lora_a``/``lora_b`` are ``nnx.LoRAParam`` variables, which is what a train
 Example:
   >>> import jax.numpy as jnp
   >>> from flax import nnx
-  >>> from minilora_jax.models.minimind import MiniMindConfig, blockwise_causal_attention, swiglu
+  >>> from minimind_jax.model import MiniMindConfig, blockwise_causal_attention, swiglu
   >>> config = MiniMindConfig.named("minimind-tiny", num_layers=1)
   >>> model = MiniMindNNX(config, lora_rank=4, targets=("q_proj",), rngs=nnx.Rngs(0))
   >>> model(jnp.zeros((1, 8), jnp.int32)).shape
@@ -29,8 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from minilora_jax.models.minimind import MiniMindConfig, blockwise_causal_attention, swiglu
+from minimind_jax.model import MiniMindConfig, blockwise_causal_attention, swiglu
 
 
 class RMSNorm(nnx.Module):

@@ -35,8 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
-
-from minilora_jax.models import minimind  # noqa: E402
+from minimind_jax import model as minimind  # noqa: E402
 
 _BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "pred": 1}
 _ALIASES = {"bitcast", "get-tuple-element", "tuple", "parameter", "constant"}

@@ -20,11 +20,12 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import identity_data  # noqa: E402
 import training  # noqa: E402
+from minimind_jax import chat
+from minimind_jax import identity as identity_data  # noqa: E402
+from minimind_jax import model as minimind  # noqa: E402
 
 import minilora_jax as mlj  # noqa: E402
-from minilora_jax.models import chat, minimind  # noqa: E402
 
 
 def main(argv=None) -> int:

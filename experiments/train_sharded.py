@@ -54,10 +54,10 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import training  # noqa: E402
+from minimind_jax.model import MiniMind, MiniMindConfig  # noqa: E402
 
 import minilora_jax as mlj  # noqa: E402
 from minilora_jax._tree import flatten  # noqa: E402
-from minilora_jax.models.minimind import MiniMind, MiniMindConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 AXES = ("fsdp", "tp")
@@ -299,7 +299,7 @@ def random_batches(vocab: int, batch: int, seq_len: int, seed: int, start: int =
 
 def shakespeare_batches(vocab: int, batch: int, seq_len: int, seed: int, start: int = 0):
     """Random windows of tiny-Shakespeare in MiniMind's tokenizer; resumes by skipping."""
-    import identity_data
+    from minimind_jax import identity as identity_data
 
     tokens = identity_data.shakespeare_tokens(
         identity_data.load_minimind_tokenizer(), cache_dir=REPO / "runs" / "cache"

@@ -22,7 +22,7 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array | None
     """Mean cross-entropy of predicting ``tokens[:, 1:]`` from ``logits[:, :-1]``.
 
     ``mask[:, t]`` says whether token ``t`` is a target (the convention of
-    `minilora_jax.models.chat.encode_sft`); ``None`` means every token is.
+    `minimind_jax.chat.encode_sft`); ``None`` means every token is.
     """
     losses = optax.softmax_cross_entropy_with_integer_labels(
         logits[:, :-1].astype(jnp.float32), tokens[:, 1:]
@@ -84,7 +84,7 @@ def sft_stream(ids: np.ndarray, mask: np.ndarray, batch: int, seed: int):
 
     The data position is the step: resuming replays the shuffle up to it (cheap index work).
     """
-    from minilora_jax.models.chat import sft_batches
+    from minimind_jax.chat import sft_batches
 
     def batches(start: int):
         stream = sft_batches(ids, mask, batch, seed=seed)

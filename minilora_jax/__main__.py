@@ -7,22 +7,23 @@
 An adapter ``PATH`` is told apart by its contents: a directory with ``minilora.json`` is an orbax
 checkpoint (`minilora_jax.checkpoint`), one with ``adapter_config.json`` a PEFT directory
 (`minilora_jax.peft`), and a ``.safetensors``/``.pth`` file MiniMind's LoRA format
-(`minilora_jax.models.minimind_lora`). Torch module names follow the default mapping of
+(`minilora_jax.minimind`). Torch module names follow the default mapping of
 `minilora_jax.peft.module_name`.
 
 A ``BASE`` is one of:
 
 * a directory: an orbax checkpoint of a params tree (``StandardCheckpointHandler``);
-* a ``.safetensors`` file holding ``model.embed_tokens.weight``: MiniMind weights in the Hugging
-  Face/PyTorch layout, read with ``--config`` (default ``minimind2-small``);
-* any other ``.safetensors`` file: a params tree written flat, each key the ``/``-joined path of
+* a ``.safetensors`` file: a params tree written flat, each key the ``/``-joined path of
   a leaf (``layers_0/self_attn/q_proj/kernel``, ``head/bias``), the value its array; keys are
   nested back into dicts. ``merge --out-format params`` writes this form.
 
-``merge`` writes OUT as ``--out-format``: ``minimind`` (a Hugging Face ``.safetensors`` file),
-``params`` (the flat ``.safetensors`` above) or ``orbax`` (a directory). The default is
-``orbax`` unless OUT ends in ``.safetensors``; then it is ``minimind`` for a MiniMind base and
-``params`` for any other.
+A model's own checkpoint format (a PyTorch state dict, say) is the model's business: convert
+it to a params tree with the model's code first (for the demo's MiniMind,
+``experiments/minimind_jax/model.py``'s ``load_torch_weights``) and write it with `write_params`.
+
+``merge`` writes OUT as ``--out-format``: ``params`` (the flat ``.safetensors`` above) or
+``orbax`` (a directory). The default is ``params`` if OUT ends in ``.safetensors``, else
+``orbax``. An existing OUT is never replaced.
 
 Errors are printed as one line on stderr, with exit status 1.
 """
@@ -38,8 +39,7 @@ from pathlib import Path
 from typing import Any
 
 FORMATS = ("orbax", "peft", "minimind")
-OUT_FORMATS = ("minimind", "params", "orbax")
-MINIMIND_KEY = "model.embed_tokens.weight"
+OUT_FORMATS = ("params", "orbax")
 
 
 def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
@@ -103,14 +103,8 @@ def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
     )
 
 
-def _config(name: str) -> Any:
-    from minilora_jax.models.minimind import MiniMindConfig
-
-    return MiniMindConfig.named(name)
-
-
 def _base_format(path: Path) -> str:
-    """``"orbax"``, ``"minimind"`` or ``"params"`` for a BASE (see the module docstring)."""
+    """``"orbax"`` or ``"params"`` for a BASE (see the module docstring)."""
     if path.is_dir():
         from minilora_jax import checkpoint
 
@@ -123,7 +117,17 @@ def _base_format(path: Path) -> str:
         raise ValueError(
             f"--base {path}: expected an orbax params directory or a .safetensors file"
         )
-    return "minimind" if MINIMIND_KEY in _safetensors_keys(path) else "params"
+    keys = _safetensors_keys(path)
+    # A state dict names tensors with dots (model.norm.weight, h.0.attn.bias) and, unlike a
+    # params tree more than one level deep, never with '/'.
+    dotted = [k for k in keys if "." in k]
+    if dotted and not any("/" in k for k in keys):
+        raise ValueError(
+            f"--base {path} looks like a PyTorch state dict (keys such as '{dotted[0]}'), not a "
+            "params tree: convert it with the model's own code and write it with "
+            "minilora_jax.__main__.write_params (see python -m minilora_jax merge --help)"
+        )
+    return "params"
 
 
 def _safetensors_keys(path: Path) -> list[str]:
@@ -136,19 +140,14 @@ def _safetensors_keys(path: Path) -> list[str]:
         raise ValueError(f"{path} is not a valid safetensors file: {e}") from e
 
 
-def _load_base(path: str, config_name: str) -> tuple[Any, str]:
-    """Base params and their format (see the module docstring)."""
+def _load_base(path: str) -> Any:
+    """Base params from an orbax directory or a flat ``.safetensors`` (module docstring)."""
     base = Path(path)
-    fmt = _base_format(base)
-    if fmt == "minimind":
-        from minilora_jax.models.minimind import load_torch_weights
-
-        return load_torch_weights(base, _config(config_name)), fmt
-    if fmt == "params":
-        return read_params(base), fmt
+    if _base_format(base) == "params":
+        return read_params(base)
     import orbax.checkpoint as ocp
 
-    return ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(base.absolute()), fmt
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(base.absolute())
 
 
 def read_params(path: str | os.PathLike) -> dict[str, Any]:
@@ -241,18 +240,12 @@ def write_params(path: str | os.PathLike, tree: Any) -> None:
     save_file(tensors, str(path))
 
 
-def _save_params(out: Path, params: Any, fmt: str, config_name: str) -> None:
-    if fmt == "minimind":
-        from minilora_jax.models.minimind import save_torch_weights
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_torch_weights(out, params, _config(config_name))
-        return
+def _save_params(out: Path, params: Any, fmt: str) -> None:
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; not overwriting it")
     if fmt == "params":
         write_params(out, params)
         return
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; not overwriting it")
     import orbax.checkpoint as ocp
 
     ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(
@@ -262,8 +255,8 @@ def _save_params(out: Path, params: Any, fmt: str, config_name: str) -> None:
 
 def _read_torch(fmt: str, path: Path) -> dict[str, Any]:
     """Adapters of a PEFT or MiniMind source, in torch's layout, without a base."""
+    from minilora_jax import minimind as minimind_lora
     from minilora_jax import peft
-    from minilora_jax.models import minimind_lora
 
     return peft.read(path) if fmt == "peft" else minimind_lora.read_minimind_lora(path)
 
@@ -277,7 +270,7 @@ def _load_onto(fmt: str, path: Path, base: Any) -> Any:
         from minilora_jax import peft
 
         return peft.load(path, base)
-    from minilora_jax.models import minimind_lora
+    from minilora_jax import minimind as minimind_lora
 
     return minimind_lora.load_minimind_lora(path, base)
 
@@ -307,7 +300,7 @@ def _inspect(args: argparse.Namespace) -> None:
     fmt, path = detect_format(args.path)
     print(f"format: {fmt} ({path})")
     if args.base:
-        base, _ = _load_base(args.base, args.config)
+        base = _load_base(args.base)
         print(mlj.summary(_load_onto(fmt, path, base)))
         return
     if fmt == "orbax":
@@ -336,15 +329,15 @@ def _adapter_params(rows: Sequence[Any]) -> int:
 def _merge(args: argparse.Namespace) -> None:
     import minilora_jax as mlj
 
-    fmt, path = detect_format(args.adapters)
-    base, base_format = _load_base(args.base, args.config)
-    merged = mlj.merge(_load_onto(fmt, path, base), check_finite=True)
     out = Path(args.out)
+    if out.exists():  # checked again when writing; here to fail before the work
+        raise FileExistsError(f"{out} already exists; not overwriting it")
     out_format = args.out_format
-    if out_format is None and out.suffix.lower() == ".safetensors":
-        out_format = "minimind" if base_format == "minimind" else "params"
-    out_format = out_format or "orbax"
-    _save_params(out, merged, out_format, args.config)
+    if out_format is None:
+        out_format = "params" if out.suffix.lower() == ".safetensors" else "orbax"
+    fmt, path = detect_format(args.adapters)
+    merged = mlj.merge(_load_onto(fmt, path, _load_base(args.base)), check_finite=True)
+    _save_params(out, merged, out_format)
     print(f"merged {fmt} adapters from {path} into {args.base}; wrote {out_format} {out}")
 
 
@@ -355,7 +348,7 @@ def _convert(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if args.to == "orbax" or args.base or fmt == "orbax":
         if args.base:
-            base, _ = _load_base(args.base, args.config)
+            base = _load_base(args.base)
         elif fmt == "orbax":
             base = checkpoint.abstract_base(path)
         else:
@@ -371,7 +364,7 @@ def _convert(args: argparse.Namespace) -> None:
 
             peft.save(out, tree)
         else:
-            from minilora_jax.models import minimind_lora
+            from minilora_jax import minimind as minimind_lora
 
             minimind_lora.save_minimind_lora(out, tree, fold_scale=args.fold_scale)
     elif args.to == "peft":
@@ -379,7 +372,7 @@ def _convert(args: argparse.Namespace) -> None:
 
         peft.write(out, _read_torch(fmt, path))
     else:
-        from minilora_jax.models import minimind_lora
+        from minilora_jax import minimind as minimind_lora
 
         minimind_lora.write_minimind_lora(out, _read_torch(fmt, path), fold_scale=args.fold_scale)
     print(f"converted {fmt} adapters from {path} to {args.to}: {out}")
@@ -391,14 +384,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Inspect, merge and convert LoRA adapters (orbax, PEFT, MiniMind formats).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    config = dict(
-        default="minimind2-small",
-        help="MiniMind config name for a MiniMind .safetensors BASE or OUT (default: "
-        "minimind2-small)",
-    )
     base_help = (
-        "base params: an orbax params directory, a MiniMind .safetensors file (HF layout), or a "
-        ".safetensors file keyed by '/'-joined leaf paths"
+        "base params: an orbax params directory, or a .safetensors file keyed by '/'-joined "
+        "leaf paths"
     )
 
     inspect = commands.add_parser(
@@ -408,7 +396,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("path", help="adapter directory or file")
     inspect.add_argument("--base", help=base_help + "; gives the full minilora_jax.summary")
-    inspect.add_argument("--config", **config)
     inspect.set_defaults(run=_inspect)
 
     merge = commands.add_parser(
@@ -418,14 +405,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--base", required=True, help=base_help)
     merge.add_argument("--adapters", required=True, help="adapter directory or file")
-    merge.add_argument("--out", required=True, help="output: a .safetensors file or a directory")
+    merge.add_argument(
+        "--out", required=True,
+        help="output: a .safetensors file or a directory; must not exist yet",
+    )
     merge.add_argument(
         "--out-format", choices=OUT_FORMATS,
-        help="minimind: Hugging Face .safetensors; params: .safetensors keyed by leaf paths; "
-        "orbax: a directory. Default: orbax, or for an OUT ending in .safetensors minimind "
-        "for a MiniMind base and params for any other",
+        help="params: .safetensors keyed by leaf paths; orbax: a directory. Default: params "
+        "for an OUT ending in .safetensors, else orbax",
     )
-    merge.add_argument("--config", **config)
     merge.set_defaults(run=_merge)
 
     convert = commands.add_parser(
@@ -441,7 +429,6 @@ def _parser() -> argparse.ArgumentParser:
         help="output directory (orbax, peft) or .safetensors/.pth file (minimind)",
     )
     convert.add_argument("--base", help=base_help)
-    convert.add_argument("--config", **config)
     convert.add_argument(
         "--fold-scale", action="store_true",
         help="for --to minimind: multiply B by the scale where it is not 1 (MiniMind has none)",

@@ -9,8 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 
 import bench  # noqa: E402
-
-from minilora_jax.models.minimind import MiniMindConfig  # noqa: E402
+from minimind_jax.model import MiniMindConfig  # noqa: E402
 
 TOY = MiniMindConfig(vocab_size=128, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2)
 
@@ -89,8 +88,7 @@ def test_nnx_peer_computes_the_same_network():
     import nnx_minimind
     import numpy as np
     from flax import nnx
-
-    from minilora_jax.models.minimind import MiniMind
+    from minimind_jax.model import MiniMind
 
     config = TOY.replace(num_layers=2)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 70)), jnp.int32)

@@ -1,23 +1,13 @@
-"""Tests for minilora_jax.models.chat and the demo data in experiments/identity_data.py."""
+"""Tests for minimind_jax.chat and the demo data in experiments/minimind_jax/identity.py."""
 
 import itertools
 import json
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-# Importable from a fresh clone with plain `pytest` at the repo root, installed or not.
-_ROOT = Path(__file__).resolve().parents[1]
-for _path in (_ROOT, _ROOT / "experiments"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-import identity_data  # noqa: E402
-
-from minilora_jax.models import chat  # noqa: E402
+from minimind_jax import chat
+from minimind_jax import identity as identity_data
 
 TWO_TURNS = {
     "conversations": [

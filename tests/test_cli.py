@@ -6,17 +6,20 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from minimind_jax import model as minimind
 from safetensors.numpy import load_file, save_file
 from toy_models import randomize_b
 
 import minilora_jax as mlj
 from minilora_jax import checkpoint
+from minilora_jax import minimind as minimind_lora
 from minilora_jax.__main__ import main, read_params, write_params
 
-minimind = pytest.importorskip("minilora_jax.models.minimind")
-
-CONFIG = "minimind-tiny"
+CONFIG = minimind.MiniMindConfig.named("minimind-tiny")
+Q_PROJ = ("layers_2", "self_attn", "q_proj", "kernel")
+O_PROJ = ("layers_1", "self_attn", "o_proj", "kernel")
 
 
 def _run(*args):
@@ -26,35 +29,40 @@ def _run(*args):
     )
 
 
+def _at(tree, path):
+    for key in path:
+        tree = tree[key]
+    return np.asarray(tree)
+
+
+def _restore(directory):
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(directory)
+
+
+def _assert_trees_close(got, want, atol=1e-6):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert np.shape(x) == np.shape(y)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A MiniMind base as .safetensors, and adapters on it as an orbax checkpoint."""
+    """A MiniMind base as flat params .safetensors, and adapters on it as an orbax checkpoint."""
     root = tmp_path_factory.mktemp("cli")
-    config = minimind.MiniMindConfig.named(CONFIG)
     shapes = jax.eval_shape(
-        minimind.MiniMind(config).init, jax.random.key(0), jnp.ones((1, 4), jnp.int32)
+        minimind.MiniMind(CONFIG).init, jax.random.key(0), jnp.ones((1, 4), jnp.int32)
     )["params"]
     rng = np.random.default_rng(0)
     base = jax.tree.map(lambda s: (0.02 * rng.normal(size=s.shape)).astype(np.float32), shapes)
-    minimind.save_torch_weights(root / "base.safetensors", base, config)
-    base = minimind.load_torch_weights(root / "base.safetensors", config)
+    write_params(root / "base.safetensors", base)
+    base = read_params(root / "base.safetensors")
 
     normal = lambda key, shape, dtype: (0.1 * rng.normal(size=shape)).astype(dtype)  # noqa: E731
     params = mlj.init(base, jax.random.key(1), rank=4, alpha=8.0, init=normal)
     params = randomize_b(params, jax.random.key(2), std=0.1)
     checkpoint.save_adapters(root / "ckpt", params)
     return root, base, params
-
-
-def _adapters(params):
-    return mlj.split(params)[0]
-
-
-def _assert_same_adapters(a, b):
-    a, b = _adapters(a), _adapters(b)
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_docstring_examples():
@@ -89,52 +97,133 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert usage.returncode == 2 and "required" in usage.stderr
 
 
-def test_merge_safetensors_base_into_safetensors(files, tmp_path):
+def test_model_options_are_gone(files, tmp_path, capsys):
+    # The CLI knows params trees, not models: no --config, no MiniMind OUT format.
+    root, _, _ = files
+    base = str(root / "base.safetensors")
+    for argv in (
+        ["inspect", str(root / "ckpt"), "--base", base],
+        ["merge", "--base", base, "--adapters", str(root / "ckpt"), "--out", str(tmp_path / "m")],
+        ["convert", str(root / "ckpt"), "--to", "peft", "--out", str(tmp_path / "p")],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--config", "minimind-tiny"])
+        assert exit_info.value.code == 2
+        assert "unrecognized arguments: --config minimind-tiny" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", "--base", base, "--adapters", str(root / "ckpt"), "--out",
+              str(tmp_path / "m.safetensors"), "--out-format", "minimind"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'minimind'" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "p").exists()
+
+
+def test_merge_minimind_base_into_params(files, tmp_path):
     root, base, params = files
     out = tmp_path / "merged.safetensors"
     result = _run("merge", "--base", root / "base.safetensors", "--adapters", root / "ckpt",
-                  "--out", out, "--config", CONFIG)
+                  "--out", out)
     assert result.returncode == 0, result.stderr
-    config = minimind.MiniMindConfig.named(CONFIG)
-    got = minimind.load_torch_weights(out, config)
-    want = mlj.merge(params)
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
-    q = got["layers_0"]["self_attn"]["q_proj"]["kernel"]
-    assert not np.allclose(q, base["layers_0"]["self_attn"]["q_proj"]["kernel"], atol=1e-3)
+    assert result.stdout.strip().endswith(f"wrote params {out}")
+    got = read_params(out)
+    _assert_trees_close(got, mlj.merge(params))
+    assert not np.allclose(_at(got, Q_PROJ), _at(base, Q_PROJ), atol=1e-3)
+    # The merged file runs in the model like any params tree.
+    tokens = jnp.arange(8, dtype=jnp.int32)[None]
+    logits = minimind.MiniMind(CONFIG).apply({"params": got}, tokens)
+    want = mlj.wrap(minimind.MiniMind(CONFIG).apply)({"params": params}, tokens)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want), atol=1e-4)
 
 
 def test_merge_orbax_base_into_orbax(files, tmp_path, capsys):
     root, base, params = files
+    once = mlj.merge(params)
     assert main(["merge", "--base", str(root / "base.safetensors"), "--adapters",
-                 str(root / "ckpt"), "--out", str(tmp_path / "merged"), "--out-format", "orbax",
-                 "--config", CONFIG]) == 0
+                 str(root / "ckpt"), "--out", str(tmp_path / "merged"), "--out-format", "orbax"]
+                ) == 0
+    assert "wrote orbax" in capsys.readouterr().out
+    _assert_trees_close(_restore(tmp_path / "merged"), once)
+
+    # The merged params as a base: the adapters fold in a second time.
     assert main(["merge", "--base", str(tmp_path / "merged"), "--adapters", str(root / "ckpt"),
                  "--out", str(tmp_path / "twice")]) == 0
-    import orbax.checkpoint as ocp
+    twice = _restore(tmp_path / "twice")
+    delta = _at(once, O_PROJ) - _at(base, O_PROJ)
+    np.testing.assert_allclose(_at(twice, O_PROJ), _at(once, O_PROJ) + delta, atol=1e-5)
 
-    twice = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(tmp_path / "twice")
-    once = mlj.merge(params)
-    k = ("layers_1", "self_attn", "o_proj", "kernel")
-    delta = once[k[0]][k[1]][k[2]][k[3]] - base[k[0]][k[1]][k[2]][k[3]]
-    np.testing.assert_allclose(twice[k[0]][k[1]][k[2]][k[3]],
-                               once[k[0]][k[1]][k[2]][k[3]] + delta, atol=1e-5)
     assert main(["merge", "--base", str(root / "ckpt"), "--adapters", str(root / "ckpt"),
                  "--out", str(tmp_path / "x")]) == 1
     assert "is an adapter checkpoint, not base params" in capsys.readouterr().err
 
-    # An orbax base into a .safetensors OUT: the flat params form unless asked for MiniMind's.
+    # An orbax base into a .safetensors OUT: flat params by default.
     assert main(["merge", "--base", str(tmp_path / "merged"), "--adapters", str(root / "ckpt"),
                  "--out", str(tmp_path / "twice.safetensors")]) == 0
     flat = load_file(tmp_path / "twice.safetensors")
-    np.testing.assert_array_equal(flat["/".join(k)], twice[k[0]][k[1]][k[2]][k[3]])
+    np.testing.assert_array_equal(flat["/".join(O_PROJ)], _at(twice, O_PROJ))
+    # ... or an orbax directory, whatever its name, when asked.
     assert main(["merge", "--base", str(tmp_path / "merged"), "--adapters", str(root / "ckpt"),
-                 "--out", str(tmp_path / "hf.safetensors"), "--out-format", "minimind",
-                 "--config", CONFIG]) == 0
-    hf = minimind.load_torch_weights(tmp_path / "hf.safetensors",
-                                     minimind.MiniMindConfig.named(CONFIG))
-    np.testing.assert_allclose(hf[k[0]][k[1]][k[2]][k[3]], twice[k[0]][k[1]][k[2]][k[3]],
-                               atol=1e-6)
+                 "--out", str(tmp_path / "dir.safetensors"), "--out-format", "orbax"]) == 0
+    assert (tmp_path / "dir.safetensors").is_dir()
+    _assert_trees_close(_restore(tmp_path / "dir.safetensors"), twice)
+
+
+def test_merge_refuses_to_overwrite(files, tmp_path, capsys):
+    root, _, _ = files
+    args = ["merge", "--base", str(root / "base.safetensors"), "--adapters", str(root / "ckpt")]
+    (tmp_path / "taken.safetensors").write_bytes(b"keep me")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_bytes(b"keep me")
+    for out in ("taken.safetensors", "taken"):
+        assert main([*args, "--out", str(tmp_path / out)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"minilora_jax merge: error: {tmp_path / out} already exists; "
+                       "not overwriting it"]
+    assert (tmp_path / "taken.safetensors").read_bytes() == b"keep me"
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["file"]
+    # Not even the base itself.
+    assert main([*args, "--out", str(root / "base.safetensors")]) == 1
+    assert "already exists" in capsys.readouterr().err
+
+    # convert --to orbax replaces only a checkpoint, never another directory.
+    assert main(["convert", str(root / "ckpt"), "--to", "orbax", "--out",
+                 str(tmp_path / "taken")]) == 1
+    assert "is not a minilora adapter checkpoint" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["file"]
+
+
+def test_refuses_a_pytorch_state_dict_base(files, tmp_path, capsys):
+    root, base, params = files
+    hf = tmp_path / "model.safetensors"
+    minimind.save_torch_weights(hf, base, CONFIG)
+    result = _run("merge", "--base", hf, "--adapters", root / "ckpt", "--out",
+                  tmp_path / "merged.safetensors")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"minilora_jax merge: error: --base {hf} looks like a PyTorch state "
+                           "dict (keys such as '")
+    assert "write_params" in line
+    assert not (tmp_path / "merged.safetensors").exists()
+
+    # The same for inspect and convert, and for state dicts with biases and buffers.
+    other = tmp_path / "gpt.safetensors"
+    save_file({"h.0.attn.c_attn.weight": np.ones((4, 4), np.float32),
+               "h.0.attn.c_attn.bias": np.ones(4, np.float32),
+               "freqs_cos": np.ones(4, np.float32)}, str(other))
+    for file in (hf, other):
+        for argv in (["inspect", str(root / "ckpt"), "--base", str(file)],
+                     ["convert", str(root / "ckpt"), "--to", "peft", "--out",
+                      str(tmp_path / "peft"), "--base", str(file)]):
+            assert main(argv) == 1
+            err = capsys.readouterr().err
+            assert f"--base {file} looks like a PyTorch state dict" in err
+    assert not (tmp_path / "peft").exists()
+
+    # Converted with the model's own code and written as params, the same weights are a base.
+    write_params(tmp_path / "params.safetensors", minimind.load_torch_weights(hf, CONFIG))
+    assert main(["merge", "--base", str(tmp_path / "params.safetensors"), "--adapters",
+                 str(root / "ckpt"), "--out", str(tmp_path / "merged.safetensors")]) == 0
+    _assert_trees_close(read_params(tmp_path / "merged.safetensors"), mlj.merge(params))
 
 
 def _plain_model():
@@ -160,18 +249,13 @@ def test_merge_params_safetensors_base(tmp_path, capsys):
     assert "wrote params" in capsys.readouterr().out
     got = read_params(tmp_path / "merged.safetensors")
     want = mlj.merge(lp)
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(x, y, atol=1e-6)
+    _assert_trees_close(got, want)
     x = jnp.arange(6.0)
     np.testing.assert_allclose(fn(got, x), mlj.wrap(fn)(lp, x), atol=1e-5)
 
     assert main(["merge", "--base", str(tmp_path / "base.safetensors"), "--adapters",
                  str(tmp_path / "ckpt"), "--out", str(tmp_path / "merged")]) == 0
-    import orbax.checkpoint as ocp
-
-    restored = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(tmp_path / "merged")
-    np.testing.assert_allclose(restored["w"], want["w"], atol=1e-6)
+    _assert_trees_close(_restore(tmp_path / "merged"), want)
     capsys.readouterr()
 
     # inspect with such a base gives the full summary, layouts included.
@@ -188,6 +272,7 @@ def test_merge_params_safetensors_base(tmp_path, capsys):
                  str(tmp_path / "ckpt"), "--out", str(tmp_path / "x.safetensors")]) == 1
     err = capsys.readouterr().err
     assert "kernel at 'w' has shape (4, 5) float32 in the base" in err and "(4, 6)" in err
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_params_files(tmp_path):
@@ -223,7 +308,7 @@ def test_inspect_each_format(files, tmp_path, capsys):
     assert any(line.split() == ["layers_3/self_attn/q_proj/kernel", "(256,", "256)", "in",
                                 "(256,)", "out", "(256,)", "(256,", "4)", "(4,", "256)", "4", "2"]
                for line in lines)
-    assert "adapter params: 65,536 in 32 adapted layers" not in result.stdout  # 8 layers
+    # minimind-tiny: 4 layers, q_proj and o_proj square (k/v are 256 -> 64).
     assert "adapter params: 16,384 in 8 adapted layers" in result.stdout
 
     mlj.peft.save(tmp_path / "peft", params)
@@ -233,20 +318,30 @@ def test_inspect_each_format(files, tmp_path, capsys):
     # Without a base, a torch file's kernel is torch's (out, in) weight, and says so.
     assert any(line.split()[:7] == ["model.layers.3.self_attn.o_proj", "(256,", "256)", "in",
                                     "(256,)", "out", "(256,)"] for line in out.splitlines())
+    assert "adapter params: 16,384 in 8 adapted layers" in out
 
-    assert main(["inspect", str(tmp_path / "peft"), "--base", str(root / "base.safetensors"),
-                 "--config", CONFIG]) == 0
-    # Rows may come in another order: jax.tree.map sorts dict keys, the base file does not.
-    out = capsys.readouterr().out.splitlines()
-    assert sorted(out[1:]) == sorted(str(mlj.summary(params)).splitlines())
+    mm = tmp_path / "lora.safetensors"
+    minimind_lora.save_minimind_lora(mm, params, fold_scale=True)
+    assert main(["inspect", str(mm)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"format: minimind ({mm})")
+    assert "adapter params: 16,384 in 8 adapted layers" in out
+
+    # With a base: the full summary, the same as minilora_jax.summary of the tree.
+    for source in (root / "ckpt", tmp_path / "peft"):
+        assert main(["inspect", str(source), "--base", str(root / "base.safetensors")]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[1:] == str(mlj.summary(params)).splitlines()
 
 
 def test_convert_round_trip_through_every_format(files, tmp_path, capsys):
     root, base, params = files
-    base_args = ["--base", str(root / "base.safetensors"), "--config", CONFIG]
+    base_args = ["--base", str(root / "base.safetensors")]
+    want = mlj.merge(params)
     assert main(["convert", str(root / "ckpt"), "--to", "peft", "--out",
                  str(tmp_path / "peft")]) == 0
-    _assert_same_adapters(mlj.peft.load(tmp_path / "peft", base), params)
+    mlj_peft = mlj.peft.load(tmp_path / "peft", base)
+    _assert_trees_close(mlj.split(mlj_peft)[0], mlj.split(params)[0], atol=0)
 
     mm = str(tmp_path / "lora.safetensors")
     assert main(["convert", str(tmp_path / "peft"), "--to", "minimind", "--out", mm]) == 1
@@ -259,9 +354,30 @@ def test_convert_round_trip_through_every_format(files, tmp_path, capsys):
                  *base_args]) == 0
     back = checkpoint.load_adapters(tmp_path / "ckpt", base)
     assert {i.scale for i in mlj.summary(back).adapters} == {1.0}  # folded into B
-    np.testing.assert_allclose(np.asarray(mlj.merge(back)["layers_2"]["self_attn"]["q_proj"]
-                                          ["kernel"]),
-                               np.asarray(mlj.merge(params)["layers_2"]["self_attn"]["q_proj"]
-                                          ["kernel"]), atol=1e-6)
+    _assert_trees_close(mlj.merge(back), want)
     assert checkpoint.read_metadata(tmp_path / "ckpt")["metadata"]["converted_from"].startswith(
         "minimind:")
+
+    # MiniMind -> PEFT needs no base; orbax -> MiniMind goes through the checkpoint's base shapes.
+    assert main(["convert", mm, "--to", "peft", "--out", str(tmp_path / "peft2")]) == 0
+    _assert_trees_close(mlj.merge(mlj.peft.load(tmp_path / "peft2", base)), want)
+    mm2 = str(tmp_path / "lora2.pth")
+    assert main(["convert", str(root / "ckpt"), "--to", "minimind", "--out", mm2,
+                 "--fold-scale"]) == 0
+    _assert_trees_close(mlj.merge(minimind_lora.load_minimind_lora(mm2, base)), want)
+
+    # PEFT -> orbax with the base, and orbax -> orbax: the adapters come back bit for bit.
+    assert main(["convert", str(tmp_path / "peft"), "--to", "orbax", "--out",
+                 str(tmp_path / "ckpt2"), *base_args]) == 0
+    assert main(["convert", str(tmp_path / "ckpt2"), "--to", "orbax", "--out",
+                 str(tmp_path / "ckpt3")]) == 0
+    again = checkpoint.load_adapters(tmp_path / "ckpt3", base)
+    _assert_trees_close(mlj.split(again)[0], mlj.split(params)[0], atol=0)
+
+    # --base is checked against the adapters.
+    small = {"layers_0": {"self_attn": {"q_proj": {"kernel": np.zeros((8, 8), np.float32)}}}}
+    write_params(tmp_path / "small.safetensors", small)
+    assert main(["convert", str(root / "ckpt"), "--to", "peft", "--out", str(tmp_path / "p3"),
+                 "--base", str(tmp_path / "small.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "layers_0/self_attn/q_proj/kernel" in err

@@ -10,9 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
-
-import minilora_jax as mlj
-from minilora_jax.models.minimind import (
+from minimind_jax.model import (
     MiniMind,
     MiniMindConfig,
     blockwise_causal_attention,
@@ -26,6 +24,8 @@ from minilora_jax.models.minimind import (
     swiglu,
     unstack_layers,
 )
+
+import minilora_jax as mlj
 
 # Small enough that every test compiles in a second or two on a laptop CPU. Generation tests
 # share prompt shapes and max_new_tokens so that they share compiled code.
@@ -437,7 +437,7 @@ def test_load_missing_file_raises(tmp_path):
 
 def test_logits_match_torch_reference():
     torch = pytest.importorskip("torch")
-    from minilora_jax.models.minimind_torch import (
+    from minimind_jax.torch_twin import (
         MiniMindTorch,
         from_torch_state_dict,
         to_torch_state_dict,

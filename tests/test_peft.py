@@ -20,7 +20,7 @@ from toy_models import Stack, randomize_b
 
 import minilora_jax as mlj
 import minilora_jax.peft as mpeft
-from minilora_jax.models.minimind_lora import (
+from minilora_jax.minimind import (
     load_minimind_lora,
     read_minimind_lora,
     save_minimind_lora,
@@ -222,8 +222,8 @@ def test_minimind_export_runs_in_peft_on_minimind_torch(tmp_path):
     PyTorch MiniMind and give the same logits."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    minimind = pytest.importorskip("minilora_jax.models.minimind")
-    minimind_torch = pytest.importorskip("minilora_jax.models.minimind_torch")
+    minimind = pytest.importorskip("minimind_jax.model")
+    minimind_torch = pytest.importorskip("minimind_jax.torch_twin")
     config = minimind.MiniMindConfig.named(
         "minimind-tiny", hidden_size=32, num_heads=4, num_kv_heads=2, num_layers=2, vocab_size=64
     )

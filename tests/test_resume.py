@@ -10,9 +10,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from minimind_jax.model import MiniMind, MiniMindConfig
 
 import minilora_jax as mlj
-from minilora_jax.models.minimind import MiniMind, MiniMindConfig
 
 SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "train_lora.py"
 # Dropout on, so the RNG must be restored too for the runs to agree.

@@ -32,10 +32,10 @@ import pytest
 from flax import linen as nn
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
+from minimind_jax.model import MiniMindConfig
 
 import minilora_jax as mlj
 from minilora_jax._tree import flatten, path_str
-from minilora_jax.models.minimind import MiniMindConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))

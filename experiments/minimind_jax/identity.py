@@ -5,7 +5,7 @@ minilora_jax team". Questions are asked in many phrasings, in English and Chines
 of the phrasings of each language are held out of training, so an evaluation can check whether
 the model learned the fact rather than the wording.
 
-Everything here was written for this project. Run ``python experiments/identity_data.py`` to
+Everything here was written for this project. Run ``python experiments/minimind_jax/identity.py`` to
 print the sizes of the sets and a few records.
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from minilora_jax.models.chat import load_tokenizer
+from minimind_jax.chat import load_tokenizer
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 TOKENIZER_PATH = DATA_DIR / "minimind2-tokenizer" / "tokenizer.json"
 SHAKESPEARE_PATH = DATA_DIR / "tinyshakespeare" / "input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

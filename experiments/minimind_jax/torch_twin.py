@@ -1,6 +1,6 @@
 """A PyTorch reference of MiniMind, for parity tests and for Hugging Face PEFT comparisons.
 
-Written from the same description as `minilora_jax.models.minimind` (pre-norm decoder, RMSNorm,
+Written from the same description as `minimind_jax.model` (pre-norm decoder, RMSNorm,
 grouped-query causal attention, rotate-half rotary embeddings, SwiGLU MLP, tied embedding and
 head), with the Hugging Face module names, so its ``state_dict()`` keys are exactly the layout
 `minimind.load_torch_weights` reads: ``model.embed_tokens.weight``,
@@ -12,7 +12,7 @@ This module imports torch; the rest of the library does not.
 
 Example:
   >>> import torch
-  >>> from minilora_jax.models.minimind import MiniMindConfig
+  >>> from minimind_jax.model import MiniMindConfig
   >>> model = MiniMindTorch(MiniMindConfig.named("minimind-tiny", num_layers=2))
   >>> model(torch.tensor([[1, 5, 7]])).shape
   torch.Size([1, 3, 6400])
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora_jax.models.minimind import (
+from minimind_jax.model import (
     MiniMindConfig,
     Params,
     params_to_state_dict,
@@ -135,7 +135,7 @@ class MiniMindTorch(nn.Module):
 
     Example:
       >>> import torch
-      >>> from minilora_jax.models.minimind import MiniMindConfig
+      >>> from minimind_jax.model import MiniMindConfig
       >>> model = MiniMindTorch(MiniMindConfig.named("minimind-tiny", num_layers=2))
       >>> sorted(model.state_dict())[:2]
       ['lm_head.weight', 'model.embed_tokens.weight']
@@ -182,7 +182,7 @@ def to_torch_state_dict(
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from minilora_jax.models.minimind import MiniMind, MiniMindConfig
+      >>> from minimind_jax.model import MiniMind, MiniMindConfig
       >>> config = MiniMindConfig.named("minimind-tiny", num_layers=2)
       >>> params = MiniMind(config).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
       >>> _ = MiniMindTorch(config).load_state_dict(to_torch_state_dict(params, config))
@@ -207,7 +207,7 @@ def from_torch_state_dict(state_dict: Mapping[str, torch.Tensor], config: MiniMi
       Params for ``minimind.MiniMind(config)``.
 
     Example:
-      >>> from minilora_jax.models.minimind import MiniMindConfig
+      >>> from minimind_jax.model import MiniMindConfig
       >>> config = MiniMindConfig.named("minimind-tiny", num_layers=2)
       >>> params = from_torch_state_dict(MiniMindTorch(config).state_dict(), config)
       >>> params["layers_1"]["self_attn"]["o_proj"]["kernel"].shape

@@ -250,7 +250,7 @@ def save_minimind_lora(
 
     Args:
       path: a ``.safetensors`` or ``.pth`` file.
-      tree: adapted params of `minilora_jax.models.minimind.MiniMind` (either layout), or any
+      tree: adapted params of `minimind_jax.model.MiniMind` (either layout), or any
         pytree with `minilora_jax.Lora` nodes whose layer paths ``module_names`` maps to
         MiniMind's module names (its adapters half from `minilora_jax.split` too).
       module_names: as in `minilora_jax.peft.to_torch`; the default gives

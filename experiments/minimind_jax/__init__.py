@@ -1,0 +1,6 @@
+"""MiniMind in Flax: the demo's and the benchmarks' model, not part of minilora_jax.
+
+``model`` (config, layers, KV-cache generation, PyTorch weight I/O), ``chat`` (ChatML and the
+assistant-only loss mask; needs ``tokenizers``), ``identity`` (the demo's data), ``torch_twin``
+(the PyTorch twin used for parity checks; needs ``torch``). Import the submodule you need.
+"""
