@@ -266,3 +266,37 @@ def _subjaxprs(eqn):
                 yield v.jaxpr
             elif hasattr(v, "eqns"):
                 yield v
+
+
+def _checkpointed(p, x):
+    return jax.checkpoint(lambda x: jnp.tanh(x @ p["w"]))(x)
+
+
+def _cond(p, x):
+    return jax.lax.cond(x.sum() > 0, lambda x: x @ p["w"], lambda x: -2.0 * (x @ p["w"]), x)
+
+
+def _while(p, x):
+    return jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"]), x)
+
+
+def _scan_shared(p, x):  # the kernel is a loop constant, as in an RNN
+    return jax.lax.scan(lambda h, _: (jnp.tanh(h @ p["w"]), None), x, None, length=4)[0]
+
+
+def _nested_jit(p, x):
+    return jax.jit(lambda w, x: jnp.einsum("bi,io->bo", x, w))(p["w"], x)
+
+
+@pytest.mark.parametrize("fn", [_checkpointed, _cond, _while, _scan_shared, _nested_jit])
+def test_control_flow_inside_the_function(fn):
+    x = jax.random.normal(jax.random.key(0), (3, 6))
+    params = {"w": jax.random.normal(jax.random.key(1), (6, 6)) / 3}
+    lp = mlj.init(params, jax.random.key(2), rank=2, targets="w", apply_fn=fn, args=(x,))
+    lp = randomize_b(lp, jax.random.key(3))
+    for call in (mlj.wrap(fn), jax.jit(mlj.wrap(fn)), jax.checkpoint(mlj.wrap(fn))):
+        chex.assert_trees_all_close(call(lp, x), fn(mlj.merge(lp), x), rtol=1e-5, atol=1e-6)
+    adapters, base = mlj.split(lp)
+    grad = jax.grad(lambda a: jnp.sum(jnp.sin(mlj.wrap(fn)(mlj.combine(a, base), x))))(adapters)
+    ref = jax.grad(lambda a: jnp.sum(jnp.sin(fn(mlj.merge(mlj.combine(a, base)), x))))(adapters)
+    chex.assert_trees_all_close(grad, ref, rtol=1e-4, atol=1e-6)
