@@ -1,8 +1,9 @@
 """LoRA fine-tuning of a MiniMind model on the identity SFT set, resumable after a crash.
 
 Kill it at any moment (even with SIGKILL) and run the same command again: it continues from
-the last complete orbax checkpoint in ``--checkpoint-dir`` and, on CPU, ends with adapters
-bit-identical to an uninterrupted run.
+the last complete step checkpoint in ``--checkpoint-dir`` (``<dir>/<step>``, written by
+``minilora_jax.checkpoint.save_step`` with the optimiser state, step, RNG key and losses) and,
+on CPU, ends with adapters bit-identical to an uninterrupted run.
 
 Example:
   python experiments/train_lora.py --steps 200 --checkpoint-dir runs/lora/ckpt \

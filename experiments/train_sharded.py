@@ -47,7 +47,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from etils import epath
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -61,8 +60,8 @@ from minilora_jax._tree import flatten  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 AXES = ("fsdp", "tp")
-STATE_DIR = "state"  # the orbax checkpoint inside a --save directory
-RUN_FILE = "run.json"  # how the run was configured, so --restore rebuilds the same model
+STATE_DIR = "state"  # the adapter checkpoint inside a --save directory; its metadata says
+# how the run was configured ({"step", "total_steps", "settings"}), so --restore rebuilds it
 
 # Kernels: (regex on the param path, (mesh axis of the kernel's in axis, of its out axis)); the
 # kernel's layout says where those axes are, and its batch axes (the layer axis) stay whole.
@@ -317,42 +316,38 @@ def shakespeare_batches(vocab: int, batch: int, seq_len: int, seed: int, start: 
 # --------------------------------------------------------------------------------------------
 
 
-def _location(directory: str | os.PathLike) -> epath.Path:
-    """An absolute local path, or a URL such as ``gs://bucket/run`` left as it is."""
-    path = epath.Path(directory)
-    return path if "://" in str(directory) else path.absolute()
+def save_state(
+    directory: str | os.PathLike, run: Run, metadata: Mapping[str, Any] | None = None
+) -> Path:
+    """`minilora_jax.save_adapters` of the run's adapters, its optimizer state as their state.
 
-
-def save_state(directory: str | os.PathLike, run: Run) -> epath.Path:
-    """Writes the sharded adapters and optimizer state with orbax; every process must call it.
-
-    Each process writes the shards it holds; nothing is gathered.
+    Every process must call it: each writes the shards it holds, nothing is gathered.
     """
-    import orbax.checkpoint as ocp
-
-    path = _location(directory)
-    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-    state = {"adapters": run.adapters, "opt_state": run.opt_state}
-    checkpointer.save(path, args=ocp.args.StandardSave(state), force=True)
-    return path
+    params = mlj.combine(run.adapters, run.base)
+    state = {"opt_state": run.opt_state}
+    return mlj.save_adapters(directory, params, metadata=metadata, state=state)
 
 
-def restore_state(directory: str | os.PathLike, run: Run) -> None:
+def restore_state(directory: str | os.PathLike, run: Run) -> dict:
     """Reads adapters and optimizer state into ``run``, in ``run``'s shardings (any mesh).
 
-    The target is the run's own tree as ``ShapeDtypeStruct`` s with the new shardings, so the
-    `minilora_jax.Lora` nodes, with their scale and layout (structure, not data), come back
-    with it.
+    `minilora_jax.load_adapters` rebuilds the `minilora_jax.Lora` nodes, with their scale and
+    layout, on ``run.base`` and reads each array straight into ``run.adapter_shardings``; the
+    optimizer state's target is the run's own, as ``ShapeDtypeStruct`` s with its shardings.
+    Returns the checkpoint's metadata.
     """
-    import orbax.checkpoint as ocp
-
-    target = {
-        "adapters": abstract(run.adapters, run.adapter_shardings),
-        "opt_state": abstract(run.opt_state, run.opt_shardings),
-    }
-    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-    state = checkpointer.restore(_location(directory), args=ocp.args.StandardRestore(target))
-    run.adapters, run.opt_state = state["adapters"], state["opt_state"]
+    target = {"opt_state": abstract(run.opt_state, run.opt_shardings)}
+    params, state = mlj.load_adapters(
+        directory, run.base, state=target, shardings=run.adapter_shardings
+    )
+    adapters = mlj.split(params)[0]
+    if jax.tree.structure(adapters) != jax.tree.structure(run.adapters):
+        raise ValueError(
+            f"{directory} holds other adapters than this run builds (paths, ranks, scales or "
+            "layouts differ)"
+        )
+    run.adapters, run.opt_state = adapters, state["opt_state"]
+    return mlj.read_metadata(directory)["metadata"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,9 +370,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", choices=("random", "shakespeare"), default="random")
     p.add_argument(
-        "--save", type=epath.Path, help="write adapters + optimizer state here (dir or gs://)"
+        "--save", type=Path, help="write adapters + optimizer state here (shared by all processes)"
     )
-    p.add_argument("--restore", type=epath.Path, help="start from a --save directory (any mesh)")
+    p.add_argument("--restore", type=Path, help="start from a --save directory (any mesh)")
     p.add_argument("--json", type=Path, help="write losses and sizes here")
     p.add_argument(
         "--cpu-devices",
@@ -452,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     start = 0
     if args.restore is not None:
-        saved = json.loads((args.restore / RUN_FILE).read_text())
+        saved = mlj.read_metadata(args.restore / STATE_DIR)["metadata"]
         start, total = saved["step"], saved["total_steps"]
         settings.update({k: v for k, v in saved["settings"].items() if k != "steps"})
     overrides = {"scan_layers": settings["scan_layers"]}
@@ -502,10 +497,8 @@ def main(argv: list[str] | None = None) -> dict:
     say(f"eval loss {eval_loss:.6f} after step {start + args.steps}")
 
     if args.save is not None:
-        save_state(args.save / STATE_DIR, run)
-        if process == 0:
-            record = {"step": start + args.steps, "total_steps": total, "settings": settings}
-            (args.save / RUN_FILE).write_text(json.dumps(record, indent=1))
+        record = {"step": start + args.steps, "total_steps": total, "settings": settings}
+        save_state(args.save / STATE_DIR, run, metadata=record)
         say(f"saved to {args.save}")
 
     result = {

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 import minilora_jax as mlj
+from minilora_jax.checkpoint import latest_step, save_step
 
 
 def next_token_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array | None = None):
@@ -102,20 +103,21 @@ def train_lora(
     *,
     steps: int,
     lr: float,
-    checkpoint_dir: str | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
     save_every: int = 50,
     dropout: float = 0.0,
     seed: int = 0,
     callback: Callable[[int, float], None] | None = None,
 ) -> tuple[Any, np.ndarray]:
-    """LoRA fine-tuning with MiniMind's recipe, resumable from an orbax checkpoint.
+    """LoRA fine-tuning with MiniMind's recipe, resumable from the library's checkpoints.
 
-    With ``checkpoint_dir`` an orbax ``CheckpointManager`` keeps the adapters, optimiser state,
-    step, RNG key and loss history every ``save_every`` steps (and at the end). Killed at any
-    moment and started again with the same arguments, the run continues from the last complete
-    checkpoint and, on CPU, ends with bit-identical adapters: the data stream and the dropout
-    keys are pure functions of the step (``batches(start)`` yields the batches from step
-    ``start`` on).
+    With ``checkpoint_dir``, every ``save_every`` steps (and at the end)
+    `minilora_jax.checkpoint.save_step` writes ``checkpoint_dir/<step>``: the adapters, and as
+    their state the optimiser state, step, RNG key and loss history; the last two steps are
+    kept. Killed at any moment and started again with the same arguments, the run continues
+    from `minilora_jax.checkpoint.latest_step` and, on CPU, ends with bit-identical adapters:
+    the data stream and the dropout keys are pure functions of the step (``batches(start)``
+    yields the batches from step ``start`` on).
 
     Args:
       apply_fn: the model's plain ``model.apply``.
@@ -133,54 +135,42 @@ def train_lora(
       ``(params, losses)``: the trained params (adapters combined with the base) and the loss
       of every step.
     """
-    import orbax.checkpoint as ocp
-
     adapters, base = mlj.split(params)
     tx = optimizer(lr, steps)
-    state = {
-        "adapters": adapters,
-        "opt_state": tx.init(adapters),
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.key_data(jax.random.key(seed)),
-        "losses": jnp.zeros((steps,), jnp.float32),
-    }
-    manager = None
-    if checkpoint_dir is not None:
-        manager = ocp.CheckpointManager(
-            os.path.abspath(checkpoint_dir),
-            options=ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=save_every),
-        )
-        if manager.latest_step() is not None:
-            # The live state is the restore target: it carries the structure a checkpoint
-            # does not hold, the Lora nodes' scale and layout.
-            state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
-    start = int(state["step"])
+    opt_state = tx.init(adapters)
+    rng = jax.random.key(seed)
+    losses = np.zeros((steps,), np.float32)
+    start = 0
+    last = None if checkpoint_dir is None else latest_step(checkpoint_dir)
+    if last is not None:
+        where = os.path.join(checkpoint_dir, str(last))
+        target = {"opt_state": opt_state, "step": jnp.asarray(0), "rng": rng, "losses": losses}
+        restored, state = mlj.load_adapters(where, base, state=target)
+        if jax.tree.structure(mlj.split(restored)[0]) != jax.tree.structure(adapters):
+            raise ValueError(
+                f"the checkpoint {where} holds other adapters than this run's (paths, ranks, "
+                "scales or layouts differ); resume with the settings it was made with, or "
+                "choose another checkpoint directory"
+            )
+        if int(state["step"]) != last:
+            raise ValueError(f"the checkpoint {where} records step {int(state['step'])}")
+        adapters = mlj.split(restored)[0]
+        opt_state, rng, start = state["opt_state"], state["rng"], last
+        losses = np.asarray(state["losses"]).copy()
     step = lora_step(apply_fn, tx, dropout=dropout)
-    losses = np.asarray(state["losses"]).copy()
-    adapters, opt_state = state["adapters"], state["opt_state"]
-    rng = jax.random.wrap_key_data(state["rng"])
     stream = batches(start)
     for i in range(start, steps):
         tokens, mask = next(stream)
         adapters, opt_state, loss = step(
             adapters, opt_state, base, jnp.asarray(tokens), jnp.asarray(mask),
             jax.random.fold_in(rng, i) if dropout > 0 else None,
-        )
+        )  # fmt: skip
         losses[i] = float(loss)
         if callback is not None:
             callback(i, losses[i])
         done = i + 1
-        if manager is not None and (done % save_every == 0 or done == steps):
-            manager.save(
-                done,
-                args=ocp.args.StandardSave(
-                    {"adapters": adapters, "opt_state": opt_state,
-                     "step": jnp.asarray(done, jnp.int32), "rng": jax.random.key_data(rng),
-                     "losses": jnp.asarray(losses)}
-                ),
-                force=True,
-            )
-    if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
+        if checkpoint_dir is not None and (done % save_every == 0 or done == steps):
+            state = {"opt_state": opt_state, "step": jnp.asarray(done), "rng": rng,
+                     "losses": losses}  # fmt: skip
+            save_step(checkpoint_dir, done, mlj.combine(adapters, base), state=state, keep=2)
     return mlj.combine(adapters, base), losses

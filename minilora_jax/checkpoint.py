@@ -1,10 +1,13 @@
-"""Saving adapters with orbax-checkpoint, and loading them back onto a base they fit.
+"""Adapter checkpoints (orbax): saving, loading onto a base or a mesh, resuming training.
 
-A checkpoint is a directory holding only the adapters, never the base model::
+A checkpoint is a directory holding the adapters, never the base model, and, if asked, a training
+state::
 
     DIR/
-      minilora.json   what the adapters are (see below)
+      minilora.json   what the adapters (and the state) are (see below)
       adapters/       the lora_a / lora_b arrays, an orbax PyTree checkpoint
+      state/          only with ``save_adapters(..., state=...)``: the state's arrays (optimiser
+                      state, step, PRNG key, loss history: any pytree of arrays), orbax too
 
 ``minilora.json`` records the format version, the library version, and per adapted kernel,
 keyed by the kernel's leaf path (``layers_0/self_attn/q_proj/kernel``, ``layers/0/weight``; see
@@ -17,7 +20,16 @@ nested dict built from the leaf path's components, ``{"lora_a", "lora_b"}`` at i
 Scale and layout are written to JSON because they cannot live in the arrays: they are static
 parts of a `minilora_jax.Lora` node (structure, not data). `load_adapters` rebuilds the nodes
 from the JSON, on any pytree: Flax params or variables, an NNX state, an equinox array
-partition, a plain dict.
+partition, a plain dict. With ``shardings=`` it reads every array straight into its place on a
+mesh, whatever mesh the checkpoint was written from.
+
+Format version 3 adds ``state``: a list with one entry per leaf of the state pytree, in
+``jax.tree_util`` order, ``{"path": jax.tree_util.keystr(path), "shape": [...], "dtype": ...}``
+describing the stored array (stored under ``state/`` as ``{"0": ..., "1": ...}`` by that order).
+A typed PRNG key is stored as its ``jax.random.key_data`` and its entry adds ``"key_impl"``
+(``"threefry2x32"``), so it comes back as a key. The state's structure (optax's NamedTuples and
+the like) is not stored: `load_adapters` takes it from a target tree, as orbax does. A checkpoint
+without state is written as format version 2, which has no ``state``.
 
 Format version 1 (minilora_jax 0.1) keyed adapters by their *layer* path (the dict holding
 ``kernel``) and had no layouts: a kernel of ``n`` axes was Flax's ``(..., in, out)`` with
@@ -25,7 +37,13 @@ Format version 1 (minilora_jax 0.1) keyed adapters by their *layer* path (the di
 layout ``Layout.dense(stacked=n - 2)``.
 
 Saving is atomic: everything is written to a temporary directory beside ``DIR`` and renamed into
-place, so a save that fails or is killed part-way leaves the previous checkpoint readable.
+place, so a save that fails or is killed part-way leaves the previous checkpoint readable. A
+training loop keeps ``ROOT/<step>`` directories with `save_step` and resumes from
+`latest_step`: a step directory exists only once it is complete.
+
+In a multi-process JAX job every process calls `save_adapters` / `save_step` on the same
+directory of a filesystem they all share: each writes the shards it holds, process 0 the JSON
+and the renames. Paths are local (or shared-filesystem) paths; URLs such as ``gs://`` are refused.
 """
 
 from __future__ import annotations
@@ -33,7 +51,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Mapping
@@ -42,14 +62,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, Sharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 from minilora_jax._tree import flatten, is_variables, key_name
 from minilora_jax.lora import Layout, Lora, is_lora
 
 FORMAT = "minilora_jax.adapters"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # the newest version this module reads; it writes 2, or 3 with a state
 METADATA_FILE = "minilora.json"
 ARRAYS_DIR = "adapters"
+STATE_DIR = "state"
 ARRAY_NAMES = ("lora_a", "lora_b")
 
 _DOCUMENT_KEYS = {
@@ -60,37 +84,52 @@ _DOCUMENT_KEYS = {
     "adapters",
     "metadata",
 }
+_STATE_KEYS = {"path", "shape", "dtype"}
 _RECORD_KEYS = {1: {"rank", "scale", "kernel", "lora_a", "lora_b"}}
 _RECORD_KEYS[2] = _RECORD_KEYS[1] | {"layout"}
+_RECORD_KEYS[3] = _RECORD_KEYS[2]
+_LEFTOVER = re.compile(r"\.(\d+)\.(tmp|old)-[0-9a-f]+")  # what a killed save_step leaves
 
 
 def save_adapters(
-    directory: str | os.PathLike, tree: Any, *, metadata: Mapping[str, Any] | None = None
+    directory: str | os.PathLike,
+    tree: Any,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    state: Any = None,
 ) -> FilePath:
-    """Writes the adapters of ``tree`` (not the base) to ``directory``, atomically.
+    """Writes the adapters of ``tree`` (not the base), and a training state, to ``directory``.
 
     Only ``lora_a`` and ``lora_b`` are stored as arrays (orbax-checkpoint); ranks, scales,
     layouts, shapes, dtypes and the fingerprint of the base go to ``directory/minilora.json``.
-    An existing checkpoint at ``directory`` is replaced only once the new one is completely
-    written; a directory that is not empty and is not a minilora checkpoint is never replaced.
+    ``state``, if given, is saved in the same directory, in the same atomic unit: a loop that
+    resumes from the checkpoint gets adapters and state of the same step. An existing checkpoint
+    at ``directory`` is replaced only once the new one is completely written; a directory that
+    is not empty and is not a minilora checkpoint is never replaced. Sharded arrays are written
+    shard by shard, nothing is gathered; in a multi-process job every process must call this.
 
     Args:
       directory: where the checkpoint goes (created with its parents if missing).
       tree: any pytree holding `minilora_jax.Lora` nodes with their kernels, as returned by
-        `minilora_jax.init` (or ``minilora_jax.combine(adapters, base)``).
+        `minilora_jax.init` (or ``minilora_jax.combine(adapters, base)``). The kernels are only
+        looked at for their shapes and dtypes.
       metadata: JSON-serialisable information stored as-is under ``"metadata"``, e.g. how the
         adapters were made: ``{"init": {"rank": 8, "targets": "q_proj|o_proj"}, "step": 100}``.
+      state: any pytree of arrays to keep with the adapters: an optax state, a step counter
+        (``jnp.asarray(step)``), a typed PRNG key (stored as ``jax.random.key_data``), a loss
+        history. Its structure is not stored; `load_adapters` takes it from a target.
 
     Returns:
       The checkpoint directory, as an absolute path.
 
     Raises:
       ValueError: if ``tree`` holds no adapters, an adapter has no kernel or does not fit it,
-        or ``metadata`` is not JSON-serialisable.
+        ``metadata`` is not JSON-serialisable, a leaf of ``state`` is not an array, or
+        ``directory`` is a URL.
       FileExistsError: if ``directory`` exists and is not a minilora checkpoint.
 
     Example:
-      >>> import tempfile, jax, jax.numpy as jnp
+      >>> import tempfile, jax, jax.numpy as jnp, optax
       >>> import minilora_jax as mlj
       >>> base = {"dense": {"kernel": jnp.ones((4, 4))}}
       >>> params = mlj.init(base, jax.random.key(0), rank=2, alpha=4.0)
@@ -99,6 +138,11 @@ def save_adapters(
       ['adapters', 'minilora.json']
       >>> load_adapters(ckpt, base)["dense"]["kernel"].scale
       2.0
+      >>> opt_state = optax.adam(1e-3).init(mlj.split(params)[0])
+      >>> state = {"opt": opt_state, "step": jnp.asarray(3), "key": jax.random.key(1)}
+      >>> ckpt = save_adapters(ckpt, params, state=state)
+      >>> sorted(p.name for p in ckpt.iterdir())
+      ['adapters', 'minilora.json', 'state']
     """
     from minilora_jax import __version__
 
@@ -124,13 +168,17 @@ def save_adapters(
             "the tree holds no adapters (no minilora_jax.Lora nodes): nothing to save. Add "
             "adapters with minilora_jax.init, or save the whole tree with orbax directly."
         )
+    target_dir = _local(directory)
+    entries, state_arrays = _flatten_state(state) if state is not None else (None, {})
 
+    version = 2 if entries is None else 3
     document = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "library_version": __version__,
-        "base_fingerprint": _fingerprint(records, FORMAT_VERSION),
+        "base_fingerprint": _fingerprint(records, version),
         "adapters": records,
+        **({} if entries is None else {"state": entries}),
         "metadata": dict(metadata) if metadata is not None else {},
     }
     try:
@@ -140,14 +188,22 @@ def save_adapters(
 
     def write(tmp: FilePath) -> None:
         _write_arrays(tmp / ARRAYS_DIR, arrays)
-        _write_metadata(tmp / METADATA_FILE, text)
+        if state_arrays:
+            _write_arrays(tmp / STATE_DIR, state_arrays)
+        if jax.process_index() == 0:
+            _write_metadata(tmp / METADATA_FILE, text)
 
-    target_dir = FilePath(os.path.abspath(directory))
     _replace_directory(target_dir, write)
     return target_dir
 
 
-def load_adapters(directory: str | os.PathLike, base_tree: Any) -> Any:
+def load_adapters(
+    directory: str | os.PathLike,
+    base_tree: Any,
+    *,
+    state: Any = None,
+    shardings: Any = None,
+) -> Any:
     """Loads the adapters saved in ``directory`` and puts them in ``base_tree``.
 
     Every adapted path of the checkpoint must hold, in ``base_tree``, a plain kernel of the
@@ -159,20 +215,35 @@ def load_adapters(directory: str | os.PathLike, base_tree: Any) -> Any:
       base_tree: the base tree without adapters, of any pytree kind, e.g.
         ``minilora_jax.split(tree)[1]``. Its kernels are only inspected, never copied: the
         arrays need not even be concrete (``jax.ShapeDtypeStruct`` works, see `abstract_base`).
+      state: if given, the training state saved with the adapters is restored too, into this
+        target's structure: a pytree like the one saved, whose leaves (arrays, typed PRNG keys,
+        or ``jax.ShapeDtypeStruct`` s, e.g. from ``jax.eval_shape``) give each leaf's shape and
+        dtype, and its sharding where they carry one (``ShapeDtypeStruct(..., sharding=...)``,
+        or a placed array); leaves without one go to the first local device.
+      shardings: where the adapters' arrays go: ``None`` (the first local device), one
+        ``jax.sharding.Sharding`` for every array, a tree holding a `minilora_jax.Lora` node of
+        shardings at each adapted path (what `minilora_jax.shardings` returns for the adapted
+        tree or its adapters half, with ``mesh=``), or a function that takes the abstract
+        adapted tree (``base_tree`` with `minilora_jax.Lora` nodes of ``jax.ShapeDtypeStruct``)
+        and returns such a tree. Each array is read straight into its shards, so a checkpoint
+        saved on one mesh restores onto another.
 
     Returns:
       ``base_tree`` with a `minilora_jax.Lora` node in the place of each adapted kernel, its
-      scale and layout from ``minilora.json``.
+      scale and layout from ``minilora.json``; with ``state``, the pair ``(tree, state)``, the
+      state's leaves as ``jax.Array`` s (typed PRNG keys as keys).
 
     Raises:
       FileNotFoundError: if ``directory``, its ``minilora.json`` or its array data is missing.
       ValueError: if ``minilora.json`` is malformed, or the checkpoint does not fit the base: a
         path missing from the base or already adapted, a kernel of another shape or dtype, a
         layout that does not fit the kernel, or arrays that differ from the record. The message
-        names the path and both shapes.
+        names the path and both shapes. Also if ``state`` is given and the checkpoint holds none
+        or another one (leaves missing, extra, or of other shapes or dtypes), or ``shardings``
+        has no sharding for an array, or one that does not fit it.
 
     Example:
-      >>> import tempfile, jax, jax.numpy as jnp
+      >>> import tempfile, jax, jax.numpy as jnp, optax
       >>> import minilora_jax as mlj
       >>> base = {"dense": {"kernel": jnp.ones((4, 4))}}
       >>> params = mlj.init(base, jax.random.key(0), rank=2)
@@ -184,8 +255,22 @@ def load_adapters(directory: str | os.PathLike, base_tree: Any) -> Any:
       Traceback (most recent call last):
       ...
       ValueError: ... kernel at 'dense/kernel' has shape (4, 5) float32 in the base, but the ...
+
+      With a training state and onto a mesh (here of one device):
+
+      >>> tx = optax.adam(1e-3)
+      >>> state = {"opt": tx.init(mlj.split(params)[0]), "key": jax.random.key(7)}
+      >>> ckpt = save_adapters(ckpt, params, state=state)
+      >>> mesh = jax.make_mesh((1,), ("fsdp",))
+      >>> on_mesh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      >>> back, got = load_adapters(ckpt, base, state=jax.eval_shape(lambda: state),
+      ...                           shardings=on_mesh)
+      >>> back["dense"]["kernel"].lora_b.sharding == on_mesh
+      True
+      >>> bool(got["key"] == state["key"]), got["opt"][0].mu["dense"]["kernel"].lora_a.shape
+      (True, (4, 2))
     """
-    directory = FilePath(os.path.abspath(directory))
+    directory = _local(directory)
     info = read_metadata(directory)
     records = info["adapters"]
     names, leaves, treedef = flatten(base_tree)
@@ -229,13 +314,24 @@ def load_adapters(directory: str | os.PathLike, base_tree: Any) -> Any:
         node.check(name)  # the recorded layout against the base's kernel
         nodes[name] = node
 
-    arrays = _read_arrays(directory / ARRAYS_DIR, records, info["format_version"])
-    out = list(leaves)
+    def with_nodes(found: Mapping[str, Lora]) -> Any:
+        out = list(leaves)
+        for name, node in found.items():
+            out[index[name]] = node
+        return jax.tree.unflatten(treedef, out)
+
+    placement = _placements(shardings, with_nodes, nodes)
+    state_plan = None if state is None else _plan_state(directory, info.get("state"), state)
+    arrays = _read_arrays(directory / ARRAYS_DIR, records, info["format_version"], placement)
+    loaded = {}
     for name, node in nodes.items():
         node = node.replace(**arrays[name])
         node.check(name)
-        out[index[name]] = node
-    return jax.tree.unflatten(treedef, out)
+        loaded[name] = node
+    tree = with_nodes(loaded)
+    if state_plan is None:
+        return tree
+    return tree, _read_state(directory / STATE_DIR, *state_plan)
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
@@ -251,7 +347,9 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
       The parsed document: ``format``, ``format_version``, ``library_version``,
       ``base_fingerprint``, ``adapters`` (``{leaf path: {"rank", "scale", "layout", "kernel",
       "lora_a", "lora_b"}}``, the layout as ``Layout.to_json()``, each array entry
-      ``{"shape": [...], "dtype": "float32"}``) and ``metadata``. A format-1 document comes
+      ``{"shape": [...], "dtype": "float32"}``), ``metadata``, and in format 3 ``state`` (a
+      list of ``{"path", "shape", "dtype"}``, plus ``"key_impl"`` for a PRNG key; see the
+      module docstring). A format-1 document comes
       back in this form (``<layer path>/kernel`` with its implied layout), its
       ``format_version`` and ``base_fingerprint`` as the file has them.
 
@@ -270,7 +368,7 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
       >>> record["rank"], record["layout"]
       (2, {'in': [0], 'out': [1], 'batch': []})
     """
-    directory = FilePath(os.path.abspath(directory))
+    directory = _local(directory)
     file = directory / METADATA_FILE
     if not file.is_file():
         if not directory.exists():
@@ -327,6 +425,101 @@ def abstract_base(directory: str | os.PathLike) -> dict[str, Any]:
     # A tree that looks like a Flax variables dict is named from inside "params"; wrapping it
     # once more keeps a recorded leading "params" component in the paths.
     return {"params": tree} if is_variables(tree) else tree
+
+
+def save_step(
+    root: str | os.PathLike,
+    step: int,
+    tree: Any,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    state: Any = None,
+    keep: int | None = 2,
+) -> FilePath:
+    """`save_adapters` to ``root/<step>``, then keeps only the newest ``keep`` steps.
+
+    A step directory appears only once it is complete (the save is atomic), so after a kill at
+    any moment `latest_step` names a checkpoint that loads. Older steps are removed only after
+    the new one is in place (each renamed aside first, so none is ever half-deleted), and so are
+    the temporary directories that killed saves left in ``root``. Other files in ``root`` are
+    left alone.
+
+    Args:
+      root: the directory holding the step directories (created if missing).
+      step: the step number, a non-negative integer; the directory is ``root/<step>``.
+      tree: as in `save_adapters`.
+      metadata: as in `save_adapters`.
+      state: as in `save_adapters`.
+      keep: how many of the highest steps to keep (the one just written is always kept);
+        ``None`` keeps them all.
+
+    Returns:
+      The step's checkpoint directory, as an absolute path.
+
+    Raises:
+      ValueError: if ``step`` or ``keep`` is not as described, and as `save_adapters`.
+      FileExistsError: if ``root/<step>`` exists and is not a minilora checkpoint.
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp
+      >>> import minilora_jax as mlj
+      >>> params = mlj.init({"q": {"kernel": jnp.ones((4, 4))}}, jax.random.key(0), rank=2)
+      >>> root = tempfile.mkdtemp()
+      >>> for step in (10, 20, 30):
+      ...     path = save_step(root, step, params, state={"step": jnp.asarray(step)})
+      >>> path.name, latest_step(root), sorted(p.name for p in path.parent.iterdir())
+      ('30', 30, ['20', '30'])
+    """
+    try:
+        step = operator.index(step)
+    except TypeError:
+        step = -1
+    if step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    if keep is not None and (not _is_int(keep) or keep < 1):
+        raise ValueError(f"keep must be a positive integer or None, got {keep!r}")
+    root = _local(root)
+    path = save_adapters(root / str(step), tree, metadata=metadata, state=state)
+    if jax.process_index() == 0:
+        _prune(root, step, keep)
+    _sync(f"minilora_jax.save_step {root} {step}")
+    return path
+
+
+def latest_step(root: str | os.PathLike) -> int | None:
+    """The highest step of ``root`` whose checkpoint is complete, or None if there is none.
+
+    Step directories are those `save_step` writes, ``root/<step>`` holding ``minilora.json``;
+    the temporary directories a killed save leaves (hidden names) and other files are ignored.
+
+    Example:
+      >>> import tempfile
+      >>> latest_step(tempfile.mkdtemp()), latest_step("/nonexistent/run")
+      (None, None)
+    """
+    return max(_steps(_local(root)), default=None)
+
+
+def _steps(root: FilePath) -> list[int]:
+    if not root.is_dir():
+        return []
+    found = [
+        int(p.name)
+        for p in root.iterdir()
+        if p.name.isdigit() and p.name == str(int(p.name)) and (p / METADATA_FILE).is_file()
+    ]
+    return sorted(found)
+
+
+def _prune(root: FilePath, saved: int, keep: int | None) -> None:
+    """Removes steps older than the newest ``keep`` (but not ``saved``) and killed saves' debris."""
+    steps = _steps(root)
+    old = [] if keep is None else [s for s in steps[: max(len(steps) - keep, 0)] if s != saved]
+    for s in old:
+        os.replace(root / str(s), root / f".{s}.old-{uuid.uuid4().hex[:12]}")
+    for p in root.iterdir():
+        if _LEFTOVER.fullmatch(p.name) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,9 +632,12 @@ def _validate(file: FilePath, info: Any) -> dict[str, Any]:
             f"{file} has format_version {version}, written by a newer minilora_jax "
             f"({info.get('library_version')}); this version reads up to {FORMAT_VERSION}"
         )
-    unknown = sorted(set(info) - _DOCUMENT_KEYS)
+    known = _DOCUMENT_KEYS | ({"state"} if version >= 3 else set())
+    unknown = sorted(set(info) - known)
     if unknown:
-        raise bad(f"unknown fields {unknown} (this version knows {sorted(_DOCUMENT_KEYS)})")
+        raise bad(f"unknown fields {unknown} (format_version {version} has {sorted(known)})")
+    if version >= 3 and "state" not in info:
+        raise bad(f"format_version {version} records a 'state', this file has none")
     if not isinstance(info.get("base_fingerprint"), str):
         raise bad("'base_fingerprint' is missing or not a string")
     if not isinstance(info.get("metadata", {}), dict):
@@ -519,7 +715,39 @@ def _validate(file: FilePath, info: Any) -> dict[str, Any]:
             f"{file}: base_fingerprint {info['base_fingerprint']} does not match the kernels it "
             f"records ({expected}); the file was edited or corrupted"
         )
+    if version >= 3:
+        _validate_state(info["state"], bad)
     return {**info, "metadata": info.get("metadata", {}), "adapters": records}
+
+
+def _validate_state(entries: Any, bad: Callable[[str], ValueError]) -> None:
+    if not isinstance(entries, list):
+        raise bad(f"'state' is a {type(entries).__name__}, expected a list")
+    seen = set()
+    for i, entry in enumerate(entries):
+        where = f"state[{i}]"
+        if not isinstance(entry, dict) or not (
+            set(entry) == _STATE_KEYS or set(entry) == _STATE_KEYS | {"key_impl"}
+        ):
+            raise bad(
+                f"{where} must have the fields {sorted(_STATE_KEYS)} (and 'key_impl' for a "
+                f"PRNG key), got {entry!r}"
+            )
+        if not isinstance(entry["path"], str) or entry["path"] in seen:
+            raise bad(f"{where}['path'] {entry['path']!r} is not a string or appears twice")
+        seen.add(entry["path"])
+        if not isinstance(entry["shape"], list) or not all(
+            _is_int(n) and n >= 0 for n in entry["shape"]
+        ):
+            raise bad(f"{where}['shape'] is {entry['shape']!r}, expected a list of sizes")
+        try:
+            if not isinstance(entry["dtype"], str):
+                raise TypeError("not a string")
+            jnp.dtype(entry["dtype"])
+        except TypeError as e:
+            raise bad(f"{where}['dtype'] {entry['dtype']!r} is not a dtype") from e
+        if "key_impl" in entry and not isinstance(entry["key_impl"], str):
+            raise bad(f"{where}['key_impl'] is {entry['key_impl']!r}, expected a string")
 
 
 def _write_metadata(file: FilePath, text: str) -> None:
@@ -547,24 +775,37 @@ def _write_arrays(directory: FilePath, arrays: Mapping[str, Any]) -> None:
     _checkpointer().save(directory, args=ocp.args.StandardSave(arrays))
 
 
-def _read_arrays(
-    directory: FilePath, records: Mapping[str, Any], version: int
-) -> dict[str, dict[str, Any]]:
-    """Restores ``{leaf path: {"lora_a", "lora_b"}}`` from ``directory``, checked against
-    ``records`` by orbax's metadata before anything is read."""
-    import orbax.checkpoint as ocp
-
+def _stored_metadata(directory: FilePath, what: str) -> Any:
+    """The orbax metadata tree of the checkpoint at ``directory`` (nothing is read yet)."""
     if not directory.is_dir():
         raise FileNotFoundError(
-            f"array data not found: {directory} (the checkpoint's minilora.json is there, its "
+            f"{what} not found: {directory} (the checkpoint's minilora.json is there, its "
             "orbax arrays are not; was the directory copied only in part?)"
         )
-    checkpointer = _checkpointer()
     try:
-        stored = checkpointer.metadata(directory).item_metadata.tree
+        return _checkpointer().metadata(directory).item_metadata.tree
     except Exception as e:  # orbax raises several types for unreadable data
         raise ValueError(f"cannot read the orbax array data in {directory}: {e}") from e
 
+
+def _restore(directory: FilePath, target: Any) -> Any:
+    import orbax.checkpoint as ocp
+
+    try:
+        return _checkpointer().restore(directory, args=ocp.args.StandardRestore(target))
+    except Exception as e:
+        raise ValueError(f"cannot restore the orbax array data in {directory}: {e}") from e
+
+
+def _read_arrays(
+    directory: FilePath,
+    records: Mapping[str, Any],
+    version: int,
+    placement: Mapping[str, Mapping[str, Sharding]],
+) -> dict[str, dict[str, Any]]:
+    """Restores ``{leaf path: {"lora_a", "lora_b"}}`` from ``directory`` into the shardings of
+    ``placement``, checked against ``records`` by orbax's metadata before anything is read."""
+    stored = _stored_metadata(directory, "array data")
     stored_flat: dict[str, dict[str, Any]] = {}
     for keys, meta in jax.tree_util.tree_flatten_with_path(stored)[0]:
         parts = [key_name(k) for k in keys]
@@ -580,7 +821,6 @@ def _read_arrays(
             f"array data in {directory} does not match its minilora.json: paths recorded but not "
             f"stored {missing}, stored but not recorded {extra}"
         )
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target: dict[str, Any] = {}
     for where, name in located.items():
         rec = records[name]
@@ -594,12 +834,11 @@ def _read_arrays(
                     f"array data in {directory} does not match its minilora.json: {key} at "
                     f"'{name}' is stored as {have} but recorded as {want}"
                 )
-            node[key] = jax.ShapeDtypeStruct(want[0], jnp.dtype(want[1]), sharding=sharding)
+            node[key] = jax.ShapeDtypeStruct(
+                want[0], jnp.dtype(want[1]), sharding=placement[name][key]
+            )
         _put(target, _parts(where), node)
-    try:
-        restored = checkpointer.restore(directory, args=ocp.args.StandardRestore(target))
-    except Exception as e:
-        raise ValueError(f"cannot restore the orbax array data in {directory}: {e}") from e
+    restored = _restore(directory, target)
     out = {}
     for where, name in located.items():
         node = restored
@@ -607,6 +846,217 @@ def _read_arrays(
             node = node[key]
         out[name] = {key: node[key] for key in ARRAY_NAMES}
     return out
+
+
+def _default_sharding() -> Sharding:
+    return SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _placements(
+    shardings: Any, abstract: Callable[[Mapping[str, Lora]], Any], nodes: Mapping[str, Lora]
+) -> dict[str, dict[str, Sharding]]:
+    """``{path: {"lora_a": sharding, "lora_b": sharding}}`` from `load_adapters`' ``shardings``.
+
+    ``abstract(nodes)`` is the adapted tree the function form of ``shardings`` is called with.
+    """
+    if shardings is None:
+        shardings = _default_sharding()
+    if callable(shardings) and not isinstance(shardings, Sharding):
+        shardings = shardings(abstract(nodes))
+    if isinstance(shardings, Sharding):
+        return {
+            name: {
+                key: _checked_sharding(
+                    shardings, tuple(getattr(node, key).shape), f"{key} at '{name}'"
+                )
+                for key in ARRAY_NAMES
+            }
+            for name, node in nodes.items()
+        }
+    paths, leaves, _ = flatten(shardings)
+    given = dict(zip(paths, leaves, strict=True))
+    out = {}
+    for name, node in nodes.items():
+        entry = given.get(name)
+        if not is_lora(entry):
+            held = "nothing" if entry is None else f"a {type(entry).__name__}"
+            raise ValueError(
+                f"shardings holds {held} at '{name}', where the checkpoint has an adapter; give "
+                "one jax.sharding.Sharding, a tree with a Lora node of shardings at each adapted "
+                "path (minilora_jax.shardings(tree, base_shardings, mesh=mesh)), or a function "
+                "of the abstract adapted tree that returns one"
+            )
+        out[name] = {}
+        for key in ARRAY_NAMES:
+            sharding, shape = getattr(entry, key), tuple(getattr(node, key).shape)
+            out[name][key] = _checked_sharding(sharding, shape, f"{key} at '{name}'")
+    return out
+
+
+def _checked_sharding(sharding: Any, shape: tuple[int, ...], what: str) -> Sharding:
+    if not isinstance(sharding, Sharding):
+        hint = (
+            "; a PartitionSpec needs a mesh: minilora_jax.shardings(..., mesh=mesh)"
+            if isinstance(sharding, P)
+            else ""
+        )
+        raise ValueError(
+            f"the sharding of {what} {shape} is {sharding!r}, not a jax.sharding.Sharding{hint}"
+        )
+    try:
+        jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)  # checks the rank
+        sharding.shard_shape(shape)  # checks divisibility
+    except Exception as e:  # jax raises ValueError or TypeError depending on what is wrong
+        raise ValueError(
+            f"the sharding {sharding} of {what} does not fit its shape {shape}: {e}"
+        ) from e
+    return sharding
+
+
+# --------------------------------------------------------------------------------------------
+# Training state
+# --------------------------------------------------------------------------------------------
+
+
+def _is_key(x: Any) -> bool:
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _state_path(keys: Any) -> str:
+    return jax.tree_util.keystr(keys) or "<root>"
+
+
+def _flatten_state(state: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The ``state`` entries of minilora.json and ``{"0": array, ...}`` to store."""
+    entries, arrays = [], {}
+    for i, (keys, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(state)[0]):
+        path = _state_path(keys)
+        if isinstance(leaf, np.generic):
+            leaf = np.asarray(leaf)
+        if not isinstance(leaf, (jax.Array, np.ndarray)):
+            raise ValueError(
+                f"the state leaf at {path} is a {type(leaf).__name__}, not an array; a "
+                "checkpoint's state holds arrays only (wrap a number in jnp.asarray, or put "
+                "it in metadata)"
+            )
+        entry: dict[str, Any] = {"path": path}
+        if _is_key(leaf):
+            entry["key_impl"] = str(jax.random.key_impl(leaf))
+            leaf = jax.random.key_data(leaf)
+        entries.append({**entry, **_entry(leaf)})
+        arrays[str(i)] = leaf
+    return entries, arrays
+
+
+def _plan_state(
+    directory: FilePath, entries: list[dict[str, Any]] | None, target: Any
+) -> tuple[Any, list[tuple[str, dict[str, Any]]], dict[str, jax.ShapeDtypeStruct]]:
+    """Checks ``target`` against the recorded state; ``(treedef, [(name, entry)], structs)``:
+    what `_read_state` restores, each stored array in the sharding its target leaf asks for."""
+    where = f"checkpoint {directory}"
+    if entries is None:
+        raise ValueError(
+            f"{where} holds no training state (it was saved without state=); load it without state="
+        )
+    flat, treedef = jax.tree_util.tree_flatten_with_path(target)
+    paths = [_state_path(keys) for keys, _ in flat]
+    recorded = {entry["path"]: (str(i), entry) for i, entry in enumerate(entries)}
+    missing = [p for p in paths if p not in recorded]
+    extra = [p for p in recorded if p not in set(paths)]
+    if missing or extra:
+        raise ValueError(
+            f"the state target does not match the training state of {where}: in the target "
+            f"but not in the checkpoint {missing[:5]}, in the checkpoint but not in the target "
+            f"{extra[:5]}" + (" (and more)" if len(missing) > 5 or len(extra) > 5 else "")
+        )
+    plan, structs = [], {}
+    for path, (_, leaf) in zip(paths, flat, strict=True):
+        name, entry = recorded[path]
+        stored = jax.ShapeDtypeStruct(tuple(entry["shape"]), jnp.dtype(entry["dtype"]))
+        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+            raise ValueError(
+                f"the state target leaf at {path} is a {type(leaf).__name__}; give arrays, "
+                "PRNG keys or jax.ShapeDtypeStruct s"
+            )
+        want = jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
+        sharding = getattr(leaf, "sharding", None)
+        if _is_key(leaf) != ("key_impl" in entry):
+            saved = f"a {entry['key_impl']} PRNG key" if "key_impl" in entry else "a plain array"
+            raise ValueError(
+                f"the state leaf at {path} of {where} is {saved}, the target's is "
+                f"{want.shape} {want.dtype}"
+            )
+        if _is_key(leaf):
+            try:
+                rebuilt = jax.eval_shape(
+                    lambda d, impl=entry["key_impl"]: jax.random.wrap_key_data(d, impl=impl),
+                    stored,
+                )
+            except Exception as e:  # an unknown impl name, or key data of the wrong shape
+                raise ValueError(
+                    f"the state leaf at {path} of {where} cannot be rebuilt as a "
+                    f"{entry['key_impl']} key from {stored.shape} {stored.dtype}: {e}"
+                ) from e
+            have = (rebuilt.shape, rebuilt.dtype)
+            if sharding is not None:
+                sharding = _key_data_sharding(sharding, len(want.shape), len(stored.shape), path)
+        else:
+            have = (stored.shape, stored.dtype)
+        if have != (want.shape, want.dtype):
+            raise ValueError(
+                f"the state leaf at {path} of {where} is {have[0]} {have[1]}, the target's is "
+                f"{want.shape} {want.dtype}"
+            )
+        if sharding is None:
+            sharding = _default_sharding()
+        _checked_sharding(sharding, stored.shape, f"the state leaf at {path}")
+        structs[name] = jax.ShapeDtypeStruct(stored.shape, stored.dtype, sharding=sharding)
+        plan.append((name, entry))
+    return treedef, plan, structs
+
+
+def _key_data_sharding(sharding: Sharding, key_ndim: int, data_ndim: int, path: str) -> Sharding:
+    """The sharding of a key array's ``key_data``: the key's, trailing data axes whole."""
+    if isinstance(sharding, SingleDeviceSharding):
+        return sharding
+    if isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec)[:key_ndim]
+        return NamedSharding(sharding.mesh, P(*spec, *(None,) * (data_ndim - len(spec))))
+    raise ValueError(
+        f"the state target's PRNG key at {path} has a {type(sharding).__name__}; keys are "
+        "restored with a NamedSharding or SingleDeviceSharding"
+    )
+
+
+def _read_state(
+    directory: FilePath,
+    treedef: Any,
+    plan: list[tuple[str, dict[str, Any]]],
+    structs: Mapping[str, jax.ShapeDtypeStruct],
+) -> Any:
+    restored: Mapping[str, Any] = {}
+    if plan:
+        stored = _stored_metadata(directory, "state data")
+        have = {
+            name: (tuple(meta.shape), _dtype_name(meta.dtype))
+            for name, meta in (stored.items() if isinstance(stored, Mapping) else ())
+        }
+        want = {name: (s.shape, _dtype_name(s.dtype)) for name, s in structs.items()}
+        if have != want:
+            wrong = sorted(set(have.items()) ^ set(want.items()))[:5]
+            raise ValueError(
+                f"state data in {directory} does not match its minilora.json: stored "
+                f"{len(have)} arrays, recorded {len(want)}; differing (name, (shape, dtype)) "
+                f"{wrong}"
+            )
+        restored = _restore(directory, dict(structs))
+    leaves = []
+    for name, entry in plan:
+        x = restored[name]
+        if "key_impl" in entry:
+            x = jax.random.wrap_key_data(x, impl=entry["key_impl"])
+        leaves.append(x)
+    return jax.tree.unflatten(treedef, leaves)
 
 
 # --------------------------------------------------------------------------------------------
@@ -619,7 +1069,9 @@ def _replace_directory(target: FilePath, write: Callable[[FilePath], None]) -> N
 
     The previous ``target`` is renamed aside before the new one moves in and removed after, so at
     every moment one complete checkpoint exists (at ``target``, or, for the instant between the
-    two renames, at ``.<name>.old-<id>`` beside it, which `read_metadata` points to).
+    two renames, at ``.<name>.old-<id>`` beside it, which `read_metadata` points to). In a
+    multi-process job all processes write into the same ``tmp`` and process 0 alone creates,
+    renames and cleans up, between barriers.
     """
     if target.exists():
         if not target.is_dir():
@@ -629,28 +1081,62 @@ def _replace_directory(target: FilePath, write: Callable[[FilePath], None]) -> N
                 f"{target} exists and is not a minilora adapter checkpoint (no {METADATA_FILE}); "
                 "refusing to replace it. Choose another directory or remove it yourself."
             )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:12]
+    primary = jax.process_index() == 0
+    token = _shared_token()
     tmp = target.parent / f".{target.name}.tmp-{token}"
     aside = target.parent / f".{target.name}.old-{token}"
-    tmp.mkdir()
+    if primary:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    _sync(f"minilora_jax: created {tmp}")
     try:
         write(tmp)
-        _fsync_dir(tmp)
-        if target.exists():
-            os.replace(target, aside)
-            try:
+        _sync(f"minilora_jax: wrote {tmp}")
+        if primary:
+            _fsync_dir(tmp)
+            if target.exists():
+                os.replace(target, aside)
+                try:
+                    os.replace(tmp, target)
+                except BaseException:
+                    os.replace(aside, target)
+                    raise
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
                 os.replace(tmp, target)
-            except BaseException:
-                os.replace(aside, target)
-                raise
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(target.parent)
+            _fsync_dir(target.parent)
+        _sync(f"minilora_jax: renamed {tmp}")
     finally:
-        if tmp.exists():
+        if primary and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _shared_token() -> str:
+    """A random name part, the same in every process of a multi-process job."""
+    token = np.frombuffer(uuid.uuid4().bytes[:6], np.uint8)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        token = np.asarray(multihost_utils.broadcast_one_to_all(token)).astype(np.uint8)
+    return token.tobytes().hex()
+
+
+def _sync(name: str) -> None:
+    """A barrier across the processes of a multi-process job; nothing in a single process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _local(directory: str | os.PathLike) -> FilePath:
+    """``directory`` as an absolute local path; a URL is refused rather than mangled."""
+    if "://" in os.fspath(directory):
+        raise ValueError(
+            f"{directory} is a URL; adapter checkpoints are written with local renames, so give "
+            "a local or shared-filesystem path (mount the bucket, or copy the checkpoint)"
+        )
+    return FilePath(os.path.abspath(directory))
 
 
 def _fsync_dir(directory: FilePath) -> None:

@@ -3,14 +3,20 @@
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax.core import FrozenDict, unfreeze
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from toy_models import Stack, randomize_b
 
 import minilora_jax as mlj
@@ -483,3 +489,175 @@ def test_dense_general_module_with_flax_apply(tmp_path):
     back = checkpoint.load_adapters(tmp_path, {"params": base})["params"]
     _assert_same(back, lp)
     np.testing.assert_allclose(mlj.wrap(apply)(back, x), mlj.wrap(apply)(lp, x), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Training state, shardings, step directories
+# --------------------------------------------------------------------------------------------
+
+
+def _trained_state(base, params, steps=3):
+    """Adapters and an Adam state after a few steps, so every moment is non-zero."""
+    tx = optax.adam(1e-2)
+    adapters, _ = mlj.split(params)
+    opt_state = tx.init(adapters)
+    loss = lambda a: sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(a))  # noqa: E731
+    for _ in range(steps):
+        updates, opt_state = tx.update(jax.grad(loss)(adapters), opt_state, adapters)
+        adapters = optax.apply_updates(adapters, updates)
+    state = {"opt_state": opt_state, "step": jnp.asarray(steps), "key": jax.random.key(42),
+             "losses": np.arange(steps, dtype=np.float32)}
+    return mlj.combine(adapters, base), state
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_state_round_trip_is_exact(tmp_path, scan):
+    base = _base(scan=scan)
+    params, state = _trained_state(base, _adapted(base, scan=scan))
+    path = checkpoint.save_adapters(tmp_path / "ckpt", params, state=state, metadata={"s": 3})
+    assert sorted(os.listdir(path)) == ["adapters", "minilora.json", "state"]
+    assert os.listdir(tmp_path) == ["ckpt"]
+    info = checkpoint.read_metadata(path)
+    assert info["format_version"] == 3 and info["metadata"] == {"s": 3}
+    entries = {e["path"]: e for e in info["state"]}
+    assert entries["['key']"] == {"path": "['key']", "shape": [2], "dtype": "uint32",
+                                  "key_impl": "threefry2x32"}
+    assert entries["['step']"] == {"path": "['step']", "shape": [], "dtype": "int32"}
+
+    for target in (state, jax.eval_shape(lambda: state)):  # concrete or shapes only
+        back, got = checkpoint.load_adapters(path, base, state=target)
+        _assert_same(back, params)
+        assert jax.tree.structure(got) == jax.tree.structure(state)
+        assert jnp.issubdtype(got["key"].dtype, jax.dtypes.prng_key)
+        assert jax.random.key_impl(got["key"]) == jax.random.key_impl(state["key"])
+        np.testing.assert_array_equal(jax.random.key_data(got["key"]),
+                                      jax.random.key_data(state["key"]))
+        plain = lambda s: {k: v for k, v in s.items() if k != "key"}  # noqa: E731
+        _assert_same(plain(got), plain(state))
+        mu = got["opt_state"][0].mu
+        assert mlj.is_lora(mu["layers" if scan else "layers_0"]["q_proj"]["kernel"])
+    assert not np.allclose(np.asarray(jax.tree.leaves(state["opt_state"])[2]), 0.0)
+
+    # Loading without state= ignores it; a checkpoint without one refuses state=.
+    _assert_same(checkpoint.load_adapters(path, base), params)
+    checkpoint.save_adapters(tmp_path / "plain", params)
+    assert checkpoint.read_metadata(tmp_path / "plain")["format_version"] == 2
+    with pytest.raises(ValueError, match=r"holds no training state"):
+        checkpoint.load_adapters(tmp_path / "plain", base, state=state)
+
+
+def test_state_target_that_does_not_match(tmp_path):
+    base = _base()
+    params, state = _trained_state(base, _adapted(base))
+    checkpoint.save_adapters(tmp_path, params, state=state)
+    with pytest.raises(ValueError, match=r"in the target but not in the checkpoint \[\"\['extra'"):
+        checkpoint.load_adapters(tmp_path, base, state={**state, "extra": jnp.zeros(2)})
+    with pytest.raises(ValueError, match=r"in the checkpoint but not in the target \[\"\['key'"):
+        checkpoint.load_adapters(tmp_path, base, state={k: v for k, v in state.items()
+                                                        if k != "key"})
+    with pytest.raises(ValueError, match=r"leaf at \['losses'\] of checkpoint .* is \(3,\) "
+                                         r"float32, the target's is \(4,\) float32"):
+        checkpoint.load_adapters(tmp_path, base, state={**state, "losses": np.zeros(4, np.float32)})
+    with pytest.raises(ValueError, match=r"\['step'\] .* is \(\) int32, the target's is \(\) "
+                                         r"float32"):
+        checkpoint.load_adapters(tmp_path, base, state={**state, "step": jnp.zeros(())})
+    with pytest.raises(ValueError, match=r"\['key'\] .* is a threefry2x32 PRNG key, the "
+                                         r"target's is \(2,\) uint32"):
+        checkpoint.load_adapters(tmp_path, base,
+                                 state={**state, "key": jax.random.key_data(state["key"])})
+    with pytest.raises(ValueError, match=r"state leaf at \['step'\] is a int"):
+        checkpoint.save_adapters(tmp_path, params, state={"step": 3})
+    with pytest.raises(ValueError, match=r"gs://bucket/run is a URL"):
+        checkpoint.save_adapters("gs://bucket/run", params)
+
+
+def test_shardings_put_arrays_on_a_mesh(tmp_path):
+    base = _base(scan=True)
+    params, state = _trained_state(base, _adapted(base, scan=True))
+    checkpoint.save_adapters(tmp_path, params, state=state)
+    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"))
+    specs = jax.tree.map(lambda x: P(*(None,) * (x.ndim - 2), "fsdp", "tp")
+                         if x.ndim >= 2 else P(), base)  # fmt: skip
+    tx = optax.adam(1e-2)
+    adapter_sh = mlj.shardings(params, specs, mesh=mesh)
+    opt_sh = mlj.optimizer_shardings(tx, mlj.split(params)[0], mlj.split(adapter_sh)[0])
+    target = {**jax.eval_shape(lambda: state), "opt_state": jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(lambda: state["opt_state"]), opt_sh)}  # fmt: skip
+    by_tree = checkpoint.load_adapters(tmp_path, base, shardings=adapter_sh, state=target)
+    by_function = checkpoint.load_adapters(
+        tmp_path, base, state=target, shardings=lambda t: mlj.shardings(t, specs, mesh=mesh))
+    for back, got in (by_tree, by_function):
+        _assert_same(back, params)
+        node = back["layers"]["q_proj"]["kernel"]
+        assert node.lora_a.sharding == NamedSharding(mesh, P(None, "fsdp", None))
+        assert node.lora_b.sharding == NamedSharding(mesh, P(None, None, "tp"))
+        mu = got["opt_state"][0].mu["layers"]["q_proj"]["kernel"]
+        assert mu.lora_a.sharding == NamedSharding(mesh, P(None, "fsdp", None))
+        _assert_same(mlj.split(jax.device_get(back))[0], mlj.split(params)[0])
+    one = NamedSharding(mesh, P())
+    back = checkpoint.load_adapters(tmp_path, base, shardings=one)
+    assert {x.sharding for x in jax.tree.leaves(mlj.split(back)[0])} == {one}
+
+    with pytest.raises(ValueError, match=r"lora_a at 'layers/o_proj/kernel' .* not a "
+                                         r"jax.sharding.Sharding; a PartitionSpec needs a mesh"):
+        checkpoint.load_adapters(tmp_path, base, shardings=mlj.shardings(params, specs))
+    with pytest.raises(ValueError, match=r"shardings holds nothing at 'layers/o_proj/kernel'"):
+        checkpoint.load_adapters(tmp_path, base, shardings={"other": adapter_sh["layers"]})
+    too_many = NamedSharding(mesh, P(None, None, None, "tp"))
+    with pytest.raises(ValueError, match=r"of lora_a at 'layers/o_proj/kernel' does not fit "
+                                         r"its shape \(3, 8, 2\)"):
+        checkpoint.load_adapters(tmp_path, base, shardings=too_many)
+
+
+def test_save_step_keeps_the_newest_and_latest_step_finds_them(tmp_path):
+    base = _base()
+    params = _adapted(base)
+    assert checkpoint.latest_step(tmp_path / "run") is None
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("kept")
+    (tmp_path / "run" / "7").mkdir()  # not a checkpoint: ignored, never removed
+    for step in (5, 10, 15):
+        checkpoint.save_step(tmp_path / "run", step, params, state={"i": jnp.asarray(step)})
+    assert checkpoint.latest_step(tmp_path / "run") == 15
+    assert sorted(os.listdir(tmp_path / "run")) == ["10", "15", "7", "notes.txt"]
+    checkpoint.save_step(tmp_path / "run", 3, params, keep=1)  # the one just saved stays
+    assert sorted(os.listdir(tmp_path / "run")) == ["15", "3", "7", "notes.txt"]
+    checkpoint.save_step(tmp_path / "run", 20, params, keep=None)
+    assert sorted(os.listdir(tmp_path / "run")) == ["15", "20", "3", "7", "notes.txt"]
+    with pytest.raises(ValueError, match="step must be a non-negative integer"):
+        checkpoint.save_step(tmp_path / "run", -1, params)
+    with pytest.raises(ValueError, match="keep must be a positive integer"):
+        checkpoint.save_step(tmp_path / "run", 1, params, keep=0)
+
+
+_KILLED_SAVE = """
+import os, signal, sys
+import jax, jax.numpy as jnp
+import minilora_jax as mlj
+from minilora_jax import checkpoint
+
+root = sys.argv[1]
+params = mlj.init({"q": {"kernel": jnp.ones((8, 8))}}, jax.random.key(0), rank=2)
+checkpoint.save_step(root, 5, params, state={"step": jnp.asarray(5)})
+# Step 10 dies like a SIGKILL: after its arrays are on disk, before its minilora.json.
+checkpoint._write_metadata = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save_step(root, 10, params, state={"step": jnp.asarray(10)})
+"""
+
+
+def test_a_killed_save_leaves_the_previous_step_loadable(tmp_path):
+    root = tmp_path / "run"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(root)], env=env,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    leftovers = [p for p in os.listdir(root) if p != "5"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".10.tmp-")  # the killed save's
+    assert checkpoint.latest_step(root) == 5
+    base = {"q": {"kernel": jnp.ones((8, 8))}}
+    back, state = checkpoint.load_adapters(root / "5", base, state={"step": jnp.asarray(0)})
+    assert int(state["step"]) == 5 and mlj.is_lora(back["q"]["kernel"])
+    # The next complete save cleans up after the killed one.
+    checkpoint.save_step(root, 10, back, state={"step": jnp.asarray(10)})
+    assert sorted(os.listdir(root)) == ["10", "5"] and checkpoint.latest_step(root) == 10

@@ -597,6 +597,61 @@ def test_checkpoint_restores_onto_other_meshes():
         np.testing.assert_allclose(losses[0], next_loss8, rtol=1e-5)
 
 
+@on_eight_devices
+def test_library_checkpoint_with_state_restores_onto_other_meshes():
+    """mlj.save_adapters(state=) on a 4x2 mesh, load_adapters(shardings=) onto 2x2 and 1 device."""
+    base = {"q": {"kernel": jnp.arange(16 * 8, dtype=jnp.float32).reshape(16, 8) / 100},
+            "o": {"kernel": jnp.ones((8, 16), jnp.float32)}}
+    specs = {"q": {"kernel": P("fsdp", "tp")}, "o": {"kernel": P("tp", "fsdp")}}
+    tx = optax.adam(1e-2)
+
+    def placed(m):
+        base_sh = jax.tree.map(lambda s: NamedSharding(m, s), specs)
+        params = mlj.init_sharded(jax.device_put(base, base_sh), jax.random.key(0), base_sh,
+                                  rank=2, targets="q|o")  # fmt: skip
+        return randomize_b(params, jax.random.key(1)), base_sh
+
+    params, base_sh = placed(mesh(4, 2))
+    adapters, on_mesh = mlj.split(params)
+    adapter_sh = mlj.shardings(adapters, base_sh)
+    opt_sh = mlj.optimizer_shardings(tx, adapters, adapter_sh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(adapters)
+    updates, opt_state = tx.update(adapters, opt_state, adapters)  # non-zero moments
+    state = {"opt_state": opt_state, "key": jax.random.key(3)}
+    saved = jax.tree.map(np.asarray, (adapters, opt_state))
+    with tempfile.TemporaryDirectory() as tmp:
+        mlj.save_adapters(Path(tmp) / "ckpt", params, state=state)
+        for fsdp, tp in ((2, 2), (1, 1)):
+            m = mesh(fsdp, tp)
+            new_base_sh = jax.tree.map(lambda s, m=m: NamedSharding(m, s), specs)
+            new_adapter_sh = mlj.shardings(adapters, new_base_sh)
+            new_opt_sh = mlj.optimizer_shardings(tx, adapters, new_adapter_sh)
+            target = {
+                "opt_state": jax.tree.map(
+                    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                    jax.eval_shape(tx.init, adapters), new_opt_sh),
+                "key": jax.ShapeDtypeStruct((), state["key"].dtype,
+                                            sharding=NamedSharding(m, P())),
+            }  # fmt: skip
+            back, got = mlj.load_adapters(
+                Path(tmp) / "ckpt", jax.device_put(base, new_base_sh), state=target,
+                shardings=lambda t, s=new_base_sh: mlj.shardings(t, s))  # fmt: skip
+            restored = mlj.split(back)[0]
+            assert jax.tree.structure(restored) == jax.tree.structure(adapters)
+            for tree, want_sh in ((restored, new_adapter_sh), (got["opt_state"], new_opt_sh)):
+                for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(want_sh), strict=True):
+                    assert x.sharding.is_equivalent_to(s, x.ndim)
+                    assert len({sh.device for sh in x.addressable_shards}) == fsdp * tp
+            node = restored["q"]["kernel"]
+            assert len({sh.data.shape for sh in node.lora_a.addressable_shards}) == 1
+            if fsdp > 1:
+                assert node.lora_a.addressable_shards[0].data.shape == (16 // fsdp, 2)
+            for a, b in zip(jax.tree.leaves((restored, got["opt_state"])),
+                            jax.tree.leaves(saved), strict=True):  # fmt: skip
+                np.testing.assert_array_equal(np.asarray(a), b)
+            assert bool(got["key"] == state["key"])
+
+
 def _check_sharded_forward(name, apply_fn, params, specs, x):
     """``apply_fn`` wrapped, on ``params`` sharded by ``specs`` over 4x2, equals it unsharded."""
     run_mesh = mesh(4, 2)
