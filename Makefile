@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo bench lint clean-venv
+.PHONY: test test-quick demo bench lint clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,13 +19,19 @@ test: $(VENV)/.installed-dev
 	$(PY) -m pytest
 	$(VENV)/bin/ruff check .
 
+# The inner loop: everything not marked slow (no subprocesses, torch, models, notebooks or
+# simulated devices), in about a minute.
+test-quick: $(VENV)/.installed-dev
+	$(PY) -m pytest -m "not slow" tests minilora_jax
+	$(VENV)/bin/ruff check .
+
 demo: $(VENV)/.installed-experiments
 	$(PY) experiments/demo.py $(ARGS)
 
-# The CPU benchmark suite against PEFT, qwix and Flax NNX (torch and peft come with [dev]).
-# ARGS=--quick for the short run.
+# The CPU benchmark suite (experiments/bench/) against the old interception path, PEFT, qwix
+# and Flax NNX (torch and peft come with [dev]). ARGS=--quick for the short run.
 bench: $(VENV)/.installed-dev
-	$(PY) experiments/bench.py $(ARGS)
+	PYTHONPATH=experiments $(PY) -m bench $(ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .

@@ -9,6 +9,8 @@ import pytest
 from minimind_jax import chat
 from minimind_jax import identity as identity_data
 
+pytestmark = pytest.mark.slow
+
 TWO_TURNS = {
     "conversations": [
         {"role": "user", "content": "question1"},

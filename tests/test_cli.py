@@ -17,6 +17,8 @@ from minilora_jax import checkpoint
 from minilora_jax import minimind as minimind_lora
 from minilora_jax.__main__ import main, read_params, write_params
 
+pytestmark = pytest.mark.slow
+
 CONFIG = minimind.MiniMindConfig.named("minimind-tiny")
 Q_PROJ = ("layers_2", "self_attn", "q_proj", "kernel")
 O_PROJ = ("layers_1", "self_attn", "o_proj", "kernel")

@@ -27,6 +27,8 @@ from minimind_jax.model import (
 
 import minilora_jax as mlj
 
+pytestmark = pytest.mark.slow
+
 # Small enough that every test compiles in a second or two on a laptop CPU. Generation tests
 # share prompt shapes and max_new_tokens so that they share compiled code.
 TINY = MiniMindConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)

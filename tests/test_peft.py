@@ -27,6 +27,8 @@ from minilora_jax.minimind import (
     write_minimind_lora,
 )
 
+pytestmark = pytest.mark.slow
+
 DIM, HIDDEN, LAYERS = 8, 12, 3
 X = np.random.default_rng(0).normal(size=(5, DIM)).astype(np.float32)
 

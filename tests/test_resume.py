@@ -9,9 +9,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 import minilora_jax as mlj
 from minilora_jax.checkpoint import latest_step
+
+pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "train_lora.py"
 # Dropout on, so the RNG must be restored too for the runs to agree.

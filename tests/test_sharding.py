@@ -10,6 +10,10 @@ Three kinds of tests live here:
   them reports its own result from that child run;
 * `test_two_processes_train_and_checkpoint`, which starts two JAX processes on loopback that
   train together and write one orbax checkpoint, then restores it here.
+
+The last two kinds start subprocesses and are marked ``slow`` (``make test-quick`` skips them).
+The sharded run they train is `minimind_jax.sharded`; the two processes run its command line,
+``experiments/train_sharded.py``.
 """
 
 import dataclasses
@@ -32,15 +36,14 @@ import pytest
 from flax import linen as nn
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
-from minimind_jax.model import MiniMindConfig
+from minimind_jax import sharded
+from minimind_jax.model import MiniMind, MiniMindConfig
+from toy_models import randomize_b
 
 import minilora_jax as mlj
 from minilora_jax._tree import flatten, path_str
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "experiments"))
-import train_sharded as ts  # noqa: E402
-from toy_models import randomize_b  # noqa: E402
 
 SCRIPT = ROOT / "experiments" / "train_sharded.py"
 IN_CHILD = os.environ.get("MINILORA_SHARDING_CHILD") == "1"
@@ -62,12 +65,12 @@ def tiny_config(scan_layers: bool = True) -> MiniMindConfig:
 
 
 def mesh(fsdp: int, tp: int):
-    return ts.make_mesh(fsdp, tp, jax.devices()[: fsdp * tp])
+    return sharded.make_mesh(fsdp, tp, jax.devices()[: fsdp * tp])
 
 
-def build(fsdp: int, tp: int, **kwargs) -> "ts.Run":
+def build(fsdp: int, tp: int, **kwargs) -> "sharded.Run":
     s = SETTINGS
-    return ts.build(
+    return sharded.build(
         tiny_config(),
         mesh(fsdp, tp),
         rank=s["rank"],
@@ -80,12 +83,12 @@ def build(fsdp: int, tp: int, **kwargs) -> "ts.Run":
 
 def batches(start: int = 0):
     s = SETTINGS
-    return ts.random_batches(s["vocab_size"], s["batch"], s["seq_len"], s["seed"], start)
+    return sharded.random_batches(s["vocab_size"], s["batch"], s["seq_len"], s["seed"], start)
 
 
 def eval_rows() -> np.ndarray:
     s = SETTINGS
-    return next(ts.random_batches(s["vocab_size"], s["batch"], s["seq_len"], s["seed"] + 1000))
+    return next(sharded.random_batches(s["vocab_size"], s["batch"], s["seq_len"], s["seed"] + 1000))
 
 
 def leaves_by_path(tree) -> dict[str, object]:
@@ -437,11 +440,11 @@ def test_optimizer_shardings_follow_the_adapters():
 
 
 @functools.cache
-def _trained(fsdp: int, tp: int) -> tuple["ts.Run", list[float]]:
+def _trained(fsdp: int, tp: int) -> tuple["sharded.Run", list[float]]:
     """A run trained for STEPS steps on a ``fsdp x tp`` mesh. Shared: never train it further."""
     base = None if (fsdp, tp) == (4, 2) else _host_base()  # 4x2 makes it inside jit
     run = build(fsdp, tp, base=base)
-    losses = ts.train(run, batches(), STEPS)
+    losses = sharded.train(run, batches(), STEPS)
     return run, losses
 
 
@@ -457,6 +460,7 @@ def _expected_specs(path: str, lead: tuple) -> tuple[P, P, P]:
     return P(*lead, "fsdp", "tp"), P(*lead, "fsdp", None), P(*lead, None, "tp")
 
 
+@pytest.mark.slow
 @on_eight_devices
 def test_sharded_losses_equal_single_device_losses():
     run8, losses8 = _trained(4, 2)
@@ -473,6 +477,7 @@ def test_sharded_losses_equal_single_device_losses():
     assert any(np.abs(np.asarray(v)).max() > 0 for k, v in a8.items() if k.endswith("lora_b"))
 
 
+@pytest.mark.slow
 @on_eight_devices
 def test_base_bytes_per_device_scale_as_one_over_devices():
     per_device = {}
@@ -482,8 +487,8 @@ def test_base_bytes_per_device_scale_as_one_over_devices():
             run = _trained(4, 2)[0]  # made inside jit with out_shardings
             base, shardings = run.base, run.base_shardings
         else:
-            layouts = ts.kernel_layouts(run8.model, _host_base())
-            shardings = ts.base_shardings(_host_base(), layouts, mesh(fsdp, tp))
+            layouts = sharded.kernel_layouts(run8.model, _host_base())
+            shardings = sharded.base_shardings(_host_base(), layouts, mesh(fsdp, tp))
             base = jax.device_put(_host_base(), shardings)
         n = fsdp * tp
         specs = leaves_by_path(shardings)
@@ -494,16 +499,16 @@ def test_base_bytes_per_device_scale_as_one_over_devices():
             assert len(shards) == n, name
             for shard in shards:  # every device holds exactly 1/n of the array
                 assert shard.data.nbytes * n == leaf.nbytes, (name, shard.data.shape, n)
-        held = ts.device_bytes(split)
+        held = sharded.device_bytes(split)
         assert len(held) == n and len(set(held.values())) == 1, held
         per_device[n] = next(iter(held.values()))
     total = per_device[1]
     assert per_device == {n: total // n for n in (8, 4, 2, 1)}
 
 
+@pytest.mark.slow
 @on_eight_devices
 def test_adapters_and_optimizer_state_have_the_derived_shardings():
-    # Arrays: the trained run (scan layout, a leading layer axis that stays unsplit).
     # Arrays: the trained run (scan layout, a leading layer axis that stays unsplit).
     run, _ = _trained(4, 2)
     base = leaves_by_path(run.base)
@@ -530,12 +535,12 @@ def test_adapters_and_optimizer_state_have_the_derived_shardings():
         assert all(s.data.shape == (layers, rows, r) for s in a.addressable_shards), path
     # Shapes only: the unrolled layout, all four layers, no arrays made.
     config = tiny_config().replace(scan_layers=False)
-    model = ts.MiniMind(config)
+    model = MiniMind(config)
     abstract = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     )
     adapted = jax.eval_shape(lambda: mlj.init(abstract, jax.random.key(1), rank=4))
-    specs = ts.base_shardings(abstract, ts.kernel_layouts(model, abstract), run.mesh)
+    specs = sharded.base_shardings(abstract, sharded.kernel_layouts(model, abstract), run.mesh)
     out = lora_nodes(mlj.shardings(adapted, specs))
     assert len(out) == 2 * SETTINGS["num_layers"]
     for path, node in out.items():
@@ -543,6 +548,7 @@ def test_adapters_and_optimizer_state_have_the_derived_shardings():
         assert (node.kernel.spec, node.lora_a.spec, node.lora_b.spec) == want, path
 
 
+@pytest.mark.slow
 @on_eight_devices
 def test_merge_of_sharded_params_stays_sharded():
     run, _ = _trained(4, 2)
@@ -563,16 +569,17 @@ def test_merge_of_sharded_params_stays_sharded():
     np.testing.assert_allclose(np.asarray(out[q]), want, atol=1e-5)
 
 
+@pytest.mark.slow
 @on_eight_devices
 def test_checkpoint_restores_onto_other_meshes():
     run8, _ = _trained(4, 2)
     saved = {k: np.asarray(v) for k, v in leaves_by_path(run8.adapters).items()}
-    eval8 = ts.evaluate(run8, eval_rows())
+    eval8 = sharded.evaluate(run8, eval_rows())
     with tempfile.TemporaryDirectory() as tmp:
-        ts.save_state(Path(tmp) / "state", run8)
+        sharded.save_state(Path(tmp) / "state", run8)
         # One more step on the original mesh, on copies (the step donates its inputs).
         copies = jax.tree.map(jnp.copy, (run8.adapters, run8.opt_state))
-        batch = ts.global_batch(run8, next(batches(STEPS)))
+        batch = sharded.global_batch(run8, next(batches(STEPS)))
         next_loss8 = float(run8.step_fn(*copies, run8.base, batch, None)[2])
         restored = {
             # 4 devices: a fresh run whose adapters are only shapes with shardings.
@@ -581,7 +588,7 @@ def test_checkpoint_restores_onto_other_meshes():
             1: dataclasses.replace(_trained(1, 1)[0]),
         }
         for n, run in restored.items():
-            ts.restore_state(Path(tmp) / "state", run)
+            sharded.restore_state(Path(tmp) / "state", run)
             assert jax.tree.structure(run.adapters) == jax.tree.structure(run8.adapters)
             node = run.adapters["layers"]["self_attn"]["q_proj"]["kernel"]
             assert mlj.is_lora(node) and node.kernel is None
@@ -591,17 +598,20 @@ def test_checkpoint_restores_onto_other_meshes():
                 want = leaves_by_path(run.adapter_shardings)[name]
                 assert leaf.sharding.is_equivalent_to(want, leaf.ndim), name
                 assert len({s.device for s in leaf.addressable_shards}) == n, name
-            np.testing.assert_allclose(ts.evaluate(run, eval_rows()), eval8, rtol=1e-5)
+            np.testing.assert_allclose(sharded.evaluate(run, eval_rows()), eval8, rtol=1e-5)
         # The optimizer state came back too: training goes on as it would have.
-        losses = ts.train(restored[1], batches(STEPS), 1)
+        losses = sharded.train(restored[1], batches(STEPS), 1)
         np.testing.assert_allclose(losses[0], next_loss8, rtol=1e-5)
 
 
+@pytest.mark.slow
 @on_eight_devices
 def test_library_checkpoint_with_state_restores_onto_other_meshes():
     """mlj.save_adapters(state=) on a 4x2 mesh, load_adapters(shardings=) onto 2x2 and 1 device."""
-    base = {"q": {"kernel": jnp.arange(16 * 8, dtype=jnp.float32).reshape(16, 8) / 100},
-            "o": {"kernel": jnp.ones((8, 16), jnp.float32)}}
+    base = {
+        "q": {"kernel": jnp.arange(16 * 8, dtype=jnp.float32).reshape(16, 8) / 100},
+        "o": {"kernel": jnp.ones((8, 16), jnp.float32)},
+    }
     specs = {"q": {"kernel": P("fsdp", "tp")}, "o": {"kernel": P("tp", "fsdp")}}
     tx = optax.adam(1e-2)
 
@@ -674,6 +684,7 @@ def _check_sharded_forward(name, apply_fn, params, specs, x):
     assert float(jnp.abs(unsharded - apply_fn(mlj.split(params)[1], x)).max()) > 1e-3
 
 
+@pytest.mark.slow
 @on_eight_devices
 def test_sharded_wrapped_forward_equals_unsharded():
     # An (out, in) kernel: out over tp, in over fsdp.
@@ -717,6 +728,7 @@ def _flags(**settings) -> list[str]:
     return [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(IN_CHILD, reason="started from the parent pytest only")
 def test_two_processes_train_and_checkpoint(tmp_path):
     """Two JAX processes x 2 CPU devices, one 2x2 mesh, gloo collectives over loopback."""
@@ -738,7 +750,7 @@ def test_two_processes_train_and_checkpoint(tmp_path):
                 ))  # fmt: skip
         # Meanwhile, the same training here on one device, from the same seeds.
         run = build(1, 1)
-        losses = ts.train(run, batches(), STEPS)
+        losses = sharded.train(run, batches(), STEPS)
         trained = {k: np.asarray(v) for k, v in leaves_by_path(run.adapters).items()}
         deadline = time.monotonic() + WORKER_TIMEOUT_S
         for proc in procs:
@@ -763,9 +775,9 @@ def test_two_processes_train_and_checkpoint(tmp_path):
 
     # The checkpoint both processes wrote, read back by this single process onto one device.
     restored = build(1, 1, base=run.base, init_adapters=False)
-    ts.restore_state(tmp_path / "ckpt" / ts.STATE_DIR, restored)
+    sharded.restore_state(tmp_path / "ckpt" / sharded.STATE_DIR, restored)
     assert jax.tree.structure(restored.adapters) == jax.tree.structure(run.adapters)
     for name, leaf in leaves_by_path(restored.adapters).items():
         np.testing.assert_allclose(np.asarray(leaf), trained[name], atol=1e-4, err_msg=name)
-    eval_loss = ts.evaluate(restored, eval_rows())
+    eval_loss = sharded.evaluate(restored, eval_rows())
     np.testing.assert_allclose(eval_loss, results[0]["eval_loss"], rtol=1e-5)

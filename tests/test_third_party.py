@@ -24,6 +24,8 @@ pytest.importorskip("penzai", reason="the third-party model comes from penzai (p
 from penzai import pz  # noqa: E402
 from penzai.models.transformer.variants import llamalike_common  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 RANK = 2
 PROJECTIONS = r"(query|key|value|output|gating_linear|value_linear|out_linear)\.weights"
 # The named axes each projection contracts with its input: what its layout's in axes must be.
