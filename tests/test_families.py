@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from toy_models import randomize_b
+from toy_models import all_eqns, randomize_b
 
 import minilora_jax as mlj
 
@@ -161,7 +161,7 @@ def test_gradients_follow_the_chain_rule_without_kernel_shaped_products(family):
     for node in _nodes(lp).values():
         batch, ins, outs = node.layout.sizes(node.kernel.shape)
         shapes |= {(*batch, math.prod(ins), math.prod(outs)), (math.prod(ins), math.prod(outs))}
-    for eqn in _all_eqns(jax.make_jaxpr(jax.grad(loss))(adapters).jaxpr):
+    for eqn in all_eqns(jax.make_jaxpr(jax.grad(loss))(adapters).jaxpr):
         if eqn.primitive.name == "dot_general":
             assert tuple(eqn.outvars[0].aval.shape) not in shapes, eqn
 
@@ -190,13 +190,3 @@ def test_equinox_weight_needs_the_program_for_its_layout():
     params, _ = eqx.partition(eqx.nn.Linear(16, 16, key=jax.random.key(0)), eqx.is_array)
     with pytest.raises(ValueError, match=r"'weight' \(16, 16\): its layout cannot be read"):
         mlj.init(params, jax.random.key(1), rank=RANK, targets="weight")
-
-
-def _all_eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for v in value if isinstance(value, (list, tuple)) else [value]:
-                inner = getattr(v, "jaxpr", v)
-                if hasattr(inner, "eqns"):
-                    yield from _all_eqns(inner)

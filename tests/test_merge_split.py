@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from toy_models import Stack, randomize_b
+from toy_models import Stack, all_eqns, randomize_b
 
 import minilora_jax as mlj
 
@@ -27,19 +27,9 @@ def assert_no_kernel_shaped_dot(closed_jaxpr, params):
     """No dot_general anywhere in the program (sub-jaxprs included) has a kernel's shape."""
     kernels = [x.kernel for x in jax.tree.leaves(params, is_leaf=mlj.is_lora) if mlj.is_lora(x)]
     shapes = {tuple(k.shape) for k in kernels} | {tuple(k.shape[-2:]) for k in kernels}
-    for eqn in _all_eqns(closed_jaxpr.jaxpr):
+    for eqn in all_eqns(closed_jaxpr.jaxpr):
         if eqn.primitive.name == "dot_general":
             assert tuple(eqn.outvars[0].aval.shape) not in shapes, eqn
-
-
-def _all_eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for v in value if isinstance(value, (list, tuple)) else [value]:
-                inner = getattr(v, "jaxpr", v)
-                if hasattr(inner, "eqns"):
-                    yield from _all_eqns(inner)
 
 
 def _assert_same_tree(a, b):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
-from toy_models import MLP, Stack, randomize_b
+from toy_models import MLP, Stack, all_eqns, randomize_b
 
 import minilora_jax as mlj
 
@@ -154,7 +154,7 @@ def test_compute_dtype_is_respected():
     x = jnp.ones((4, 8))
     _, params = _setup(model, x)
     jaxpr = jax.make_jaxpr(lambda p: mlj.wrap(model.apply)({"params": p}, x))(params)
-    dots = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    dots = [e for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
     assert len(dots) == 3 * 4 + 1 + 2 * 3 * 2  # base dots + head + two per adapter
     assert {str(v.aval.dtype) for e in dots for v in e.invars} == {"bfloat16"}
 
@@ -249,23 +249,6 @@ def test_the_adapters_half_alone_is_refused():
     adapters, _ = mlj.split(params)
     with pytest.raises(ValueError, match="has no kernel"):
         mlj.wrap(lambda p, x: x @ p["w"]["kernel"])(adapters, jnp.ones(4))
-
-
-def _all_eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for sub in _subjaxprs(eqn):
-            yield from _all_eqns(sub)
-
-
-def _subjaxprs(eqn):
-    for value in eqn.params.values():
-        values = value if isinstance(value, (list, tuple)) else [value]
-        for v in values:
-            if hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
-                yield v.jaxpr
-            elif hasattr(v, "eqns"):
-                yield v
 
 
 def _checkpointed(p, x):

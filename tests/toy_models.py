@@ -1,4 +1,4 @@
-"""Small Flax models that exercise the layouts LoRA must handle."""
+"""Small Flax models that exercise the layouts LoRA must handle, and helpers the tests share."""
 
 from __future__ import annotations
 
@@ -139,3 +139,14 @@ def randomize_b(params, key, std=0.5):
         return x.replace(lora_b=b.astype(x.lora_b.dtype))
 
     return jax.tree.map(fill, params, is_leaf=mlj.is_lora)
+
+
+def all_eqns(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs nested in its equations (jit, scan...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(v, "jaxpr", v)
+                if hasattr(inner, "eqns"):
+                    yield from all_eqns(inner)
