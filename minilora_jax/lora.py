@@ -173,10 +173,38 @@ class Lora:
     def rank(self) -> int:
         return int(self.lora_a.shape[-1])
 
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """The kernel's shape; without a kernel (the adapters half of `minilora_jax.split`), read
+        back from ``lora_a`` (batch and in axes) and ``lora_b`` (out axes) through the layout.
+
+        Example:
+          >>> node = Lora(None, jnp.ones((6, 2)), jnp.ones((2, 3)), 1.0, Layout((1,), (0,)))
+          >>> node.kernel_shape
+          (3, 6)
+        """
+        if self.kernel is not None:
+            return tuple(self.kernel.shape)
+        layout = self.layout
+        nb = len(layout.batch_axes)
+        a, b = tuple(self.lora_a.shape), tuple(self.lora_b.shape)
+        if len(a) != nb + len(layout.in_axes) + 1 or len(b) != nb + len(layout.out_axes) + 1:
+            raise ValueError(
+                f"lora_a {a} and lora_b {b} do not have the axes of {layout}: expected "
+                "(*batch, *in, r) and (*batch, r, *out)"
+            )
+        dims = [0] * layout.ndim
+        for j, axis in enumerate(layout.batch_axes + layout.in_axes):
+            dims[axis] = a[j]
+        for j, axis in enumerate(layout.out_axes):
+            dims[axis] = b[nb + 1 + j]
+        return tuple(dims)
+
     def check(self, path: str, kernel_shape: tuple[int, ...] | None = None) -> None:
         """Raises ValueError naming ``path`` and the shapes if the parts do not fit together.
 
-        ``kernel_shape`` is needed when ``kernel`` is None (the adapters half of a split).
+        Without a kernel (the adapters half of a split), the arrays are checked against
+        ``kernel_shape`` if given, else against each other.
         """
         where = f"adapter at '{path}'"
         if not isinstance(self.layout, Layout):
@@ -185,10 +213,11 @@ class Lora:
             raise ValueError(f"{where} has scale {self.scale!r}; expected a finite number")
         if self.lora_a is None or self.lora_b is None:
             raise ValueError(f"{where} is missing lora_a or lora_b")
-        if self.kernel is not None:
-            kernel_shape = tuple(self.kernel.shape)
-        if kernel_shape is None:
-            raise ValueError(f"{where} has no kernel to check against")
+        if self.kernel is not None or kernel_shape is None:
+            try:
+                kernel_shape = self.kernel_shape
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from e
         if len(kernel_shape) != self.layout.ndim:
             raise ValueError(
                 f"{where}: kernel {kernel_shape} has {len(kernel_shape)} axes but its layout "

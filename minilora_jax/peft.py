@@ -196,23 +196,9 @@ def _not_linear(shape: tuple[int, ...], layout: Layout, why: str) -> str:
 
 
 def _kernel_shape(path: str, node: Lora) -> tuple[int, ...]:
-    """The kernel shape of an adapter, checked; read from its arrays when the kernel is None
-    (the adapters half of `minilora_jax.split`)."""
-    shape = None if node.kernel is None else tuple(node.kernel.shape)
-    layout = node.layout
-    a, b = node.lora_a, node.lora_b
-    if shape is None and isinstance(layout, Layout) and a is not None and b is not None:
-        nb = len(layout.batch_axes)
-        a_ndim, b_ndim = nb + len(layout.in_axes) + 1, nb + len(layout.out_axes) + 1
-        if len(a.shape) == a_ndim and len(b.shape) == b_ndim:
-            dims = [0] * layout.ndim
-            for j, axis in enumerate(layout.batch_axes + layout.in_axes):
-                dims[axis] = a.shape[j]
-            for j, axis in enumerate(layout.out_axes):
-                dims[axis] = b.shape[nb + 1 + j]
-            shape = tuple(dims)
-    node.check(path, shape)
-    return shape
+    """The kernel shape of an adapter, checked (also for the adapters half of a split)."""
+    node.check(path)
+    return node.kernel_shape
 
 
 # --------------------------------------------------------------------------------------------
