@@ -7,9 +7,8 @@ model FLOPs utilisation (MFU) from the median step time over several timed round
 the contenders alternating so that clock or thermal drift hits them alike.
 
 Model FLOPs per token for a LoRA step (frozen base, no weight gradients for it):
-``4 * N_matmul + 12 * L * S * d`` — forward and input-gradient matmuls (2 + 2 FLOPs per weight,
-embedding-as-head included) and attention scores/values (PaLM's 12·L·S·d counts forward and
-backward of the two S×S products). Adapter FLOPs (under 1%) are left out, as PEFT's would be.
+``4 * N_matmul + 12 * L * S * d``, counted by `bench.flops` (the CPU suite's module, which the
+docstring there explains). Adapter FLOPs (under 1%) are left out, as PEFT's would be.
 
 Run on a GPU machine: ``python experiments/bench_gpu.py --out bench_gpu.json``. ``--smoke`` runs
 a tiny configuration on whatever device there is, to check the script itself.
@@ -36,19 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import training  # noqa: E402
+from bench.flops import model_flops_per_token  # noqa: E402
 from minimind_jax import model as minimind  # noqa: E402
 
 import minilora_jax as mlj  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s
-
-
-def model_flops_per_token(config, seq: int) -> float:
-    d, f, L = config.hidden_size, config.mlp_size, config.num_layers
-    kv = config.num_kv_heads * config.head_dim
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * f
-    n_matmul = L * per_layer + config.vocab_size * d
-    return 4 * n_matmul + 12 * L * seq * d
 
 
 def jax_contender(config, args, batches):

@@ -1,6 +1,6 @@
 """Matrix-multiply throughput of XLA:CPU against torch on the shapes of MiniMind2-small.
 
-Answers one question behind the PEFT comparison in `bench.py`: is either framework simply
+Answers one question behind the PEFT comparison in `bench/`: is either framework simply
 multiplying matrices faster on this machine? Each shape is a ``[tokens, in] @ [in, out]``
 product of the 4 x 256-token benchmark batch (and, with ``--transposed``, the same product with
 the right operand stored transposed, as the backward pass multiplies by ``W^T``). Both sides

@@ -1,7 +1,8 @@
 """Where the time and the peak memory of a compiled train step go, on the benchmark's setup.
 
-Two views of one jitted step (the LoRA step, the full fine-tuning step or the wrapped forward of
-`bench.py`, MiniMind2-small at 4 x 256 tokens unless told otherwise):
+Two views of one jitted step (the LoRA step, the full fine-tuning step or the wrapped forward,
+on the CPU benchmark's `bench.workload`: MiniMind2-small at 4 x 256 tokens unless told
+otherwise):
 
 * time: a ``jax.profiler`` trace of a few steps. XLA:CPU runs independent ops concurrently, so
   summing op durations overcounts; instead each moment of wall time is split evenly among the
@@ -26,6 +27,7 @@ import json
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench  # noqa: E402
+import training  # noqa: E402
+from bench import workload  # noqa: E402
 from minimind_jax import model as minimind  # noqa: E402
+
+import minilora_jax as mlj  # noqa: E402
 
 _BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "pred": 1}
 _ALIASES = {"bitcast", "get-tuple-element", "tuple", "parameter", "constant"}
@@ -46,8 +51,8 @@ def category(op_name: str) -> str:
     direction = "bwd" if "transpose(" in op_name else "fwd"
     if any(word in op_name for word in ("adam", "clip", "optax", "apply_updates")):
         return "optimizer"
-    # wrap's low-rank products run outside the model's module scopes: no module in the name.
-    if re.fullmatch(r"jit\([^()]*\)(/jvp\(\)|/transpose\(jvp\(\)\))?/dot_general", op_name):
+    # wrap names its low-rank products after the kernel: lora[layers_0/self_attn/q_proj/kernel].
+    if "lora[" in op_name and "dot_general" in op_name:
         return f"{direction} adapter matmuls (x A, then B)"
     op = re.sub(r"layers_\d+/", "", op_name)
     if "/mlp/" in op:
@@ -169,6 +174,27 @@ def peak_buffers(hlo: str) -> tuple[int, dict[str, tuple[int, int]]]:
     return peak, {k: (v[0], v[1]) for k, v in groups.items()}
 
 
+def compiled_call(setup: workload.Setup, step: str) -> tuple[Any, Callable[[], Any]]:
+    """The compiled ``step`` ("lora", "full" or "forward") on ``setup``, and a call running it."""
+    s = setup
+    if step == "forward":
+        forward = jax.jit(mlj.wrap(s.model.apply))
+        compiled = forward.lower({"params": s.lora_params}, s.tokens).compile()
+        return compiled, lambda: compiled({"params": s.lora_params}, s.tokens)
+    if step == "lora":
+        jitted, train, frozen = training.lora_step(s.model.apply, s.tx), s.adapters, (s.frozen,)
+    else:
+        jitted, train, frozen = training.full_step(s.model.apply, s.tx), s.base, ()
+    state = [train, s.tx.init(train)]
+    compiled = jitted.lower(*state, *frozen, s.tokens, s.mask).compile()
+
+    def run() -> Any:
+        state[0], state[1], loss = compiled(*state, *frozen, s.tokens, s.mask)
+        return loss
+
+    return compiled, run
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--step", choices=("lora", "full", "forward"), default="lora")
@@ -181,17 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     config = minimind.MiniMindConfig.named(args.config, attention=args.attention)
-    setup = bench.make_setup(
-        bench.Options(config=config, batch=args.batch, seq=args.seq, peers=())
+    setup = workload.make_setup(
+        workload.Options(config=config, batch=args.batch, seq=args.seq, peers=())
     )
-    _, executables = bench.bench_compile(setup, reps=1)
-    key = {"lora": "lora_step", "full": "full_step", "forward": "wrapped_forward"}[args.step]
-    if args.step == "forward":
-        run = bench.jax_forward_contenders(setup, executables)["ours wrapped (unmerged)"]
-    else:
-        name = "ours LoRA" if args.step == "lora" else "ours full fine-tune"
-        run = bench.jax_step_contenders(setup, executables)[name]
-    hlo = executables[key].as_text()
+    compiled, run = compiled_call(setup, args.step)
+    hlo = compiled.as_text()
 
     def block():
         jax.block_until_ready(run())
@@ -207,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {ms:.1f} | {ms / total:.1%} |")
 
     peak, groups = peak_buffers(hlo)
-    temp = executables[key].memory_analysis().temp_size_in_bytes
+    temp = compiled.memory_analysis().temp_size_in_bytes
     print(f"\nsimulated peak of temporaries {peak / 2**20:.1f} MiB "
           f"(memory_analysis temp {temp / 2**20:.1f} MiB); alive at the peak:")
     print("| MiB | buffers | shape, op that made them |\n|---|---|---|")

@@ -15,6 +15,8 @@ from minimind_jax.model import MiniMind, MiniMindConfig
 
 import minilora_jax as mlj
 
+pytestmark = pytest.mark.slow  # models, torch and the whole suite
+
 TOY = MiniMindConfig(vocab_size=128, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2)
 
 ACCEPTANCE = {

@@ -1,9 +1,9 @@
-"""MiniMind written in Flax NNX, with ``nnx.LoRALinear`` on chosen projections: a benchmark peer.
+"""MiniMind written in Flax NNX, with ``nnx.LoRALinear`` on chosen projections (`nnx_lora`'s model).
 
 Same blocks, sizes and arithmetic as `minimind_jax.model.MiniMind` on its default
 ``attention="xla"`` path (pre-norm RMSNorm, the same blockwise grouped-query causal attention
 and SwiGLU functions, rotate-half rotary embeddings, output head tied to the embedding), so that
-`experiments/bench.py` compares LoRA implementations and not two different networks.
+the benchmark compares LoRA implementations and not two different networks.
 `load_linen_params` copies the linen model's weights in, which lets a test check that both
 compute the same logits.
 
@@ -14,7 +14,7 @@ its ``lora_a``/``lora_b`` are ``nnx.LoRAParam`` variables, which is what a train
 Example:
   >>> import jax.numpy as jnp
   >>> from flax import nnx
-  >>> from minimind_jax.model import MiniMindConfig, blockwise_causal_attention, swiglu
+  >>> from minimind_jax.model import MiniMindConfig
   >>> config = MiniMindConfig.named("minimind-tiny", num_layers=1)
   >>> model = MiniMindNNX(config, lora_rank=4, targets=("q_proj",), rngs=nnx.Rngs(0))
   >>> model(jnp.zeros((1, 8), jnp.int32)).shape
@@ -131,13 +131,13 @@ def load_linen_params(model: MiniMindNNX, params: Mapping[str, Any]) -> None:
 
     LoRA weights of ``model`` are left as they are.
     """
-    model.embed_tokens.embedding.value = params["embed_tokens"]["embedding"]
-    model.norm.weight.value = params["norm"]["weight"]
+    model.embed_tokens.embedding.set_value(params["embed_tokens"]["embedding"])
+    model.norm.weight.set_value(params["norm"]["weight"])
     for i, block in enumerate(model.layers):
         layer = params[f"layers_{i}"]
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            getattr(block, norm).weight.value = layer[norm]["weight"]
+            getattr(block, norm).weight.set_value(layer[norm]["weight"])
         for group, names in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down"))):
             for short in names:
                 name = f"{short}_proj"
-                getattr(block, name).kernel.value = layer[group][name]["kernel"]
+                getattr(block, name).kernel.set_value(layer[group][name]["kernel"])
