@@ -25,6 +25,12 @@ Files: ``.safetensors`` (read with ``safetensors.numpy``, no pickle) or ``.pth``
 a pickle: it is read only with ``torch.load(path, weights_only=True)``, which refuses anything
 but tensors and plain containers, and only when torch is installed.
 
+Integrity: a ``.safetensors`` file we write carries a sha256 of every tensor in its header
+metadata (see `minilora_jax.peft.write_safetensors`), which MiniMind and ``safetensors.torch``
+ignore; reading verifies it when present, so a flipped byte is refused naming the file and the
+tensor, and files without it (MiniMind's own) are read as they are. A ``.pth`` carries no
+checksum: torch's zip container checks only its own structure.
+
 Example:
   >>> import tempfile, jax, jax.numpy as jnp
   >>> import minilora_jax as mlj

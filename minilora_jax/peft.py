@@ -44,6 +44,43 @@ module's ``weight``, a plain function's arrays, a scan stack) pass the function 
 Files are read with ``safetensors.numpy``; pickles (``adapter_model.bin``) are refused, never
 unpickled.
 
+What is refused: a config or tensor this module cannot represent raises a ValueError naming the
+file and the field (or tensor), never a silent load. `CONFIG_RULES` is the one table of
+``adapter_config.json`` fields, ``field -> FieldRule(accepts, accepted, why)``, covering every
+field of PEFT 0.21's ``LoraConfig``; a field not in it is refused as unknown. In short:
+
+* read: ``peft_type`` ``'LORA'``; ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``,
+  ``alpha_pattern`` (checked, and turned into each module's rank and scale).
+* ``init_lora_weights``: true, false, ``'gaussian'``, ``'orthogonal'``, ``'eva'``, ``'mica'``
+  leave the base untouched and save a plain A and B, so they load; ``'pissa'``,
+  ``'pissa_niter_<k>'``, ``'olora'``, ``'corda'``, ``'loftq'``, ``'lora_ga'`` change the base
+  weights and are refused (convert them to a plain LoRA in PEFT first), as is any other value.
+* must be false, null or empty: ``use_dora``, ``lora_bias``, ``use_qalora``, ``modules_to_save``,
+  ``trainable_token_indices``, ``layer_replication``, ``target_parameters``,
+  ``megatron_config``, ``loftq_config``, ``corda_config``, ``lora_ga_config``,
+  ``ensure_weight_tying`` and the variants' ``velora_config``, ``alora_invocation_tokens``,
+  ``monteclora_config``, ``use_bdlora``, ``arrow_config``, ``kasa_config``; ``bias`` must be
+  ``'none'``.
+* any value: ``fan_in_fan_out`` (it only says how the torch base weight is stored; ``lora_A``
+  and ``lora_B`` are ``(r, in)`` and ``(out, r)`` either way), ``eva_config``, and metadata or
+  training-only fields (``task_type``, ``auto_mapping``, ``peft_version``,
+  ``base_model_name_or_path``, ``revision``, ``inference_mode``, ``lora_dropout``,
+  ``target_modules``, ``exclude_modules``, ``layers_to_transform``, ``layers_pattern``,
+  ``megatron_core``, ``qalora_group_size``, ``runtime_config``): the modules adapted are those
+  with tensors in the file.
+
+Tensors other than ``lora_A.weight``/``lora_B.weight`` pairs (DoRA's magnitude vectors, biases,
+embedding adapters, saved modules) are refused, naming the tensor.
+
+Integrity: `write_safetensors` records a sha256 of every tensor (key, dtype, shape and bytes;
+`tensor_digest`) in the safetensors header metadata under ``minilora_jax.sha256``, and `write`
+records each module's scale, as PEFT will compute it from the config, under
+``minilora_jax.scales``. PEFT ignores header metadata. `read_safetensors` verifies the checksum
+when it is present (a flipped data byte is refused, naming the file and tensor) and `read`
+compares the config's scales with the recorded ones (an edited ``lora_alpha`` is refused);
+files without them (PEFT's own) load as before. This detects corruption and accidental edits,
+not a deliberate forgery: anyone can rewrite both the data and the checksum.
+
 Example:
   >>> import tempfile, jax, jax.numpy as jnp
   >>> import minilora_jax as mlj
@@ -59,6 +96,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -441,14 +479,107 @@ def _missing(
 
 
 # --------------------------------------------------------------------------------------------
-# Safetensors, read safely
+# Safetensors, read safely, with a checksum
 # --------------------------------------------------------------------------------------------
+
+CHECKSUM_KEY = "minilora_jax.sha256"
+SCALES_KEY = "minilora_jax.scales"
+
+
+def tensor_digest(key: str, array: np.ndarray) -> str:
+    """The sha256 that `write_safetensors` records for one tensor.
+
+    It covers the tensor's key, dtype, shape and bytes (C order, as stored), so a flipped byte,
+    a renamed tensor or a reshaped one all change it.
+
+    Args:
+      key: the tensor's key in the file.
+      array: the tensor.
+
+    Returns:
+      The hex digest of ``key NUL dtype NUL shape NUL bytes``.
+
+    Example:
+      >>> import numpy as np
+      >>> a = np.zeros((2, 2), np.float32)
+      >>> tensor_digest("w", a) == tensor_digest("w", a.copy()), tensor_digest("w", a.T) == \
+tensor_digest("w", a.reshape(1, 4))
+      (True, False)
+    """
+    h = hashlib.sha256(f"{key}\0{array.dtype.name}\0{list(array.shape)}\0".encode())
+    h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
+def _verify(
+    file: FilePath, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]
+) -> None:
+    """Checks the tensors against the checksum in the file's metadata, if it has one."""
+    # A flipped byte in one of our metadata keys would otherwise hide what it holds.
+    for ours in (CHECKSUM_KEY, SCALES_KEY):
+        for k in metadata:
+            if k not in (CHECKSUM_KEY, SCALES_KEY) and len(k) == len(ours) and sum(
+                a != b for a, b in zip(k, ours, strict=True)
+            ) <= 2:
+                raise ValueError(f"{file}: metadata key {k!r} is a corrupt '{ours}'")
+    text = metadata.get(CHECKSUM_KEY)
+    if text is None:
+        return  # written by someone else (PEFT, MiniMind): nothing to check against
+    try:
+        digests = json.loads(text)
+        if not isinstance(digests, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in digests.items()
+        ):
+            raise ValueError("not an object of strings")
+    except ValueError as e:
+        raise ValueError(f"{file}: the checksum in its metadata ('{CHECKSUM_KEY}') is corrupt: "
+                         f"{e}") from e
+    missing, extra = sorted(set(digests) - set(tensors)), sorted(set(tensors) - set(digests))
+    if missing:
+        raise ValueError(f"{file}: tensor '{missing[0]}' is in its checksum but not in the file")
+    if extra:
+        raise ValueError(f"{file}: tensor '{extra[0]}' is not covered by its checksum")
+    for key in sorted(tensors):
+        value = tensors[key]
+        if tensor_digest(key, value) != digests[key]:
+            raise ValueError(
+                f"{file}: tensor '{key}' {value.dtype.name}{list(value.shape)} does not match its "
+                "sha256 checksum: the file is corrupt or was modified after it was written"
+            )
+
+
+def _read_safetensors(file: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """`read_safetensors`, and the file's header metadata."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    file = FilePath(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"weights file not found: {file}")
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            metadata = dict(f.metadata() or {})
+        tensors = load_file(str(file))
+    except Exception as e:  # safetensors raises its own error type for bad headers and sizes
+        raise ValueError(
+            f"{file} is not a valid safetensors file (truncated or corrupt?): {e}"
+        ) from e
+    _verify(file, tensors, metadata)
+    for key, value in tensors.items():
+        if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
+            raise ValueError(f"{file}: tensor '{key}' has dtype {value.dtype}, expected floats")
+        if not np.all(np.isfinite(value.astype(np.float32))):
+            raise ValueError(f"{file}: tensor '{key}' holds NaN or Inf values")
+    return tensors, metadata
 
 
 def read_safetensors(file: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of a safetensors file, as numpy arrays; never unpickles anything.
 
-    Every tensor must hold finite floats (bfloat16 comes back as ``ml_dtypes.bfloat16``).
+    If the file's metadata holds a checksum (``minilora_jax.sha256``, which `write_safetensors`
+    writes), every tensor is checked against it; files without one (PEFT's, MiniMind's) are
+    read as they are. Every tensor must hold finite floats (bfloat16 comes back as
+    ``ml_dtypes.bfloat16``).
 
     Args:
       file: the ``.safetensors`` file.
@@ -458,8 +589,9 @@ def read_safetensors(file: str | os.PathLike) -> dict[str, np.ndarray]:
 
     Raises:
       FileNotFoundError: if ``file`` does not exist.
-      ValueError: naming the file (and the key) if it is truncated or corrupt, or a tensor is
-        not floating point or holds NaN or Inf.
+      ValueError: naming the file (and the key) if it is truncated or corrupt, a tensor does
+        not match the checksum or is missing from it, or a tensor is not floating point or
+        holds NaN or Inf.
 
     Example:
       >>> import tempfile, numpy as np
@@ -467,49 +599,57 @@ def read_safetensors(file: str | os.PathLike) -> dict[str, np.ndarray]:
       >>> write_safetensors(file, {"a": np.ones((2, 3), np.float32)})
       >>> read_safetensors(file)["a"].shape
       (2, 3)
+      >>> data = bytearray(open(file, "rb").read()); data[-1] ^= 1
+      >>> _ = open(file, "wb").write(bytes(data))
+      >>> read_safetensors(file)  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      ValueError: ...w.safetensors: tensor 'a' float32[2, 3] does not match its sha256 checksum...
     """
-    from safetensors.numpy import load_file
-
-    file = FilePath(file)
-    if not file.is_file():
-        raise FileNotFoundError(f"weights file not found: {file}")
-    try:
-        tensors = load_file(str(file))
-    except Exception as e:  # safetensors raises its own error type for bad headers and sizes
-        raise ValueError(
-            f"{file} is not a valid safetensors file (truncated or corrupt?): {e}"
-        ) from e
-    for key, value in tensors.items():
-        if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
-            raise ValueError(f"{file}: tensor '{key}' has dtype {value.dtype}, expected floats")
-        if not np.all(np.isfinite(value.astype(np.float32))):
-            raise ValueError(f"{file}: tensor '{key}' holds NaN or Inf values")
-    return tensors
+    return _read_safetensors(file)[0]
 
 
-def write_safetensors(file: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
-    """Writes ``tensors`` to a safetensors file atomically, with torch's ``format: pt`` tag.
+def write_safetensors(
+    file: str | os.PathLike,
+    tensors: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Writes ``tensors`` to a safetensors file atomically, with a checksum of every tensor.
 
+    The header metadata holds torch's ``format: pt`` tag, ``metadata`` and, under
+    ``minilora_jax.sha256``, a JSON object ``{key: tensor_digest(key, tensor)}`` that
+    `read_safetensors` verifies. Other readers (PEFT, ``safetensors.torch``) ignore metadata.
     The file is written beside its destination and renamed into place, so a reader never sees
     half a file. The parent directory must exist.
 
     Args:
       file: the ``.safetensors`` file; replaced if it exists.
       tensors: ``{key: array}``; each array is stored in its own dtype and shape.
+      metadata: more ``{str: str}`` header metadata.
 
     Example:
       >>> import tempfile, numpy as np
+      >>> from safetensors import safe_open
       >>> file = tempfile.mkdtemp() + "/w.safetensors"
       >>> write_safetensors(file, {"a": np.zeros((4,), np.float32)})
       >>> sorted(read_safetensors(file))
       ['a']
+      >>> sorted(safe_open(file, framework="numpy").metadata())
+      ['format', 'minilora_jax.sha256']
     """
     from safetensors.numpy import save_file
 
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    digests = {k: tensor_digest(k, v) for k, v in sorted(tensors.items())}
+    header = {
+        "format": "pt",
+        **dict(metadata or {}),
+        CHECKSUM_KEY: json.dumps(digests, separators=(",", ":")),
+    }
     file = FilePath(file)
     tmp = file.with_name(f".{file.name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
-        save_file(dict(tensors), str(tmp), metadata={"format": "pt"})
+        save_file(tensors, str(tmp), metadata=header)
         os.replace(tmp, file)
     finally:
         tmp.unlink(missing_ok=True)
@@ -551,8 +691,122 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _is_pattern(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or (
+        isinstance(v, dict) and all(isinstance(k, str) and check(x) for k, x in v.items())
+    )
+
+
+def _unset(v: Any) -> bool:
+    return v is None or v is False or (isinstance(v, (list, tuple, dict)) and not v)
+
+
+def _anything(v: Any) -> bool:
+    return True
+
+
+class FieldRule(NamedTuple):
+    """What `read` accepts in one ``adapter_config.json`` field.
+
+    Attributes:
+      accepts: ``value -> bool``.
+      accepted: the accepted values, in words (used in errors).
+      why: why other values are refused, or why any value is harmless.
+    """
+
+    accepts: Callable[[Any], bool]
+    accepted: str
+    why: str
+
+
+# Initialisations that leave the base untouched and whose saved A and B are a plain LoRA
+# (checked against PEFT 0.21's LoraLayer.update_layer: none of them writes the base weight).
+_PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica")
+_BASE_CHANGING_INITS = ("pissa", "pissa_niter_<k>", "olora", "corda", "loftq", "lora_ga")
+_VARIANT = "a LoRA variant minilora_jax does not implement"
+_ANY = "any value"
+_HARMLESS = "metadata, or used only while training or when PEFT picks the modules to adapt"
+_UNSET = "null, false or empty"
+
+#: Every field of PEFT 0.21's ``LoraConfig`` and what `read` accepts in it. A field that is not
+#: here is refused (a newer PEFT may mean something by it that we would silently ignore).
+CONFIG_RULES: dict[str, FieldRule] = {
+    "peft_type": FieldRule(lambda v: v == "LORA", "'LORA'", "only LoRA adapters are supported"),
+    "r": FieldRule(lambda v: _is_int(v) and v >= 1, "a positive integer", "the rank"),
+    "lora_alpha": FieldRule(_is_number, "a finite number", "the scale's numerator"),
+    "use_rslora": FieldRule(lambda v: isinstance(v, bool), "true or false", "scale formula"),
+    "rank_pattern": FieldRule(
+        _is_pattern(lambda x: _is_int(x) and x >= 1),
+        "an object mapping module-name patterns to positive integers", "per-module ranks",
+    ),
+    "alpha_pattern": FieldRule(
+        _is_pattern(_is_number), "an object mapping module-name patterns to finite numbers",
+        "per-module alphas",
+    ),
+    "init_lora_weights": FieldRule(
+        lambda v: any(v is x if isinstance(x, bool) else v == x for x in _PLAIN_INITS),
+        "true, false, 'gaussian', 'orthogonal', 'eva' or 'mica'",
+        f"{'/'.join(_BASE_CHANGING_INITS)} change the base weights (PEFT subtracts or "
+        "quantises them when it loads the adapter), so the adapters do not fit the original "
+        "base; convert such an adapter to a plain LoRA in PEFT with save_pretrained(..., "
+        "path_initial_model_for_weight_conversion=...) first. Other values are unknown",
+    ),
+    "use_dora": FieldRule(_unset, "false", "DoRA (weight-decomposed LoRA) is not implemented"),
+    "lora_bias": FieldRule(_unset, "false", "a trained bias on lora_B is not implemented"),
+    "use_qalora": FieldRule(_unset, "false", "QA-LoRA (pooled lora_A inputs) is not implemented"),
+    "bias": FieldRule(
+        lambda v: v == "none", "'none'",
+        "PEFT then also trains and saves the base layers' biases, which are not loaded",
+    ),
+    "modules_to_save": FieldRule(
+        _unset, _UNSET, "fully trained copies of modules beside the adapters are not loaded"
+    ),
+    "trainable_token_indices": FieldRule(
+        _unset, _UNSET, "trained embedding rows beside the adapters are not loaded"
+    ),
+    "layer_replication": FieldRule(
+        _unset, _UNSET, "PEFT builds a deeper model by repeating layers; the base is not that model"
+    ),
+    "target_parameters": FieldRule(
+        _unset, _UNSET, "LoRA on bare nn.Parameters (e.g. MoE experts) is not implemented"
+    ),
+    "megatron_config": FieldRule(_unset, _UNSET, "Megatron parallel layers are not implemented"),
+    "loftq_config": FieldRule(_unset, _UNSET, "LoftQ quantises the base weights"),
+    "corda_config": FieldRule(_unset, _UNSET, "CorDA changes the base weights"),
+    "lora_ga_config": FieldRule(_unset, _UNSET, "LoRA-GA changes the base weights"),
+    "velora_config": FieldRule(_unset, _UNSET, f"VeLoRA is {_VARIANT}"),
+    "alora_invocation_tokens": FieldRule(_unset, _UNSET, f"activated LoRA is {_VARIANT}"),
+    "monteclora_config": FieldRule(_unset, _UNSET, f"MonteCLoRA is {_VARIANT}"),
+    "use_bdlora": FieldRule(_unset, _UNSET, f"block-diagonal LoRA is {_VARIANT}"),
+    "arrow_config": FieldRule(_unset, _UNSET, f"Arrow routing is {_VARIANT}"),
+    "kasa_config": FieldRule(_unset, _UNSET, f"KaSA is {_VARIANT}"),
+    "ensure_weight_tying": FieldRule(
+        _unset, "false", "adapters tied across tied layers are not represented"
+    ),
+    "fan_in_fan_out": FieldRule(
+        lambda v: isinstance(v, bool), "true or false",
+        "it only says the torch base weight is stored (in, out) (GPT-2's Conv1D); lora_A and "
+        "lora_B are (r, in) and (out, r) either way, and the JAX kernel's layout comes from the "
+        "base tree",
+    ),
+    "eva_config": FieldRule(
+        _anything, _ANY, "EVA only initialises A from activations; the saved A and B are plain"
+    ),
+    **{
+        key: FieldRule(_anything, _ANY, _HARMLESS)
+        for key in (
+            "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+            "inference_mode", "lora_dropout", "target_modules", "exclude_modules",
+            "layers_to_transform", "layers_pattern", "megatron_core", "qalora_group_size",
+            "runtime_config",
+        )
+    },
+}
+
+
 def _read_config(file: FilePath) -> dict[str, Any]:
-    """The LoRA settings of ``adapter_config.json``, validated, with PEFT's defaults filled in."""
+    """The LoRA settings of ``adapter_config.json``, checked against `CONFIG_RULES`, with
+    PEFT's defaults filled in."""
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: not a PEFT adapter directory")
     try:
@@ -561,40 +815,31 @@ def _read_config(file: FilePath) -> dict[str, Any]:
         raise ValueError(f"{file} is not valid JSON: {e}") from e
     if not isinstance(config, dict):
         raise ValueError(f"{file} must hold a JSON object, got {type(config).__name__}")
-
-    def bad(key: str, expected: str) -> ValueError:
-        return ValueError(f"{file}: '{key}' is {config.get(key)!r}, expected {expected}")
-
-    if config.get("peft_type") != "LORA":
-        raise bad("peft_type", "'LORA' (only LoRA adapters are supported)")
-    if config.get("use_dora"):
-        raise ValueError(f"{file}: use_dora is true; DoRA adapters are not supported")
-    r = config.get("r", 8)  # PEFT's defaults for absent keys
-    alpha = config.get("lora_alpha", 8)
-    rslora = config.get("use_rslora", False)
-    if not _is_int(r) or r < 1:
-        raise bad("r", "a positive integer")
-    if not _is_number(alpha):
-        raise bad("lora_alpha", "a finite number")
-    if not isinstance(rslora, bool):
-        raise bad("use_rslora", "true or false")
+    if "peft_type" not in config:
+        raise ValueError(f"{file}: 'peft_type' is missing, expected 'LORA'")
+    for key, value in config.items():
+        rule = CONFIG_RULES.get(key)
+        if rule is None:
+            raise ValueError(
+                f"{file}: unknown field '{key}' (value {value!r}); it is not a LoraConfig field "
+                "of PEFT 0.21, and minilora_jax refuses what it cannot interpret"
+            )
+        if not rule.accepts(value):
+            raise ValueError(f"{file}: '{key}' is {value!r}, expected {rule.accepted} ({rule.why})")
     patterns = {}
-    for key, check, what in (
-        ("rank_pattern", lambda v: _is_int(v) and v >= 1, "positive integers"),
-        ("alpha_pattern", _is_number, "finite numbers"),
-    ):
-        value = config.get(key) or {}
-        if not isinstance(value, dict) or not all(
-            isinstance(k, str) and check(v) for k, v in value.items()
-        ):
-            raise bad(key, f"an object mapping module-name patterns to {what}")
-        for pattern in value:
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns[key] = config.get(key) or {}
+        for pattern in patterns[key]:
             try:
                 re.compile(pattern)
             except re.error as e:
                 raise ValueError(f"{file}: {key} key {pattern!r} is not a valid regex: {e}") from e
-        patterns[key] = value
-    return {"r": r, "lora_alpha": alpha, "use_rslora": rslora, **patterns}
+    return {
+        "r": config.get("r", 8),  # PEFT's defaults for absent keys
+        "lora_alpha": config.get("lora_alpha", 8),
+        "use_rslora": config.get("use_rslora", False),
+        **patterns,
+    }
 
 
 def _alpha_for(scale: float, rank: int, rslora: bool) -> float | None:
@@ -676,9 +921,11 @@ def read(directory: str | os.PathLike) -> dict[str, TorchAdapter]:
 
     Raises:
       FileNotFoundError: naming the missing file.
-      ValueError: naming the file and key for a pickle-only directory, a malformed config, a
-        corrupt or truncated weights file, a tensor that is not a LoRA weight, a missing half of
-        a pair, shapes that disagree with each other or with the config's rank, or NaN/Inf.
+      ValueError: naming the file and key for a pickle-only directory, a malformed config or
+        a config field `CONFIG_RULES` refuses, a corrupt or truncated weights file, a tensor
+        that fails the checksum `write` recorded, a tensor that is not a LoRA weight, a missing
+        half of a pair, shapes that disagree with each other or with the config's rank, a
+        scale that differs from the one `write` recorded, or NaN/Inf.
 
     Example:
       >>> import tempfile, numpy as np
@@ -702,7 +949,7 @@ def read(directory: str | os.PathLike) -> dict[str, TorchAdapter]:
             raise FileNotFoundError(f"PEFT adapter directory not found: {directory}")
     config_file = directory / CONFIG_FILE
     config = _read_config(config_file)
-    tensors = read_safetensors(weights)
+    tensors, metadata = _read_safetensors(weights)
 
     halves: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
@@ -737,7 +984,33 @@ def read(directory: str | os.PathLike) -> dict[str, TorchAdapter]:
             )
         alpha = _pattern_value(config["alpha_pattern"], name, config["lora_alpha"])
         out[name] = TorchAdapter(a, b, _scale(alpha, rank, config["use_rslora"]))
+    _check_scales(weights, config_file, metadata, out)
     return out
+
+
+def _check_scales(
+    weights: FilePath,
+    config_file: FilePath,
+    metadata: Mapping[str, str],
+    adapters: Mapping[str, TorchAdapter],
+) -> None:
+    """Compares the scales the config gives with those `write` recorded beside the weights."""
+    text = metadata.get(SCALES_KEY)
+    if text is None:
+        return  # not written by us
+    try:
+        recorded = json.loads(text)
+        if not isinstance(recorded, dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        raise ValueError(f"{weights}: '{SCALES_KEY}' in its metadata is corrupt: {e}") from e
+    for name, t in adapters.items():
+        if recorded.get(name) != t.scale:
+            raise ValueError(
+                f"{config_file} gives '{name}' scale {t.scale}, but {weights} was written with "
+                f"scale {recorded.get(name)}: the config was edited or corrupted after saving, "
+                "or belongs to other weights (save the adapters again to change a scale)"
+            )
 
 
 def write(
@@ -747,6 +1020,9 @@ def write(
     base_model_name_or_path: str | None = None,
 ) -> None:
     """Writes torch-layout adapters as a PEFT LoRA directory (see the module docstring).
+
+    The weights file's header metadata also holds a sha256 of every tensor and each module's
+    scale, which `read` verifies and PEFT ignores.
 
     Args:
       directory: created if missing; ``adapter_config.json`` and ``adapter_model.safetensors``
@@ -800,10 +1076,19 @@ def write(
         "layers_to_transform": None,
         "layers_pattern": None,
     }
+    # The scales PEFT (and `read`) will compute from the config, sealed in the weights' metadata.
+    scales = {
+        name: _scale(
+            _pattern_value(lora["alpha_pattern"], name, lora["lora_alpha"]),
+            _pattern_value(lora["rank_pattern"], name, lora["r"]),
+            lora["use_rslora"],
+        )
+        for name in sorted(adapters)
+    }
     directory = FilePath(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Weights first: a directory whose config is new is then never paired with old weights.
-    write_safetensors(directory / WEIGHTS_FILE, tensors)
+    write_safetensors(directory / WEIGHTS_FILE, tensors, {SCALES_KEY: json.dumps(scales)})
     _write_json(directory / CONFIG_FILE, config)
 
 

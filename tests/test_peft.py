@@ -664,3 +664,187 @@ def test_peft_directory_loads_onto_out_in_equinox_weights(tmp_path):
         np.testing.assert_array_equal(ours[name].lora_A, t.lora_A)
         np.testing.assert_array_equal(ours[name].lora_B, t.lora_B)
         assert ours[name].scale == t.scale
+
+
+# --------------------------------------------------------------------------------------------
+# Configs and tensors that cannot be represented are refused
+# --------------------------------------------------------------------------------------------
+
+
+def _peft_directory(tmp_path, base, **config):
+    """A directory written by real PEFT's save_pretrained for the torch twin of ``base``, and
+    whether PEFT changed the twin's base weights."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    twin = _torch_twin(base)
+    before = {k: v.clone() for k, v in twin.state_dict().items()}
+    torch.manual_seed(0)
+    lora = peft.LoraConfig(**{"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "up_proj"],
+                              **config})
+    peft_model = peft.get_peft_model(twin, lora).eval()
+    with torch.no_grad():  # B is zero after most inits; make the adapters do something
+        for name, weight in peft_model.named_parameters():
+            if "lora_B" in name:
+                weight.add_(0.1 * torch.randn_like(weight))
+    peft_model.save_pretrained(str(tmp_path))
+    after = {k.replace("base_layer.", ""): v for k, v in
+             peft_model.get_base_model().state_dict().items() if "lora_" not in k}
+    changed = any(not torch.equal(after[k], v) for k, v in before.items())
+    return tmp_path, _torch_out(peft_model), changed
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
+def test_peft_inits_that_change_the_base_are_refused(tmp_path, init):
+    """Regression (issue 12 defect 2): these loaded silently and gave logits 56% off."""
+    _, base = _base()
+    directory, _, changed = _peft_directory(tmp_path, base, init_lora_weights=init)
+    assert changed  # PEFT moved part of the base into the adapters
+    with pytest.raises(ValueError, match=rf"adapter_config\.json: 'init_lora_weights' is "
+                                         rf"'{init}', expected .*change the base weights"):
+        mlj.peft.load(directory, base)
+
+
+@pytest.mark.parametrize("init", ["gaussian", "orthogonal"])
+def test_peft_inits_that_keep_the_base_load_and_match_peft(tmp_path, init):
+    model, base = _base()
+    directory, expected, changed = _peft_directory(tmp_path, base, init_lora_weights=init)
+    assert not changed
+    from safetensors import safe_open
+
+    metadata = safe_open(str(directory / "adapter_model.safetensors"), "numpy").metadata()
+    assert mpeft.CHECKSUM_KEY not in (metadata or {})  # PEFT's files carry no checksum
+    np.testing.assert_allclose(_ours(model, mlj.peft.load(directory, base)), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("lora_bias", True, "'lora_bias' is True, expected false"),
+        ("use_dora", True, "'use_dora' is True, expected false .*DoRA"),
+        ("use_qalora", True, "'use_qalora' is True"),
+        ("bias", "lora_only", "'bias' is 'lora_only', expected 'none'"),
+        ("modules_to_save", ["head"], r"'modules_to_save' is \['head'\]"),
+        ("trainable_token_indices", [1, 2], "'trainable_token_indices' is"),
+        ("layer_replication", [[0, 2]], "'layer_replication' is"),
+        ("target_parameters", ["experts.w"], "'target_parameters' is"),
+        ("megatron_config", {"tp": 2}, "'megatron_config' is"),
+        ("loftq_config", {"loftq_bits": 4}, "'loftq_config' is"),
+        ("init_lora_weights", "corda", "'init_lora_weights' is 'corda'"),
+        ("init_lora_weights", "loftq", "'init_lora_weights' is 'loftq'"),
+        ("init_lora_weights", "kaiming", "'init_lora_weights' is 'kaiming'"),
+        ("kasa_config", {"r": 2}, "'kasa_config' is .*KaSA"),
+        ("peft_type", "IA3", "'peft_type' is 'IA3', expected 'LORA'"),
+        ("lora_scale_mode", "fancy", "unknown field 'lora_scale_mode'"),
+    ],
+)
+def test_config_fields_we_cannot_represent_are_refused(saved, field, value, message):
+    directory, base = saved
+    file = directory / "adapter_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), field: value}))
+    with pytest.raises(ValueError, match=rf"adapter_config\.json: {message}"):
+        mlj.peft.load(directory, base)
+
+
+def test_harmless_config_fields_are_accepted(saved):
+    directory, base = saved
+    want = mlj.peft.load(directory, base)
+    file = directory / "adapter_config.json"
+    file.write_text(json.dumps({
+        **json.loads(file.read_text()),
+        "fan_in_fan_out": True, "task_type": "CAUSAL_LM", "peft_version": "0.21.2",
+        "layers_to_transform": [0, 1, 2], "layers_pattern": "layers", "lora_dropout": 0.1,
+        "init_lora_weights": "gaussian", "eva_config": None, "use_dora": False,
+        "modules_to_save": [], "loftq_config": {}, "megatron_core": "megatron.core",
+    }))
+    _assert_same_adapters(mlj.peft.load(directory, base), want)
+
+
+def test_rules_table_covers_every_field_of_installed_peft():
+    peft = pytest.importorskip("peft")
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    new = fields - set(mpeft.CONFIG_RULES)
+    # A newer PEFT may add fields; they are refused until a rule is written for them.
+    assert not new or peft.__version__ != "0.21.2", new
+
+
+# --------------------------------------------------------------------------------------------
+# Checksums of our safetensors exports
+# --------------------------------------------------------------------------------------------
+
+
+def _flip_data_byte(file, at):
+    """Flips one bit of the ``at``-th fraction of the tensor data (not the header)."""
+    data = bytearray(file.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    data[start + int(at * (len(data) - start - 1))] ^= 0x04
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("at", [0.0, 0.37, 1.0])
+def test_flipped_byte_in_our_peft_export_is_refused(saved, at):
+    directory, base = saved
+    _flip_data_byte(directory / "adapter_model.safetensors", at)
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: tensor 'base_model\.model"
+                                         r"\..*\.weight' .* does not match its sha256 checksum"):
+        mlj.peft.load(directory, base)
+
+
+@pytest.mark.parametrize("at", [0.0, 0.5, 1.0])
+def test_flipped_byte_in_our_minimind_export_is_refused(tmp_path, at):
+    _, base = _base()
+    path = tmp_path / "lora.safetensors"
+    save_minimind_lora(path, _adapted(base, targets=mlj.square_kernels))
+    read_minimind_lora(path)
+    _flip_data_byte(path, at)
+    with pytest.raises(ValueError, match=r"lora\.safetensors: tensor 'model\.layers\.\d\.\w+"
+                                         r"\.lora\.[AB]\.weight' .* sha256 checksum"):
+        load_minimind_lora(path, base)
+
+
+def test_files_without_checksum_still_load(saved, tmp_path):
+    directory, base = saved
+    want = mlj.peft.load(directory, base)
+    weights = directory / "adapter_model.safetensors"
+    save_file(load_file(str(weights)), str(weights), metadata={"format": "pt"})  # as PEFT writes
+    _assert_same_adapters(mlj.peft.load(directory, base), want)
+    path = tmp_path / "mm.safetensors"
+    t = mpeft.TorchAdapter(np.ones((2, DIM), np.float32), np.ones((DIM, 2), np.float32), 1.0)
+    save_file({"model.layers.0.q_proj.lora.A.weight": t.lora_A,
+               "model.layers.0.q_proj.lora.B.weight": t.lora_B}, str(path))  # as MiniMind would
+    assert read_minimind_lora(path)["model.layers.0.q_proj"].lora_A.shape == (2, DIM)
+
+
+def test_checksum_covers_the_tensor_set_and_its_own_key(saved):
+    directory, base = saved
+    weights = directory / "adapter_model.safetensors"
+    from safetensors import safe_open
+
+    metadata = safe_open(str(weights), "numpy").metadata()
+    tensors = load_file(str(weights))
+    extra = {**tensors, "base_model.model.x.lora_A.weight": np.ones((2, 2), np.float32)}
+    save_file(extra, str(weights), metadata=metadata)
+    with pytest.raises(ValueError, match="'base_model.model.x.lora_A.weight' is not covered"):
+        mlj.peft.load(directory, base)
+    gone = dict(tensors)
+    del gone["base_model.model.model.head.lora_A.weight"]
+    save_file(gone, str(weights), metadata=metadata)
+    with pytest.raises(ValueError, match="'base_model.model.model.head.lora_A.weight' is in its "
+                                         "checksum but not in the file"):
+        mlj.peft.load(directory, base)
+    bent = {k.replace("sha256", "sha257"): v for k, v in metadata.items()}
+    save_file(tensors, str(weights), metadata=bent)
+    with pytest.raises(ValueError, match="'minilora_jax.sha257' is a corrupt"):
+        mlj.peft.load(directory, base)
+
+
+def test_edited_scale_in_our_config_is_refused(saved):
+    directory, base = saved
+    file = directory / "adapter_config.json"
+    config = json.loads(file.read_text())
+    file.write_text(json.dumps({**config, "lora_alpha": config["lora_alpha"] * 3}))
+    with pytest.raises(ValueError, match=r"adapter_config\.json gives 'model\..*' scale .* but "
+                                         r".*adapter_model\.safetensors was written with scale"):
+        mlj.peft.load(directory, base)
