@@ -23,23 +23,38 @@ it to a params tree with the model's code first (for the demo's MiniMind,
 
 ``merge`` writes OUT as ``--out-format``: ``params`` (the flat ``.safetensors`` above) or
 ``orbax`` (a directory). The default is ``params`` if OUT ends in ``.safetensors``, else
-``orbax``. An existing OUT is never replaced.
+``orbax``.
 
-Errors are printed as one line on stderr, with exit status 1.
+Nothing is ever clobbered: ``merge`` and ``convert`` refuse an OUT that is an existing file or a
+non-empty directory unless ``--force`` is given (then a file OUT is replaced atomically, an
+orbax OUT replaced, and a PEFT directory written into), and an OUT that is, holds or lies inside
+one of the inputs (the base, the adapters) is refused even with ``--force``.
+
+Errors are printed as one line on stderr, naming the file, with exit status 1; library logging
+and warnings are silenced while a command runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import math
 import os
+import re
 import sys
-from collections.abc import Sequence
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 FORMATS = ("orbax", "peft", "minimind")
 OUT_FORMATS = ("params", "orbax")
+FORCE_HELP = (
+    "replace an existing OUT file or write into a non-empty OUT directory (an orbax OUT is "
+    "replaced); OUT may still never be, hold or lie inside an input"
+)
 
 
 def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
@@ -147,7 +162,24 @@ def _load_base(path: str) -> Any:
         return read_params(base)
     import orbax.checkpoint as ocp
 
-    return ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(base.absolute())
+    try:
+        return ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(base.absolute())
+    except Exception as e:  # orbax raises many types for damaged directories
+        raise ValueError(
+            f"--base {base}: cannot read it as an orbax params directory (corrupt or incomplete?): "
+            f"{_cause(e)}"
+        ) from e
+
+
+def _cause(e: BaseException) -> str:
+    """``e``'s message on one line, orbax's missing-metadata ``AttributeError`` made readable."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = re.sub(r"\s*\[tensorstore_spec=.*\]$", "", text)  # kilobytes of driver JSON
+    return re.sub(
+        r"'NoneType' object has no attribute '\w+'",
+        "its orbax metadata is missing or unreadable (the checkpoint is corrupt or incomplete)",
+        text,
+    )
 
 
 def read_params(path: str | os.PathLike) -> dict[str, Any]:
@@ -240,16 +272,57 @@ def write_params(path: str | os.PathLike, tree: Any) -> None:
     save_file(tensors, str(path))
 
 
+def _check_out(out: Path, inputs: Sequence[Path], *, force: bool, kind: str) -> None:
+    """Refuses an OUT that would clobber something: see the module docstring.
+
+    ``kind`` is ``"file"`` or ``"directory"``, what the output format writes.
+    """
+    target = out.resolve()
+    for source in inputs:
+        where = source.resolve()
+        if target == where or where in target.parents:
+            raise ValueError(
+                f"--out {out} is {'the input' if target == where else 'inside the input'} "
+                f"{source}; write the output somewhere else"
+            )
+        if target in where.parents:
+            raise ValueError(f"--out {out} holds the input {source}; write the output elsewhere")
+    if not out.exists() and not out.is_symlink():
+        return
+    if kind == "file" and out.is_dir():
+        raise ValueError(f"--out {out} is a directory; this output is a single file")
+    if kind == "directory" and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; this output is a directory")
+    if force:
+        return
+    if kind == "file":
+        raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
+    if any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} is a non-empty directory; not writing into it (pass --force to)"
+        )
+
+
+def _write_file(out: Path, write: Callable[[Path], None]) -> None:
+    """Runs ``write(tmp)`` beside ``out`` and renames the result to ``out`` (atomic replace)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{uuid.uuid4().hex[:12]}.tmp-{out.name}"  # same suffix as ``out``
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _save_params(out: Path, params: Any, fmt: str) -> None:
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; not overwriting it")
     if fmt == "params":
-        write_params(out, params)
+        _write_file(out, lambda tmp: write_params(tmp, params))
         return
     import orbax.checkpoint as ocp
 
+    # _check_out has allowed this: OUT is absent, empty, or --force was given.
     ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(
-        out.absolute(), args=ocp.args.StandardSave(params)
+        out.absolute(), args=ocp.args.StandardSave(params), force=out.exists()
     )
 
 
@@ -262,17 +335,25 @@ def _read_torch(fmt: str, path: Path) -> dict[str, Any]:
 
 
 def _load_onto(fmt: str, path: Path, base: Any) -> Any:
-    if fmt == "orbax":
-        from minilora_jax import checkpoint
+    try:
+        if fmt == "orbax":
+            from minilora_jax import checkpoint
 
-        return checkpoint.load_adapters(path, base)
-    if fmt == "peft":
-        from minilora_jax import peft
+            return checkpoint.load_adapters(path, base)
+        if fmt == "peft":
+            from minilora_jax import peft
 
-        return peft.load(path, base)
-    from minilora_jax import minimind as minimind_lora
+            return peft.load(path, base)
+        from minilora_jax import minimind as minimind_lora
 
-    return minimind_lora.load_minimind_lora(path, base)
+        return minimind_lora.load_minimind_lora(path, base)
+    except Exception as e:  # name the adapters, whatever went wrong inside a reader
+        text = _cause(e)
+        if not any(str(p) in text for p in (path, path.absolute())):
+            text = f"cannot load the {fmt} adapters in {path}: {text}"
+        if text == " ".join(str(e).split()):
+            raise
+        raise ValueError(text) from e
 
 
 def _torch_rows(adapters: dict[str, Any]) -> tuple[Any, ...]:
@@ -330,13 +411,15 @@ def _merge(args: argparse.Namespace) -> None:
     import minilora_jax as mlj
 
     out = Path(args.out)
-    if out.exists():  # checked again when writing; here to fail before the work
-        raise FileExistsError(f"{out} already exists; not overwriting it")
     out_format = args.out_format
     if out_format is None:
         out_format = "params" if out.suffix.lower() == ".safetensors" else "orbax"
     fmt, path = detect_format(args.adapters)
+    kind = "file" if out_format == "params" else "directory"
+    inputs = [Path(args.base), Path(args.adapters), path]
+    _check_out(out, inputs, force=args.force, kind=kind)
     merged = mlj.merge(_load_onto(fmt, path, _load_base(args.base)), check_finite=True)
+    _check_out(out, inputs, force=args.force, kind=kind)  # again: time has passed
     _save_params(out, merged, out_format)
     print(f"merged {fmt} adapters from {path} into {args.base}; wrote {out_format} {out}")
 
@@ -346,6 +429,9 @@ def _convert(args: argparse.Namespace) -> None:
 
     fmt, path = detect_format(args.path)
     out = Path(args.out)
+    inputs = [Path(args.path), path, *([Path(args.base)] if args.base else [])]
+    kind = "file" if args.to == "minimind" else "directory"
+    _check_out(out, inputs, force=args.force, kind=kind)
     if args.to == "orbax" or args.base or fmt == "orbax":
         if args.base:
             base = _load_base(args.base)
@@ -357,6 +443,7 @@ def _convert(args: argparse.Namespace) -> None:
                 "the base kernels' shapes and dtypes, which a PEFT or MiniMind file lacks"
             )
         tree = _load_onto(fmt, path, base)
+        _check_out(out, inputs, force=args.force, kind=kind)
         if args.to == "orbax":
             checkpoint.save_adapters(out, tree, metadata={"converted_from": f"{fmt}:{path}"})
         elif args.to == "peft":
@@ -366,7 +453,8 @@ def _convert(args: argparse.Namespace) -> None:
         else:
             from minilora_jax import minimind as minimind_lora
 
-            minimind_lora.save_minimind_lora(out, tree, fold_scale=args.fold_scale)
+            _write_file(out, lambda tmp: minimind_lora.save_minimind_lora(
+                tmp, tree, fold_scale=args.fold_scale))
     elif args.to == "peft":
         from minilora_jax import peft
 
@@ -374,7 +462,9 @@ def _convert(args: argparse.Namespace) -> None:
     else:
         from minilora_jax import minimind as minimind_lora
 
-        minimind_lora.write_minimind_lora(out, _read_torch(fmt, path), fold_scale=args.fold_scale)
+        adapters = _read_torch(fmt, path)
+        _write_file(out, lambda tmp: minimind_lora.write_minimind_lora(
+            tmp, adapters, fold_scale=args.fold_scale))
     print(f"converted {fmt} adapters from {path} to {args.to}: {out}")
 
 
@@ -407,8 +497,9 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapters", required=True, help="adapter directory or file")
     merge.add_argument(
         "--out", required=True,
-        help="output: a .safetensors file or a directory; must not exist yet",
+        help="output: a .safetensors file or a directory; must not exist yet (or be empty)",
     )
+    merge.add_argument("--force", action="store_true", help=FORCE_HELP)
     merge.add_argument(
         "--out-format", choices=OUT_FORMATS,
         help="params: .safetensors keyed by leaf paths; orbax: a directory. Default: params "
@@ -426,8 +517,10 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=FORMATS, help="output format")
     convert.add_argument(
         "--out", required=True,
-        help="output directory (orbax, peft) or .safetensors/.pth file (minimind)",
+        help="output directory (orbax, peft) or .safetensors/.pth file (minimind); must not "
+        "exist yet (or be an empty directory)",
     )
+    convert.add_argument("--force", action="store_true", help=FORCE_HELP)
     convert.add_argument("--base", help=base_help)
     convert.add_argument(
         "--fold-scale", action="store_true",
@@ -451,15 +544,62 @@ def main(argv: Sequence[str] | None = None) -> int:
       >>> main(["convert", "/nonexistent", "--to", "peft", "--out", "/tmp/x"])
       1
     """
-    args = _parser().parse_args(argv)
-    try:
-        args.run(args)
-    except Exception as e:  # the command line reports, it does not show tracebacks
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"minilora_jax {args.command}: error: {message}", file=sys.stderr)
-        return 1
+    return _run(_parser().parse_args(argv), sys.stderr)
+
+
+def _run(args: argparse.Namespace, err: Any) -> int:
+    """Runs the parsed command quietly; an error is one line on ``err``."""
+    with _quiet():
+        try:
+            args.run(args)
+        except Exception as e:  # the command line reports, it does not show tracebacks
+            message = " ".join(str(e).split()) or type(e).__name__
+            print(f"minilora_jax {args.command}: error: {message}", file=err, flush=True)
+            return 1
     return 0
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No library logging (absl, orbax, asyncio), warnings or stray thread tracebacks.
+
+    After a failed orbax read, tensorstore threads may still call into orbax's closed asyncio
+    loop; Python prints each such "Event loop is closed" error through ``sys.excepthook``.
+    """
+    previous = logging.root.manager.disable
+    hooks = sys.excepthook, sys.unraisablehook
+    logging.disable(logging.CRITICAL)
+    sys.excepthook = lambda *exc_info: None
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+        sys.excepthook, sys.unraisablehook = hooks
+
+
+def _script() -> None:
+    """``python -m minilora_jax``: as `main`, with nothing but the CLI's own lines on stderr.
+
+    After a failed orbax read, tensorstore threads may still call into orbax's closed asyncio
+    loop and print "Event loop is closed" tracebacks, straight to the stderr file descriptor and
+    until the interpreter is gone. So stderr is pointed at /dev/null once the arguments are
+    parsed (argparse's usage errors stay visible), the CLI's error line goes to the saved real
+    stderr, and the process leaves without the interpreter's shutdown: every output has been
+    written synchronously by then.
+    """
+    args = _parser().parse_args()
+    sys.stderr.flush()
+    err = os.fdopen(os.dup(2), "w")
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives until os._exit
+    status = _run(args, err)
+    sys.stdout.flush()
+    err.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _script()

@@ -16,11 +16,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from minilora_jax._tree import flatten
+from minilora_jax._tree import flatten, is_variables, path_str
 from minilora_jax.lora import Layout, Lora, is_lora
 from minilora_jax.program import read_uses
-from minilora_jax.targets import Kernel, Targets, pattern_value, select, square_kernels
+from minilora_jax.targets import (
+    Kernel,
+    Targets,
+    compile_pattern,
+    pattern_value,
+    select,
+    square_kernels,
+)
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 InitSpec = str | Initializer
@@ -126,6 +134,90 @@ def _finite(value: Any) -> bool:
     )
 
 
+def _is_key(key: Any) -> bool:
+    """A new-style typed key, or a raw ``uint32[..., 2]`` key from ``jax.random.PRNGKey``."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return True
+    return key.dtype == jnp.uint32 and key.ndim >= 1 and key.shape[-1] == 2
+
+
+def _check_spec(spec: Any, what: str) -> None:
+    """A target spec's type and every pattern in it, before any kernel is looked at."""
+    if isinstance(spec, str):
+        compile_pattern(spec, what)
+    elif isinstance(spec, (list, tuple)):
+        for item in spec:
+            _check_spec(item, what)
+    elif not callable(spec):
+        raise TypeError(
+            f"{what} must be a regex string, a callable (path, kernel) -> bool, or a list of "
+            f"those; got {spec!r} ({type(spec).__name__})"
+        )
+
+
+def _check_init(spec: Any) -> None:
+    if callable(spec):
+        return
+    if not isinstance(spec, str):
+        raise TypeError(
+            f"init must be 'minimind', 'peft', 'gaussian' or a callable (key, shape, dtype) -> "
+            f"array; got {spec!r} ({type(spec).__name__})"
+        )
+    _initializer(spec, 1, 1)  # raises ValueError for an unknown name
+
+
+def _check_patterns(
+    patterns: Any, what: str, valid: Callable[[Any], bool], accepted: str
+) -> None:
+    if patterns is None:
+        return
+    if not isinstance(patterns, Mapping):
+        raise TypeError(
+            f"{what} must be a dict {{pattern: value}}, got {patterns!r} "
+            f"({type(patterns).__name__})"
+        )
+    for pattern, value in patterns.items():
+        compile_pattern(pattern, what)
+        if not valid(value):
+            raise ValueError(f"{what}[{pattern!r}] must be {accepted}, got {value!r}")
+
+
+def _check_program(apply_fn: Any, args: Any, kwargs: Any) -> None:
+    if apply_fn is not None and not callable(apply_fn):
+        raise TypeError(f"apply_fn must be a function (tree, *args, **kwargs), got {apply_fn!r}")
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(
+            f"args must be a tuple of example arguments for apply_fn, e.g. args=(x,); got "
+            f"{type(args).__name__}"
+        )
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise TypeError(f"kwargs must be a dict or None, got {type(kwargs).__name__}")
+
+
+def _nested_numbers(x: Any) -> bool:
+    """Whether ``x`` is a Python list/tuple of lists/tuples of numbers: a matrix written by hand."""
+    return (
+        isinstance(x, (list, tuple))
+        and len(x) > 0
+        and all(isinstance(row, (list, tuple)) and len(row) > 0 for row in x)
+        and all(
+            isinstance(v, numbers.Number) or _nested_numbers(v) for row in x for v in row
+        )
+    )
+
+
+def _check_arrays(tree: Any) -> None:
+    """Refuses kernels given as Python lists (JAX would see each number as a leaf)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_nested_numbers)
+    for keys, leaf in flat:
+        if _nested_numbers(leaf):
+            where = path_str(keys, variables=is_variables(tree))
+            raise TypeError(
+                f"tree: '{where}' is a Python {type(leaf).__name__} of shape "
+                f"{np.shape(leaf)}, not an array; pass jnp.asarray of it"
+            )
+
+
 def init(
     tree: Any,
     key: jax.Array,
@@ -196,16 +288,28 @@ def init(
       >>> type(lp["k_proj"]["kernel"]).__name__
       'ArrayImpl'
     """
-    if not isinstance(key, jax.Array):
+    if not isinstance(key, jax.Array) or not _is_key(key):
         raise TypeError(f"key must be a JAX PRNG key (jax.random.key(0)), got {key!r}")
     if not _positive_int(rank):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     if alpha is not None and not _finite(alpha):
         raise ValueError(f"alpha must be a finite number or None, got {alpha!r}")
-    if not isinstance(rslora, bool):
+    if not isinstance(rslora, (bool, np.bool_)):
         raise TypeError(f"rslora must be True or False, got {rslora!r}")
-    if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+    try:
+        float_dtype = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"dtype must be a floating-point dtype (jnp.float32), got {dtype!r}") from e
+    if not float_dtype:
         raise ValueError(f"dtype must be a floating-point dtype, got {jnp.dtype(dtype)}")
+    _check_spec(targets, "targets")
+    if exclude is not None:
+        _check_spec(exclude, "exclude")
+    _check_init(init)
+    _check_patterns(rank_pattern, "rank_pattern", _positive_int, "a positive integer")
+    _check_patterns(alpha_pattern, "alpha_pattern", _finite, "a finite number")
+    _check_program(apply_fn, args, kwargs)
+    _check_arrays(tree)
     kernels, others = find_kernels(tree, apply_fn, args, kwargs)
     chosen = select(kernels, others, targets, exclude)
     names, leaves, treedef = flatten(tree)

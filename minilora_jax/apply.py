@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 
 from minilora_jax.program import apply
 
@@ -71,7 +72,16 @@ def wrap(
       True
     """
     if not callable(fn):
-        raise TypeError(f"wrap expects a function, got {type(fn).__name__}")
+        raise TypeError(
+            f"wrap expects a function fn(tree, *args, **kwargs), got {fn!r} ({type(fn).__name__})"
+        )
+    if not isinstance(strict, (bool, np.bool_)):
+        raise TypeError(f"strict must be True or False, got {strict!r}")
+    if not isinstance(dropout_rng, str):
+        raise TypeError(
+            f"dropout_rng must be the name of a linen rng stream (a string such as 'dropout'), "
+            f"got {dropout_rng!r}"
+        )
     if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool):
         raise TypeError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if not 0.0 <= dropout < 1.0:

@@ -48,6 +48,8 @@ def merge(tree: Any, *, check_finite: bool = False) -> Any:
       >>> bool((merged["dense"]["kernel"] == jnp.eye(4)).all())
       True
     """
+    if not isinstance(check_finite, (bool, np.bool_)):
+        raise TypeError(f"check_finite must be True or False, got {check_finite!r}")
     names, leaves, treedef = flatten(tree)
     out = []
     for path, leaf in zip(names, leaves, strict=True):

@@ -19,6 +19,15 @@ class _Misfit(ValueError):
     pass
 
 
+def _check_tree(tree: Any, function: str, what: str) -> None:
+    """Refuses a bare scalar, string or other non-container where a tree of arrays belongs."""
+    if tree is None or isinstance(tree, (str, bytes, int, float, complex)):
+        raise TypeError(
+            f"{function}: {what} must be a pytree (a params dict, an NNX state, an equinox "
+            f"module...) holding arrays or adapters, got {tree!r}"
+        )
+
+
 def split(tree: Any) -> tuple[Any, Any]:
     """Splits a tree into ``(adapters, base)``.
 
@@ -39,6 +48,7 @@ def split(tree: Any) -> tuple[Any, Any]:
       >>> base["dense"]["kernel"].shape
       (4, 4)
     """
+    _check_tree(tree, "split", "tree")
     adapters = jax.tree.map(
         lambda x: x.replace(kernel=None) if is_lora(x) else None, tree, is_leaf=is_lora
     )
@@ -65,6 +75,8 @@ def combine(adapters: Any, base: Any) -> Any:
             "combine(adapters, base) takes the two halves returned by minilora_jax.split; got "
             f"{type(adapters).__name__} and {type(base).__name__}"
         )
+    _check_tree(adapters, "combine", "adapters")
+    _check_tree(base, "combine", "base")
 
     variables = is_variables(base)
 

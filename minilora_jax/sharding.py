@@ -81,6 +81,17 @@ def shardings(tree: Any, base_shardings: Any, *, mesh: jax.sharding.Mesh | None 
       >>> mlj.shardings(lp, specs, mesh=mesh)["q_proj"]["kernel"].lora_b.spec
       P(None, 'tp')
     """
+    _check_mesh(mesh)
+    if tree is None or isinstance(tree, (str, bytes, int, float, complex)):
+        raise TypeError(f"shardings: tree must be a pytree holding adapters, got {tree!r}")
+    entries, _ = jax.tree_util.tree_flatten_with_path(base_shardings, is_leaf=_is_sharding)
+    for keys, entry in entries:
+        if not _is_sharding(entry):
+            raise TypeError(
+                f"base_shardings holds {entry!r} ({type(entry).__name__}) at '{path_str(keys)}'; "
+                "give a NamedSharding or a PartitionSpec (or another jax.sharding.Sharding, or "
+                "None)"
+            )
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lora)
     variables = is_variables(tree)
     out = []
@@ -154,6 +165,7 @@ def init_sharded(
       >>> node.lora_a.sharding.spec, node.lora_b.sharding.spec
       (P('fsdp', None), P(None, 'tp'))
     """
+    _check_mesh(mesh)
     if base_shardings is None:
         names, leaves, treedef = flatten(tree)
         base_shardings = jax.tree.unflatten(
@@ -199,6 +211,10 @@ def optimizer_shardings(
       >>> state[0].mu["q"]["kernel"].lora_b, state[0].count
       (P(None, 'tp'), P())
     """
+    if not isinstance(tx, optax.GradientTransformation):
+        raise TypeError(
+            f"tx must be an optax.GradientTransformation (optax.adam(1e-3)), got {tx!r}"
+        )
     leaves = jax.tree.leaves(adapter_shardings)
     meshes = [s.mesh for s in leaves if isinstance(s, NamedSharding)]
     replicated = NamedSharding(meshes[0], PartitionSpec()) if meshes else PartitionSpec()
@@ -210,6 +226,15 @@ def optimizer_shardings(
         adapter_shardings,
         transform_non_params=lambda subtree: jax.tree.map(lambda _: replicated, subtree),
     )
+
+
+def _is_sharding(x: Any) -> bool:
+    return isinstance(x, (Sharding, PartitionSpec))
+
+
+def _check_mesh(mesh: Any) -> None:
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {mesh!r}")
 
 
 def _sharding_of(path: str, leaf: Any) -> Sharding:

@@ -69,6 +69,11 @@ def summary(tree: Any) -> Summary:
       >>> print(str(mlj.summary(lp)).splitlines()[-1])
       trainable params: 32 || all params: 96 || trainable%: 33.3333
     """
+    if tree is None or isinstance(tree, (str, bytes, int, float, complex)):
+        raise TypeError(
+            f"summary expects a pytree holding arrays and adapters (a params dict, an NNX state, "
+            f"an equinox module...), got {tree!r}"
+        )
     names, leaves, _ = flatten(tree)
     infos = []
     trainable = 0

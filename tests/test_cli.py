@@ -1,5 +1,6 @@
 """The command line, `python -m minilora_jax`: a few runs as a subprocess, the rest in-process."""
 
+import shutil
 import subprocess
 import sys
 
@@ -169,28 +170,129 @@ def test_merge_orbax_base_into_orbax(files, tmp_path, capsys):
     _assert_trees_close(_restore(tmp_path / "dir.safetensors"), twice)
 
 
-def test_merge_refuses_to_overwrite(files, tmp_path, capsys):
-    root, _, _ = files
+def _one_error(capsys, command):
+    """The one stderr line of a failed in-process run, without its prefix."""
+    [line] = capsys.readouterr().err.strip().splitlines()
+    prefix = f"minilora_jax {command}: error: "
+    assert line.startswith(prefix), line
+    return line[len(prefix):]
+
+
+def test_merge_never_clobbers(files, tmp_path, capsys):
+    root, _, params = files
     args = ["merge", "--base", str(root / "base.safetensors"), "--adapters", str(root / "ckpt")]
     (tmp_path / "taken.safetensors").write_bytes(b"keep me")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_bytes(b"keep me")
-    for out in ("taken.safetensors", "taken"):
-        assert main([*args, "--out", str(tmp_path / out)]) == 1
-        err = capsys.readouterr().err.strip().splitlines()
-        assert err == [f"minilora_jax merge: error: {tmp_path / out} already exists; "
-                       "not overwriting it"]
-    assert (tmp_path / "taken.safetensors").read_bytes() == b"keep me"
+    out = tmp_path / "taken.safetensors"
+    assert main([*args, "--out", str(out)]) == 1
+    assert _one_error(capsys, "merge") == f"{out} already exists; pass --force to overwrite it"
+    for extra in ([], ["--force"]):  # a directory is never replaced by a file
+        assert main([*args, "--out", str(tmp_path / "taken"), "--out-format", "params",
+                     *extra]) == 1
+        assert _one_error(capsys, "merge").endswith("is a directory; this output is a single file")
+    assert main([*args, "--out", str(tmp_path / "taken")]) == 1
+    assert _one_error(capsys, "merge") == (f"{tmp_path / 'taken'} is a non-empty directory; not "
+                                           "writing into it (pass --force to)")
+    assert out.read_bytes() == b"keep me"
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["file"]
-    # Not even the base itself.
-    assert main([*args, "--out", str(root / "base.safetensors")]) == 1
-    assert "already exists" in capsys.readouterr().err
 
-    # convert --to orbax replaces only a checkpoint, never another directory.
-    assert main(["convert", str(root / "ckpt"), "--to", "orbax", "--out",
-                 str(tmp_path / "taken")]) == 1
-    assert "is not a minilora adapter checkpoint" in capsys.readouterr().err
-    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["file"]
+    # Never an input, even with --force: the base, the adapters, or a path inside them.
+    for target, why in ((root / "base.safetensors", "is the input"),
+                        (root / "ckpt", "is the input"),
+                        (root / "ckpt" / "merged.safetensors", "is inside the input"),
+                        (root, "holds the input")):
+        assert main([*args, "--out", str(target), "--force"]) == 1
+        assert f"--out {target} {why}" in _one_error(capsys, "merge")
+    assert not (root / "ckpt" / "merged.safetensors").exists()
+
+    # With --force: the file is replaced (atomically, no temporary left), an empty directory
+    # is fine without it.
+    assert main([*args, "--out", str(out), "--force"]) == 0
+    _assert_trees_close(read_params(out), mlj.merge(params))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken", "taken.safetensors"]
+    (tmp_path / "empty").mkdir()
+    assert main([*args, "--out", str(tmp_path / "empty")]) == 0
+    _assert_trees_close(_restore(tmp_path / "empty"), mlj.merge(params))
+
+
+def test_convert_never_clobbers(files, tmp_path, capsys):
+    root, base, params = files
+    ckpt = root / "ckpt"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    (tmp_path / "lora.pth").write_bytes(b"keep me")
+    (tmp_path / "lora.safetensors").write_bytes(b"keep me")
+    for to, out in (("peft", tmp_path / "notes"), ("orbax", tmp_path / "notes"),
+                    ("minimind", tmp_path / "lora.pth"),
+                    ("minimind", tmp_path / "lora.safetensors")):
+        assert main(["convert", str(ckpt), "--to", to, "--out", str(out), "--fold-scale"]) == 1
+        assert _one_error(capsys, "convert").startswith(f"{out} ")
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["todo.txt"]
+    assert (tmp_path / "lora.pth").read_bytes() == b"keep me"
+    # The source itself, or a file inside it: never, even with --force.
+    mlj.peft.save(tmp_path / "peft", params)
+    for source, out in ((ckpt, ckpt), (tmp_path / "peft", tmp_path / "peft"),
+                        (tmp_path / "peft", tmp_path / "peft" / "lora.pth"),
+                        (tmp_path / "peft" / "adapter_model.safetensors",
+                         tmp_path / "peft" / "lora.safetensors")):
+        to = "minimind" if out.suffix else "peft"
+        assert main(["convert", str(source), "--to", to, "--out", str(out), "--force",
+                     "--fold-scale"]) == 1
+        assert "is the input" in _one_error(capsys, "convert") or out.suffix
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    # An --base given is an input too.
+    assert main(["convert", str(ckpt), "--to", "minimind", "--out", str(root / "base.safetensors"),
+                 "--base", str(root / "base.safetensors"), "--force", "--fold-scale"]) == 1
+    assert "is the input" in _one_error(capsys, "convert")
+
+    # --force writes into a non-empty PEFT directory and replaces a MiniMind file.
+    assert main(["convert", str(ckpt), "--to", "peft", "--out", str(tmp_path / "notes"),
+                 "--force"]) == 0
+    _assert_trees_close(mlj.merge(mlj.peft.load(tmp_path / "notes", base)), mlj.merge(params))
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    assert main(["convert", str(ckpt), "--to", "minimind", "--out", str(tmp_path / "lora.pth"),
+                 "--fold-scale", "--force"]) == 0
+    got = minimind_lora.load_minimind_lora(tmp_path / "lora.pth", base)
+    _assert_trees_close(mlj.merge(got), mlj.merge(params))
+    # --to orbax with --force replaces a checkpoint, never another directory.
+    assert main(["convert", str(ckpt), "--to", "orbax", "--out", str(tmp_path / "ck")]) == 0
+    assert main(["convert", str(ckpt), "--to", "orbax", "--out", str(tmp_path / "ck")]) == 1
+    assert "pass --force" in _one_error(capsys, "convert")
+    assert main(["convert", str(ckpt), "--to", "orbax", "--out", str(tmp_path / "ck"),
+                 "--force"]) == 0
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file").write_bytes(b"keep me")
+    assert main(["convert", str(ckpt), "--to", "orbax", "--out", str(tmp_path / "other"),
+                 "--force"]) == 1
+    assert "is not a minilora adapter checkpoint" in _one_error(capsys, "convert")
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["file"]
+
+
+def test_corrupt_orbax_data_is_one_clean_line(files, tmp_path):
+    root, _, _ = files
+    shutil.copytree(root / "ckpt", tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "adapters" / "_METADATA").unlink()
+    result = _run("merge", "--base", root / "base.safetensors", "--adapters", tmp_path / "ckpt",
+                  "--out", tmp_path / "merged.safetensors")
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("minilora_jax merge: error: ")
+    assert str(tmp_path / "ckpt") in line and "corrupt or incomplete" in line
+    assert "NoneType" not in line
+    assert not (tmp_path / "merged.safetensors").exists()
+
+    # A damaged orbax base: the error names --base and the directory.
+    assert main(["merge", "--base", str(root / "base.safetensors"), "--adapters",
+                 str(root / "ckpt"), "--out", str(tmp_path / "base")]) == 0
+    for chunk in (tmp_path / "base" / "d").iterdir():
+        chunk.write_bytes(b"")
+    result = _run("inspect", root / "ckpt", "--base", tmp_path / "base")
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"minilora_jax inspect: error: --base {tmp_path / 'base'}: cannot read")
+    assert "tensorstore_spec" not in line
 
 
 def test_refuses_a_pytorch_state_dict_base(files, tmp_path, capsys):
@@ -306,7 +408,8 @@ def test_inspect_each_format(files, tmp_path, capsys):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"format: orbax ({root / 'ckpt'})"
-    assert "written by minilora_jax" in lines[1] and "(format version 2)" in lines[1]
+    assert "written by minilora_jax" in lines[1]
+    assert f"(format version {checkpoint.FORMAT_VERSION})" in lines[1]
     assert any(line.split() == ["layers_3/self_attn/q_proj/kernel", "(256,", "256)", "in",
                                 "(256,)", "out", "(256,)", "(256,", "4)", "(4,", "256)", "4", "2"]
                for line in lines)
