@@ -6,6 +6,7 @@ computed and the optimiser state is as small as the adapters.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 import optax
 
 import minilora_jax as mlj
-from minilora_jax.checkpoint import latest_step, save_step
+from minilora_jax.checkpoint import latest_step, lock_run, save_step
 
 
 def next_token_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array | None = None):
@@ -117,7 +118,9 @@ def train_lora(
     kept. Killed at any moment and started again with the same arguments, the run continues
     from `minilora_jax.checkpoint.latest_step` and, on CPU, ends with bit-identical adapters:
     the data stream and the dropout keys are pure functions of the step (``batches(start)``
-    yields the batches from step ``start`` on).
+    yields the batches from step ``start`` on). The run holds ``checkpoint_dir`` throughout
+    (`minilora_jax.checkpoint.lock_run`): a second run on the same directory is refused with a
+    RuntimeError naming it, before it reads or writes anything.
 
     Args:
       apply_fn: the model's plain ``model.apply``.
@@ -135,6 +138,27 @@ def train_lora(
       ``(params, losses)``: the trained params (adapters combined with the base) and the loss
       of every step.
     """
+    guard = contextlib.nullcontext() if checkpoint_dir is None else lock_run(checkpoint_dir)
+    with guard:
+        return _train_lora(
+            apply_fn, params, batches, steps=steps, lr=lr, checkpoint_dir=checkpoint_dir,
+            save_every=save_every, dropout=dropout, seed=seed, callback=callback,
+        )  # fmt: skip
+
+
+def _train_lora(
+    apply_fn: Callable[..., Any],
+    params: Any,
+    batches: Callable[[int], Any],
+    *,
+    steps: int,
+    lr: float,
+    checkpoint_dir: str | os.PathLike | None,
+    save_every: int,
+    dropout: float,
+    seed: int,
+    callback: Callable[[int, float], None] | None,
+) -> tuple[Any, np.ndarray]:
     adapters, base = mlj.split(params)
     tx = optimizer(lr, steps)
     opt_state = tx.init(adapters)

@@ -53,6 +53,8 @@ _LAZY = {
     "abstract_base": ("minilora_jax.checkpoint", "abstract_base"),
     "save_step": ("minilora_jax.checkpoint", "save_step"),
     "latest_step": ("minilora_jax.checkpoint", "latest_step"),
+    "lock_run": ("minilora_jax.checkpoint", "lock_run"),
+    "CheckpointChangedError": ("minilora_jax.checkpoint", "CheckpointChangedError"),
     "minimind": ("minilora_jax.minimind", None),
     "shardings": ("minilora_jax.sharding", "shardings"),
     "init_sharded": ("minilora_jax.sharding", "init_sharded"),

@@ -36,10 +36,34 @@ Format version 1 (minilora_jax 0.1) keyed adapters by their *layer* path (the di
 ``n - 2`` leading stacked-layer axes. Such checkpoints are read as ``<path>/kernel`` with the
 layout ``Layout.dense(stacked=n - 2)``.
 
+Format version 4 (written since minilora_jax 0.3) seals the checkpoint. It adds ``save_id``
+(a random hex id, new at every save), ``arrays_sha256`` (``{leaf path: {"lora_a": ...,
+"lora_b": ...}}``: the SHA-256 of each stored array's bytes, C order, computed from the arrays
+being saved), ``base_values_sha256`` (``{leaf path: ...}``: the SHA-256 of the base kernel's
+values, for ``load_adapters(..., check_base_values=True)``), ``state_sha256`` beside
+``state`` (one per state leaf), and ``checksum``: the SHA-256 of the canonical JSON (sorted
+keys, no spaces) of the whole document but ``checksum`` itself. A hash is ``null`` where it
+could not be computed: an abstract kernel (``jax.ShapeDtypeStruct``), or an array that is not
+fully addressable in a multi-process job. `read_metadata` refuses a document whose checksum does
+not match (an edited scale, a flipped bit); `load_adapters` refuses arrays whose bytes do not
+match their hash. Versions 1-3 have none of these and load unsealed: nothing tells an edited
+version-3 file from a genuine one, beyond its ``base_fingerprint``.
+
 Saving is atomic: everything is written to a temporary directory beside ``DIR`` and renamed into
 place, so a save that fails or is killed part-way leaves the previous checkpoint readable. A
 training loop keeps ``ROOT/<step>`` directories with `save_step` and resumes from
 `latest_step`: a step directory exists only once it is complete.
+
+Concurrency. Writers of one ``DIR`` are serialised by an ``fcntl.flock`` on ``.DIR.lock``
+beside it (created for the save, removed after): two processes saving at once leave the one that
+saved last. A reader takes no lock: it reads ``minilora.json``, then the arrays, then
+``minilora.json`` again, and accepts the result only if the file is unchanged (``save_id`` is new
+at every save) and the arrays match their hashes; otherwise it tries again, the last time under
+the lock, so it sees one complete save or raises `CheckpointChangedError`. A save or load that
+finds the ``.DIR.tmp-*`` / ``.DIR.old-*`` directories a killed save left, while no writer holds
+the lock, removes the temporary ones and, if ``DIR`` is missing (a kill between the two renames),
+renames the set-aside checkpoint back. `lock_run` guards a training loop's checkpoint root
+against a second run. Locks need ``fcntl`` (POSIX) and a filesystem where ``flock`` works.
 
 In a multi-process JAX job every process calls `save_adapters` / `save_step` on the same
 directory of a filesystem they all share: each writes the shards it holds, process 0 the JSON
@@ -53,10 +77,13 @@ import json
 import math
 import operator
 import os
+import random
 import re
 import shutil
+import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path as FilePath
 from typing import Any
 
@@ -66,11 +93,16 @@ import numpy as np
 from jax.sharding import NamedSharding, Sharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: saves and loads go without locks
+    fcntl = None  # type: ignore[assignment]
+
 from minilora_jax._tree import flatten, is_variables, key_name
 from minilora_jax.lora import Layout, Lora, is_lora
 
 FORMAT = "minilora_jax.adapters"
-FORMAT_VERSION = 3  # the newest version this module reads; it writes 2, or 3 with a state
+FORMAT_VERSION = 4  # the newest version this module reads, and the one it writes
 METADATA_FILE = "minilora.json"
 ARRAYS_DIR = "adapters"
 STATE_DIR = "state"
@@ -88,7 +120,22 @@ _STATE_KEYS = {"path", "shape", "dtype"}
 _RECORD_KEYS = {1: {"rank", "scale", "kernel", "lora_a", "lora_b"}}
 _RECORD_KEYS[2] = _RECORD_KEYS[1] | {"layout"}
 _RECORD_KEYS[3] = _RECORD_KEYS[2]
-_LEFTOVER = re.compile(r"\.(\d+)\.(tmp|old)-[0-9a-f]+")  # what a killed save_step leaves
+_RECORD_KEYS[4] = _RECORD_KEYS[3]
+_SEAL_KEYS = {"save_id", "arrays_sha256", "base_values_sha256", "checksum"}
+_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+# What killed saves of a step directory leave in save_step's root (del: a step being pruned).
+_LEFTOVER = re.compile(r"\.(\d+)\.(tmp|old|del)-[0-9a-f]+")
+_STEP_LOCK = re.compile(r"\.(\d+)\.(lock)")
+_READ_ATTEMPTS = 4  # the last one under the writers' lock
+RUN_LOCK = ".minilora-run.lock"
+
+
+class CheckpointChangedError(RuntimeError):
+    """A checkpoint was replaced by another process during every attempt to read it."""
+
+
+class _Changed(Exception):
+    """Raised inside one read attempt: ``minilora.json`` changed (or vanished) meanwhile."""
 
 
 def save_adapters(
@@ -97,6 +144,7 @@ def save_adapters(
     *,
     metadata: Mapping[str, Any] | None = None,
     state: Any = None,
+    base_values: bool = True,
 ) -> FilePath:
     """Writes the adapters of ``tree`` (not the base), and a training state, to ``directory``.
 
@@ -118,6 +166,13 @@ def save_adapters(
       state: any pytree of arrays to keep with the adapters: an optax state, a step counter
         (``jnp.asarray(step)``), a typed PRNG key (stored as ``jax.random.key_data``), a loss
         history. Its structure is not stored; `load_adapters` takes it from a target.
+      base_values: also record the SHA-256 of each adapted kernel's values (where the kernel
+        is a concrete array), so that ``load_adapters(..., check_base_values=True)`` can refuse
+        another fine-tune of the same architecture. It reads every adapted kernel once: turn it
+        off to save that time on a large model.
+
+    Another process saving to ``directory`` at the same time waits for this save to finish
+    (a lock on ``.DIR.lock`` beside it), so the last save wins, complete.
 
     Returns:
       The checkpoint directory, as an absolute path.
@@ -149,6 +204,8 @@ def save_adapters(
     names, leaves, _ = flatten(tree)
     records: dict[str, dict[str, Any]] = {}
     arrays: dict[str, Any] = {}
+    array_hashes: dict[str, dict[str, str | None]] = {}
+    base_hashes: dict[str, str | None] = {}
     for path, leaf in zip(names, leaves, strict=True):
         if not is_lora(leaf):
             continue
@@ -162,6 +219,8 @@ def save_adapters(
         if path in records:
             raise ValueError(f"two adapters have the leaf path '{path}'; a checkpoint keys by it")
         records[path] = _record(leaf)
+        array_hashes[path] = {key: _sha256(getattr(leaf, key)) for key in ARRAY_NAMES}
+        base_hashes[path] = _sha256(leaf.kernel) if base_values else None
         _put(arrays, _parts(path), dict(zip(ARRAY_NAMES, (leaf.lora_a, leaf.lora_b), strict=True)))
     if not records:
         raise ValueError(
@@ -171,20 +230,35 @@ def save_adapters(
     target_dir = _local(directory)
     entries, state_arrays = _flatten_state(state) if state is not None else (None, {})
 
-    version = 2 if entries is None else 3
+    state_fields = {}
+    if entries is not None:
+        state_fields = {
+            "state": entries,
+            "state_sha256": [_sha256(state_arrays[str(i)]) for i in range(len(entries))],
+        }
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise ValueError(
+            f"metadata must be a mapping (a JSON object), got {type(metadata).__name__}"
+        )
     document = {
         "format": FORMAT,
-        "format_version": version,
+        "format_version": FORMAT_VERSION,
         "library_version": __version__,
-        "base_fingerprint": _fingerprint(records, version),
+        "save_id": uuid.uuid4().hex,
+        "base_fingerprint": _fingerprint(records, FORMAT_VERSION),
         "adapters": records,
-        **({} if entries is None else {"state": entries}),
+        "arrays_sha256": array_hashes,
+        "base_values_sha256": base_hashes,
+        **state_fields,
         "metadata": dict(metadata) if metadata is not None else {},
     }
     try:
-        text = json.dumps(document, indent=2, allow_nan=False)
+        # The round trip turns tuples into lists and keys into strings, as a reader sees them.
+        document = json.loads(json.dumps(document, allow_nan=False))
     except (TypeError, ValueError) as e:
         raise ValueError(f"metadata must be JSON-serialisable (no NaN/Inf): {e}") from e
+    document["checksum"] = _checksum(document)
+    text = json.dumps(document, indent=2)
 
     def write(tmp: FilePath) -> None:
         _write_arrays(tmp / ARRAYS_DIR, arrays)
@@ -203,6 +277,7 @@ def load_adapters(
     *,
     state: Any = None,
     shardings: Any = None,
+    check_base_values: bool = False,
 ) -> Any:
     """Loads the adapters saved in ``directory`` and puts them in ``base_tree``.
 
@@ -227,6 +302,17 @@ def load_adapters(
         adapted tree (``base_tree`` with `minilora_jax.Lora` nodes of ``jax.ShapeDtypeStruct``)
         and returns such a tree. Each array is read straight into its shards, so a checkpoint
         saved on one mesh restores onto another.
+      check_base_values: also require each adapted kernel of ``base_tree`` to hold the very
+        values it held at save (their SHA-256, recorded by format 4 when the saved kernels were
+        concrete): adapters of one fine-tune are refused on another fine-tune of the same
+        architecture, which shapes alone cannot tell apart. The kernels must then be concrete
+        arrays; a checkpoint without those hashes (format 1-3, or saved with
+        ``base_values=False`` or abstract kernels) is refused.
+
+    A save of ``directory`` by another process during the load is never mixed into it: the
+    result is one complete save (the load retries, the last time under the writers' lock), or
+    `CheckpointChangedError`. Format 4 arrays are checked against their SHA-256 after the read
+    (where they are fully addressable); formats 1-3 carry no hashes and are not.
 
     Returns:
       ``base_tree`` with a `minilora_jax.Lora` node in the place of each adapted kernel, its
@@ -235,7 +321,10 @@ def load_adapters(
 
     Raises:
       FileNotFoundError: if ``directory``, its ``minilora.json`` or its array data is missing.
-      ValueError: if ``minilora.json`` is malformed, or the checkpoint does not fit the base: a
+      CheckpointChangedError: if other processes replaced the checkpoint during every attempt.
+      ValueError: if ``minilora.json`` is malformed or its checksum does not match, an array
+        does not match its recorded SHA-256, ``check_base_values`` finds other kernel values,
+        or the checkpoint does not fit the base: a
         path missing from the base or already adapted, a kernel of another shape or dtype, a
         layout that does not fit the kernel, or arrays that differ from the record. The message
         names the path and both shapes. Also if ``state`` is given and the checkpoint holds none
@@ -271,7 +360,36 @@ def load_adapters(
       (True, (4, 2))
     """
     directory = _local(directory)
-    info = read_metadata(directory)
+    return _read_consistently(
+        directory,
+        lambda: _load_once(directory, base_tree, state, shardings, check_base_values),
+    )
+
+
+def _load_once(
+    directory: FilePath, base_tree: Any, state: Any, shardings: Any, check_base_values: bool
+) -> Any:
+    """One attempt of `load_adapters`; raises `_Changed` if a save replaced ``directory``."""
+    text, info = _read_document(directory)
+    try:
+        result = _load_document(directory, info, base_tree, state, shardings, check_base_values)
+    except Exception:
+        if _metadata_bytes(directory) != text:
+            raise _Changed from None
+        raise
+    if _metadata_bytes(directory) != text:
+        raise _Changed
+    return result
+
+
+def _load_document(
+    directory: FilePath,
+    info: Mapping[str, Any],
+    base_tree: Any,
+    state: Any,
+    shardings: Any,
+    check_base_values: bool,
+) -> Any:
     records = info["adapters"]
     names, leaves, treedef = flatten(base_tree)
     index = {name: i for i, name in enumerate(names)}
@@ -313,6 +431,8 @@ def load_adapters(
         node = _abstract_node(rec, kernel=leaf)
         node.check(name)  # the recorded layout against the base's kernel
         nodes[name] = node
+        if check_base_values:
+            _check_base_values(directory, info, name, leaf)
 
     def with_nodes(found: Mapping[str, Lora]) -> Any:
         out = list(leaves)
@@ -323,22 +443,74 @@ def load_adapters(
     placement = _placements(shardings, with_nodes, nodes)
     state_plan = None if state is None else _plan_state(directory, info.get("state"), state)
     arrays = _read_arrays(directory / ARRAYS_DIR, records, info["format_version"], placement)
+    hashes = info.get("arrays_sha256", {})
     loaded = {}
     for name, node in nodes.items():
+        for key in ARRAY_NAMES:
+            _verify(directory, ARRAYS_DIR, f"{key} at '{name}'",
+                    arrays[name][key], hashes.get(name, {}).get(key))  # fmt: skip
         node = node.replace(**arrays[name])
         node.check(name)
         loaded[name] = node
     tree = with_nodes(loaded)
     if state_plan is None:
         return tree
-    return tree, _read_state(directory / STATE_DIR, *state_plan)
+    restored = _read_state(directory / STATE_DIR, *state_plan)
+    state_hashes = info.get("state_sha256")
+    if state_hashes is not None:
+        for (name, entry), leaf in zip(state_plan[1], jax.tree.leaves(restored), strict=True):
+            data = jax.random.key_data(leaf) if "key_impl" in entry else leaf
+            _verify(directory, STATE_DIR, f"the state leaf at {entry['path']}",
+                    data, state_hashes[int(name)])  # fmt: skip
+    return tree, restored
+
+
+def _verify(directory: FilePath, where: str, what: str, array: Any, want: str | None) -> None:
+    """Refuses ``array`` if its SHA-256 is recorded (``want``) and differs."""
+    if want is None:
+        return
+    have = _sha256(array)
+    if have is not None and have != want:
+        raise ValueError(
+            f"{directory / where}: {what} has {have}, but {directory / METADATA_FILE} records "
+            f"{want}; the array data was modified or corrupted"
+        )
+
+
+def _check_base_values(
+    directory: FilePath, info: Mapping[str, Any], name: str, kernel: Any
+) -> None:
+    recorded = info.get("base_values_sha256", {}).get(name)
+    if recorded is None:
+        why = (
+            f"format {info['format_version']} records no kernel values"
+            if info["format_version"] < 4
+            else "it was saved from an abstract kernel, or with base_values=False"
+        )
+        raise ValueError(
+            f"check_base_values: checkpoint {directory} has no hash of the values of the kernel "
+            f"at '{name}' ({why}); load it without check_base_values"
+        )
+    have = _sha256(kernel)
+    if have is None:
+        raise ValueError(
+            f"check_base_values: the base kernel at '{name}' is a {type(kernel).__name__}, not "
+            "a concrete, fully addressable array, so its values cannot be compared"
+        )
+    if have != recorded:
+        raise ValueError(
+            f"check_base_values: the base kernel at '{name}' holds other values ({have}) than "
+            f"the kernel the adapters in {directory} were saved with ({recorded}): another "
+            "fine-tune of the same architecture? Load onto the base they were trained on"
+        )
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     """Reads and validates ``minilora.json`` of a checkpoint written by `save_adapters`.
 
-    The whole document is checked: every field's type, each record's arrays against its kernel,
-    rank and layout (`minilora_jax.Lora.check`), and ``base_fingerprint`` against the records.
+    The whole document is checked: its ``checksum`` (format 4), every field's type, each
+    record's arrays against its kernel, rank and layout (`minilora_jax.Lora.check`), and
+    ``base_fingerprint`` against the records.
 
     Args:
       directory: the checkpoint directory.
@@ -349,15 +521,17 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
       "lora_a", "lora_b"}}``, the layout as ``Layout.to_json()``, each array entry
       ``{"shape": [...], "dtype": "float32"}``), ``metadata``, and in format 3 ``state`` (a
       list of ``{"path", "shape", "dtype"}``, plus ``"key_impl"`` for a PRNG key; see the
-      module docstring). A format-1 document comes
+      module docstring); in format 4 also ``save_id``, ``arrays_sha256``,
+      ``base_values_sha256``, ``state_sha256`` (with a state) and ``checksum``. A format-1
+      document comes
       back in this form (``<layer path>/kernel`` with its implied layout), its
       ``format_version`` and ``base_fingerprint`` as the file has them.
 
     Raises:
       FileNotFoundError: naming the missing directory or file (and, if a save was interrupted
         between its two renames, where the previous checkpoint was left).
-      ValueError: naming the file and the entry that is malformed, or a fingerprint that does
-        not match the records (an edited file).
+      ValueError: naming the file and the entry that is malformed, or a checksum or
+        fingerprint that does not match (an edited or corrupted file).
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp
@@ -369,25 +543,64 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
       (2, {'in': [0], 'out': [1], 'batch': []})
     """
     directory = _local(directory)
+    return _read_consistently(directory, lambda: _read_document(directory)[1])
+
+
+def _metadata_bytes(directory: FilePath) -> bytes | None:
+    try:
+        return (directory / METADATA_FILE).read_bytes()
+    except OSError:
+        return None
+
+
+def _read_document(directory: FilePath) -> tuple[bytes, dict[str, Any]]:
+    """``minilora.json``'s bytes and validated document; `_Changed` if a save is under way."""
     file = directory / METADATA_FILE
-    if not file.is_file():
+    text = _metadata_bytes(directory)
+    if text is None:
+        if _leftovers(directory):  # a save between its two renames, or a killed one
+            raise _Changed
         if not directory.exists():
-            aside = sorted(directory.parent.glob(f".{directory.name}.old-*"))
-            hint = (
-                f"; a save was interrupted and left the previous checkpoint at {aside[-1]}"
-                if aside
-                else ""
-            )
-            raise FileNotFoundError(f"adapter checkpoint directory not found: {directory}{hint}")
+            raise FileNotFoundError(f"adapter checkpoint directory not found: {directory}")
         raise FileNotFoundError(
             f"{file} not found: {directory} is not a checkpoint written by "
             "minilora_jax.save_adapters"
         )
     try:
-        info = json.loads(file.read_text())
+        info = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from e
-    return _validate(file, info)
+    return text, _validate(file, info)
+
+
+def _read_consistently(directory: FilePath, read: Callable[[], Any]) -> Any:
+    """``read()`` until no save interfered (`_Changed`); the last attempt under the lock.
+
+    Each attempt first recovers what killed saves left, if no writer holds the lock.
+    """
+    for attempt in range(_READ_ATTEMPTS - 1):
+        _recover(directory)
+        try:
+            return read()
+        except _Changed:
+            time.sleep(random.uniform(0.01, 0.05) * 2**attempt)
+    try:
+        with _locked(directory) as held:
+            if held:
+                _clean_leftovers(directory)
+            return read()
+    except _Changed:
+        pass
+    aside = _leftovers(directory)
+    if not directory.exists() and aside:
+        raise FileNotFoundError(
+            f"adapter checkpoint directory not found: {directory}; a save was interrupted and "
+            f"left the previous checkpoint at {aside[-1]} (could not take the lock to restore it)"
+        )
+    raise CheckpointChangedError(
+        f"checkpoint {directory} changed while reading ({_READ_ATTEMPTS} attempts: other "
+        "processes kept saving to it); retry"
+    )
 
 
 def abstract_base(directory: str | os.PathLike) -> dict[str, Any]:
@@ -440,9 +653,10 @@ def save_step(
 
     A step directory appears only once it is complete (the save is atomic), so after a kill at
     any moment `latest_step` names a checkpoint that loads. Older steps are removed only after
-    the new one is in place (each renamed aside first, so none is ever half-deleted), and so are
-    the temporary directories that killed saves left in ``root``. Other files in ``root`` are
-    left alone.
+    the new one is in place (each renamed aside first, so none is ever half-deleted); what
+    killed saves left in ``root`` is removed, or restored (a step set aside by a save killed
+    between its two renames). Other files in ``root`` are left alone. Two runs must not share
+    a ``root``: hold it with `lock_run` for the run.
 
     Args:
       root: the directory holding the step directories (created if missing).
@@ -490,14 +704,17 @@ def latest_step(root: str | os.PathLike) -> int | None:
     """The highest step of ``root`` whose checkpoint is complete, or None if there is none.
 
     Step directories are those `save_step` writes, ``root/<step>`` holding ``minilora.json``;
-    the temporary directories a killed save leaves (hidden names) and other files are ignored.
+    other files are ignored. What killed saves left is recovered first, where no save holds its
+    lock: a step set aside by a save killed between its two renames is back in place.
 
     Example:
       >>> import tempfile
       >>> latest_step(tempfile.mkdtemp()), latest_step("/nonexistent/run")
       (None, None)
     """
-    return max(_steps(_local(root)), default=None)
+    root = _local(root)
+    _recover_steps(root)
+    return max(_steps(root), default=None)
 
 
 def _steps(root: FilePath) -> list[int]:
@@ -511,14 +728,34 @@ def _steps(root: FilePath) -> list[int]:
     return sorted(found)
 
 
+def _recover_steps(root: FilePath) -> None:
+    """`_recover` for each step that killed saves left debris of in ``root``."""
+    try:
+        names = [p.name for p in root.iterdir()]
+    except OSError:
+        return
+    steps = set()
+    for name in names:
+        match = _LEFTOVER.fullmatch(name) or _STEP_LOCK.fullmatch(name)
+        if match and match.group(2) != "del":
+            steps.add(match.group(1))
+    for step in sorted(steps):
+        # Taking the lock also removes a lock file that a killed save left behind.
+        with _locked(root / step, blocking=False) as held:
+            if held:
+                _clean_leftovers(root / step)
+
+
 def _prune(root: FilePath, saved: int, keep: int | None) -> None:
     """Removes steps older than the newest ``keep`` (but not ``saved``) and killed saves' debris."""
+    _recover_steps(root)
     steps = _steps(root)
     old = [] if keep is None else [s for s in steps[: max(len(steps) - keep, 0)] if s != saved]
     for s in old:
-        os.replace(root / str(s), root / f".{s}.old-{uuid.uuid4().hex[:12]}")
+        os.replace(root / str(s), root / f".{s}.del-{uuid.uuid4().hex[:12]}")
     for p in root.iterdir():
-        if _LEFTOVER.fullmatch(p.name) and p.is_dir():
+        match = _LEFTOVER.fullmatch(p.name)
+        if match and match.group(2) == "del" and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -632,12 +869,33 @@ def _validate(file: FilePath, info: Any) -> dict[str, Any]:
             f"{file} has format_version {version}, written by a newer minilora_jax "
             f"({info.get('library_version')}); this version reads up to {FORMAT_VERSION}"
         )
+    if version >= 4:
+        given_sum = info.get("checksum")
+        try:
+            expected_sum = _checksum(info)
+        except ValueError as e:  # NaN or Infinity, which json.loads accepts
+            raise bad(str(e)) from e
+        if given_sum != expected_sum:
+            raise ValueError(
+                f"{file}: checksum {given_sum!r} does not match its content ({expected_sum}); "
+                "the file was edited or corrupted"
+            )
     known = _DOCUMENT_KEYS | ({"state"} if version >= 3 else set())
+    if version >= 4:
+        known |= _SEAL_KEYS | ({"state_sha256"} if "state" in info else set())
     unknown = sorted(set(info) - known)
     if unknown:
         raise bad(f"unknown fields {unknown} (format_version {version} has {sorted(known)})")
-    if version >= 3 and "state" not in info:
+    if version == 3 and "state" not in info:
         raise bad(f"format_version {version} records a 'state', this file has none")
+    if version >= 4:
+        missing = sorted(_SEAL_KEYS - set(info))
+        if missing:
+            raise bad(f"format_version {version} records {missing}, this file has not")
+        if not isinstance(info["save_id"], str) or not re.fullmatch(
+            r"[0-9a-f]{32}", info["save_id"]
+        ):
+            raise bad(f"'save_id' is {info['save_id']!r}, expected 32 hex digits")
     if not isinstance(info.get("base_fingerprint"), str):
         raise bad("'base_fingerprint' is missing or not a string")
     if not isinstance(info.get("metadata", {}), dict):
@@ -715,9 +973,56 @@ def _validate(file: FilePath, info: Any) -> dict[str, Any]:
             f"{file}: base_fingerprint {info['base_fingerprint']} does not match the kernels it "
             f"records ({expected}); the file was edited or corrupted"
         )
-    if version >= 3:
+    if "state" in info:
         _validate_state(info["state"], bad)
+    if version >= 4:
+        _validate_hashes(info, bad)
     return {**info, "metadata": info.get("metadata", {}), "adapters": records}
+
+
+def _validate_hashes(info: Mapping[str, Any], bad: Callable[[str], ValueError]) -> None:
+    def check(value: Any, where: str) -> None:
+        if value is not None and not (isinstance(value, str) and _HASH.fullmatch(value)):
+            raise bad(f"{where} is {value!r}, expected 'sha256:<64 hex digits>' or null")
+
+    names = set(info["adapters"])
+    for field in ("arrays_sha256", "base_values_sha256"):
+        if not isinstance(info[field], dict) or set(info[field]) != names:
+            raise bad(f"'{field}' must be an object with one entry per adapter path")
+    for name, pair in info["arrays_sha256"].items():
+        if not isinstance(pair, dict) or set(pair) != set(ARRAY_NAMES):
+            raise bad(f"arrays_sha256['{name}'] must have the fields {list(ARRAY_NAMES)}")
+        for key in ARRAY_NAMES:
+            check(pair[key], f"arrays_sha256['{name}']['{key}']")
+    for name, value in info["base_values_sha256"].items():
+        check(value, f"base_values_sha256['{name}']")
+    if "state" in info:
+        hashes = info.get("state_sha256")
+        if not isinstance(hashes, list) or len(hashes) != len(info["state"]):
+            raise bad("'state_sha256' must be a list with one entry per state leaf")
+        for i, value in enumerate(hashes):
+            check(value, f"state_sha256[{i}]")
+
+
+def _checksum(document: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``document`` without its ``checksum`` field."""
+    body = {key: value for key, value in document.items() if key != "checksum"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _sha256(x: Any) -> str | None:
+    """SHA-256 of an array's bytes (C order); None if it is abstract or not all here."""
+    if isinstance(x, jax.Array):
+        if not x.is_fully_addressable:
+            return None
+    elif not isinstance(x, (np.ndarray, np.generic)):
+        return None
+    try:
+        data = np.ascontiguousarray(np.asarray(x)).reshape(-1)
+    except jax.errors.TracerArrayConversionError:  # saved from inside a jit: no values
+        return None
+    return "sha256:" + hashlib.sha256(data.view(np.uint8)).hexdigest()
 
 
 def _validate_state(entries: Any, bad: Callable[[str], ValueError]) -> None:
@@ -1069,10 +1374,45 @@ def _replace_directory(target: FilePath, write: Callable[[FilePath], None]) -> N
 
     The previous ``target`` is renamed aside before the new one moves in and removed after, so at
     every moment one complete checkpoint exists (at ``target``, or, for the instant between the
-    two renames, at ``.<name>.old-<id>`` beside it, which `read_metadata` points to). In a
-    multi-process job all processes write into the same ``tmp`` and process 0 alone creates,
-    renames and cleans up, between barriers.
+    two renames, at ``.<name>.old-<id>`` beside it, where readers wait for it or, after a kill,
+    restore it). Process 0 holds the writers' lock throughout and first recovers what killed
+    saves left. In a multi-process job all processes write into the same ``tmp`` and process 0
+    alone creates, renames and cleans up, between barriers.
     """
+    _check_replaceable(target)
+    primary = jax.process_index() == 0
+    token = _shared_token()
+    tmp = target.parent / f".{target.name}.tmp-{token}"
+    aside = target.parent / f".{target.name}.old-{token}"
+    with _locked(target, create_parent=primary) if primary else _no_lock():
+        if primary:
+            _clean_leftovers(target)
+            _check_replaceable(target)  # again: another writer may have finished meanwhile
+            tmp.mkdir()
+        _sync(f"minilora_jax: created {tmp}")
+        try:
+            write(tmp)
+            _sync(f"minilora_jax: wrote {tmp}")
+            if primary:
+                _fsync_dir(tmp)
+                if target.exists():
+                    os.replace(target, aside)
+                    try:
+                        os.replace(tmp, target)
+                    except BaseException:
+                        os.replace(aside, target)
+                        raise
+                    shutil.rmtree(aside, ignore_errors=True)
+                else:
+                    os.replace(tmp, target)
+                _fsync_dir(target.parent)
+            _sync(f"minilora_jax: renamed {tmp}")
+        finally:
+            if primary and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_replaceable(target: FilePath) -> None:
     if target.exists():
         if not target.is_dir():
             raise FileExistsError(f"{target} exists and is not a directory; not replacing it")
@@ -1081,34 +1421,152 @@ def _replace_directory(target: FilePath, write: Callable[[FilePath], None]) -> N
                 f"{target} exists and is not a minilora adapter checkpoint (no {METADATA_FILE}); "
                 "refusing to replace it. Choose another directory or remove it yourself."
             )
-    primary = jax.process_index() == 0
-    token = _shared_token()
-    tmp = target.parent / f".{target.name}.tmp-{token}"
-    aside = target.parent / f".{target.name}.old-{token}"
-    if primary:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    _sync(f"minilora_jax: created {tmp}")
+
+
+def _leftovers(target: FilePath) -> list[FilePath]:
+    """The ``.<name>.tmp-*`` and ``.<name>.old-*`` directories beside ``target``, oldest first."""
+    pattern = re.compile(re.escape(f".{target.name}.") + r"(tmp|old)-[0-9a-f]+")
     try:
-        write(tmp)
-        _sync(f"minilora_jax: wrote {tmp}")
-        if primary:
-            _fsync_dir(tmp)
-            if target.exists():
-                os.replace(target, aside)
-                try:
-                    os.replace(tmp, target)
-                except BaseException:
-                    os.replace(aside, target)
-                    raise
-                shutil.rmtree(aside, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-            _fsync_dir(target.parent)
-        _sync(f"minilora_jax: renamed {tmp}")
+        found = [p for p in target.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()]
+    except OSError:
+        return []
+    return sorted(found, key=_mtime)
+
+
+def _mtime(path: FilePath) -> float:
+    try:
+        return (path / METADATA_FILE).stat().st_mtime
+    except OSError:
+        return -1.0
+
+
+def _clean_leftovers(target: FilePath) -> None:
+    """Removes killed saves' temporary directories; restores a set-aside checkpoint if
+    ``target`` is missing. Only with the writers' lock held."""
+    found = _leftovers(target)
+    aside = [p for p in found if ".old-" in p.name and (p / METADATA_FILE).is_file()]
+    if aside and not target.exists():
+        os.replace(aside[-1], target)  # the newest complete one
+        _fsync_dir(target.parent)
+    for path in found:
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _recover(target: FilePath) -> None:
+    """`_clean_leftovers` if there are leftovers and no writer holds the lock (never waits)."""
+    if not _leftovers(target):
+        return
+    with _locked(target, blocking=False) as held:
+        if held:
+            _clean_leftovers(target)
+
+
+@contextmanager
+def _no_lock() -> Iterator[bool]:
+    yield False
+
+
+@contextmanager
+def _locked(
+    target: FilePath, *, blocking: bool = True, create_parent: bool = False
+) -> Iterator[bool]:
+    """Holds the writers' lock of ``target`` (``flock`` on ``.<name>.lock`` beside it).
+
+    Yields True while held; False if it is held elsewhere (``blocking=False``) or cannot be
+    taken here (no ``fcntl``, a read-only or missing parent directory).
+    """
+    path = target.parent / f".{target.name}.lock"
+    if create_parent:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(path, blocking=blocking)
+    try:
+        yield fd is not None
     finally:
-        if primary and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if fd is not None:
+            _release(path, fd)
+
+
+def _acquire(path: FilePath, *, blocking: bool) -> int | None:
+    """An open, ``flock``-ed descriptor of the lock file ``path``, or None (see `_locked`)."""
+    if fcntl is None:
+        return None
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        # The last holder removes the file on release: a lock on a removed file is no lock.
+        try:
+            here = os.stat(path)
+        except FileNotFoundError:
+            here = None
+        mine = os.fstat(fd)
+        if here is not None and (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev):
+            return fd
+        os.close(fd)
+
+
+def _release(path: FilePath, fd: int) -> None:
+    try:
+        os.unlink(path)  # while still held: a waiter then finds the file gone and starts again
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def lock_run(root: str | os.PathLike) -> Iterator[FilePath]:
+    """Holds ``root`` for one training run: a second run on the same root is refused.
+
+    The lock is an ``fcntl.flock`` on ``root/.minilora-run.lock``, released (and the file
+    removed) when the block ends or the process dies, so a killed run never blocks the next.
+
+    Args:
+      root: the run's checkpoint directory (what `save_step` writes to); created if missing.
+
+    Yields:
+      ``root`` as an absolute path.
+
+    Raises:
+      RuntimeError: naming ``root``, if another run (in this or another process) holds it.
+
+    Example:
+      >>> import tempfile
+      >>> root = tempfile.mkdtemp()
+      >>> with lock_run(root):
+      ...     with lock_run(root):  # doctest: +ELLIPSIS
+      ...         pass
+      Traceback (most recent call last):
+      ...
+      RuntimeError: another training run is using the checkpoint directory ...
+      >>> with lock_run(root) as held:  # free again
+      ...     held.is_dir()
+      True
+    """
+    root = _local(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / RUN_LOCK
+    fd = _acquire(path, blocking=False)
+    if fd is None and fcntl is not None:
+        raise RuntimeError(
+            f"another training run is using the checkpoint directory {root} (it holds "
+            f"{path}); wait for it to end, or give this run another directory"
+        )
+    try:
+        yield root
+    finally:
+        if fd is not None:
+            _release(path, fd)
 
 
 def _shared_token() -> str:

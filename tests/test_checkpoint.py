@@ -98,7 +98,7 @@ def test_metadata_document(tmp_path):
     info_in = {"init": {"rank": 2, "alpha": 4.0, "targets": "square_kernels"}, "note": "x"}
     checkpoint.save_adapters(tmp_path, params, metadata=info_in)
     info = json.loads((tmp_path / "minilora.json").read_text())
-    assert info["format"] == "minilora_jax.adapters" and info["format_version"] == 2
+    assert info["format"] == "minilora_jax.adapters" and info["format_version"] == 4
     assert info["library_version"] == mlj.__version__
     assert info["metadata"] == info_in
     assert sorted(info["adapters"]) == SQUARE
@@ -111,6 +111,16 @@ def test_metadata_document(tmp_path):
         "lora_b": {"shape": [2, 8], "dtype": "float32"},
     }
     assert info["base_fingerprint"].startswith("sha256:")
+    # Format 4's seal: the arrays' and the kernel's bytes, and the document itself.
+    node = params["layers_1"]["q_proj"]["kernel"]
+    digest = lambda x: "sha256:" + hashlib.sha256(np.asarray(x).tobytes()).hexdigest()  # noqa: E731
+    assert info["arrays_sha256"]["layers_1/q_proj/kernel"] == {
+        "lora_a": digest(node.lora_a), "lora_b": digest(node.lora_b)}
+    assert info["base_values_sha256"]["layers_1/q_proj/kernel"] == digest(node.kernel)
+    assert len(info["save_id"]) == 32
+    body = {k: v for k, v in info.items() if k != "checksum"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    assert info["checksum"] == "sha256:" + hashlib.sha256(canonical).hexdigest()
     assert checkpoint.read_metadata(tmp_path) == info
     # The arrays: a nested dict of the leaf path's components, lora_a / lora_b at the end.
     stored = ocp.Checkpointer(ocp.StandardCheckpointHandler()).metadata(
@@ -246,10 +256,16 @@ def test_malformed_or_missing_metadata(tmp_path):
     file = tmp_path / "minilora.json"
     good = json.loads(file.read_text())
 
-    def edited(edit):
+    def edited(edit, reseal=True):
         bad = json.loads(json.dumps(good))
         edit(bad)
+        if reseal:  # as if the editor also knew how to update the checksum
+            bad["checksum"] = checkpoint._checksum(bad)
         file.write_text(json.dumps(bad))
+
+    edited(lambda d: d["adapters"]["layers_0/q_proj/kernel"].update(scale=3.0), reseal=False)
+    with pytest.raises(ValueError, match=r"minilora\.json: checksum .* does not match"):
+        checkpoint.load_adapters(tmp_path, base)
 
     file.write_text("{ truncated")
     with pytest.raises(ValueError, match=r"minilora\.json is not valid JSON"):
@@ -265,7 +281,7 @@ def test_malformed_or_missing_metadata(tmp_path):
         checkpoint.load_adapters(tmp_path, base)
 
     edited(lambda d: d["adapters"][q].update(lora_c={"shape": [1], "dtype": "float32"}))
-    with pytest.raises(ValueError, match=r"has fields \[.*'lora_c'.*\]; format_version 2"):
+    with pytest.raises(ValueError, match=r"has fields \[.*'lora_c'.*\]; format_version 4"):
         checkpoint.load_adapters(tmp_path, base)
 
     edited(lambda d: d["adapters"][q]["kernel"].update(dtype="float33"))
@@ -298,7 +314,8 @@ def test_edited_layout_is_refused(tmp_path):
         bad = json.loads(json.dumps(good))
         bad["adapters"][path]["layout"] = layout
         if refingerprint:  # as if the editor also knew how to update the fingerprint
-            bad["base_fingerprint"] = checkpoint._fingerprint(bad["adapters"], 2)
+            bad["base_fingerprint"] = checkpoint._fingerprint(bad["adapters"], 4)
+        bad["checksum"] = checkpoint._checksum(bad)
         file.write_text(json.dumps(bad))
 
     # A square kernel: the arrays fit either way, the fingerprint tells.
@@ -381,9 +398,9 @@ def test_reads_format_version_1(tmp_path, scan):
     shapes_only = checkpoint.load_adapters(tmp_path, checkpoint.abstract_base(tmp_path))
     _assert_same_adapters(shapes_only, back)
 
-    # Re-saving writes format 2, with the same adapters.
+    # Re-saving writes format 4, with the same adapters.
     checkpoint.save_adapters(tmp_path / "v2", back)
-    assert checkpoint.read_metadata(tmp_path / "v2")["format_version"] == 2
+    assert checkpoint.read_metadata(tmp_path / "v2")["format_version"] == 4
     _assert_same(checkpoint.load_adapters(tmp_path / "v2", base), back)
 
     # A v1 document that was edited is refused like a v2 one.
@@ -408,6 +425,7 @@ def test_missing_or_mismatched_array_data(tmp_path):
     file = tmp_path / "a" / "minilora.json"
     doc = json.loads(file.read_text())
     doc["adapters"]["layers_2/q_proj/kernel"]["lora_b"]["dtype"] = "bfloat16"
+    doc["checksum"] = checkpoint._checksum(doc)
     file.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"lora_b at 'layers_2/q_proj/kernel' is stored as "
                                          r"\(\(2, 8\), 'float32'\) but recorded as"):
@@ -466,11 +484,10 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     _assert_same(checkpoint.load_adapters(path, base), old)
     assert os.listdir(tmp_path) == ["ckpt"]
 
-    # A save killed between its two renames: the loader says where the old checkpoint is.
+    # A save killed between its two renames: the next load puts the old checkpoint back.
     os.rename(path, tmp_path / ".ckpt.old-123")
-    with pytest.raises(FileNotFoundError, match=r"interrupted .* at .*\.ckpt\.old-123"):
-        checkpoint.load_adapters(path, base)
-    os.rename(tmp_path / ".ckpt.old-123", path)
+    _assert_same(checkpoint.load_adapters(path, base), old)
+    assert os.listdir(tmp_path) == ["ckpt"]
 
     checkpoint.save_adapters(path, new)  # and a save that completes replaces it
     _assert_same(checkpoint.load_adapters(path, base), new)
@@ -518,7 +535,7 @@ def test_state_round_trip_is_exact(tmp_path, scan):
     assert sorted(os.listdir(path)) == ["adapters", "minilora.json", "state"]
     assert os.listdir(tmp_path) == ["ckpt"]
     info = checkpoint.read_metadata(path)
-    assert info["format_version"] == 3 and info["metadata"] == {"s": 3}
+    assert info["format_version"] == 4 and info["metadata"] == {"s": 3}
     entries = {e["path"]: e for e in info["state"]}
     assert entries["['key']"] == {"path": "['key']", "shape": [2], "dtype": "uint32",
                                   "key_impl": "threefry2x32"}
@@ -541,7 +558,7 @@ def test_state_round_trip_is_exact(tmp_path, scan):
     # Loading without state= ignores it; a checkpoint without one refuses state=.
     _assert_same(checkpoint.load_adapters(path, base), params)
     checkpoint.save_adapters(tmp_path / "plain", params)
-    assert checkpoint.read_metadata(tmp_path / "plain")["format_version"] == 2
+    assert "state" not in checkpoint.read_metadata(tmp_path / "plain")
     with pytest.raises(ValueError, match=r"holds no training state"):
         checkpoint.load_adapters(tmp_path / "plain", base, state=state)
 
@@ -652,9 +669,11 @@ def test_a_killed_save_leaves_the_previous_step_loadable(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(root)], env=env,
                           capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    leftovers = [p for p in os.listdir(root) if p != "5"]
-    assert len(leftovers) == 1 and leftovers[0].startswith(".10.tmp-")  # the killed save's
+    leftovers = sorted(p for p in os.listdir(root) if p != "5")
+    assert len(leftovers) == 2 and leftovers[1].startswith(".10.tmp-")  # the killed save's
+    assert leftovers[0] == ".10.lock"  # left by the kill, no longer held
     assert checkpoint.latest_step(root) == 5
+    assert os.listdir(root) == ["5"]  # latest_step recovered: the lock was free
     base = {"q": {"kernel": jnp.ones((8, 8))}}
     back, state = checkpoint.load_adapters(root / "5", base, state={"step": jnp.asarray(0)})
     assert int(state["step"]) == 5 and mlj.is_lora(back["q"]["kernel"])
