@@ -23,6 +23,9 @@ import minilora_jax as mlj
 from minilora_jax import checkpoint
 from minilora_jax._tree import flatten
 
+# orbax I/O on every test: part of make test, not of the quick loop.
+pytestmark = pytest.mark.slow
+
 X = jnp.ones((2, 8))
 SQUARE = [f"layers_{i}/{name}/kernel" for i in range(3) for name in ("o_proj", "q_proj")]
 
