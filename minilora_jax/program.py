@@ -346,7 +346,8 @@ class Interpreter:
         const_views = in_views[:n_consts]
         xs_views = in_views[n_consts + n_carry :]
         body_xs_views: list[View | None] = []
-        extra: dict[int, tuple[Any, ...]] = {}
+        axes: dict[int, int] = {}  # the kernel axis this scan slices, by source
+        adapter_xs: dict[int, tuple[Any, Any]] = {}  # that axis of A and B, moved to the front
         for v in xs_views:
             if v is None:
                 body_xs_views.append(None)
@@ -366,10 +367,10 @@ class Interpreter:
                         f"'{self.names[v.src]}', which its adapter's layout {arr.layout} does "
                         "not hold as a batch axis"
                     )
-                extra[v.src] = (
+                axes[v.src] = axis
+                adapter_xs[v.src] = (
                     jnp.moveaxis(arr.a, arr.a_labels.index(axis), 0),
                     jnp.moveaxis(arr.b, arr.b_labels.index(axis), 0),
-                    axis,
                 )
         keys = None
         if key is not None and self.dropout > 0.0:
@@ -380,7 +381,7 @@ class Interpreter:
             x_vals, sliced, step_key = x
             inner = dict(scope) if scope is not None else None
             for src, (a, b) in sliced.items():
-                arr, axis = scope[src], extra[src][2]
+                arr, axis = scope[src], axes[src]
                 inner[src] = dataclasses.replace(
                     arr,
                     a=a,
@@ -398,7 +399,6 @@ class Interpreter:
             )
             return list(outs[:n_carry]), list(outs[n_carry:])
 
-        adapter_xs = {src: (a, b) for src, (a, b, _) in extra.items()}
         carry, ys = jax.lax.scan(
             step,
             list(init),
