@@ -39,13 +39,6 @@ def _assert_same_tree(a, b):
 
 class MergeTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
-    def test_merge_of_fresh_adapters_is_exactly_the_base(self):
-        for scan in (False, True):
-            for dtype in (jnp.float32, jnp.bfloat16):
-                base, params = _params(scan=scan, dtype=dtype, random_b=False)
-                _assert_same_tree(self.variant(mlj.merge)(params), base)
-
-    @chex.variants(with_jit=True, without_jit=True)
     def test_merge_formula_and_dtype(self):
         base, params = _params(dtype=jnp.bfloat16)
         merged = self.variant(mlj.merge)(params)

@@ -30,21 +30,6 @@ class WrapTest(chex.TestCase):
         dict(scan=False, remat=False),
         dict(scan=True, remat=False),
         dict(scan=True, remat=True),
-        dict(scan=False, remat=True),
-    )
-    def test_zero_b_is_bit_identical_to_base(self, scan, remat):
-        model = Stack(scan=scan, remat=remat)
-        x = jax.random.normal(jax.random.key(5), (4, 8))
-        base, params = _setup(model, x, alpha=3.0)
-        wrapped = self.variant(mlj.wrap(model.apply))
-        plain = self.variant(model.apply)
-        np.testing.assert_array_equal(wrapped({"params": params}, x), plain({"params": base}, x))
-
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters(
-        dict(scan=False, remat=False),
-        dict(scan=True, remat=False),
-        dict(scan=True, remat=True),
     )
     def test_wrapped_equals_merged(self, scan, remat):
         model = Stack(scan=scan, remat=remat)
