@@ -24,8 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import training  # noqa: E402
-from minimind_jax import chat
+from minimind_jax import chat, training  # noqa: E402
 from minimind_jax import identity as identity_data  # noqa: E402
 from minimind_jax import model as minimind  # noqa: E402
 from tqdm import tqdm  # noqa: E402

@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -263,11 +262,8 @@ def test_a_second_run_on_one_checkpoint_root_is_refused(tmp_path):
             with checkpoint.lock_run(root):
                 pass
         # The training loop takes the same lock before it reads or writes anything.
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
-        try:
-            import training
-        finally:
-            sys.path.pop(0)
+        from minimind_jax import training  # experiments/ is on the path (tests/conftest.py)
+
         with pytest.raises(RuntimeError, match=f"directory {root}"):
             training.train_lora(None, None, None, steps=1, lr=1e-3, checkpoint_dir=root)
     assert os.listdir(root) == []

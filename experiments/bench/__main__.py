@@ -3,8 +3,10 @@
 import sys
 from pathlib import Path
 
-if not __package__:  # run as a directory: put experiments/ on the path to import the package
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Run as a directory, sys.path[0] is experiments/bench itself, where bench/profile.py would shadow
+# the standard library's profile (which cProfile imports): put experiments/ there instead.
+if not __package__:
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from bench.run import main  # noqa: E402
 

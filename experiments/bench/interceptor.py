@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import training
+from minimind_jax import training
 
 import minilora_jax as mlj
 from bench import hlo

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 
 import jax
-import training
 from flax import nnx
+from minimind_jax import training
 
 from bench import nnx_model
 from bench.harness import Contender

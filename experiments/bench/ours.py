@@ -14,11 +14,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import training
+from minimind_jax import flops, training
 from minimind_jax import model as minimind
 
 import minilora_jax as mlj
-from bench import flops, hlo
+from bench import hlo
 from bench.harness import Contender, interleave, ratio, summary_ms
 from bench.workload import Setup, tree_bytes
 

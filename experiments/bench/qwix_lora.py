@@ -12,7 +12,7 @@ import importlib.metadata
 
 import jax
 import optax
-import training
+from minimind_jax import training
 
 from bench import hlo
 from bench.harness import Contender, compile_timed

@@ -112,8 +112,8 @@ def _memory(r: Mapping[str, Any]) -> list[str]:
         )
     mf = mem["model_flops"]
     lines.append(
-        f"\nmodel FLOPs (bench/flops.py): LoRA step {mf['lora_step'] / 1e9:.1f} G, full step "
-        f"{mf['full_step'] / 1e9:.1f} G, ratio {mf['lora_over_full']:.3f}"
+        f"\nmodel FLOPs (minimind_jax/flops.py): LoRA step {mf['lora_step'] / 1e9:.1f} G, "
+        f"full step {mf['full_step'] / 1e9:.1f} G, ratio {mf['lora_over_full']:.3f}"
     )
     xla = {n: mem["hlo"][n]["xla_flops"] for n in ("lora_step", "full_step")}
     if all(xla.values()):

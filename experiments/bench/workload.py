@@ -15,8 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import training
 from minimind_jax import model as minimind
+from minimind_jax import training
 
 import minilora_jax as mlj
 

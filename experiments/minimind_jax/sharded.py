@@ -26,7 +26,7 @@ adapters with their optimizer state through `minilora_jax.save_adapters` and
 each process of a multi-process job. ``experiments/train_sharded.py`` is the command line over
 this module; ``docs/sharding.md`` shows both.
 
-Needs ``experiments/`` on ``sys.path`` (it imports ``training``, the step shared with the demo).
+Needs ``experiments/`` on ``sys.path``, as every ``minimind_jax`` module does.
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import training
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import minilora_jax as mlj
 from minilora_jax._tree import flatten
+from minimind_jax import training
 from minimind_jax.model import MiniMind, MiniMindConfig
 
 AXES = ("fsdp", "tp")

@@ -1,13 +1,13 @@
 """Matrix-multiply throughput of XLA:CPU against torch on the shapes of MiniMind2-small.
 
-Answers one question behind the PEFT comparison in `bench/`: is either framework simply
-multiplying matrices faster on this machine? Each shape is a ``[tokens, in] @ [in, out]``
+Answers one question behind the suite's PEFT comparison (`bench.run`): is either framework
+simply multiplying matrices faster on this machine? Each shape is a ``[tokens, in] @ [in, out]``
 product of the 4 x 256-token benchmark batch (and, with ``--transposed``, the same product with
 the right operand stored transposed, as the backward pass multiplies by ``W^T``). Both sides
 use the same thread count; times are medians of runs of consecutive calls (see `_median_ms`).
 
-Usage:
-  python experiments/gemm_cpu.py [--rounds 30] [--threads 2]
+Usage, from the repository root:
+  PYTHONPATH=experiments python -m bench.gemm [--rounds 30] [--threads 2]
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def _products(x: np.ndarray, w: np.ndarray) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gemm", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args(argv)

@@ -7,11 +7,12 @@ model FLOPs utilisation (MFU) from the median step time over several timed round
 the contenders alternating so that clock or thermal drift hits them alike.
 
 Model FLOPs per token for a LoRA step (frozen base, no weight gradients for it):
-``4 * N_matmul + 12 * L * S * d``, counted by `bench.flops` (the CPU suite's module, which the
-docstring there explains). Adapter FLOPs (under 1%) are left out, as PEFT's would be.
+``4 * N_matmul + 12 * L * S * d``, counted by `minimind_jax.flops` (shared with the CPU suite; its
+docstring explains it). Adapter FLOPs (under 1%) are left out, as PEFT's would be.
 
-Run on a GPU machine: ``python experiments/bench_gpu.py --out bench_gpu.json``. ``--smoke`` runs
-a tiny configuration on whatever device there is, to check the script itself.
+Run on a GPU machine, from the repository root:
+``PYTHONPATH=experiments python -m bench.gpu --out bench_gpu.json``. ``--smoke`` runs a tiny
+configuration on whatever device there is, to check the script itself.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -30,13 +30,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import training  # noqa: E402
-from bench.flops import model_flops_per_token  # noqa: E402
 from minimind_jax import model as minimind  # noqa: E402
+from minimind_jax import training  # noqa: E402
+from minimind_jax.flops import model_flops_per_token  # noqa: E402
 
 import minilora_jax as mlj  # noqa: E402
 
@@ -104,7 +100,7 @@ def torch_contender(config, args, batches, compiled: bool):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="minimind2-small")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=512)

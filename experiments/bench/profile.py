@@ -12,9 +12,9 @@ otherwise):
   the source line that made them. The simulated peak matches ``memory_analysis().temp`` within
   a few MiB (it ignores XLA's buffer sharing inside fusions).
 
-Usage:
-  python experiments/profile_step.py [--step lora|full|forward] [--steps 3] [--top 25]
-      [--config minimind2-small] [--batch 4] [--seq 256]
+Usage, from the repository root:
+  PYTHONPATH=experiments python -m bench.profile [--step lora|full|forward] [--steps 3]
+      [--top 25] [--config minimind2-small] [--batch 4] [--seq 256]
 """
 
 from __future__ import annotations
@@ -25,22 +25,17 @@ import glob
 import gzip
 import json
 import re
-import sys
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from minimind_jax import model as minimind
+from minimind_jax import training
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import training  # noqa: E402
-from bench import workload  # noqa: E402
-from minimind_jax import model as minimind  # noqa: E402
-
-import minilora_jax as mlj  # noqa: E402
+import minilora_jax as mlj
+from bench import workload
 
 _BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "pred": 1}
 _ALIASES = {"bitcast", "get-tuple-element", "tuple", "parameter", "constant"}
@@ -196,7 +191,9 @@ def compiled_call(setup: workload.Setup, step: str) -> tuple[Any, Callable[[], A
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.profile", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--step", choices=("lora", "full", "forward"), default="lora")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
