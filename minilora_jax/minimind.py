@@ -55,14 +55,8 @@ from typing import Any
 
 import numpy as np
 
-from minilora_jax.peft import (
-    ModuleNames,
-    TorchAdapter,
-    from_torch,
-    read_safetensors,
-    to_torch,
-    write_safetensors,
-)
+from minilora_jax.peft import ModuleNames, TorchAdapter, from_torch, to_torch
+from minilora_jax.safetensors_io import read_safetensors, write_safetensors
 
 __all__ = [
     "load_minimind_lora",
