@@ -81,7 +81,6 @@ class Record:
 
     layouts: set[Layout] = dataclasses.field(default_factory=set)
     other: list[str] = dataclasses.field(default_factory=list)
-    applied: int = 0
 
 
 class LayoutMismatchError(ValueError):
@@ -142,18 +141,16 @@ class Interpreter:
         names: Sequence[str],
         arrays: dict[int, Arrays] | None,
         dropout: float = 0.0,
-        key: Any = None,
     ):
         self.names = names
         self.arrays = arrays
         self.records = {i: Record() for i in range(len(names))}
         self.dropout = dropout
-        self.key = key
         self.count = 0
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
-    def _other(self, view: View, what: str) -> None:
+    def other(self, view: View, what: str) -> None:
         self.records[view.src].other.append(what)
 
     def _next_key(self, key: Any) -> Any:
@@ -248,7 +245,7 @@ class Interpreter:
         if new is None:
             for v in in_views:
                 if v is not None:
-                    self._other(v, f"'{name}'")
+                    self.other(v, f"'{name}'")
             return outs, [None] * len(outs)
         return outs, [new]
 
@@ -259,8 +256,8 @@ class Interpreter:
         base = _bind(eqn, values)[0]
         lhs_view, rhs_view = in_views
         if lhs_view is not None and rhs_view is not None:
-            self._other(lhs_view, "'dot_general' with another kernel")
-            self._other(rhs_view, "'dot_general' with another kernel")
+            self.other(lhs_view, "'dot_general' with another kernel")
+            self.other(rhs_view, "'dot_general' with another kernel")
             return base
         k_is_lhs = lhs_view is not None
         view = lhs_view if k_is_lhs else rhs_view
@@ -275,7 +272,7 @@ class Interpreter:
         roles.update({axis: "batch" for axis in view.sliced})
         pick = lambda role: tuple(sorted(a for a, r in roles.items() if r == role))  # noqa: E731
         if not pick("in") or not pick("out"):
-            self._other(view, "'dot_general' that leaves it no input or no output axis")
+            self.other(view, "'dot_general' that leaves it no input or no output axis")
             return base
         layout = Layout(pick("in"), pick("out"), pick("batch"))
         record = self.records[view.src]
@@ -289,7 +286,6 @@ class Interpreter:
                 f"but its adapter was made for {arrays.layout}; re-create the adapter with "
                 "minilora_jax.init(..., apply_fn=...) for this program"
             )
-        record.applied += 1
         # Named after the kernel, so profiles and HLO dumps attribute the adapter's matmuls.
         with jax.named_scope(f"lora[{self.names[view.src]}]"):
             low_rank = self._low_rank(eqn, arrays, view, x_val, k_val.dtype, kc, xc, kb, xb, kf,
@@ -339,7 +335,7 @@ class Interpreter:
         n_consts, n_carry = p["num_consts"], p["num_carry"]
         for v in in_views[n_consts : n_consts + n_carry]:
             if v is not None:
-                self._other(v, "a 'scan' loop carry")
+                self.other(v, "a 'scan' loop carry")
         consts = values[:n_consts]
         init = values[n_consts : n_consts + n_carry]
         xs = values[n_consts + n_carry :]
@@ -354,7 +350,7 @@ class Interpreter:
                 continue
             head, *rest = v.groups
             if len(head) != 1:
-                self._other(v, "a 'scan' over merged axes")
+                self.other(v, "a 'scan' over merged axes")
                 body_xs_views.append(None)
                 continue
             axis = head[0]
@@ -425,7 +421,7 @@ class Interpreter:
     def _cond(self, eqn, values, in_views, scope, key):
         index, *ops = values
         if in_views[0] is not None:
-            self._other(in_views[0], "a 'cond' index")
+            self.other(in_views[0], "a 'cond' index")
         op_views = in_views[1:]
 
         def branch(closed):
@@ -441,7 +437,7 @@ class Interpreter:
         cond_views, body_views = in_views[:nc], in_views[nc : nc + nb]
         for v in in_views[nc + nb :]:
             if v is not None:
-                self._other(v, "a 'while' loop carry")
+                self.other(v, "a 'while' loop carry")
         n = len(init)
         cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
 
@@ -513,11 +509,11 @@ def _rearranged(eqn: Any, view: View, value: Any) -> View | None:
 
 def trace(
     fn: Callable[..., Any], tree_leaves: Sequence[Any], args: Any, kwargs: Any, treedef: Any
-) -> tuple[Any, Any, list[Any], Callable[[Sequence[Any]], Any]]:
+) -> tuple[Any, Any, list[Any]]:
     """Traces ``fn(unflatten(leaves), *args, **kwargs)`` to a closed jaxpr.
 
     Array leaves of ``args``/``kwargs`` become inputs after the tree's leaves; everything else
-    is held fixed. Returns ``(closed_jaxpr, out_tree, dynamic_values, rebuild)``.
+    is held fixed. Returns ``(closed_jaxpr, out_tree, input_values)``.
     """
     call_leaves, call_def = jax.tree.flatten((args, kwargs))
     dynamic = [i for i, x in enumerate(call_leaves) if _is_array(x)]
@@ -532,7 +528,7 @@ def trace(
 
     values = [*tree_leaves, *[call_leaves[i] for i in dynamic]]
     closed, shapes = jax.make_jaxpr(flat, return_shape=True)(*[_abstract(v) for v in values])
-    return closed, jax.tree.structure(shapes), values, flat
+    return closed, jax.tree.structure(shapes), values
 
 
 def _is_array(x: Any) -> bool:
@@ -561,7 +557,7 @@ def read_uses(
     """
     names, leaves, treedef = flatten(tree)
     plain = [x.kernel if is_lora(x) else x for x in leaves]
-    closed, _, values, _ = trace(fn, plain, args, kwargs or {}, treedef)
+    closed, _, values = trace(fn, plain, args, kwargs or {}, treedef)
     views = [
         _whole(i, x) if hasattr(x, "shape") and len(x.shape) >= 2 else None
         for i, x in enumerate(plain)
@@ -572,7 +568,7 @@ def read_uses(
         outs, out_views = interp.run(closed.jaxpr, closed.consts, vals, views, None, None)
         for v in out_views:
             if v is not None:
-                interp._other(v, "the function's output")
+                interp.other(v, "the function's output")
         return outs
 
     jax.eval_shape(go, *[_abstract(v) for v in values])
@@ -603,7 +599,7 @@ def apply(
             )
         node.check(names[i])
     plain = [x.kernel if is_lora(x) else x for x in leaves]
-    closed, out_tree, values, _ = trace(fn, plain, args, kwargs, treedef)
+    closed, out_tree, values = trace(fn, plain, args, kwargs, treedef)
     views = [_whole(i, plain[i]) if i in adapters else None for i in range(len(plain))]
     views += [None] * (len(values) - len(plain))
     arrays = {}
@@ -617,11 +613,11 @@ def apply(
             float(node.scale),
             lay,
         )
-    interp = Interpreter(names, arrays, dropout, key)
+    interp = Interpreter(names, arrays, dropout)
     outs, out_views = interp.run(closed.jaxpr, closed.consts, values, views, arrays, key)
     for v in out_views:
         if v is not None:
-            interp._other(v, "the function's output")
+            interp.other(v, "the function's output")
     problems = {
         names[i]: sorted(set(interp.records[i].other))
         for i in adapters
