@@ -14,7 +14,8 @@ Example:
 
 from minilora_jax.adapters import find_kernels, init
 from minilora_jax.apply import AdapterNotAppliedError, wrap
-from minilora_jax.lora import Layout, Lora, is_lora
+from minilora_jax.combination import combine_adapters
+from minilora_jax.lora import Bank, Layout, Lora, is_bank, is_lora
 from minilora_jax.merge import merge, unmerge
 from minilora_jax.partition import combine, split
 from minilora_jax.summary import AdapterInfo, Summary, summary
@@ -25,6 +26,7 @@ __version__ = "0.2.0"
 __all__ = [
     "AdapterInfo",
     "AdapterNotAppliedError",
+    "Bank",
     "Kernel",
     "Layout",
     "LayoutUnknownError",
@@ -33,9 +35,12 @@ __all__ = [
     "__version__",
     "all_kernels",
     "combine",
+    "combine_adapters",
     "find_kernels",
     "init",
+    "is_bank",
     "is_lora",
+    "loraplus",
     "merge",
     "split",
     "square_kernels",
@@ -47,6 +52,8 @@ __all__ = [
 # The interop modules load on first use, so `import minilora_jax` stays light.
 _LAZY = {
     "peft": ("minilora_jax.peft", None),
+    "bank": ("minilora_jax.bank", None),
+    "loraplus": ("minilora_jax.optim", "loraplus"),
     "save_adapters": ("minilora_jax.checkpoint", "save_adapters"),
     "load_adapters": ("minilora_jax.checkpoint", "load_adapters"),
     "read_metadata": ("minilora_jax.checkpoint", "read_metadata"),

@@ -11,7 +11,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from minilora_jax._tree import flatten
+from minilora_jax.lora import is_bank
 from minilora_jax.program import apply
+from minilora_jax.routing import METHODS, route
 
 
 class AdapterNotAppliedError(RuntimeError):
@@ -28,6 +31,12 @@ def wrap(
     dropout: float = 0.0,
     dropout_rng: str = "dropout",
     strict: bool = True,
+    in_axes: Any = 0,
+    kwarg_axes: Mapping[str, Any] | None = None,
+    tree_axes: Any = None,
+    out_axes: Any = 0,
+    keep_example_axis: bool = True,
+    method: str = "auto",
 ) -> Callable[..., Any]:
     """Wraps ``fn(tree, *args, **kwargs)`` so that it applies the adapters held in ``tree``.
 
@@ -56,6 +65,28 @@ def wrap(
       strict: if True, raise `AdapterNotAppliedError` when a kernel with an adapter is used in a
         way the adapter cannot follow; if False, warn instead (that use then sees the kernel
         without its adapter).
+      in_axes, kwarg_axes, tree_axes, out_axes: for trees holding adapter banks
+        (`minilora_jax.bank`) only: where each input and output has its examples, as
+        ``jax.vmap``'s ``in_axes``/``out_axes`` (an int, None for shared, or a prefix tree of
+        those). ``in_axes`` covers the positional arguments (default: axis 0 of each),
+        ``kwarg_axes`` is ``{name: axes}`` for keyword arguments (default 0 for each; 0-d arrays
+        must be marked None), ``tree_axes`` covers the first argument (default None: shared;
+        e.g. ``{"params": None, "cache": 0}`` for a linen KV cache). Non-array values (Python
+        numbers, strings, flags) are always shared.
+      keep_example_axis: banks only: the model sees each example as a batch of one (its example
+        axis kept with size 1), as a model written for batches expects. False hands it single
+        examples without that axis.
+      method: banks only: how each example's adapter is applied: ``"gather"`` (copies the
+        example's A and B: for many rows per example, as in training and prefill),
+        ``"one_hot"`` (multiplies by all N adapters and masks: for a row or a few, as in
+        decoding), or ``"auto"`` (chooses per contraction from the rows per example and N).
+        All give the same numbers.
+
+    With banks, the wrapped function takes ``adapter_ids=``: one int per example, the adapter of
+    the bank it runs through, ``-1`` for the base model alone. The call then means, literally,
+    ``jax.vmap`` over the examples of ``fn`` with each example's adapter, and is computed that
+    way: the base model's matmuls stay batched as before, and only the low-rank terms differ
+    per example.
 
     Returns:
       A function with the same signature as ``fn``.
@@ -86,14 +117,39 @@ def wrap(
         raise TypeError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(keep_example_axis, (bool, np.bool_)):
+        raise TypeError(f"keep_example_axis must be True or False, got {keep_example_axis!r}")
 
     @functools.wraps(fn)
     def wrapped(tree: Any, *args: Any, **kwargs: Any) -> Any:
         key = kwargs.pop("lora_dropout_key", None)
+        adapter_ids = kwargs.pop("adapter_ids", None)
         rngs = kwargs.get("rngs")
         if key is None and isinstance(rngs, Mapping) and dropout_rng in rngs:
             key = jax.random.fold_in(rngs[dropout_rng], _DROPOUT_SALT)
-        out, problems = apply(fn, tree, args, kwargs, dropout=float(dropout), key=key)
+        names, leaves, _ = flatten(tree)
+        banks = [path for path, leaf in zip(names, leaves, strict=True) if is_bank(leaf)]
+        if banks and adapter_ids is None:
+            raise ValueError(
+                f"the tree holds adapter banks ('{banks[0]}'...): call with adapter_ids=, one "
+                "adapter index per example (-1 for the base model)"
+            )
+        if adapter_ids is not None and not banks:
+            raise ValueError(
+                "adapter_ids= was given but the tree holds no adapter bank; build one with "
+                "minilora_jax.bank.stack"
+            )
+        if banks:
+            out, problems = route(
+                apply, fn, tree, args, kwargs, adapter_ids=adapter_ids, in_axes=in_axes,
+                kwarg_axes=kwarg_axes, tree_axes=tree_axes, out_axes=out_axes,
+                keep_example_axis=bool(keep_example_axis), method=method,
+                dropout=float(dropout), key=key,
+            )
+        else:
+            out, problems = apply(fn, tree, args, kwargs, dropout=float(dropout), key=key)
         if problems:
             where = "; ".join(f"'{path}' ({', '.join(ops)})" for path, ops in problems.items())
             message = (

@@ -107,7 +107,7 @@ from minilora_jax._files import (
 from minilora_jax._files import RUN_LOCK as RUN_LOCK
 from minilora_jax._files import lock_run as lock_run
 from minilora_jax._tree import flatten, is_variables, key_name
-from minilora_jax.lora import Layout, Lora, is_lora
+from minilora_jax.lora import Layout, Lora, is_lora, refuse_banks
 
 FORMAT = "minilora_jax.adapters"
 FORMAT_VERSION = 4  # the newest version this module reads, and the one it writes
@@ -208,6 +208,7 @@ def save_adapters(
     from minilora_jax import __version__
 
     names, leaves, _ = flatten(tree)
+    refuse_banks(names, leaves, "save_adapters")
     records: dict[str, dict[str, Any]] = {}
     arrays: dict[str, Any] = {}
     array_hashes: dict[str, dict[str, str | None]] = {}

@@ -256,3 +256,132 @@ class Lora:
 def is_lora(x: Any) -> bool:
     """Whether ``x`` is a `Lora` node (for ``is_leaf=`` in ``jax.tree`` functions)."""
     return isinstance(x, Lora)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Bank:
+    """``N`` adapters for one kernel, stacked along a new leading axis: what `minilora_jax.bank`
+    builds and `minilora_jax.wrap` routes per example.
+
+    Children (all data, so another bank of the same shapes runs in the same compiled function):
+
+    * ``kernel``: the shared base kernel, once;
+    * ``lora_a``: ``(N, *batch, *in, r)`` and ``lora_b``: ``(N, *batch, r, *out)``, ``r`` the
+      largest rank of the bank;
+    * ``scales``: ``(N,)`` float32, each adapter's own ``alpha / r`` (or rsLoRA scale);
+    * ``ranks``: ``(N,)`` int32, each adapter's rank (0 where an adapter does not adapt this
+      kernel). Rank components ``j >= ranks[n]`` are masked out of adapter ``n``'s update in
+      every formulation, so padding never reaches an output or a gradient, whatever it holds.
+
+    ``layout`` is static. `minilora_jax.split` puts ``lora_a``/``lora_b`` in the adapters half
+    and ``kernel``, ``scales``, ``ranks`` in the base half: scales and ranks are settings, never
+    trained.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> bank = Bank(jnp.zeros((4, 3)), jnp.ones((2, 4, 2)), jnp.ones((2, 2, 3)),
+      ...             jnp.array([1.0, 0.5]), jnp.array([2, 1]), Layout.dense())
+      >>> bank.size, bank.rank
+      (2, 2)
+      >>> [float(bank.delta(n)[0, 0]) for n in range(2)]
+      [2.0, 0.5]
+    """
+
+    __slots__ = ("kernel", "lora_a", "lora_b", "scales", "ranks", "layout")
+    _CHILDREN = ("kernel", "lora_a", "lora_b", "scales", "ranks")
+
+    def __init__(self, kernel: Any, lora_a: Any, lora_b: Any, scales: Any, ranks: Any,
+                 layout: Layout):
+        self.kernel = kernel
+        self.lora_a = lora_a
+        self.lora_b = lora_b
+        self.scales = scales
+        self.ranks = ranks
+        self.layout = layout
+
+    def tree_flatten_with_keys(self):
+        children = tuple((jax.tree_util.GetAttrKey(n), getattr(self, n)) for n in self._CHILDREN)
+        return children, self.layout
+
+    @classmethod
+    def tree_unflatten(cls, layout, children):
+        return cls(*children, layout)
+
+    def replace(self, **changes: Any) -> Bank:
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        return Bank(**{**fields, **changes})
+
+    def __repr__(self) -> str:
+        shape = lambda x: tuple(x.shape) if hasattr(x, "shape") else x  # noqa: E731
+        return (
+            f"Bank(kernel={shape(self.kernel)}, lora_a={shape(self.lora_a)}, "
+            f"lora_b={shape(self.lora_b)}, scales={shape(self.scales)}, "
+            f"ranks={shape(self.ranks)}, layout={self.layout})"
+        )
+
+    @property
+    def size(self) -> int:
+        """``N``, the number of adapters."""
+        return int(self.lora_a.shape[0])
+
+    @property
+    def rank(self) -> int:
+        """The padded rank (the largest rank of the bank)."""
+        return int(self.lora_a.shape[-1])
+
+    def check(self, path: str) -> None:
+        """Raises ValueError naming ``path`` and the shapes if the parts do not fit together."""
+        where = f"adapter bank at '{path}'"
+        if not isinstance(self.layout, Layout):
+            raise ValueError(f"{where} has no Layout (found {self.layout!r})")
+        for name in self._CHILDREN:
+            if getattr(self, name) is None:
+                raise ValueError(
+                    f"{where} is missing {name}: it is one half of minilora_jax.split; join the "
+                    "halves with minilora_jax.combine first"
+                )
+        shape = tuple(self.kernel.shape)
+        if len(shape) != self.layout.ndim:
+            raise ValueError(f"{where}: kernel {shape} does not have the axes of {self.layout}")
+        a, b = tuple(self.lora_a.shape), tuple(self.lora_b.shape)
+        n = a[0] if a else 0
+        r = a[-1] if a else 0
+        want_a = (n, *self.layout.a_shape(shape, r))
+        want_b = (n, *self.layout.b_shape(shape, r))
+        if n < 1 or r < 1 or a != want_a or b != want_b:
+            raise ValueError(
+                f"{where} does not fit its kernel {shape} ({self.layout.describe(shape)}): it "
+                f"needs lora_a (N, *batch, *in, r) and lora_b (N, *batch, r, *out), e.g. "
+                f"{want_a} and {want_b}; got {a} and {b}"
+            )
+        for name in ("scales", "ranks"):
+            got = tuple(getattr(self, name).shape)
+            if got != (n,):
+                raise ValueError(f"{where}: {name} has shape {got}, expected ({n},)")
+
+    def delta(self, n: int) -> jax.Array:
+        """Adapter ``n``'s update (padding masked), as `Lora.delta` gives it."""
+        mask = (jnp.arange(self.rank) < self.ranks[n]).astype(jnp.float32)
+        lora = Lora(self.kernel, self.lora_a[n] * mask, self.lora_b[n], 1.0, self.layout)
+        return self.scales[n].astype(jnp.float32) * lora.delta()
+
+
+def is_bank(x: Any) -> bool:
+    """Whether ``x`` is a `Bank` node (for ``is_leaf=`` in ``jax.tree`` functions)."""
+    return isinstance(x, Bank)
+
+
+def is_adapter(x: Any) -> bool:
+    """Whether ``x`` is a `Lora` or a `Bank` node."""
+    return isinstance(x, (Lora, Bank))
+
+
+def refuse_banks(names: Any, leaves: Any, what: str) -> None:
+    """Raises ValueError if any leaf is a `Bank`: ``what`` handles one adapter per kernel."""
+    for path, leaf in zip(names, leaves, strict=True):
+        if is_bank(leaf):
+            raise ValueError(
+                f"{what} takes one adapter per kernel, but '{path}' holds a bank of "
+                f"{leaf.size} adapters; pick one with minilora_jax.bank.select(tree, n) or "
+                "split the bank with minilora_jax.bank.unstack"
+            )

@@ -2,7 +2,9 @@
 
 As equinox's ``partition``/``combine``: both halves keep the whole tree's structure. The
 adapters half holds each `minilora_jax.Lora` node without its kernel (``kernel=None``) and
-``None`` everywhere else; the base half holds the plain kernels and every other leaf.
+``None`` everywhere else; the base half holds the plain kernels and every other leaf. A
+`minilora_jax.Bank` splits into its trained arrays (``lora_a``, ``lora_b``) in the adapters half
+and the rest (``kernel``, ``scales``, ``ranks``: frozen) as a `Bank` without arrays in the base.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 import jax
 
 from minilora_jax._tree import flatten, is_variables, path_str
-from minilora_jax.lora import is_lora
+from minilora_jax.lora import is_adapter, is_bank, is_lora
 
 
 class _Misfit(ValueError):
@@ -49,10 +51,19 @@ def split(tree: Any) -> tuple[Any, Any]:
       (4, 4)
     """
     _check_tree(tree, "split", "tree")
-    adapters = jax.tree.map(
-        lambda x: x.replace(kernel=None) if is_lora(x) else None, tree, is_leaf=is_lora
-    )
-    base = jax.tree.map(lambda x: x.kernel if is_lora(x) else x, tree, is_leaf=is_lora)
+
+    def trained(x: Any) -> Any:
+        if is_bank(x):
+            return x.replace(kernel=None, scales=None, ranks=None)
+        return x.replace(kernel=None) if is_lora(x) else None
+
+    def frozen(x: Any) -> Any:
+        if is_bank(x):
+            return x.replace(lora_a=None, lora_b=None)
+        return x.kernel if is_lora(x) else x
+
+    adapters = jax.tree.map(trained, tree, is_leaf=is_adapter)
+    base = jax.tree.map(frozen, tree, is_leaf=is_adapter)
     return adapters, base
 
 
@@ -84,6 +95,11 @@ def combine(adapters: Any, base: Any) -> Any:
         if node is None:
             return kernel
         where = path_str(path, variables=variables)
+        if is_bank(node):
+            if not is_bank(kernel) or kernel.kernel is None or kernel.lora_a is not None:
+                raise _Misfit(f"the adapter bank at '{where}' lands on a place of the base that "
+                              "holds no bank base (kernel, scales, ranks) from minilora_jax.split")
+            return kernel.replace(lora_a=node.lora_a, lora_b=node.lora_b)
         if not is_lora(node):
             raise _Misfit(
                 f"the adapters tree holds a {type(node).__name__} at '{where}' where only "
@@ -97,7 +113,7 @@ def combine(adapters: Any, base: Any) -> Any:
 
     try:
         joined = jax.tree_util.tree_map_with_path(
-            join, adapters, base, is_leaf=lambda x: x is None or is_lora(x)
+            join, adapters, base, is_leaf=lambda x: x is None or is_adapter(x)
         )
     except _Misfit:
         raise
@@ -108,6 +124,6 @@ def combine(adapters: Any, base: Any) -> Any:
         ) from e
     names, leaves, _ = flatten(joined)
     for path, leaf in zip(names, leaves, strict=True):
-        if is_lora(leaf):
+        if is_adapter(leaf):
             leaf.check(path)
     return joined

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minilora_jax._tree import flatten
-from minilora_jax.lora import Layout, is_lora
+from minilora_jax.lora import Layout, is_adapter, is_bank
 
 Groups = tuple[tuple[int, ...], ...]
 
@@ -45,6 +45,9 @@ _PASS_THROUGH = {
     "mesh_cast",
     "reshard",
 }
+# Route a bank with one-hot weights when that costs at most this many extra rows' worth of
+# adapter multiply-adds per example (rows * (N - 1)); else gather. See `_bank_factors`.
+_ONE_HOT_MAX_EXTRA_ROWS = 32
 _INLINE = {"jit", "pjit", "closed_call", "core_call"}
 _REMAT = {"remat2", "checkpoint", "remat"}
 
@@ -73,6 +76,10 @@ class Arrays:
     b_labels: tuple[Any, ...]
     scale: float
     layout: Layout
+    # A bank's (N,) scales and ranks; None for a single adapter. A bank's arrays carry an
+    # extra leading "n" label: the adapter axis.
+    scales: Any = None
+    ranks: Any = None
 
 
 @dataclasses.dataclass
@@ -141,12 +148,18 @@ class Interpreter:
         names: Sequence[str],
         arrays: dict[int, Arrays] | None,
         dropout: float = 0.0,
+        adapter_id: Any = None,
+        method: str = "auto",
     ):
         self.names = names
         self.arrays = arrays
         self.records = {i: Record() for i in range(len(names))}
         self.dropout = dropout
         self.count = 0
+        # The example's adapter in a bank (a scalar, batched by the caller's vmap), and how to
+        # apply it: see `_bank_factors`.
+        self.adapter_id = adapter_id
+        self.method = method
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -300,8 +313,15 @@ class Interpreter:
     def _low_rank(self, eqn, arrays, view, x, k_dtype, kc, xc, kb, xb, kf, key):
         """``scale * (dropout(x) A) B`` with the dot's dimension numbers: (batch, x free, out)."""
         groups = view.groups
-        a = _arrange(arrays.a, arrays.a_labels, [groups[j] for j in kb + kc] + [("r",)])
-        b = _arrange(arrays.b, arrays.b_labels, [groups[j] for j in kb] + [("r",)] +
+        if arrays.scales is None:
+            a, b, a_labels, b_labels, rank_group = arrays.a, arrays.b, arrays.a_labels, \
+                arrays.b_labels, ("r",)
+            weights = arrays.scale
+        else:
+            rows = math.prod(x.shape[j] for j in range(x.ndim) if j not in xc and j not in xb)
+            a, b, a_labels, b_labels, rank_group, weights = self._bank_factors(arrays, rows)
+        a = _arrange(a, a_labels, [groups[j] for j in kb + kc] + [rank_group])
+        b = _arrange(b, b_labels, [groups[j] for j in kb] + [rank_group] +
                      [groups[j] for j in kf])
         dtype = jnp.result_type(x.dtype, k_dtype)
         if key is not None and self.dropout > 0.0:
@@ -318,8 +338,10 @@ class Interpreter:
             preferred_element_type=preferred,
         )
         # Scaling the rank-r intermediate costs r multiplies per row instead of d_out.
-        if arrays.scale != 1.0:
-            xa = (xa * jnp.asarray(arrays.scale, xa.dtype)).astype(dtype)
+        if not isinstance(weights, float):
+            xa = (xa * weights.astype(xa.dtype)).astype(dtype)
+        elif weights != 1.0:
+            xa = (xa * jnp.asarray(weights, xa.dtype)).astype(dtype)
         return jax.lax.dot_general(
             xa.astype(dtype),
             b.astype(dtype),
@@ -327,6 +349,36 @@ class Interpreter:
             precision=precision,
             preferred_element_type=preferred,
         )
+
+    def _bank_factors(self, arrays, rows):
+        """This example's factors from a bank, and the weight of each rank component.
+
+        ``gather`` takes adapter ``id``'s A and B (a copy per example; the work stays that of
+        one adapter): right when an example has many rows (prefill, training). ``one_hot``
+        multiplies by every adapter's A and B and zeroes all but one adapter's components: no
+        copy, ``N`` times the adapter's multiply-adds: right for a row or a few (decode). Both
+        give the same numbers; ``id = -1`` gives weight 0 (the base model), and components at
+        or past an adapter's rank get weight 0 (padding is inert).
+        """
+        n_axis = arrays.a_labels.index("n")
+        n, r = arrays.a.shape[n_axis], arrays.a.shape[-1]
+        method = self.method
+        if method == "auto":
+            method = "one_hot" if rows * (n - 1) <= _ONE_HOT_MAX_EXTRA_ROWS else "gather"
+        idx = jnp.asarray(self.adapter_id, jnp.int32)
+        components = jnp.arange(r)
+        if method == "gather":
+            safe = jnp.clip(idx, 0, n - 1)
+            a = jnp.take(arrays.a, safe, axis=n_axis)
+            b = jnp.take(arrays.b, safe, axis=arrays.b_labels.index("n"))
+            weights = jnp.where(idx >= 0, arrays.scales[safe], 0.0) * (
+                components < arrays.ranks[safe]
+            )
+            drop = lambda labels: tuple(lbl for lbl in labels if lbl != "n")  # noqa: E731
+            return a, b, drop(arrays.a_labels), drop(arrays.b_labels), ("r",), weights
+        chosen = jnp.arange(n) == idx
+        weights = (chosen * arrays.scales)[:, None] * (components[None, :] < arrays.ranks[:, None])
+        return arrays.a, arrays.b, arrays.a_labels, arrays.b_labels, ("n", "r"), weights.ravel()
 
     # -- control flow --------------------------------------------------------------------------
 
@@ -543,6 +595,12 @@ def _abstract(x: Any) -> Any:
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype, weak_type=weak)
 
 
+def _dense(kernel: Any) -> Any:
+    """The kernel as an array: a quantized kernel (one with ``dequantize()``) is expanded here,
+    inside the caller's trace, so the program sees a plain kernel and only the codes are stored."""
+    return kernel.dequantize() if hasattr(kernel, "dequantize") else kernel
+
+
 def _whole(i: int, leaf: Any) -> View:
     return View(i, tuple((k,) for k in range(len(leaf.shape))))
 
@@ -556,7 +614,7 @@ def read_uses(
     leaf ``i`` is contracted and any other use. Leaves with fewer than two axes are not followed.
     """
     names, leaves, treedef = flatten(tree)
-    plain = [x.kernel if is_lora(x) else x for x in leaves]
+    plain = [_dense(x.kernel) if is_adapter(x) else x for x in leaves]
     closed, _, values = trace(fn, plain, args, kwargs or {}, treedef)
     views = [
         _whole(i, x) if hasattr(x, "shape") and len(x.shape) >= 2 else None
@@ -583,14 +641,20 @@ def apply(
     *,
     dropout: float = 0.0,
     key: Any = None,
+    adapter_id: Any = None,
+    method: str = "auto",
 ) -> tuple[Any, dict[str, list[str]]]:
-    """``fn(tree, *args, **kwargs)`` with every `Lora` node of ``tree`` applied in factored form.
+    """``fn(tree, *args, **kwargs)`` with every adapter of ``tree`` applied in factored form.
+
+    `Lora` nodes apply as they are; a `Bank` node applies its adapter ``adapter_id`` (a scalar:
+    `minilora_jax.wrap` calls this once per example under ``jax.vmap``), with ``method``
+    ``"gather"``, ``"one_hot"`` or ``"auto"`` (see `Interpreter._bank_factors`).
 
     Returns ``(output, problems)``: ``problems`` maps the path of each adapter that some use of
     its kernel could not follow to the operations involved (an empty dict when all is well).
     """
     names, leaves, treedef = flatten(tree)
-    adapters = {i: x for i, x in enumerate(leaves) if is_lora(x)}
+    adapters = {i: x for i, x in enumerate(leaves) if is_adapter(x)}
     for i, node in adapters.items():
         if node.kernel is None:
             raise ValueError(
@@ -598,22 +662,29 @@ def apply(
                 "minilora_jax.split; join it to the base with minilora_jax.combine first"
             )
         node.check(names[i])
-    plain = [x.kernel if is_lora(x) else x for x in leaves]
+        if is_bank(node) and adapter_id is None:
+            raise ValueError(
+                f"'{names[i]}' holds a bank of {node.size} adapters: call the wrapped function "
+                "with adapter_ids= (one adapter index per example, -1 for the base model)"
+            )
+    plain = [_dense(x.kernel) if is_adapter(x) else x for x in leaves]
     closed, out_tree, values = trace(fn, plain, args, kwargs, treedef)
     views = [_whole(i, plain[i]) if i in adapters else None for i in range(len(plain))]
     views += [None] * (len(values) - len(plain))
     arrays = {}
     for i, node in adapters.items():
         lay = node.layout
+        lead = ("n",) if is_bank(node) else ()
         arrays[i] = Arrays(
             node.lora_a,
             node.lora_b,
-            (*lay.batch_axes, *lay.in_axes, "r"),
-            (*lay.batch_axes, "r", *lay.out_axes),
-            float(node.scale),
+            (*lead, *lay.batch_axes, *lay.in_axes, "r"),
+            (*lead, *lay.batch_axes, "r", *lay.out_axes),
+            float(node.scale) if not is_bank(node) else 1.0,
             lay,
+            *((node.scales, node.ranks) if is_bank(node) else ()),
         )
-    interp = Interpreter(names, arrays, dropout)
+    interp = Interpreter(names, arrays, dropout, adapter_id, method)
     outs, out_views = interp.run(closed.jaxpr, closed.consts, values, views, arrays, key)
     for v in out_views:
         if v is not None:

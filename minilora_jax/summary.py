@@ -9,7 +9,7 @@ from typing import Any
 import jax
 
 from minilora_jax._tree import flatten
-from minilora_jax.lora import Layout, is_lora
+from minilora_jax.lora import Layout, is_lora, refuse_banks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +75,7 @@ def summary(tree: Any) -> Summary:
             f"an equinox module...), got {tree!r}"
         )
     names, leaves, _ = flatten(tree)
+    refuse_banks(names, leaves, "summary")
     infos = []
     trainable = 0
     for path, leaf in zip(names, leaves, strict=True):

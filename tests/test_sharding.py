@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 from minimind_jax import sharded
 from minimind_jax.model import MiniMind, MiniMindConfig
-from toy_models import randomize_b
+from toy_models import Stack, randomize_b
 
 import minilora_jax as mlj
 from minilora_jax._tree import flatten, path_str
@@ -781,3 +781,25 @@ def test_two_processes_train_and_checkpoint(tmp_path):
         np.testing.assert_allclose(np.asarray(leaf), trained[name], atol=1e-4, err_msg=name)
     eval_loss = sharded.evaluate(restored, eval_rows())
     np.testing.assert_allclose(eval_loss, results[0]["eval_loss"], rtol=1e-5)
+
+
+@pytest.mark.slow
+@on_eight_devices
+def test_routed_bank_over_a_data_sharded_batch():
+    """A mixed batch split over 8 devices (ids with it), the bank replicated: the same numbers
+    as on one device, and the output keeps the batch sharding."""
+    model = Stack(dim=8, hidden=12, num_layers=2)
+    x = jax.random.normal(jax.random.key(0), (16, 4, 8))
+    params = model.init(jax.random.key(1), x)["params"]
+    trees = [randomize_b(mlj.init(params, jax.random.key(i), rank=2 + i),
+                                    jax.random.key(5 + i)) for i in range(3)]
+    bank = mlj.bank.stack(trees)
+    ids = jnp.arange(16) % 4 - 1
+    routed = jax.jit(mlj.wrap(model.apply))
+    want = routed({"params": bank}, x, adapter_ids=ids)
+    # Auto axes, as everywhere in this project (see minimind_jax.sharded.make_mesh).
+    data_mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    data = NamedSharding(data_mesh, P("data"))
+    got = routed({"params": bank}, jax.device_put(x, data), adapter_ids=jax.device_put(ids, data))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert got.sharding.spec[0] == "data"
