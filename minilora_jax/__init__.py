@@ -53,6 +53,7 @@ __all__ = [
 _LAZY = {
     "peft": ("minilora_jax.peft", None),
     "bank": ("minilora_jax.bank", None),
+    "pissa": ("minilora_jax.pissa", None),
     "loraplus": ("minilora_jax.optim", "loraplus"),
     "save_adapters": ("minilora_jax.checkpoint", "save_adapters"),
     "load_adapters": ("minilora_jax.checkpoint", "load_adapters"),

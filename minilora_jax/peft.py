@@ -52,8 +52,14 @@ field of PEFT 0.21's ``LoraConfig``; a field not in it is refused as unknown. In
 * read: ``peft_type`` ``'LORA'``; ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``,
   ``alpha_pattern`` (checked, and turned into each module's rank and scale).
 * ``init_lora_weights``: true, false, ``'gaussian'``, ``'orthogonal'``, ``'eva'``, ``'mica'``
-  leave the base untouched and save a plain A and B, so they load; ``'pissa'``,
-  ``'pissa_niter_<k>'``, ``'olora'``, ``'corda'``, ``'loftq'``, ``'lora_ga'`` change the base
+  leave the base untouched and save a plain A and B, so they load. ``'pissa'`` and ``'olora'``
+  save A and B that fit a *residual* base, which PEFT re-derives from the original base when it
+  loads them: `load` does the same (`minilora_jax.pissa.residual_base`; exact SVD and QR are
+  deterministic), while `read`, which returns bare adapters, refuses them; ``'olora'`` with
+  ``fan_in_fan_out`` is refused (PEFT's ``olora_init`` ignores it). ``'pissa_niter_<k>'``
+  (PEFT's residual then depends on torch's random state at load time, so no one can reproduce
+  it), ``'corda'``, ``'loftq'``, ``'lora_ga'`` (they need calibration data, quantisation or
+  gradients we do not have) change the base
   weights and are refused (convert them to a plain LoRA in PEFT first), as is any other value.
 * must be false, null or empty: ``use_dora``, ``lora_bias``, ``use_qalora``, ``modules_to_save``,
   ``trainable_token_indices``, ``layer_replication``, ``target_parameters``,
@@ -112,6 +118,7 @@ import numpy as np
 from minilora_jax._tree import flatten
 from minilora_jax.adapters import find_kernels
 from minilora_jax.lora import Layout, Lora, is_lora
+from minilora_jax.pissa import RESIDUAL_INITS, residual_base
 
 # Re-exported: `read_safetensors`, `write_safetensors` and `tensor_digest` are public here too.
 from minilora_jax.safetensors_io import CHECKSUM_KEY as CHECKSUM_KEY
@@ -545,7 +552,9 @@ class FieldRule(NamedTuple):
 # Initialisations that leave the base untouched and whose saved A and B are a plain LoRA
 # (checked against PEFT 0.21's LoraLayer.update_layer: none of them writes the base weight).
 _PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica")
-_BASE_CHANGING_INITS = ("pissa", "pissa_niter_<k>", "olora", "corda", "loftq", "lora_ga")
+# Initialisations whose base is re-derived on load, exactly as PEFT does (minilora_jax.pissa).
+_RESIDUAL_INITS = RESIDUAL_INITS
+_BASE_CHANGING_INITS = ("pissa_niter_<k>", "corda", "loftq", "lora_ga")
 _VARIANT = "a LoRA variant minilora_jax does not implement"
 _ANY = "any value"
 _HARMLESS = "metadata, or used only while training or when PEFT picks the modules to adapt"
@@ -567,10 +576,14 @@ CONFIG_RULES: dict[str, FieldRule] = {
         "per-module alphas",
     ),
     "init_lora_weights": FieldRule(
-        lambda v: any(v is x if isinstance(x, bool) else v == x for x in _PLAIN_INITS),
-        "true, false, 'gaussian', 'orthogonal', 'eva' or 'mica'",
-        f"{'/'.join(_BASE_CHANGING_INITS)} change the base weights (PEFT subtracts or "
-        "quantises them when it loads the adapter), so the adapters do not fit the original "
+        lambda v: any(
+            v is x if isinstance(x, bool) else v == x for x in _PLAIN_INITS + _RESIDUAL_INITS
+        ),
+        "true, false, 'gaussian', 'orthogonal', 'eva', 'mica', 'pissa' or 'olora'",
+        f"{'/'.join(_BASE_CHANGING_INITS)} change the base weights in ways that cannot be "
+        "re-derived here (pissa_niter_<k> draws a random sketch from torch's RNG each time PEFT "
+        "loads the adapter, so even PEFT's own result varies; corda, loftq and lora_ga need "
+        "calibration data, quantisation or gradients), so the adapters do not fit the original "
         "base; convert such an adapter to a plain LoRA in PEFT with save_pretrained(..., "
         "path_initial_model_for_weight_conversion=...) first. Other values are unknown",
     ),
@@ -657,10 +670,18 @@ def _read_config(file: FilePath) -> dict[str, Any]:
                 re.compile(pattern)
             except re.error as e:
                 raise ValueError(f"{file}: {key} key {pattern!r} is not a valid regex: {e}") from e
+    init = config.get("init_lora_weights", True)
+    if init == "olora" and config.get("fan_in_fan_out"):
+        raise ValueError(
+            f"{file}: 'init_lora_weights' is 'olora' with 'fan_in_fan_out' true: PEFT's "
+            "olora_init factors the stored (in, out) weight as if it were (out, in), which gives "
+            "adapters of the wrong shape unless the layer is square; refused"
+        )
     return {
         "r": config.get("r", 8),  # PEFT's defaults for absent keys
         "lora_alpha": config.get("lora_alpha", 8),
         "use_rslora": config.get("use_rslora", False),
+        "init_lora_weights": init,
         **patterns,
     }
 
@@ -748,7 +769,9 @@ def read(directory: str | os.PathLike) -> dict[str, TorchAdapter]:
         a config field `CONFIG_RULES` refuses, a corrupt or truncated weights file, a tensor
         that fails the checksum `write` recorded, a tensor that is not a LoRA weight, a missing
         half of a pair, shapes that disagree with each other or with the config's rank, a
-        scale that differs from the one `write` recorded, or NaN/Inf.
+        scale that differs from the one `write` recorded, or NaN/Inf; also for a PiSSA or
+        OLoRA directory (``init_lora_weights`` ``'pissa'``/``'olora'``), whose adapters fit a
+        base PEFT re-derives on load: use `load`, which re-derives it too.
 
     Example:
       >>> import tempfile, numpy as np
@@ -758,6 +781,19 @@ def read(directory: str | os.PathLike) -> dict[str, TorchAdapter]:
       >>> read(d)["model.proj"].scale
       1.5
     """
+    adapters, init = _read(directory)
+    if init in RESIDUAL_INITS:
+        raise ValueError(
+            f"{FilePath(directory) / CONFIG_FILE}: 'init_lora_weights' is {init!r}: its lora_A "
+            "and lora_B fit the residual base PEFT derives from the original one when it loads "
+            "them, so alone they are not a plain LoRA; use minilora_jax.peft.load(directory, "
+            "base), which derives the residual too"
+        )
+    return adapters
+
+
+def _read(directory: str | os.PathLike) -> tuple[dict[str, TorchAdapter], Any]:
+    """`read` without its refusal of PiSSA/OLoRA: the adapters and ``init_lora_weights``."""
     directory = FilePath(directory)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
@@ -808,7 +844,7 @@ def read(directory: str | os.PathLike) -> dict[str, TorchAdapter]:
         alpha = _pattern_value(config["alpha_pattern"], name, config["lora_alpha"])
         out[name] = TorchAdapter(a, b, _scale(alpha, rank, config["use_rslora"]))
     _check_scales(weights, config_file, metadata, out)
-    return out
+    return out, config["init_lora_weights"]
 
 
 def _check_scales(
@@ -977,12 +1013,17 @@ def load(
 
     Returns:
       ``tree`` with `minilora_jax.Lora` nodes in place of the adapted kernels, in the file's
-      dtype, with PEFT's scales.
+      dtype, with PEFT's scales. For a PiSSA or OLoRA directory (``init_lora_weights``
+      ``'pissa'``/``'olora'``) each adapted kernel is replaced by the residual PEFT derives
+      when it loads the directory (`minilora_jax.pissa.residual_base`: the base minus its
+      top-``r`` SVD or QR part, computed in float32 and cast to the kernel's dtype), so the
+      model is PEFT's; the base's kernels must then be concrete arrays.
 
     Raises:
       FileNotFoundError: naming the missing file.
       ValueError: naming the file, key, path and shapes for any bad input (see `read` and
-        `from_torch`).
+        `from_torch`), including ``init_lora_weights`` values that cannot be re-derived
+        (``'pissa_niter_<k>'``, ``'corda'``, ``'loftq'``, ``'lora_ga'``).
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp
@@ -994,12 +1035,22 @@ def load(
       2.82842712474619
     """
     directory = FilePath(directory)
-    return from_torch(
+    adapters, init = _read(directory)
+    loaded = from_torch(
         tree,
-        read(directory),
+        adapters,
         module_names=module_names,
         source=str(directory / WEIGHTS_FILE),
         apply_fn=apply_fn,
         args=args,
         kwargs=kwargs,
     )
+    if init not in RESIDUAL_INITS:
+        return loaded
+    had = {p for p, leaf in zip(*flatten(tree)[:2], strict=True) if is_lora(leaf)}
+    names, leaves, _ = flatten(loaded)
+    new = [p for p, leaf in zip(names, leaves, strict=True) if is_lora(leaf) and p not in had]
+    try:
+        return residual_base(loaded, init, new)
+    except ValueError as e:
+        raise ValueError(f"{directory / CONFIG_FILE} ('init_lora_weights' {init!r}): {e}") from e
