@@ -54,6 +54,7 @@ _LAZY = {
     "peft": ("minilora_jax.peft", None),
     "bank": ("minilora_jax.bank", None),
     "pissa": ("minilora_jax.pissa", None),
+    "quantize": ("minilora_jax.quantize", None),
     "loraplus": ("minilora_jax.optim", "loraplus"),
     "save_adapters": ("minilora_jax.checkpoint", "save_adapters"),
     "load_adapters": ("minilora_jax.checkpoint", "load_adapters"),

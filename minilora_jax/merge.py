@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minilora_jax._tree import flatten
-from minilora_jax.lora import is_lora
+from minilora_jax._tree import flatten, is_variables, path_str
+from minilora_jax.lora import is_lora, refuse_banks
 
 
 def _require_finite(path: str, what: str, x: Any) -> None:
@@ -22,6 +22,11 @@ def _require_finite(path: str, what: str, x: Any) -> None:
         raise ValueError(f"non-finite values (NaN or Inf) in {what} at '{path}'")
 
 
+def _is_quantized(kernel: Any) -> bool:
+    # Duck-typed as in program.py, so that this module does not import the quantisation one.
+    return hasattr(kernel, "dequantize")
+
+
 def merge(tree: Any, *, check_finite: bool = False) -> Any:
     """Returns the plain tree with every adapter folded into its kernel.
 
@@ -31,6 +36,13 @@ def merge(tree: Any, *, check_finite: bool = False) -> Any:
     with the model's own unmodified code (``model.apply``, ``nnx.merge``, ``eqx.combine``) at no
     extra cost. Traceable: under ``jax.jit(merge, donate_argnums=0)`` XLA reuses the input
     kernels' buffers, so peak memory stays near one copy of the params.
+
+    A quantized kernel (`minilora_jax.quantize.Quantized`, QLoRA's frozen base) is expanded
+    first: the result is ``dequantize() + scale * lora_a @ lora_b`` in float32, cast to the
+    dtype the kernel had before quantisation (bf16, fp32...), rounded once. It differs from
+    merging the unquantized kernel by the quantisation error alone, at most
+    ``error_bound(kind) * absmax(block)`` per element (0.1519 of the block's absmax for NF4,
+    1/255 for int8; see `minilora_jax.quantize`), plus the final cast's rounding.
 
     Args:
       tree: a tree holding adapters.
@@ -51,6 +63,7 @@ def merge(tree: Any, *, check_finite: bool = False) -> Any:
     if not isinstance(check_finite, (bool, np.bool_)):
         raise TypeError(f"check_finite must be True or False, got {check_finite!r}")
     names, leaves, treedef = flatten(tree)
+    refuse_banks(names, leaves, "merge")
     out = []
     for path, leaf in zip(names, leaves, strict=True):
         if not is_lora(leaf):
@@ -66,7 +79,9 @@ def merge(tree: Any, *, check_finite: bool = False) -> Any:
             _require_finite(path, "lora_a", leaf.lora_a)
             _require_finite(path, "lora_b", leaf.lora_b)
         kernel = leaf.kernel
-        merged = (kernel.astype(jnp.float32) + leaf.delta()).astype(kernel.dtype)
+        # A quantized kernel is expanded in float32: one rounding, after adding the delta.
+        dense = kernel.dequantize(jnp.float32) if _is_quantized(kernel) else kernel
+        merged = (dense.astype(jnp.float32) + leaf.delta()).astype(kernel.dtype)
         if check_finite:
             _require_finite(path, "the merged kernel", merged)
         out.append(merged)
@@ -84,8 +99,13 @@ def unmerge(merged: Any, adapters: Any) -> Any:
     Returns:
       The adapted tree: ``unmerge(merge(p), split(p)[0])`` equals ``p`` up to float rounding.
 
+    A tree whose kernels were quantized (`minilora_jax.quantize`) is refused: its codes cannot
+    be recovered exactly from a merged float kernel. Keep the quantized base and the adapters
+    (`minilora_jax.split`) instead of unmerging.
+
     Raises:
-      ValueError: if the trees do not line up, or an adapter's shapes do not fit its kernel.
+      ValueError: if the trees do not line up, an adapter's shapes do not fit its kernel, or
+        either tree holds a quantized kernel (naming its path).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -98,6 +118,19 @@ def unmerge(merged: Any, adapters: Any) -> Any:
     """
     from minilora_jax.partition import combine
 
+    for what, tree in (("adapters", adapters), ("merged", merged)):
+        found = jax.tree_util.tree_flatten_with_path(
+            tree, is_leaf=lambda x: is_lora(x) or _is_quantized(x)
+        )[0]
+        for key_path, leaf in found:
+            if _is_quantized(leaf.kernel if is_lora(leaf) else leaf):
+                path = path_str(key_path, variables=is_variables(tree))
+                raise ValueError(
+                    f"unmerge: the kernel at '{path}' of {what} is quantized: a merged float "
+                    "kernel cannot be turned back into the same quantized codes exactly. Keep "
+                    "the quantized base and the adapters (minilora_jax.split) rather than "
+                    "merging and unmerging"
+                )
     # combine() lines the trees up and checks shapes; then each kernel loses its update.
     adapter_half = jax.tree.map(
         lambda x: x.replace(kernel=None) if is_lora(x) else None,
