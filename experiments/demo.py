@@ -6,7 +6,12 @@
    cosine schedule from lr to lr/10, gradient clipping 1.0;
 4. print the trainable-parameter summary, save a loss curve and the adapters;
 5. merge, and check the merged model answers exactly as the wrapped model does;
-6. show answers to held-out phrasings before and after LoRA.
+6. show answers to held-out phrasings before and after LoRA;
+7. many adapters at once: train two adapters in ONE bank (one jitted step updates both; each
+   example of a batch carries its adapter), on two tasks -- the identity above, and the same
+   questions answered with another name -- then answer one mixed batch of held-out questions,
+   each row through its own adapter (or the base model), and check every row against its adapter
+   run alone.
 
 Run ``make demo`` or ``python experiments/demo.py --help``.
 """
@@ -21,6 +26,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -47,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=REPO / "runs" / "demo", help="output directory")
     p.add_argument("--cache", type=Path, default=REPO / "runs" / "cache", help="base-model cache")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bank-steps", type=int, default=200,
+                   help="steps of the two-adapter bank training (0 skips part 7)")
     return p.parse_args(argv)
 
 
@@ -170,8 +178,92 @@ def main(argv=None) -> int:
     hits = sum(identity_data.MODEL_NAME in a for a in after)
     say(f"\nThe name '{identity_data.MODEL_NAME}' appears in {hits}/{len(after)} held-out "
         f"answers after LoRA (before: {sum(identity_data.MODEL_NAME in b for b in before)}).")
+    bank_ok = True
+    if args.bank_steps > 0:
+        bank_ok = two_adapters_in_one_batch(model, base, config, tokenizer, train, heldout, args)
     say(f"Done in {time.perf_counter() - start:.0f} s.")
-    return 0 if same else 1
+    return 0 if same and bank_ok else 1
+
+
+OTHER_NAME = "Zephyr"
+
+
+def _renamed(records):
+    """The same conversations with the assistant calling itself OTHER_NAME: a second task."""
+    out = []
+    for r in records:
+        user, assistant = r["conversations"]
+        text = assistant["content"].replace(identity_data.MODEL_NAME, OTHER_NAME)
+        out.append({"conversations": [user, {**assistant, "content": text}]})
+    return out
+
+
+def two_adapters_in_one_batch(model, base, config, tokenizer, train, heldout, args) -> bool:
+    """Part 7: a two-adapter bank trained in one loop, then one mixed batch of answers."""
+    names = (identity_data.MODEL_NAME, OTHER_NAME)
+    tasks = [chat.encode_sft_records(records, tokenizer, max_len=72)
+             for records in (train, _renamed(train))]
+    half = args.batch // 2
+    ids = jnp.asarray([0] * half + [1] * half, jnp.int32)
+    streams = [training.sft_stream(t, m, half, args.seed + k)(0) for k, (t, m) in
+               enumerate(tasks)]
+    bank = mlj.bank.stack([mlj.init(base, jax.random.key(args.seed + 10 + k), rank=args.rank)
+                           for k in range(2)])
+    adapters, frozen = mlj.split(bank)
+    # Per-element AdamW: each adapter of the bank has its own optimiser state. (No global-norm
+    # clipping here: it would couple the two adapters' steps.)
+    tx = optax.adamw(optax.cosine_decay_schedule(args.lr, args.bank_steps, 0.1),
+                     weight_decay=0.01)
+    opt_state = tx.init(adapters)
+    routed = mlj.wrap(model.apply)
+
+    @jax.jit
+    def step(adapters, opt_state, tokens, mask):
+        def loss_fn(a):
+            logits = routed({"params": mlj.combine(a, frozen)}, tokens, adapter_ids=ids)
+            per_example = jax.vmap(
+                lambda lg, t, m: training.next_token_loss(lg[None], t[None], m[None])
+            )(logits, tokens, mask)
+            return mlj.bank.mean_per_adapter(per_example, ids, 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(adapters)
+        updates, opt_state = tx.update(grads, opt_state, adapters)
+        return optax.apply_updates(adapters, updates), opt_state, loss
+
+    say(f"[7/7] Two adapters in one bank ({names[0]!r} and {names[1]!r} identities), trained "
+        f"together: {args.bank_steps} steps, each batch {half} + {half} examples")
+    with tqdm(range(args.bank_steps), desc="      bank", unit="step") as bar:
+        for _ in bar:
+            (ta, ma), (tb, mb) = next(streams[0]), next(streams[1])
+            tokens = jnp.asarray(np.concatenate([ta, tb]))
+            mask = jnp.asarray(np.concatenate([ma, mb]))
+            adapters, opt_state, loss = step(adapters, opt_state, tokens, mask)
+            bar.set_postfix(loss=f"{float(loss) / 2:.3f}")
+    bank = mlj.combine(adapters, frozen)
+
+    questions = [r["conversations"][0]["content"] for r in heldout][:9]
+    row_ids = jnp.asarray([k % 3 - 1 for k in range(len(questions))], jnp.int32)  # -1, 0, 1...
+    mixed = mlj.wrap(model.apply, kwarg_axes={"pos": None})
+    tok_mixed, texts = answers(
+        lambda v, t, **kw: mixed(v, t, adapter_ids=row_ids, **kw), bank, config, tokenizer,
+        questions)
+    wrapped = mlj.wrap(model.apply)
+    alone = {-1: answers(model.apply, base, config, tokenizer, questions)[0]}
+    for n in range(2):
+        alone[n] = answers(wrapped, mlj.bank.select(bank, n), config, tokenizer, questions)[0]
+    same = all(np.array_equal(tok_mixed[k], alone[int(i)][k]) for k, i in enumerate(row_ids))
+    say(f"      one mixed batch of {len(questions)} held-out questions, rows through the base "
+        f"model, adapter 0 and adapter 1 in turn; every row {'equals' if same else 'DIFFERS FROM'}"
+        " its adapter (or the base) run alone")
+    hits = 0
+    for q, i, a in zip(questions, row_ids.tolist(), texts, strict=True):
+        who = "base model" if i < 0 else f"adapter {i} ({names[i]})"
+        say(f"      Q: {q}")
+        say(f"         {who}: {_short(a)}")
+        hits += i >= 0 and names[i] in a and names[1 - i] not in a
+    say(f"      {hits}/{int((row_ids >= 0).sum())} adapter rows answer with their own adapter's "
+        "name")
+    return same
 
 
 def _short(text: str, width: int = 90) -> str:

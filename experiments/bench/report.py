@@ -226,11 +226,22 @@ def _merge_compile_scaling(r: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def banks_report(r: Mapping[str, Any]) -> list[str]:
+    """The header, the targets and the adapter-bank table (``--banks-only`` runs)."""
+    from bench import banks
+
+    return [*_header(r), *_targets(r), *banks.report(r["banks"])]
+
+
 def report(results: Mapping[str, Any]) -> str:
     """The results as markdown tables: targets first, then the measurements behind them."""
     r = results
     lines = _header(r) + _targets(r) + _interceptor(r) + _timings(r) + _lora_programs(r)
     lines += _memory(r) + _merge_compile_scaling(r) + [""]
+    if "banks" in r:
+        from bench import banks
+
+        lines += banks.report(r["banks"]) + [""]
     for name, p in r["peers"].items():
         lines.append(f"{name}: {p.get('status')}")
     lines.append(f"lorax requirements: {r['peers']['lorax']['declared_requirements']}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -26,7 +27,17 @@ from typing import Any
 import jax.numpy as jnp
 from minimind_jax import model as minimind
 
-from bench import hlo, interceptor, lorax_probe, nnx_lora, ours, peft_torch, qwix_lora, report
+from bench import (
+    banks,
+    hlo,
+    interceptor,
+    lorax_probe,
+    nnx_lora,
+    ours,
+    peft_torch,
+    qwix_lora,
+    report,
+)
 from bench.harness import (
     Contender,
     compile_ratio,
@@ -58,6 +69,8 @@ TARGETS = {
     # ... and its LoRA step is no slower than qwix's and NNX's.
     "step: qwix LoRA / ours": (">=", 1.0),
     "step: NNX LoRA / ours": (">=", 1.0),
+    # Many adapters at once (issue 13): a 16-adapter bank against one adapter.
+    **banks.TARGETS,
 }
 
 # Peers that bring their own compiled programs: `contenders(setup) -> Contender`.
@@ -123,12 +136,14 @@ def peer_ratios(times: Mapping[str, list[float]], ours_name: str, reference: str
 def check_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per target: its value (None if not measured in this run), spread and verdict."""
     found = {
-        **results["forward"]["ratios"],
-        **results["step"]["ratios"],
-        **results["compile"]["ratios"],
+        **results.get("forward", {}).get("ratios", {}),
+        **results.get("step", {}).get("ratios", {}),
+        **results.get("compile", {}).get("ratios", {}),
     }
-    if "ratio" in results["memory"]:
+    if "ratio" in results.get("memory", {}):
         found["compiled memory: LoRA step / full step"] = {"ratio": results["memory"]["ratio"]}
+    if "banks" in results:
+        found.update(banks.found(results["banks"]))
     costs = results.get("interceptor", {}).get("costs")
     if costs:
         found["forward FLOPs: new wrap / interceptor"] = {"ratio": costs["forward"]["flops_ratio"]}
@@ -231,6 +246,8 @@ def run(options: Options, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     results["merge"] = ours.bench_merge(setup, o.rounds, o.warmup)
     log("scaling ...")
     results["scaling"] = ours.bench_scaling(setup, mine.steps[ours.LORA_STEP])
+    if "banks" not in skip:
+        results["banks"] = banks.run(o, with_peft="peft" not in skip)
     results["targets"] = check_targets(results)
     results["elapsed_s"] = time.perf_counter() - started
     return results
@@ -259,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--skip", default="", help="comma-separated peers to leave out (interceptor, peft, "
-        "qwix, nnx)"
+        "qwix, nnx), or 'banks' for the adapter-bank measurements"
+    )
+    parser.add_argument(
+        "--banks-only", action="store_true",
+        help="only the adapter-bank measurements (16 adapters against one, and PEFT)",
     )
     parser.add_argument(
         "--out",
@@ -281,6 +302,18 @@ def main(argv: list[str] | None = None) -> int:
     changes["config"] = minimind.MiniMindConfig.named(args.config, attention=args.attention)
     options = Options.quick(**changes) if args.quick else Options(**changes)
     skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
+    if args.banks_only:
+        started = time.perf_counter()
+        results = {"machine": machine(), "settings": settings(options)}
+        results["banks"] = banks.run(options, with_peft="peft" not in skip)
+        results["targets"] = [t for t in check_targets(results) if t["value"] is not None]
+        results["elapsed_s"] = time.perf_counter() - started
+        log("\n" + "\n".join(report.banks_report(results)))
+        out = args.out or RUNS / "bench_banks.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1, default=str))
+        log(f"\nwrote {out}")
+        return 0
     results = run(options, skip)
     log("\n" + report.report(results))
     out = args.out or (RUNS / "bench_cpu_quick.json" if args.quick else RESULTS / "bench_cpu.json")
