@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from bench import interceptor, nnx_model, report, run, workload
+from bench import banks, interceptor, nnx_model, qlora, report, run, workload
 from minimind_jax.model import MiniMind, MiniMindConfig
 
 import minilora_jax as mlj
@@ -49,7 +49,8 @@ def toy_options(**changes):
 
 
 def test_suite_runs_and_reports(tmp_path):
-    results = run.run(toy_options())
+    # The bank and QLoRA parts have their own smoke test below.
+    results = run.run(toy_options(), skip=("banks", "qlora"))
     assert {
         "machine",
         "settings",
@@ -68,7 +69,8 @@ def test_suite_runs_and_reports(tmp_path):
     assert set(run.TARGETS) == {row["metric"] for row in results["targets"]}
     missing = {row["metric"] for row in results["targets"] if row["value"] is None}
     # Only the peers left out of this run have no value; the interceptor rows are all there.
-    assert missing == {"step: PEFT LoRA / ours", "step: qwix LoRA / ours", "step: NNX LoRA / ours"}
+    assert missing == {"step: PEFT LoRA / ours", "step: qwix LoRA / ours", "step: NNX LoRA / ours",
+                       *banks.TARGETS, "QLoRA: NF4 base-kernel bytes / bf16"}
     rows = {row["metric"]: row for row in results["targets"]}
     assert all(isinstance(rows[m]["met"], bool) for m in ACCEPTANCE)
     # The same adapters through either path: the same function, hence the same matmuls.
@@ -95,6 +97,19 @@ def test_suite_runs_and_reports(tmp_path):
     png = report.write(results, tmp_path / "bench.json")
     assert png.stat().st_size > 0
     assert json.loads((tmp_path / "bench.json").read_text())["settings"]["rank"] == 2
+
+
+def test_bank_and_qlora_measurements_run_on_a_toy_model():
+    o = toy_options()
+    b = banks.run(o, with_peft=False, swaps=3)
+    assert b["swap_recompiles"] == 0
+    assert b["combination_error"]["cat"] < 1e-6 and b["combination_error"]["svd"] < 1e-6
+    assert b["prefill_flops_ratio"] > 0.99
+    found = banks.found(b)
+    assert set(found) == set(banks.TARGETS) - {"banks: PEFT adapter_names / ours (mixed batch)"}
+    assert "| decode: mixed (auto) |" in "\n".join(banks.report(b))
+    q = qlora.run(o)
+    assert q["nf4_kernel_ratio"] < 0.3 and q["nf4_args_saving_matches"]
 
 
 def test_interceptor_computes_what_wrap_computes():

@@ -74,7 +74,7 @@ def _peft_mixed(config: Any, base: Any, tokens: np.ndarray, rank: int, threads: 
                            "torch_threads": torch.get_num_threads()}
 
 
-def run(options: Options, with_peft: bool = True) -> dict[str, Any]:
+def run(options: Options, with_peft: bool = True, swaps: int = 100) -> dict[str, Any]:
     """Runs the bank measurements; returns ratios and details for the report."""
     o = options
     config = o.config
@@ -160,12 +160,12 @@ def run(options: Options, with_peft: bool = True) -> dict[str, Any]:
                                for m in ("gather", "one_hot")}
 
     # -- swaps ---------------------------------------------------------------------------------
-    log("banks: 100 swaps into the compiled decode step ...")
+    log(f"banks: {swaps} swaps into the compiled decode step ...")
     fn = decode["auto"]
     fn({"params": bank}, step_tokens, cache=cache, pos=pos, adapter_ids=dec_ids)
     before = len(traces)
     size_before = fn._cache_size() if hasattr(fn, "_cache_size") else None
-    for k in range(100):
+    for k in range(swaps):
         swapped = with_random_b(mlj.bank.stack([trees[(k + j) % N] for j in range(N)]), k) \
             if k < 2 else jax.tree.map(lambda x, k=k: x * (1.0 + 1e-3 * k)
                                        if jnp.issubdtype(x.dtype, jnp.floating) else x, bank)

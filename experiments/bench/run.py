@@ -35,6 +35,7 @@ from bench import (
     nnx_lora,
     ours,
     peft_torch,
+    qlora,
     qwix_lora,
     report,
 )
@@ -71,6 +72,8 @@ TARGETS = {
     "step: NNX LoRA / ours": (">=", 1.0),
     # Many adapters at once (issue 13): a 16-adapter bank against one adapter.
     **banks.TARGETS,
+    # Variants (issue 14).
+    "QLoRA: NF4 base-kernel bytes / bf16": ("<=", 0.3),
 }
 
 # Peers that bring their own compiled programs: `contenders(setup) -> Contender`.
@@ -144,6 +147,9 @@ def check_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         found["compiled memory: LoRA step / full step"] = {"ratio": results["memory"]["ratio"]}
     if "banks" in results:
         found.update(banks.found(results["banks"]))
+    if "qlora" in results:
+        found["QLoRA: NF4 base-kernel bytes / bf16"] = {
+            "ratio": results["qlora"]["nf4_kernel_ratio"]}
     costs = results.get("interceptor", {}).get("costs")
     if costs:
         found["forward FLOPs: new wrap / interceptor"] = {"ratio": costs["forward"]["flops_ratio"]}
@@ -248,6 +254,9 @@ def run(options: Options, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     results["scaling"] = ours.bench_scaling(setup, mine.steps[ours.LORA_STEP])
     if "banks" not in skip:
         results["banks"] = banks.run(o, with_peft="peft" not in skip)
+    if "qlora" not in skip:
+        log("QLoRA: compiled memory of a LoRA step, bf16 vs NF4 base ...")
+        results["qlora"] = qlora.run(o)
     results["targets"] = check_targets(results)
     results["elapsed_s"] = time.perf_counter() - started
     return results
@@ -276,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--skip", default="", help="comma-separated peers to leave out (interceptor, peft, "
-        "qwix, nnx), or 'banks' for the adapter-bank measurements"
+        "qwix, nnx), or 'banks' / 'qlora' for those measurements"
     )
     parser.add_argument(
         "--banks-only", action="store_true",

@@ -16,27 +16,23 @@ adapter with a random ``lora_b``; the base is either kept in bfloat16 or quantiz
 ``--run`` also runs each step once and prints its loss (the quantized bases should give nearly
 the bf16 loss). Weights are random: memory does not depend on their values.
 
-Run: ``python experiments/qlora_memory.py [--batch 4 --seq 256 --rank 8 --run]``.
+Run: ``PYTHONPATH=experiments python -m bench.qlora [--batch 4 --seq 256 --rank 8 --run]``;
+``make bench`` prints the NF4 ratio among its targets (`run`).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from minimind_jax import model as minimind
+from minimind_jax import training
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from minimind_jax import model as minimind  # noqa: E402
-from minimind_jax import training  # noqa: E402
-
-import minilora_jax as mlj  # noqa: E402
-from minilora_jax.quantize import Quantized, quantize  # noqa: E402
+import minilora_jax as mlj
+from minilora_jax.quantize import Quantized, quantize
 
 
 def parse_args(argv=None):
@@ -92,9 +88,28 @@ def mib(n: float) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = minimind.MiniMindConfig.named(
-        args.config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16
-    )
+    results = measure(args)
+    return report(results)
+
+
+def run(options) -> dict:
+    """For ``make bench``: the bf16 and NF4 bases at the suite's batch, sequence and rank."""
+    args = parse_args([f"--batch={options.batch}", f"--seq={options.seq}",
+                       f"--rank={options.rank}", "--kinds=bf16,nf4"])
+    results = measure(args, options.config)
+    results["nf4_kernel_ratio"] = results["nf4"]["kernels"] / results["bf16"]["kernels"]
+    results["nf4_args_saving_matches"] = (
+        results["bf16"]["args"] - results["nf4"]["args"]
+        == results["bf16"]["kernels"] - results["nf4"]["kernels"])
+    return results
+
+
+def measure(args, config: minimind.MiniMindConfig | None = None) -> dict:
+    """Compiles the step for each base kind in ``args.kinds``; ``config`` overrides
+    ``args.config`` (its dtypes become bfloat16)."""
+    if config is None:
+        config = minimind.MiniMindConfig.named(args.config)
+    config = config.replace(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     model, base = random_params(config)
     lora = mlj.init(base, jax.random.key(1), rank=args.rank, targets=mlj.all_kernels)
     lora = with_random_b(lora, 1)
@@ -135,7 +150,10 @@ def main(argv=None) -> int:
             t_quant=t_quant,
             t_compile=t_compile,
         )
+    return results
 
+
+def report(results: dict) -> int:
     ref = results.get("bf16")
     print(f"\n{'base':6} {'kernel bytes':>14} {'ratio':>6} {'step args':>13} {'step out':>13} "
           f"{'step temp':>13} {'loss':>8}  quantize / compile s")
@@ -160,5 +178,5 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m bench.qlora
     raise SystemExit(main())
