@@ -228,6 +228,7 @@ def init(
     exclude: Targets | None = None,
     init: InitSpec = "minimind",
     rslora: bool = False,
+    dora: bool = False,
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
     dtype: Any = jnp.float32,
@@ -262,6 +263,11 @@ def init(
         kaiming-uniform with a=sqrt(5)), ``"gaussian"`` (A ~ N(0, 1/r²)), or a callable
         ``(key, shape, dtype) -> array``. B is always zero.
       rslora: use the rank-stabilised scale ``alpha / sqrt(r)``.
+      dora: make DoRA adapters (Liu et al., 2024, PEFT's ``use_dora``): each node also gets a
+        trainable ``magnitude`` ``(*batch, *out)`` in ``dtype``, initialised to the kernel's
+        norm per output feature over its in axes, so the adapted kernel
+        ``magnitude * (W + s A B) / ||W + s A B||`` starts equal to ``W``. Needs the kernels'
+        values (not ``jax.ShapeDtypeStruct``; ``jax.eval_shape(init, ...)`` works).
       rank_pattern: ``{pattern: rank}`` overriding ``rank`` for the kernels a pattern matches
         (the first matching pattern wins), as PEFT's ``rank_pattern``.
       alpha_pattern: ``{pattern: alpha}``, likewise for ``alpha``.
@@ -287,6 +293,9 @@ def init(
       ((16, 2), (2, 16))
       >>> type(lp["k_proj"]["kernel"]).__name__
       'ArrayImpl'
+      >>> dora = mlj.init(p, jax.random.key(0), rank=2, dora=True)["q_proj"]["kernel"]
+      >>> dora.magnitude.shape, float(dora.magnitude[0])  # ||column of ones(16, 16)|| = 4
+      ((16,), 4.0)
     """
     if not isinstance(key, jax.Array) or not _is_key(key):
         raise TypeError(f"key must be a JAX PRNG key (jax.random.key(0)), got {key!r}")
@@ -296,6 +305,8 @@ def init(
         raise ValueError(f"alpha must be a finite number or None, got {alpha!r}")
     if not isinstance(rslora, (bool, np.bool_)):
         raise TypeError(f"rslora must be True or False, got {rslora!r}")
+    if not isinstance(dora, (bool, np.bool_)):
+        raise TypeError(f"dora must be True or False, got {dora!r}")
     try:
         float_dtype = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
     except (TypeError, ValueError) as e:
@@ -344,7 +355,14 @@ def init(
             raise ValueError(
                 f"init for '{path}' returned shape {tuple(lora_a.shape)}, expected {a_shape}"
             )
-        leaves[index[path]] = Lora(
-            leaf, jnp.asarray(lora_a, dtype), jnp.zeros(b_shape, dtype), scale, layout
-        )
+        node = Lora(leaf, jnp.asarray(lora_a, dtype), jnp.zeros(b_shape, dtype), scale, layout)
+        if dora:
+            if isinstance(leaf, jax.ShapeDtypeStruct):
+                raise ValueError(
+                    f"init(dora=True) needs the values of the kernel at '{path}' (the magnitude "
+                    "starts as its column norm), but it is a jax.ShapeDtypeStruct; for shapes "
+                    "only, run init under jax.eval_shape"
+                )
+            node = node.replace(magnitude=node.column_norm().astype(dtype))
+        leaves[index[path]] = node
     return jax.tree.unflatten(treedef, leaves)

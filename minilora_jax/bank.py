@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from minilora_jax._tree import flatten
-from minilora_jax.lora import Bank, Lora, is_adapter, is_bank, is_lora
+from minilora_jax.lora import Bank, Lora, is_adapter, is_bank, is_lora, refuse_dora
 
 
 def _same_kernel(a: Any, b: Any) -> bool:
@@ -79,6 +79,8 @@ def stack(trees: Sequence[Any]) -> Any:
     if isinstance(trees, (str, bytes)) or not isinstance(trees, Sequence) or not trees:
         raise ValueError("stack takes a non-empty list of adapter trees (minilora_jax.init's)")
     flat = [flatten(t) for t in trees]
+    for n, leaves, _ in flat:
+        refuse_dora(n, leaves, "bank.stack")
     names, _, treedef = flat[0]
     for i, (n, _, _) in enumerate(flat[1:], start=1):
         if n != names:

@@ -185,8 +185,9 @@ def save_adapters(
 
     Raises:
       ValueError: if ``tree`` holds no adapters, an adapter has no kernel or does not fit it,
-        ``metadata`` is not JSON-serialisable, a leaf of ``state`` is not an array, or
-        ``directory`` is a URL.
+        ``metadata`` is not JSON-serialisable, a leaf of ``state`` is not an array,
+        ``directory`` is a URL, or an adapter is DoRA (its magnitude is not stored here; use
+        `minilora_jax.peft.save`).
       FileExistsError: if ``directory`` exists and is not a minilora checkpoint.
 
     Example:
@@ -209,6 +210,14 @@ def save_adapters(
 
     names, leaves, _ = flatten(tree)
     refuse_banks(names, leaves, "save_adapters")
+    for path, leaf in zip(names, leaves, strict=True):
+        if is_lora(leaf) and leaf.magnitude is not None:
+            raise ValueError(
+                f"save_adapters: the adapter at '{path}' is DoRA, and this checkpoint format "
+                "stores lora_a and lora_b only, so its magnitude vector would be lost; save DoRA "
+                "adapters with minilora_jax.peft.save (PEFT's use_dora format), or the whole "
+                "tree with orbax directly"
+            )
     records: dict[str, dict[str, Any]] = {}
     arrays: dict[str, Any] = {}
     array_hashes: dict[str, dict[str, str | None]] = {}

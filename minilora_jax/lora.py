@@ -6,6 +6,9 @@ equinox module field, an NNX state entry, a haiku params dict). It holds:
 * ``kernel``: the base kernel, untouched (``None`` in the adapters half of `minilora_jax.split`);
 * ``lora_a``: ``(*batch, *in, r)``, trainable;
 * ``lora_b``: ``(*batch, r, *out)``, trainable, zero at the start;
+* ``magnitude``: ``None`` for LoRA; for DoRA (Liu et al., 2024, "DoRA: Weight-Decomposed
+  Low-Rank Adaptation") the trainable magnitude ``(*batch, *out)``, one entry per output
+  feature of each batch index, ``||W||`` at the start;
 * ``scale`` and ``layout``: static, part of the tree's structure (never trained, decayed or
   seen by ``jax.grad``; changing them retraces).
 
@@ -16,8 +19,10 @@ every batch index the update is a true rank-``r`` matrix of shape ``prod(in) x p
 
     delta[batch, in, out] = scale * sum_r lora_a[batch, in, r] * lora_b[batch, r, out]
 
-read back into the kernel's own axis order. Every module of the library reads shapes and axes
-from here; nothing else re-derives them.
+read back into the kernel's own axis order. With a magnitude ``m`` (DoRA), the adapted kernel
+is ``m * (W + delta) / ||W + delta||``, the norm taken per output feature over the in axes
+(`Lora.column_norm`, `Lora.merged`). Every module of the library reads shapes and axes from
+here; nothing else re-derives them.
 """
 
 from __future__ import annotations
@@ -125,9 +130,10 @@ class Layout:
 class Lora:
     """A kernel with its LoRA adapter: the node `minilora_jax.init` puts in the kernel's place.
 
-    Its children are ``kernel``, ``lora_a`` and ``lora_b``; ``scale`` and ``layout`` are static
-    (structure, not data). Use `minilora_jax.wrap` to run a model with it, `minilora_jax.merge`
-    to fold it into a plain kernel.
+    Its children are ``kernel``, ``lora_a``, ``lora_b`` and ``magnitude`` (``None``, an empty
+    subtree, unless the adapter is DoRA); ``scale`` and ``layout`` are static (structure, not
+    data). Use `minilora_jax.wrap` to run a model with it, `minilora_jax.merge` to fold it into a
+    plain kernel.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -136,27 +142,33 @@ class Lora:
       [(4, 3), (4, 2), (2, 3)]
       >>> node.rank, node.delta().shape, float(node.delta()[0, 0])
       (2, (4, 3), 1.0)
+      >>> dora = node.replace(magnitude=jnp.full((3,), 4.0))  # DoRA: ||W + delta|| is 2 here
+      >>> dora.is_dora, [x.shape for x in jax.tree.leaves(dora)][-1], float(dora.merged()[0, 0])
+      (True, (3,), 2.0)
     """
 
-    __slots__ = ("kernel", "lora_a", "lora_b", "scale", "layout")
+    __slots__ = ("kernel", "lora_a", "lora_b", "scale", "layout", "magnitude")
+    _CHILDREN = ("kernel", "lora_a", "lora_b", "magnitude")
 
-    def __init__(self, kernel: Any, lora_a: Any, lora_b: Any, scale: float, layout: Layout):
+    def __init__(self, kernel: Any, lora_a: Any, lora_b: Any, scale: float, layout: Layout,
+                 magnitude: Any = None):
         self.kernel = kernel
         self.lora_a = lora_a
         self.lora_b = lora_b
         self.scale = scale
         self.layout = layout
+        self.magnitude = magnitude
 
     def tree_flatten_with_keys(self):
         children = tuple(
-            (jax.tree_util.GetAttrKey(name), getattr(self, name))
-            for name in ("kernel", "lora_a", "lora_b")
+            (jax.tree_util.GetAttrKey(name), getattr(self, name)) for name in self._CHILDREN
         )
         return children, (self.scale, self.layout)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(*children, *aux)
+        kernel, lora_a, lora_b, magnitude = children
+        return cls(kernel, lora_a, lora_b, *aux, magnitude=magnitude)
 
     def replace(self, **changes: Any) -> Lora:
         fields = {name: getattr(self, name) for name in self.__slots__}
@@ -164,14 +176,20 @@ class Lora:
 
     def __repr__(self) -> str:
         shape = lambda x: tuple(x.shape) if hasattr(x, "shape") else x  # noqa: E731
+        extra = "" if self.magnitude is None else f", magnitude={shape(self.magnitude)}"
         return (
             f"Lora(kernel={shape(self.kernel)}, lora_a={shape(self.lora_a)}, "
-            f"lora_b={shape(self.lora_b)}, scale={self.scale:g}, layout={self.layout})"
+            f"lora_b={shape(self.lora_b)}, scale={self.scale:g}, layout={self.layout}{extra})"
         )
 
     @property
     def rank(self) -> int:
         return int(self.lora_a.shape[-1])
+
+    @property
+    def is_dora(self) -> bool:
+        """Whether the adapter is DoRA (it has a ``magnitude``)."""
+        return self.magnitude is not None
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
@@ -204,7 +222,8 @@ class Lora:
         """Raises ValueError naming ``path`` and the shapes if the parts do not fit together.
 
         Without a kernel (the adapters half of a split), the arrays are checked against
-        ``kernel_shape`` if given, else against each other.
+        ``kernel_shape`` if given, else against each other. A DoRA ``magnitude`` must be
+        ``(*batch, *out)`` and floating point.
         """
         where = f"adapter at '{path}'"
         if not isinstance(self.layout, Layout):
@@ -233,9 +252,23 @@ class Lora:
                 f"lora_b (*batch, r, *out), e.g. {want_a} and {want_b}; got lora_a "
                 f"{tuple(self.lora_a.shape)} and lora_b {tuple(self.lora_b.shape)}"
             )
+        if self.magnitude is not None:
+            want_m = magnitude_shape(self.layout, kernel_shape)
+            got_m = tuple(getattr(self.magnitude, "shape", ()))
+            if got_m != want_m or not jnp.issubdtype(self.magnitude.dtype, jnp.floating):
+                raise ValueError(
+                    f"{where} is DoRA, and its magnitude must be a float array "
+                    f"(*batch, *out) = {want_m} for its kernel {kernel_shape} "
+                    f"({self.layout.describe(kernel_shape)}); got "
+                    f"{got_m} {getattr(self.magnitude, 'dtype', type(self.magnitude).__name__)}"
+                )
 
     def delta(self) -> jax.Array:
-        """``scale * lora_a @ lora_b`` in float32 at full precision, in the kernel's axis order."""
+        """``scale * lora_a @ lora_b`` in float32 at full precision, in the kernel's axis order.
+
+        For a DoRA adapter too this is the plain low-rank update (the direction's change);
+        `merged` gives the adapted kernel.
+        """
         layout = self.layout
         nb, ni, no = len(layout.batch_axes), len(layout.in_axes), len(layout.out_axes)
         letters = iter(string.ascii_letters)
@@ -251,6 +284,78 @@ class Lora:
         )
         order = layout.batch_axes + layout.in_axes + layout.out_axes
         return self.scale * jnp.transpose(d, [order.index(k) for k in range(layout.ndim)])
+
+    def _dense_kernel(self) -> jax.Array:
+        """The kernel in float32 (a quantized kernel, one with ``dequantize``, expanded)."""
+        if self.kernel is None:
+            raise ValueError(
+                "this adapter has no kernel (the adapters half of minilora_jax.split); combine "
+                "it with its base first"
+            )
+        kernel = self.kernel
+        if hasattr(kernel, "dequantize"):
+            return kernel.dequantize(jnp.float32)
+        return jnp.asarray(kernel).astype(jnp.float32)
+
+    def column_norm(self) -> jax.Array:
+        """DoRA's norm ``||W + delta||``: per output feature of each batch index, over the in
+        axes, in float32, shaped like ``magnitude``: ``(*batch, *out)``.
+
+        Example:
+          >>> node = Lora(jnp.ones((4, 3)), jnp.zeros((4, 1)), jnp.zeros((1, 3)), 1.0,
+          ...             Layout.dense())
+          >>> node.column_norm()
+          Array([2., 2., 2.], dtype=float32)
+        """
+        layout = self.layout
+        full = self._dense_kernel() + self.delta()
+        squares = jnp.sum(jnp.square(full), axis=layout.in_axes)
+        kept = sorted(layout.batch_axes + layout.out_axes)  # the remaining axes, kernel order
+        squares = jnp.transpose(squares, [kept.index(k) for k in layout.batch_axes +
+                                          layout.out_axes])
+        return jnp.sqrt(squares)
+
+    def to_kernel_axes(self, vector: Any) -> jax.Array:
+        """A ``(*batch, *out)`` array (like ``magnitude``) arranged to broadcast against the
+        kernel: its axes in kernel order, the in axes of size 1.
+
+        Example:
+          >>> node = Lora(None, jnp.ones((6, 2)), jnp.ones((2, 3)), 1.0, Layout((1,), (0,)))
+          >>> node.to_kernel_axes(jnp.arange(3.0)).shape
+          (3, 1)
+        """
+        layout = self.layout
+        canonical = layout.batch_axes + layout.out_axes
+        kept = sorted(canonical)
+        x = jnp.transpose(jnp.asarray(vector), [canonical.index(k) for k in kept])
+        return jnp.expand_dims(x, tuple(sorted(layout.in_axes)))
+
+    def merged(self) -> jax.Array:
+        """The adapted kernel in float32, in the kernel's axis order: ``W + delta`` for LoRA,
+        ``magnitude * (W + delta) / ||W + delta||`` (`column_norm`) for DoRA.
+
+        Example:
+          >>> node = Lora(jnp.ones((4, 3)), jnp.zeros((4, 1)), jnp.zeros((1, 3)), 1.0,
+          ...             Layout.dense(), magnitude=jnp.ones(3))
+          >>> float(node.merged()[0, 0])  # each column rescaled to norm 1
+          0.5
+        """
+        full = self._dense_kernel() + self.delta()
+        if self.magnitude is None:
+            return full
+        factor = self.magnitude.astype(jnp.float32) / self.column_norm()
+        return self.to_kernel_axes(factor) * full
+
+
+def magnitude_shape(layout: Layout, kernel_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of a DoRA ``magnitude`` for a kernel of ``kernel_shape``: ``(*batch, *out)``.
+
+    Example:
+      >>> magnitude_shape(Layout((1,), (2,), (0,)), (3, 8, 5))
+      (3, 5)
+    """
+    batch, _, outs = layout.sizes(kernel_shape)
+    return (*batch, *outs)
 
 
 def is_lora(x: Any) -> bool:
@@ -384,4 +489,27 @@ def refuse_banks(names: Any, leaves: Any, what: str) -> None:
                 f"{what} takes one adapter per kernel, but '{path}' holds a bank of "
                 f"{leaf.size} adapters; pick one with minilora_jax.bank.select(tree, n) or "
                 "split the bank with minilora_jax.bank.unstack"
+            )
+
+
+def refuse_dora(names: Any, leaves: Any, what: str) -> None:
+    """Raises ValueError if any leaf is a DoRA `Lora` (one with a ``magnitude``): ``what``
+    handles plain LoRA adapters only.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> node = Lora(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), 1.0, Layout.dense(),
+      ...             magnitude=jnp.ones(2))
+      >>> try:
+      ...     refuse_dora(["w"], [node], "combine_adapters")
+      ... except ValueError as e:
+      ...     print(str(e)[:59])
+      combine_adapters takes plain LoRA adapters, but 'w' is DoRA
+    """
+    for path, leaf in zip(names, leaves, strict=True):
+        if is_lora(leaf) and leaf.magnitude is not None:
+            raise ValueError(
+                f"{what} takes plain LoRA adapters, but '{path}' is DoRA (it has a magnitude "
+                f"vector), which {what} would drop or misapply; merge it with "
+                "minilora_jax.merge first"
             )

@@ -32,10 +32,13 @@ def merge(tree: Any, *, check_finite: bool = False) -> Any:
 
     Each `minilora_jax.Lora` node becomes ``kernel + scale * lora_a @ lora_b``, read into the
     kernel's own axis order by its layout, computed in float32 and cast back to the kernel's
-    dtype. The result has the structure the tree had before `minilora_jax.init`, so it runs
-    with the model's own unmodified code (``model.apply``, ``nnx.merge``, ``eqx.combine``) at no
-    extra cost. Traceable: under ``jax.jit(merge, donate_argnums=0)`` XLA reuses the input
-    kernels' buffers, so peak memory stays near one copy of the params.
+    dtype. A DoRA node (one with a ``magnitude``) becomes
+    ``magnitude * (kernel + delta) / ||kernel + delta||``, the norm per output feature over the
+    in axes (`minilora_jax.Lora.merged`), also in float32 and cast once. The result has the
+    structure the tree had before `minilora_jax.init`, so it runs with the model's own
+    unmodified code (``model.apply``, ``nnx.merge``, ``eqx.combine``) at no extra cost.
+    Traceable: under ``jax.jit(merge, donate_argnums=0)`` XLA reuses the input kernels' buffers,
+    so peak memory stays near one copy of the params.
 
     A quantized kernel (`minilora_jax.quantize.Quantized`, QLoRA's frozen base) is expanded
     first: the result is ``dequantize() + scale * lora_a @ lora_b`` in float32, cast to the
@@ -78,10 +81,11 @@ def merge(tree: Any, *, check_finite: bool = False) -> Any:
         if check_finite:
             _require_finite(path, "lora_a", leaf.lora_a)
             _require_finite(path, "lora_b", leaf.lora_b)
+            if leaf.magnitude is not None:
+                _require_finite(path, "the DoRA magnitude", leaf.magnitude)
         kernel = leaf.kernel
-        # A quantized kernel is expanded in float32: one rounding, after adding the delta.
-        dense = kernel.dequantize(jnp.float32) if _is_quantized(kernel) else kernel
-        merged = (dense.astype(jnp.float32) + leaf.delta()).astype(kernel.dtype)
+        # A quantized kernel is expanded in float32 (by Lora.merged): one rounding, at the end.
+        merged = leaf.merged().astype(kernel.dtype)
         if check_finite:
             _require_finite(path, "the merged kernel", merged)
         out.append(merged)
@@ -100,12 +104,15 @@ def unmerge(merged: Any, adapters: Any) -> Any:
       The adapted tree: ``unmerge(merge(p), split(p)[0])`` equals ``p`` up to float rounding.
 
     A tree whose kernels were quantized (`minilora_jax.quantize`) is refused: its codes cannot
-    be recovered exactly from a merged float kernel. Keep the quantized base and the adapters
+    be recovered exactly from a merged float kernel. So is a DoRA adapter (one with a
+    ``magnitude``): the norm ``||W + delta||`` it divided by depends on the original ``W``,
+    which the merged kernel no longer determines (PEFT unmerges DoRA only with the norm it cached
+    while merging, in the same process). Keep the quantized base and the adapters
     (`minilora_jax.split`) instead of unmerging.
 
     Raises:
       ValueError: if the trees do not line up, an adapter's shapes do not fit its kernel, or
-        either tree holds a quantized kernel (naming its path).
+        either tree holds a quantized kernel or a DoRA adapter (naming its path).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -123,6 +130,15 @@ def unmerge(merged: Any, adapters: Any) -> Any:
             tree, is_leaf=lambda x: is_lora(x) or _is_quantized(x)
         )[0]
         for key_path, leaf in found:
+            if is_lora(leaf) and leaf.magnitude is not None:
+                path = path_str(key_path, variables=is_variables(tree))
+                raise ValueError(
+                    f"unmerge: the adapter at '{path}' of {what} is DoRA: merging divided the "
+                    "kernel by ||W + delta||, a norm of the original W that the merged kernel no "
+                    "longer determines, so it cannot be undone from the merged kernel. Keep the "
+                    "base and the adapters (minilora_jax.split) rather than merging and "
+                    "unmerging"
+                )
             if _is_quantized(leaf.kernel if is_lora(leaf) else leaf):
                 path = path_str(key_path, variables=is_variables(tree))
                 raise ValueError(

@@ -213,6 +213,12 @@ def write_minimind_lora(
         raise ValueError("no adapters to write")
     tensors = {}
     for name, t in adapters.items():
+        if getattr(t, "magnitude", None) is not None:
+            raise ValueError(
+                f"adapter '{name}' is a DoRA adapter (it has a magnitude vector), which MiniMind's "
+                "LoRA files cannot hold; merge it (minilora_jax.merge) or save it as a PEFT "
+                "directory (minilora_jax.peft.save)"
+            )
         b = np.asarray(t.lora_B)
         if t.scale != 1.0:
             if not fold_scale:

@@ -1,10 +1,11 @@
 """Splitting the trainable adapters from the frozen base, and joining them back.
 
 As equinox's ``partition``/``combine``: both halves keep the whole tree's structure. The
-adapters half holds each `minilora_jax.Lora` node without its kernel (``kernel=None``) and
-``None`` everywhere else; the base half holds the plain kernels and every other leaf. A
-`minilora_jax.Bank` splits into its trained arrays (``lora_a``, ``lora_b``) in the adapters half
-and the rest (``kernel``, ``scales``, ``ranks``: frozen) as a `Bank` without arrays in the base.
+adapters half holds each `minilora_jax.Lora` node without its kernel (``kernel=None``; a DoRA
+node keeps its trainable ``magnitude`` there) and ``None`` everywhere else; the base half holds
+the plain kernels and every other leaf. A `minilora_jax.Bank` splits into its trained arrays
+(``lora_a``, ``lora_b``) in the adapters half and the rest (``kernel``, ``scales``, ``ranks``:
+frozen) as a `Bank` without arrays in the base.
 """
 
 from __future__ import annotations

@@ -16,6 +16,15 @@ A PEFT LoRA directory holds two files:
   matches a module when it matches a ``.``-aligned suffix of its name (PEFT's
   ``get_pattern_key``; the first matching key wins).
 
+DoRA (``use_dora=true``): each module also has ``base_model.model.<name>.lora_magnitude_vector``
+of shape ``(out,)`` (no ``.weight`` suffix: that is how PEFT 0.21 saves it), our ``magnitude``
+(``(*batch, out)`` for a scan stack). PEFT computes ``(m / ||W + s B A||) (W x + s B A x)``, the
+norm over each output row of the torch weight, detached, the bias added unscaled: what
+`minilora_jax.wrap` computes for a `minilora_jax.Lora` node with a magnitude. `save` writes
+``use_dora`` true exactly when the adapters are DoRA (all of them, or refused: PEFT's config
+has one ``use_dora`` for every module); `read` refuses a directory whose ``use_dora`` and
+magnitude tensors disagree.
+
 A torch ``Linear`` has one input axis and one output axis, so only adapters whose layout has one
 in axis and one out axis are exported; a ``DenseGeneral`` or attention projection with per-head
 axes is refused, naming it. One batch axis is allowed for an ``nn.scan`` layer stack (a path
@@ -61,7 +70,9 @@ field of PEFT 0.21's ``LoraConfig``; a field not in it is refused as unknown. In
   it), ``'corda'``, ``'loftq'``, ``'lora_ga'`` (they need calibration data, quantisation or
   gradients we do not have) change the base
   weights and are refused (convert them to a plain LoRA in PEFT first), as is any other value.
-* must be false, null or empty: ``use_dora``, ``lora_bias``, ``use_qalora``, ``modules_to_save``,
+* ``use_dora``: true or false, matched against the magnitude tensors (see above); true with
+  ``'pissa'``/``'olora'`` is refused (not verified against PEFT).
+* must be false, null or empty: ``lora_bias``, ``use_qalora``, ``modules_to_save``,
   ``trainable_token_indices``, ``layer_replication``, ``target_parameters``,
   ``megatron_config``, ``loftq_config``, ``corda_config``, ``lora_ga_config``,
   ``ensure_weight_tying`` and the variants' ``velora_config``, ``alora_invocation_tokens``,
@@ -75,8 +86,9 @@ field of PEFT 0.21's ``LoraConfig``; a field not in it is refused as unknown. In
   ``megatron_core``, ``qalora_group_size``, ``runtime_config``): the modules adapted are those
   with tensors in the file.
 
-Tensors other than ``lora_A.weight``/``lora_B.weight`` pairs (DoRA's magnitude vectors, biases,
-embedding adapters, saved modules) are refused, naming the tensor.
+Tensors other than ``lora_A.weight``/``lora_B.weight`` pairs and DoRA's
+``lora_magnitude_vector`` (biases, embedding adapters, saved modules) are refused, naming the
+tensor.
 
 Integrity: `write_safetensors` records a sha256 of every tensor (key, dtype, shape and bytes;
 `tensor_digest`) in the safetensors header metadata under ``minilora_jax.sha256``, and `write`
@@ -146,12 +158,15 @@ class TorchAdapter(NamedTuple):
       lora_A: ``(r, in)``, the weight of ``Linear(in, r)``; our ``lora_a`` transposed.
       lora_B: ``(out, r)``, the weight of ``Linear(r, out)``; our ``lora_b`` transposed.
       scale: the factor ``s`` of ``y = W x + s B A x``.
+      magnitude: DoRA's ``lora_magnitude_vector`` ``(out,)``, or None for plain LoRA; then
+        ``y = (m / ||W + s B A||_row) (W x + s B A x)``.
     """
 
     # Named as in torch and PEFT, to keep the (r, in) / (out, r) layout in mind.
     lora_A: np.ndarray
     lora_B: np.ndarray
     scale: float
+    magnitude: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,8 +293,8 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
         unrolled (``layers_<i>/...``).
 
     Returns:
-      ``{name: TorchAdapter(lora_A (r, in), lora_B (out, r), scale)}`` with numpy arrays in the
-      adapters' dtype.
+      ``{name: TorchAdapter(lora_A (r, in), lora_B (out, r), scale, magnitude)}`` with numpy
+      arrays in the adapters' dtype; ``magnitude`` ``(out,)`` for DoRA adapters, else None.
 
     Raises:
       ValueError: if there are no adapters, two layers get the same name, or an adapter's
@@ -313,6 +328,7 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
                 + _not_linear(shape, node.layout, linears)
             )
         a, b = np.asarray(node.lora_a), np.asarray(node.lora_b)
+        m = None if node.magnitude is None else np.asarray(node.magnitude)
         for layer, i in linears:
             name = namer(layer)
             if name in out:
@@ -321,8 +337,9 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
                 )
             origin[name] = layer
             sa, sb = (a, b) if i is None else (a[i], b[i])
+            sm = None if m is None else np.ascontiguousarray(m if i is None else m[i])
             out[name] = TorchAdapter(
-                np.ascontiguousarray(sa.T), np.ascontiguousarray(sb.T), float(node.scale)
+                np.ascontiguousarray(sa.T), np.ascontiguousarray(sb.T), float(node.scale), sm
             )
     return out
 
@@ -357,7 +374,7 @@ def from_torch(
 
     Returns:
       ``tree`` with a `minilora_jax.Lora` node in place of each kernel that has an adapter,
-      arrays in the adapters' dtype.
+      arrays in the adapters' dtype; an adapter with a ``magnitude`` becomes a DoRA node.
 
     Raises:
       ValueError: naming the module, the path and the shapes, if a module is not in the base,
@@ -422,13 +439,20 @@ def from_torch(
                 f"(kernel {shape}, {layout.describe(shape)}; torch weight ({d_out}, {d_in})): "
                 f"lora_A {a_shape} needs (r, {d_in}) and lora_B {b_shape} needs ({d_out}, r)"
             )
+        if adapter.magnitude is not None and tuple(np.shape(adapter.magnitude)) != (d_out,):
+            raise ValueError(
+                f"{source}: the DoRA magnitude of '{name}' has shape "
+                f"{tuple(np.shape(adapter.magnitude))}, but its base kernel '{path}' (kernel "
+                f"{shape}, {layout.describe(shape)}) has {d_out} output features: it needs "
+                f"({d_out},)"
+            )
         placed.setdefault(path, {})[i] = (name, adapter)
 
-    arrays: dict[str, tuple[Any, Any, float]] = {}
+    arrays: dict[str, tuple[Any, Any, float, Any]] = {}
     for path, by_index in placed.items():
         if None in by_index:
             _, t = by_index[None]
-            arrays[path] = (t.lora_A.T, t.lora_B.T, float(t.scale))
+            arrays[path] = (t.lora_A.T, t.lora_B.T, float(t.scale), t.magnitude)
             continue
         layers = _linears(path, kernels[path].shape, kernels[path].layout)
         missing = [namer(layer) for layer, i in layers if i not in by_index]
@@ -446,23 +470,32 @@ def from_torch(
                 f"{source}: the layers of the nn.scan-stacked kernel '{path}' differ in rank "
                 f"{sorted(ranks)} or scale {sorted(scales)}; a stack shares one rank and scale"
             )
-        # lora_a is (batch, in, r) and lora_b (batch, r, out) wherever the stack axis sits.
+        doras = {t.magnitude is not None for t in stack}
+        if len(doras) > 1:
+            raise ValueError(
+                f"{source}: some layers of the nn.scan-stacked kernel '{path}' are DoRA (have a "
+                "lora_magnitude_vector) and others are not; a stack is one or the other"
+            )
+        # lora_a is (batch, in, r), lora_b (batch, r, out) and a DoRA magnitude (batch, out)
+        # wherever the stack axis sits.
         arrays[path] = (
             np.stack([t.lora_A.T for t in stack]),
             np.stack([t.lora_B.T for t in stack]),
             scales.pop(),
+            np.stack([t.magnitude for t in stack]) if doras == {True} else None,
         )
 
     paths, leaves, treedef = flatten(tree)
     index = {path: k for k, path in enumerate(paths)}
-    for path, (a, b, scale) in arrays.items():
+    for path, (a, b, scale, m) in arrays.items():
         leaf = leaves[index[path]]
         if is_lora(leaf):
             raise ValueError(
                 f"'{path}' already holds an adapter in the base; load onto the base without "
                 "adapters (minilora_jax.split(tree)[1])"
             )
-        node = Lora(leaf, jnp.asarray(a), jnp.asarray(b), scale, kernels[path].layout)
+        node = Lora(leaf, jnp.asarray(a), jnp.asarray(b), scale, kernels[path].layout,
+                    magnitude=None if m is None else jnp.asarray(m))
         node.check(path)
         leaves[index[path]] = node
     return jax.tree.unflatten(treedef, leaves)
@@ -587,7 +620,10 @@ CONFIG_RULES: dict[str, FieldRule] = {
         "base; convert such an adapter to a plain LoRA in PEFT with save_pretrained(..., "
         "path_initial_model_for_weight_conversion=...) first. Other values are unknown",
     ),
-    "use_dora": FieldRule(_unset, "false", "DoRA (weight-decomposed LoRA) is not implemented"),
+    "use_dora": FieldRule(
+        lambda v: v is None or isinstance(v, bool), "true or false",
+        "DoRA: matched against the lora_magnitude_vector tensors of the weights file",
+    ),
     "lora_bias": FieldRule(_unset, "false", "a trained bias on lora_B is not implemented"),
     "use_qalora": FieldRule(_unset, "false", "QA-LoRA (pooled lora_A inputs) is not implemented"),
     "bias": FieldRule(
@@ -677,7 +713,14 @@ def _read_config(file: FilePath) -> dict[str, Any]:
             "olora_init factors the stored (in, out) weight as if it were (out, in), which gives "
             "adapters of the wrong shape unless the layer is square; refused"
         )
+    dora = bool(config.get("use_dora"))
+    if dora and init in RESIDUAL_INITS:
+        raise ValueError(
+            f"{file}: 'use_dora' is true with 'init_lora_weights' {init!r}: DoRA on a PiSSA/OLoRA "
+            "residual base has not been verified against PEFT here, so it is refused"
+        )
     return {
+        "use_dora": dora,
         "r": config.get("r", 8),  # PEFT's defaults for absent keys
         "lora_alpha": config.get("lora_alpha", 8),
         "use_rslora": config.get("use_rslora", False),
@@ -759,9 +802,10 @@ def read(directory: str | os.PathLike) -> dict[str, TorchAdapter]:
       directory: holding ``adapter_config.json`` and ``adapter_model.safetensors``.
 
     Returns:
-      ``{torch module name: TorchAdapter(lora_A (r, in), lora_B (out, r), scale)}``, numpy
-      arrays in the file's dtype, scales from ``r``/``lora_alpha``/``use_rslora``/
-      ``rank_pattern``/``alpha_pattern`` as PEFT computes them.
+      ``{torch module name: TorchAdapter(lora_A (r, in), lora_B (out, r), scale, magnitude)}``,
+      numpy arrays in the file's dtype, scales from ``r``/``lora_alpha``/``use_rslora``/
+      ``rank_pattern``/``alpha_pattern`` as PEFT computes them; ``magnitude`` is DoRA's
+      ``lora_magnitude_vector`` ``(out,)`` when ``use_dora`` is true, else None.
 
     Raises:
       FileNotFoundError: naming the missing file.
@@ -769,7 +813,8 @@ def read(directory: str | os.PathLike) -> dict[str, TorchAdapter]:
         a config field `CONFIG_RULES` refuses, a corrupt or truncated weights file, a tensor
         that fails the checksum `write` recorded, a tensor that is not a LoRA weight, a missing
         half of a pair, shapes that disagree with each other or with the config's rank, a
-        scale that differs from the one `write` recorded, or NaN/Inf; also for a PiSSA or
+        scale that differs from the one `write` recorded, NaN/Inf, ``use_dora`` that disagrees
+        with the magnitude tensors or a magnitude of the wrong shape; also for a PiSSA or
         OLoRA directory (``init_lora_weights`` ``'pissa'``/``'olora'``), whose adapters fit a
         base PEFT re-derives on load: use `load`, which re-derives it too.
 
@@ -812,18 +857,20 @@ def _read(directory: str | os.PathLike) -> tuple[dict[str, TorchAdapter], Any]:
 
     halves: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
-        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", key)
+        m = re.fullmatch(r"(.+)\.(?:(lora_A|lora_B)\.weight|(lora_magnitude_vector))", key)
         if not key.startswith(KEY_PREFIX) or m is None:
             raise ValueError(
                 f"{weights}: unexpected tensor '{key}' {value.shape}; a LoRA adapter holds only "
-                f"'{KEY_PREFIX}<module>.lora_A.weight' and '.lora_B.weight' (bias, DoRA, "
-                "modules_to_save and embedding adapters are not supported)"
+                f"'{KEY_PREFIX}<module>.lora_A.weight' and '.lora_B.weight' (and DoRA's "
+                "'.lora_magnitude_vector'); bias, modules_to_save and embedding adapters are not "
+                "supported"
             )
-        halves.setdefault(m.group(1)[len(KEY_PREFIX) :], {})[m.group(2)] = value
+        halves.setdefault(m.group(1)[len(KEY_PREFIX) :], {})[m.group(2) or m.group(3)] = value
     if not halves:
         raise ValueError(f"{weights} holds no LoRA tensors")
 
     out = {}
+    dora = config["use_dora"]
     for name, pair in sorted(halves.items()):
         stem = f"{KEY_PREFIX}{name}"
         for half in ("lora_A", "lora_B"):
@@ -835,6 +882,27 @@ def _read(directory: str | os.PathLike) -> tuple[dict[str, TorchAdapter], Any]:
                 f"{weights}: '{stem}.lora_A.weight' {a.shape} and '.lora_B.weight' {b.shape} "
                 "must be (r, in) and (out, r) with the same r"
             )
+        magnitude = pair.get("lora_magnitude_vector")
+        if dora and magnitude is None:
+            raise ValueError(
+                f"{config_file}: 'use_dora' is True, expected false for {weights}, which holds no "
+                f"DoRA magnitude '{stem}.lora_magnitude_vector' for module '{name}' (PEFT saves "
+                "one for every module of a use_dora adapter)"
+            )
+        if not dora and magnitude is not None:
+            raise ValueError(
+                f"{weights}: tensor '{stem}.lora_magnitude_vector' is a DoRA magnitude, but "
+                f"{config_file} has 'use_dora' false (or absent), so PEFT would not use it; "
+                "refused rather than guessing which is right"
+            )
+        if magnitude is not None and (
+            magnitude.shape != (b.shape[0],) or not np.issubdtype(magnitude.dtype, np.floating)
+        ):
+            raise ValueError(
+                f"{weights}: '{stem}.lora_magnitude_vector' is {magnitude.shape} "
+                f"{magnitude.dtype}; DoRA's magnitude is a float vector (out,) = "
+                f"({b.shape[0]},), as '.lora_B.weight' {b.shape} says"
+            )
         rank = _pattern_value(config["rank_pattern"], name, config["r"])
         if a.shape[0] != rank:
             raise ValueError(
@@ -842,7 +910,7 @@ def _read(directory: str | os.PathLike) -> tuple[dict[str, TorchAdapter], Any]:
                 f"but {config_file} gives '{name}' rank {rank}"
             )
         alpha = _pattern_value(config["alpha_pattern"], name, config["lora_alpha"])
-        out[name] = TorchAdapter(a, b, _scale(alpha, rank, config["use_rslora"]))
+        out[name] = TorchAdapter(a, b, _scale(alpha, rank, config["use_rslora"]), magnitude)
     _check_scales(weights, config_file, metadata, out)
     return out, config["init_lora_weights"]
 
@@ -903,6 +971,16 @@ def write(
     """
     if not adapters:
         raise ValueError("no adapters to write")
+    doras = {name: t.magnitude is not None for name, t in adapters.items()}
+    dora = any(doras.values())
+    if dora and not all(doras.values()):
+        plain = sorted(n for n, d in doras.items() if not d)
+        with_m = sorted(n for n, d in doras.items() if d)
+        raise ValueError(
+            f"cannot write DoRA adapters ({with_m[:3]}...) and plain LoRA adapters ({plain[:3]}"
+            "...) in one PEFT directory: its config has one 'use_dora' for every module; save "
+            "them to two directories"
+        )
     tensors = {}
     for name, t in adapters.items():
         a, b = np.asarray(t.lora_A), np.asarray(t.lora_B)
@@ -913,6 +991,14 @@ def write(
             )
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a)
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b)
+        if t.magnitude is not None:
+            m = np.asarray(t.magnitude)
+            if m.shape != (b.shape[0],):
+                raise ValueError(
+                    f"adapter '{name}': DoRA magnitude {m.shape} must be (out,) = "
+                    f"({b.shape[0]},), as lora_B {b.shape}"
+                )
+            tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = np.ascontiguousarray(m)
     lora = _config_for(adapters)
     config = {
         "peft_type": "LORA",
@@ -930,7 +1016,7 @@ def write(
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": dora,
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,

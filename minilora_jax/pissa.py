@@ -54,7 +54,7 @@ import jax.numpy as jnp
 
 from minilora_jax import adapters
 from minilora_jax._tree import flatten
-from minilora_jax.lora import Layout, Lora, is_lora
+from minilora_jax.lora import Layout, Lora, is_lora, refuse_dora
 from minilora_jax.targets import Targets, square_kernels
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -456,6 +456,7 @@ def to_lora(trained: Any, initial: Any) -> Any:
       True
     """
     names, leaves, treedef = flatten(trained)
+    refuse_dora(names, leaves, "pissa.to_lora")
     first = {p: leaf for p, leaf in zip(*flatten(initial)[:2], strict=True) if is_lora(leaf)}
     seen = set()
     for i, (path, node) in enumerate(zip(names, leaves, strict=True)):

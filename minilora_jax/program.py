@@ -80,6 +80,9 @@ class Arrays:
     # extra leading "n" label: the adapter axis.
     scales: Any = None
     ranks: Any = None
+    # DoRA's magnitude (*batch, *out) and its labels; None for plain LoRA and for banks.
+    magnitude: Any = None
+    m_labels: tuple[Any, ...] = ()
 
 
 @dataclasses.dataclass
@@ -299,16 +302,83 @@ class Interpreter:
                 f"but its adapter was made for {arrays.layout}; re-create the adapter with "
                 "minilora_jax.init(..., apply_fn=...) for this program"
             )
+        dora = arrays.magnitude is not None
+        x_low, low_key = x_val, key
+        if dora and key is not None and self.dropout > 0.0:
+            # PEFT's DoRA under dropout: both the adapter and the rescaled base term see the
+            # dropped-out input (see `_dora_factor`), so draw the mask once, here.
+            x_low, low_key = self._dropped(x_val, key), None
         # Named after the kernel, so profiles and HLO dumps attribute the adapter's matmuls.
         with jax.named_scope(f"lora[{self.names[view.src]}]"):
-            low_rank = self._low_rank(eqn, arrays, view, x_val, k_val.dtype, kc, xc, kb, xb, kf,
-                                      key)
+            low_rank = self._low_rank(eqn, arrays, view, x_low, k_val.dtype, kc, xc, kb, xb, kf,
+                                      low_key)
         if k_is_lhs:  # dot_general puts lhs free axes first: (batch, kernel free, x free)
             nb = len(kb)
             nx = low_rank.ndim - nb - len(kf)
             order = [*range(nb), *range(nb + nx, low_rank.ndim), *range(nb, nb + nx)]
             low_rank = jnp.transpose(low_rank, order)
+        if dora:
+            # DoRA: (m / ||W + sAB||) (x W + s x A B), as PEFT computes it; a bias added after
+            # the contraction is not rescaled. Under dropout, PEFT's
+            # x W + (f - 1) d(x) W + f s d(x) A B with one mask d.
+            with jax.named_scope(f"dora[{self.names[view.src]}]"):
+                factor = self._dora_factor(arrays, view, k_val, kc, kb, kf)
+                # (batch, kernel free) -> the dot's output axes, x's free axes of size 1.
+                nb, nf = len(kb), len(kf)
+                ones = (1,) * (base.ndim - nb - nf)
+                lead, tail = factor.shape[:nb], factor.shape[nb:]
+                factor = jnp.reshape(factor, (*lead, *tail, *ones) if k_is_lhs
+                                     else (*lead, *ones, *tail)).astype(base.dtype)
+                if x_low is x_val:
+                    return factor * (base + low_rank.astype(base.dtype))
+                x_args = [values[0], x_low] if k_is_lhs else [x_low, values[1]]
+                base_low = _bind(eqn, x_args)[0]
+                return base + (factor - 1) * base_low + factor * low_rank.astype(base.dtype)
         return base + low_rank.astype(base.dtype)
+
+    def _dropped(self, x, key):
+        """Inverted dropout of ``x`` with the next key, as `_low_rank` applies it."""
+        keep = jax.random.bernoulli(self._next_key(key), 1.0 - self.dropout, x.shape)
+        return jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
+
+    def _dora_factor(self, arrays, view, k_val, kc, kb, kf):
+        """DoRA's ``magnitude / ||W + s A B||`` as ``(batch, kernel free)`` of the dot, float32.
+
+        The norm is per output feature over the in axes and, as in PEFT and the DoRA paper
+        (section 4.3), carries no gradient (``stop_gradient``). ``W + s A B`` is never formed:
+        ``||W_o + s (AB)_o||^2 = ||W_o||^2 + 2 s (W^T A)_o . B_o + s^2 B_o^T (A^T A) B_o``, which
+        costs one ``W^T A`` (``d_in x d_out x r``, what forming ``A B`` would cost) and no
+        ``d_in x d_out`` product or intermediate beyond reading ``W``.
+        """
+        groups = view.groups
+        nb, nc = len(kb), len(kc)
+        f32 = jnp.float32
+        hi = jax.lax.Precision.HIGHEST
+        m = _arrange(arrays.magnitude, arrays.m_labels,
+                     [groups[j] for j in kb] + [groups[j] for j in kf])
+        a = _arrange(arrays.a, arrays.a_labels, [groups[j] for j in kb + kc] + [("r",)])
+        b = _arrange(arrays.b, arrays.b_labels, [groups[j] for j in kb] + [("r",)] +
+                     [groups[j] for j in kf])
+        w = jax.lax.stop_gradient(k_val)
+        a = jax.lax.stop_gradient(a)
+        b = jax.lax.stop_gradient(b).astype(f32)
+        # ||W_o||^2: the kernel's remaining axes are kb and kf in increasing order.
+        w2 = jnp.sum(jnp.square(w.astype(f32)), axis=kc)
+        rest = sorted(kb + kf)
+        w2 = jnp.transpose(w2, [rest.index(j) for j in kb + kf])
+        batch = (tuple(range(nb)), tuple(range(nb)))
+        # W^T A: (batch, kernel free, r), in the kernel's dtype, accumulated in float32.
+        wa = jax.lax.dot_general(w, a.astype(w.dtype), ((kc, tuple(range(nb, nb + nc))),
+                                 (kb, tuple(range(nb)))), precision=hi,
+                                 preferred_element_type=f32)
+        cross = jnp.sum(wa * jnp.moveaxis(b, nb, -1), axis=-1)
+        a = a.astype(f32)
+        gram = jax.lax.dot_general(a, a, ((tuple(range(nb, nb + nc)),) * 2, batch), precision=hi)
+        gb = jax.lax.dot_general(gram, b, (((nb + 1,), (nb,)), batch), precision=hi)
+        ab2 = jnp.sum(b * gb, axis=nb)
+        s = float(arrays.scale)
+        norm = jnp.sqrt(jnp.maximum(w2 + 2.0 * s * cross + (s * s) * ab2, 0.0))
+        return m.astype(f32) / jax.lax.stop_gradient(norm)
 
     def _low_rank(self, eqn, arrays, view, x, k_dtype, kc, xc, kb, xb, kf, key):
         """``scale * (dropout(x) A) B`` with the dot's dimension numbers: (batch, x free, out)."""
@@ -419,6 +489,8 @@ class Interpreter:
                 adapter_xs[v.src] = (
                     jnp.moveaxis(arr.a, arr.a_labels.index(axis), 0),
                     jnp.moveaxis(arr.b, arr.b_labels.index(axis), 0),
+                    None if arr.magnitude is None else
+                    jnp.moveaxis(arr.magnitude, arr.m_labels.index(axis), 0),
                 )
         keys = None
         if key is not None and self.dropout > 0.0:
@@ -428,7 +500,7 @@ class Interpreter:
         def step(carry, x):
             x_vals, sliced, step_key = x
             inner = dict(scope) if scope is not None else None
-            for src, (a, b) in sliced.items():
+            for src, (a, b, m) in sliced.items():
                 arr, axis = scope[src], axes[src]
                 inner[src] = dataclasses.replace(
                     arr,
@@ -436,6 +508,8 @@ class Interpreter:
                     b=b,
                     a_labels=tuple(lbl for lbl in arr.a_labels if lbl != axis),
                     b_labels=tuple(lbl for lbl in arr.b_labels if lbl != axis),
+                    magnitude=m,
+                    m_labels=tuple(lbl for lbl in arr.m_labels if lbl != axis),
                 )
             outs, _ = self.run(
                 body.jaxpr,
@@ -683,6 +757,8 @@ def apply(
             float(node.scale) if not is_bank(node) else 1.0,
             lay,
             *((node.scales, node.ranks) if is_bank(node) else ()),
+            magnitude=None if is_bank(node) else node.magnitude,
+            m_labels=(*lay.batch_axes, *lay.out_axes),
         )
     interp = Interpreter(names, arrays, dropout, adapter_id, method)
     outs, out_views = interp.run(closed.jaxpr, closed.consts, values, views, arrays, key)

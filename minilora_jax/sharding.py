@@ -7,7 +7,8 @@ axis ``k``:
 
 * ``lora_a`` ``(*batch, *in, r)`` gets ``(e[batch...], e[in...], None)``;
 * ``lora_b`` ``(*batch, r, *out)`` gets ``(e[batch...], None, e[out...])``;
-* the rank axis ``r`` is replicated: it is small and every shard needs all of it.
+* the rank axis ``r`` is replicated: it is small and every shard needs all of it;
+* DoRA's ``magnitude`` ``(*batch, *out)`` gets ``(e[batch...], e[out...])``.
 
 For a Flax ``(in, out)`` kernel partitioned ``P("fsdp", "tp")`` that is ``lora_a: P("fsdp",
 None)`` and ``lora_b: P(None, "tp")``; for a torch-style ``(out, in)`` weight partitioned
@@ -151,8 +152,11 @@ def init_sharded(
       (and every other leaf) are the caller's own objects.
 
     Raises:
-      ValueError: as `minilora_jax.init` and `shardings` do, and if a leaf of ``tree`` has no
-        sharding while ``base_shardings`` is None (the message names the path).
+      ValueError: as `minilora_jax.init` and `shardings` do, if a leaf of ``tree`` has no
+        sharding while ``base_shardings`` is None (the message names the path), and for
+        ``dora=True`` (DoRA's magnitude is computed from the kernels' values, which this
+        function never reads: use ``jax.jit(lambda t, k: mlj.init(t, k, dora=True, ...),
+        out_shardings=...)`` with the sharded kernels as inputs).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -166,6 +170,13 @@ def init_sharded(
       (P('fsdp', None), P(None, 'tp'))
     """
     _check_mesh(mesh)
+    if init_kwargs.get("dora"):
+        raise ValueError(
+            "init_sharded(dora=True) is not supported: DoRA's magnitude starts as each kernel's "
+            "column norm, computed from the kernels' values, and init_sharded only looks at their "
+            "shapes. Run jax.jit(lambda tree, key: mlj.init(tree, key, dora=True, ...), "
+            "out_shardings=mlj.shardings(...)) with the sharded kernels as inputs instead"
+        )
     if base_shardings is None:
         names, leaves, treedef = flatten(tree)
         base_shardings = jax.tree.unflatten(
@@ -320,7 +331,8 @@ def _lora_shardings(node: Lora, kernel: Any, path: str, mesh: Any) -> Lora:
         spec = kernel.spec if isinstance(kernel, NamedSharding) else kernel
     elif isinstance(kernel, Sharding) and kernel.is_fully_replicated:
         # Replicated (or on one device): the adapter can sit in the same place.
-        return node.replace(kernel=kernel_out, lora_a=kernel, lora_b=kernel)
+        return node.replace(kernel=kernel_out, lora_a=kernel, lora_b=kernel,
+                            magnitude=None if node.magnitude is None else kernel)
     else:
         raise TypeError(
             f"cannot derive the shardings of the adapter at '{path}' from its kernel's "
@@ -332,11 +344,14 @@ def _lora_shardings(node: Lora, kernel: Any, path: str, mesh: Any) -> Lora:
     batch = [e[k] for k in layout.batch_axes]
     lora_a = PartitionSpec(*batch, *(e[k] for k in layout.in_axes), None)
     lora_b = PartitionSpec(*batch, None, *(e[k] for k in layout.out_axes))
+    # DoRA's magnitude (*batch, *out) is sharded as the kernel's batch and out axes.
+    magnitude = PartitionSpec(*batch, *(e[k] for k in layout.out_axes))
     if isinstance(kernel, NamedSharding):
         place = lambda s: NamedSharding(kernel.mesh, s, memory_kind=kernel.memory_kind)  # noqa: E731
     else:
         place = lambda s: _bind(s, mesh)  # noqa: E731
-    return node.replace(kernel=kernel_out, lora_a=place(lora_a), lora_b=place(lora_b))
+    return node.replace(kernel=kernel_out, lora_a=place(lora_a), lora_b=place(lora_b),
+                        magnitude=None if node.magnitude is None else place(magnitude))
 
 
 def _bind(entry: Any, mesh: Any) -> Any:

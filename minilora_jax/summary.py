@@ -23,6 +23,7 @@ class AdapterInfo:
     rank: int
     scale: float
     layout: Layout
+    magnitude_shape: tuple[int, ...] | None = None  # DoRA's (*batch, *out); None for LoRA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +40,13 @@ class Summary:
 
     def __str__(self) -> str:
         header = ("path", "kernel", "layout", "lora_a", "lora_b", "rank", "scale")
+        dora = any(i.magnitude_shape is not None for i in self.adapters)
+        if dora:
+            header += ("magnitude",)
         rows = [
             (i.path, str(i.kernel_shape), i.layout.describe(i.kernel_shape), str(i.lora_a_shape),
              str(i.lora_b_shape), str(i.rank), f"{i.scale:g}")
+            + ((str(i.magnitude_shape) if i.magnitude_shape is not None else "-",) if dora else ())
             for i in self.adapters
         ]
         widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
@@ -59,7 +64,8 @@ def summary(tree: Any) -> Summary:
 
     The last line of ``str(summary(tree))`` is in PEFT's form,
     ``trainable params: N || all params: M || trainable%: P``, where "trainable" counts the
-    ``lora_a``/``lora_b`` entries and "all" every array leaf, adapters included. Works on
+    ``lora_a``/``lora_b`` entries (and DoRA's ``magnitude``, as PEFT counts its
+    ``lora_magnitude_vector``) and "all" every array leaf, adapters included. Works on
     ``jax.ShapeDtypeStruct`` trees too (from ``jax.eval_shape``).
 
     Example:
@@ -91,8 +97,11 @@ def summary(tree: Any) -> Summary:
                 rank=leaf.rank,
                 scale=float(leaf.scale),
                 layout=leaf.layout,
+                magnitude_shape=None if leaf.magnitude is None else tuple(leaf.magnitude.shape),
             )
         )
         trainable += math.prod(leaf.lora_a.shape) + math.prod(leaf.lora_b.shape)
+        if leaf.magnitude is not None:
+            trainable += math.prod(leaf.magnitude.shape)
     total = sum(math.prod(x.shape) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
     return Summary(adapters=tuple(infos), trainable=trainable, total=total)

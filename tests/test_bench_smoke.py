@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from bench import banks, interceptor, nnx_model, qlora, report, run, workload
+from bench import banks, dora, interceptor, nnx_model, qlora, report, run, workload
 from minimind_jax.model import MiniMind, MiniMindConfig
 
 import minilora_jax as mlj
@@ -50,7 +50,7 @@ def toy_options(**changes):
 
 def test_suite_runs_and_reports(tmp_path):
     # The bank and QLoRA parts have their own smoke test below.
-    results = run.run(toy_options(), skip=("banks", "qlora"))
+    results = run.run(toy_options(), skip=("banks", "dora", "qlora"))
     assert {
         "machine",
         "settings",
@@ -70,7 +70,8 @@ def test_suite_runs_and_reports(tmp_path):
     missing = {row["metric"] for row in results["targets"] if row["value"] is None}
     # Only the peers left out of this run have no value; the interceptor rows are all there.
     assert missing == {"step: PEFT LoRA / ours", "step: qwix LoRA / ours", "step: NNX LoRA / ours",
-                       *banks.TARGETS, "QLoRA: NF4 base-kernel bytes / bf16"}
+                       *banks.TARGETS, "QLoRA: NF4 base-kernel bytes / bf16",
+                       "DoRA step FLOPs / LoRA step", "DoRA step time / LoRA step"}
     rows = {row["metric"]: row for row in results["targets"]}
     assert all(isinstance(rows[m]["met"], bool) for m in ACCEPTANCE)
     # The same adapters through either path: the same function, hence the same matmuls.
@@ -110,6 +111,8 @@ def test_bank_and_qlora_measurements_run_on_a_toy_model():
     assert "| decode: mixed (auto) |" in "\n".join(banks.report(b))
     q = qlora.run(o)
     assert q["nf4_kernel_ratio"] < 0.3 and q["nf4_args_saving_matches"]
+    d = dora.run(o)
+    assert d["flop_ratio"] >= 1.0 and d["adapters"] > 0
 
 
 def test_interceptor_computes_what_wrap_computes():

@@ -29,6 +29,7 @@ from minimind_jax import model as minimind
 
 from bench import (
     banks,
+    dora,
     hlo,
     interceptor,
     lorax_probe,
@@ -74,6 +75,8 @@ TARGETS = {
     **banks.TARGETS,
     # Variants (issue 14).
     "QLoRA: NF4 base-kernel bytes / bf16": ("<=", 0.3),
+    "DoRA step FLOPs / LoRA step": ("<=", 1.2),
+    "DoRA step time / LoRA step": ("<=", 1.2),
 }
 
 # Peers that bring their own compiled programs: `contenders(setup) -> Contender`.
@@ -147,6 +150,9 @@ def check_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         found["compiled memory: LoRA step / full step"] = {"ratio": results["memory"]["ratio"]}
     if "banks" in results:
         found.update(banks.found(results["banks"]))
+    if "dora" in results:
+        found["DoRA step FLOPs / LoRA step"] = {"ratio": results["dora"]["flop_ratio"]}
+        found["DoRA step time / LoRA step"] = {"ratio": results["dora"]["time_ratio"]}
     if "qlora" in results:
         found["QLoRA: NF4 base-kernel bytes / bf16"] = {
             "ratio": results["qlora"]["nf4_kernel_ratio"]}
@@ -254,6 +260,9 @@ def run(options: Options, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     results["scaling"] = ours.bench_scaling(setup, mine.steps[ours.LORA_STEP])
     if "banks" not in skip:
         results["banks"] = banks.run(o, with_peft="peft" not in skip)
+    if "dora" not in skip:
+        log("DoRA: a DoRA step against a LoRA step ...")
+        results["dora"] = dora.run(o)
     if "qlora" not in skip:
         log("QLoRA: compiled memory of a LoRA step, bf16 vs NF4 base ...")
         results["qlora"] = qlora.run(o)
@@ -285,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--skip", default="", help="comma-separated peers to leave out (interceptor, peft, "
-        "qwix, nnx), or 'banks' / 'qlora' for those measurements"
+        "qwix, nnx), or 'banks' / 'dora' / 'qlora' for those measurements"
     )
     parser.add_argument(
         "--banks-only", action="store_true",
