@@ -803,3 +803,31 @@ def test_routed_bank_over_a_data_sharded_batch():
     got = routed({"params": bank}, jax.device_put(x, data), adapter_ids=jax.device_put(ids, data))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert got.sharding.spec[0] == "data"
+
+
+@pytest.mark.slow
+@on_eight_devices
+def test_pissa_and_olora_init_on_sharded_kernels_under_jit():
+    """PiSSA (exact and randomised SVD) and OLoRA of kernels sharded 4 x 2 over 8 devices, under
+    jit: the same adapters and residuals as on one device, the residual keeping the kernel's
+    sharding."""
+    mesh8 = jax.make_mesh((4, 2), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    spec = NamedSharding(mesh8, P("fsdp", "tp"))
+    params = {f"layer_{i}": {"kernel": jax.random.normal(jax.random.key(i), (64, 64))}
+              for i in range(2)}
+    sharded_params = jax.device_put(params, spec)
+    runs = {
+        "pissa": lambda p: mlj.pissa.init_pissa(p, rank=4),
+        "pissa niter": lambda p: mlj.pissa.init_pissa(p, jax.random.key(0), rank=4, niter=2),
+        "olora": lambda p: mlj.pissa.init_olora(p, rank=4),
+    }
+    for name, make in runs.items():
+        want = jax.jit(make)(params)
+        got = jax.jit(make)(sharded_params)
+        for path in params:
+            g, w = got[path]["kernel"], want[path]["kernel"]
+            np.testing.assert_allclose(g.kernel, w.kernel, atol=1e-4, err_msg=name)
+            np.testing.assert_allclose(np.asarray(g.lora_a) @ np.asarray(g.lora_b),
+                                       np.asarray(w.lora_a) @ np.asarray(w.lora_b),
+                                       atol=1e-4, err_msg=name)
+            assert g.kernel.sharding.is_equivalent_to(spec, 2), (name, g.kernel.sharding)
