@@ -5,7 +5,8 @@ state::
 
     DIR/
       minilora.json   what the adapters (and the state) are (see below)
-      adapters/       the lora_a / lora_b arrays, an orbax PyTree checkpoint
+      adapters/       the lora_a / lora_b arrays (and a DoRA adapter's magnitude), an orbax
+                      PyTree checkpoint
       state/          only with ``save_adapters(..., state=...)``: the state's arrays (optimiser
                       state, step, PRNG key, loss history: any pytree of arrays), orbax too
 
@@ -15,7 +16,8 @@ keyed by the kernel's leaf path (``layers_0/self_attn/q_proj/kernel``, ``layers/
 and those of ``lora_a``/``lora_b``. The kernels' paths, shapes, dtypes and layouts are the
 *fingerprint* of the base; the file also stores their SHA-256 (``base_fingerprint``), so two
 bases can be compared at a glance and an edited file is refused. The arrays are stored as a
-nested dict built from the leaf path's components, ``{"lora_a", "lora_b"}`` at its end.
+nested dict built from the leaf path's components, ``{"lora_a", "lora_b"}`` (and
+``"magnitude"``) at its end.
 
 Scale and layout are written to JSON because they cannot live in the arrays: they are static
 parts of a `minilora_jax.Lora` node (structure, not data). `load_adapters` rebuilds the nodes
@@ -49,6 +51,18 @@ not match (an edited scale, a flipped bit); `load_adapters` refuses arrays whose
 match their hash. Versions 1-3 have none of these and load unsealed: nothing tells an edited
 version-3 file from a genuine one, beyond its ``base_fingerprint``.
 
+Format version 5 (written only where needed: a checkpoint of plain LoRA adapters on plain
+kernels is still written as version 4, so that readers of version 4 read it) stores
+DoRA adapters and records adapters saved on a quantized (QLoRA) base. Each record adds
+``"arrays"``, the arrays stored for that adapter: ``["lora_a", "lora_b"]``, or for DoRA
+``["lora_a", "lora_b", "magnitude"]``, with a ``"magnitude": {"shape", "dtype"}`` entry (the
+``(*batch, *out)`` vector of `minilora_jax.Lora`) stored beside ``lora_a``/``lora_b`` and sealed
+in ``arrays_sha256`` like them; and ``"quantized"``: ``null``, or ``{"kind", "block_size"}`` of
+the `minilora_jax.quantize.Quantized` kernel the adapter was saved on. A quantized kernel is
+never stored: its record's ``kernel`` is the kernel it stands for (logical shape and dtype), and
+its ``base_values_sha256`` hashes what it stores, the codes and scales (see
+`load_adapters`' ``check_base_values``), not the dequantised values.
+
 Saving is atomic: everything is written to a temporary directory beside ``DIR`` and renamed into
 place, so a save that fails or is killed part-way leaves the previous checkpoint readable. A
 training loop keeps ``ROOT/<step>`` directories with `save_step` and resumes from
@@ -80,6 +94,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -106,14 +121,19 @@ from minilora_jax._files import (
 # Re-exported: `lock_run` is public (`mlj.lock_run` loads it from here); RUN_LOCK is its file.
 from minilora_jax._files import RUN_LOCK as RUN_LOCK
 from minilora_jax._files import lock_run as lock_run
-from minilora_jax._tree import flatten, is_variables, key_name
-from minilora_jax.lora import Layout, Lora, is_lora, refuse_banks
+from minilora_jax._tree import flatten, is_variables, key_name, path_str
+from minilora_jax.lora import Layout, Lora, is_adapter, is_lora, refuse_banks
 
 FORMAT = "minilora_jax.adapters"
-FORMAT_VERSION = 4  # the newest version this module reads, and the one it writes
+# The version a checkpoint of plain LoRA adapters on plain kernels is written in (so that
+# readers of version 4 read it); DoRA adapters or quantized kernels need version 5.
+FORMAT_VERSION = 4
+NEWEST_FORMAT_VERSION = 5  # the newest version this module reads (and writes, where needed)
 ARRAYS_DIR = "adapters"
 STATE_DIR = "state"
-ARRAY_NAMES = ("lora_a", "lora_b")
+ARRAY_NAMES = ("lora_a", "lora_b")  # the arrays of every adapter
+DORA_ARRAY_NAMES = (*ARRAY_NAMES, "magnitude")  # a DoRA adapter's (format 5)
+_ARRAY_SETS = (ARRAY_NAMES, DORA_ARRAY_NAMES)  # the per-adapter "arrays" format 5 knows
 
 _DOCUMENT_KEYS = {
     "format",
@@ -128,6 +148,9 @@ _RECORD_KEYS = {1: {"rank", "scale", "kernel", "lora_a", "lora_b"}}
 _RECORD_KEYS[2] = _RECORD_KEYS[1] | {"layout"}
 _RECORD_KEYS[3] = _RECORD_KEYS[2]
 _RECORD_KEYS[4] = _RECORD_KEYS[3]
+# Format 5 adds "arrays" and "quantized", and an entry for each array beyond lora_a/lora_b.
+_RECORD_KEYS[5] = _RECORD_KEYS[4] | {"arrays", "quantized"}
+_QUANTIZED_KEYS = {"kind", "block_size"}
 _SEAL_KEYS = {"save_id", "arrays_sha256", "base_values_sha256", "checksum"}
 _HASH = re.compile(r"sha256:[0-9a-f]{64}")
 # What killed saves of a step directory leave in save_step's root (del: a step being pruned).
@@ -154,8 +177,12 @@ def save_adapters(
 ) -> FilePath:
     """Writes the adapters of ``tree`` (not the base), and a training state, to ``directory``.
 
-    Only ``lora_a`` and ``lora_b`` are stored as arrays (orbax-checkpoint); ranks, scales,
-    layouts, shapes, dtypes and the fingerprint of the base go to ``directory/minilora.json``.
+    Only ``lora_a`` and ``lora_b`` (and a DoRA adapter's ``magnitude``) are stored as arrays
+    (orbax-checkpoint); ranks, scales, layouts, shapes, dtypes and the fingerprint of the base
+    go to ``directory/minilora.json``. A tree with DoRA adapters or quantized kernels
+    (`minilora_jax.quantize`, QLoRA) is written as format version 5, any other as version 4
+    (see the module docstring); a quantized kernel is recorded (its logical shape and dtype,
+    kind and block size), not stored.
     ``state``, if given, is saved in the same directory, in the same atomic unit: a loop that
     resumes from the checkpoint gets adapters and state of the same step. An existing checkpoint
     at ``directory`` is replaced only once the new one is completely written; a directory that
@@ -165,17 +192,19 @@ def save_adapters(
     Args:
       directory: where the checkpoint goes (created with its parents if missing).
       tree: any pytree holding `minilora_jax.Lora` nodes with their kernels, as returned by
-        `minilora_jax.init` (or ``minilora_jax.combine(adapters, base)``). The kernels are only
-        looked at for their shapes and dtypes.
+        `minilora_jax.init` (or ``minilora_jax.combine(adapters, base)``), DoRA or not, on plain
+        or `minilora_jax.quantize.Quantized` kernels. The kernels are only looked at for their
+        shapes and dtypes (and hashed, see ``base_values``).
       metadata: JSON-serialisable information stored as-is under ``"metadata"``, e.g. how the
         adapters were made: ``{"init": {"rank": 8, "targets": "q_proj|o_proj"}, "step": 100}``.
       state: any pytree of arrays to keep with the adapters: an optax state, a step counter
         (``jnp.asarray(step)``), a typed PRNG key (stored as ``jax.random.key_data``), a loss
         history. Its structure is not stored; `load_adapters` takes it from a target.
       base_values: also record the SHA-256 of each adapted kernel's values (where the kernel
-        is a concrete array), so that ``load_adapters(..., check_base_values=True)`` can refuse
-        another fine-tune of the same architecture. It reads every adapted kernel once: turn it
-        off to save that time on a large model.
+        is a concrete array; of a quantized kernel, its codes and scales), so that
+        ``load_adapters(..., check_base_values=True)`` can refuse another fine-tune of the same
+        architecture. It reads every adapted kernel once: turn it off to save that time on a
+        large model.
 
     Another process saving to ``directory`` at the same time waits for this save to finish
     (a lock on ``.DIR.lock`` beside it), so the last save wins, complete.
@@ -185,9 +214,8 @@ def save_adapters(
 
     Raises:
       ValueError: if ``tree`` holds no adapters, an adapter has no kernel or does not fit it,
-        ``metadata`` is not JSON-serialisable, a leaf of ``state`` is not an array,
-        ``directory`` is a URL, or an adapter is DoRA (its magnitude is not stored here; use
-        `minilora_jax.peft.save`).
+        ``metadata`` is not JSON-serialisable, a leaf of ``state`` is not an array, or
+        ``directory`` is a URL.
       FileExistsError: if ``directory`` exists and is not a minilora checkpoint.
 
     Example:
@@ -205,19 +233,29 @@ def save_adapters(
       >>> ckpt = save_adapters(ckpt, params, state=state)
       >>> sorted(p.name for p in ckpt.iterdir())
       ['adapters', 'minilora.json', 'state']
+
+      DoRA adapters keep their magnitude (format version 5):
+
+      >>> dora = mlj.init(base, jax.random.key(0), rank=2, dora=True)
+      >>> ckpt = save_adapters(ckpt, dora)
+      >>> read_metadata(ckpt)["adapters"]["dense/kernel"]["arrays"]
+      ['lora_a', 'lora_b', 'magnitude']
+      >>> load_adapters(ckpt, base)["dense"]["kernel"].magnitude.tolist()
+      [2.0, 2.0, 2.0, 2.0]
     """
     from minilora_jax import __version__
 
     names, leaves, _ = flatten(tree)
     refuse_banks(names, leaves, "save_adapters")
-    for path, leaf in zip(names, leaves, strict=True):
-        if is_lora(leaf) and leaf.magnitude is not None:
-            raise ValueError(
-                f"save_adapters: the adapter at '{path}' is DoRA, and this checkpoint format "
-                "stores lora_a and lora_b only, so its magnitude vector would be lost; save DoRA "
-                "adapters with minilora_jax.peft.save (PEFT's use_dora format), or the whole "
-                "tree with orbax directly"
-            )
+    # Plain LoRA on plain kernels stays in format 4, which older readers read.
+    version = (
+        NEWEST_FORMAT_VERSION
+        if any(
+            is_lora(leaf) and (leaf.magnitude is not None or _is_quantized(leaf.kernel))
+            for leaf in leaves
+        )
+        else FORMAT_VERSION
+    )
     records: dict[str, dict[str, Any]] = {}
     arrays: dict[str, Any] = {}
     array_hashes: dict[str, dict[str, str | None]] = {}
@@ -234,10 +272,11 @@ def save_adapters(
         leaf.check(path)
         if path in records:
             raise ValueError(f"two adapters have the leaf path '{path}'; a checkpoint keys by it")
-        records[path] = _record(leaf)
-        array_hashes[path] = {key: _sha256(getattr(leaf, key)) for key in ARRAY_NAMES}
-        base_hashes[path] = _sha256(leaf.kernel) if base_values else None
-        _put(arrays, _parts(path), dict(zip(ARRAY_NAMES, (leaf.lora_a, leaf.lora_b), strict=True)))
+        records[path] = _record(leaf, version)
+        stored = {key: getattr(leaf, key) for key in _node_arrays(leaf)}
+        array_hashes[path] = {key: _sha256(x) for key, x in stored.items()}
+        base_hashes[path] = _kernel_sha256(leaf.kernel) if base_values else None
+        _put(arrays, _parts(path), stored)
     if not records:
         raise ValueError(
             "the tree holds no adapters (no minilora_jax.Lora nodes): nothing to save. Add "
@@ -258,10 +297,10 @@ def save_adapters(
         )
     document = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "library_version": __version__,
         "save_id": uuid.uuid4().hex,
-        "base_fingerprint": _fingerprint(records, FORMAT_VERSION),
+        "base_fingerprint": _fingerprint(records, version),
         "adapters": records,
         "arrays_sha256": array_hashes,
         "base_values_sha256": base_hashes,
@@ -297,9 +336,12 @@ def load_adapters(
 ) -> Any:
     """Loads the adapters saved in ``directory`` and puts them in ``base_tree``.
 
-    Every adapted path of the checkpoint must hold, in ``base_tree``, a plain kernel of the
-    recorded shape and dtype that the recorded layout fits; the stored arrays must have the
-    recorded shapes and dtypes.
+    Every adapted path of the checkpoint must hold, in ``base_tree``, a kernel of the recorded
+    shape and dtype that the recorded layout fits: a plain array, or a
+    `minilora_jax.quantize.Quantized` kernel standing for one (the base half of a QLoRA tree);
+    the stored arrays must have the recorded shapes and dtypes. Adapters saved on a quantized
+    kernel load onto a plain one and the other way round (the fingerprint is the logical
+    kernel's), unless ``check_base_values``.
 
     Args:
       directory: a directory written by `save_adapters` (or by minilora_jax 0.1: format 1).
@@ -319,11 +361,14 @@ def load_adapters(
         and returns such a tree. Each array is read straight into its shards, so a checkpoint
         saved on one mesh restores onto another.
       check_base_values: also require each adapted kernel of ``base_tree`` to hold the very
-        values it held at save (their SHA-256, recorded by format 4 when the saved kernels were
-        concrete): adapters of one fine-tune are refused on another fine-tune of the same
+        values it held at save (their SHA-256, recorded by format 4 and 5 when the saved kernels
+        were concrete): adapters of one fine-tune are refused on another fine-tune of the same
         architecture, which shapes alone cannot tell apart. The kernels must then be concrete
         arrays; a checkpoint without those hashes (format 1-3, or saved with
-        ``base_values=False`` or abstract kernels) is refused.
+        ``base_values=False`` or abstract kernels) is refused. A quantized kernel is compared
+        as stored: the same kind and block size, codes and scales (not the dequantised
+        values, so a quantized base never passes for the plain one it came from, nor the
+        other way round: that is refused, saying so).
 
     A save of ``directory`` by another process during the load is never mixed into it: the
     result is one complete save (the load retries, the last time under the writers' lock), or
@@ -331,8 +376,9 @@ def load_adapters(
     (where they are fully addressable); formats 1-3 carry no hashes and are not.
 
     Returns:
-      ``base_tree`` with a `minilora_jax.Lora` node in the place of each adapted kernel, its
-      scale and layout from ``minilora.json``; with ``state``, the pair ``(tree, state)``, the
+      ``base_tree`` with a `minilora_jax.Lora` node in the place of each adapted kernel (the
+      kernel, quantized or not, inside it), its scale and layout from ``minilora.json``, DoRA
+      ones with their ``magnitude``; with ``state``, the pair ``(tree, state)``, the
       state's leaves as ``jax.Array`` s (typed PRNG keys as keys).
 
     Raises:
@@ -407,7 +453,7 @@ def _load_document(
     check_base_values: bool,
 ) -> Any:
     records = info["adapters"]
-    names, leaves, treedef = flatten(base_tree)
+    names, leaves, treedef = _flatten_base(base_tree)
     index = {name: i for i, name in enumerate(names)}
 
     where = f"checkpoint {directory}"
@@ -448,7 +494,7 @@ def _load_document(
         node.check(name)  # the recorded layout against the base's kernel
         nodes[name] = node
         if check_base_values:
-            _check_base_values(directory, info, name, leaf)
+            _check_base_values(directory, info, name, leaf, rec)
 
     def with_nodes(found: Mapping[str, Lora]) -> Any:
         out = list(leaves)
@@ -462,7 +508,7 @@ def _load_document(
     hashes = info.get("arrays_sha256", {})
     loaded = {}
     for name, node in nodes.items():
-        for key in ARRAY_NAMES:
+        for key in _node_arrays(node):
             _verify(directory, ARRAYS_DIR, f"{key} at '{name}'",
                     arrays[name][key], hashes.get(name, {}).get(key))  # fmt: skip
         node = node.replace(**arrays[name])
@@ -494,8 +540,20 @@ def _verify(directory: FilePath, where: str, what: str, array: Any, want: str | 
 
 
 def _check_base_values(
-    directory: FilePath, info: Mapping[str, Any], name: str, kernel: Any
+    directory: FilePath, info: Mapping[str, Any], name: str, kernel: Any, rec: Mapping[str, Any]
 ) -> None:
+    saved_on, base_is = rec.get("quantized"), _quantization(kernel)
+    if saved_on != base_is:
+        describe = lambda q: (  # noqa: E731
+            "a plain array" if q is None
+            else f"a Quantized kernel ({q['kind']}, block_size {q['block_size']})"
+        )
+        raise ValueError(
+            f"check_base_values: the adapters at '{name}' in {directory} were saved on "
+            f"{describe(saved_on)}, but the base holds {describe(base_is)} there; the check "
+            "compares the kernel as stored (a quantized kernel's codes and scales), so it "
+            "cannot hold. Load onto the base they were saved with, or without check_base_values"
+        )
     recorded = info.get("base_values_sha256", {}).get(name)
     if recorded is None:
         why = (
@@ -507,11 +565,12 @@ def _check_base_values(
             f"check_base_values: checkpoint {directory} has no hash of the values of the kernel "
             f"at '{name}' ({why}); load it without check_base_values"
         )
-    have = _sha256(kernel)
+    have = _kernel_sha256(kernel)
     if have is None:
         raise ValueError(
             f"check_base_values: the base kernel at '{name}' is a {type(kernel).__name__}, not "
-            "a concrete, fully addressable array, so its values cannot be compared"
+            "a concrete, fully addressable array (or Quantized kernel of such arrays), so its "
+            "values cannot be compared"
         )
     if have != recorded:
         raise ValueError(
@@ -538,7 +597,8 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
       ``{"shape": [...], "dtype": "float32"}``), ``metadata``, and in format 3 ``state`` (a
       list of ``{"path", "shape", "dtype"}``, plus ``"key_impl"`` for a PRNG key; see the
       module docstring); in format 4 also ``save_id``, ``arrays_sha256``,
-      ``base_values_sha256``, ``state_sha256`` (with a state) and ``checksum``. A format-1
+      ``base_values_sha256``, ``state_sha256`` (with a state) and ``checksum``; in format 5
+      each record also has ``arrays``, ``quantized`` and, for DoRA, ``magnitude``. A format-1
       document comes
       back in this form (``<layer path>/kernel`` with its implied layout), its
       ``format_version`` and ``base_fingerprint`` as the file has them.
@@ -792,15 +852,83 @@ def _shape_dtype(entry: Mapping[str, Any]) -> str:
     return f"{tuple(entry['shape'])} {entry['dtype']}"
 
 
-def _record(node: Lora) -> dict[str, Any]:
-    return {
+def _record(node: Lora, version: int) -> dict[str, Any]:
+    """The ``adapters`` entry of ``node``; ``version`` 4 (plain LoRA, plain kernel) or 5."""
+    rec = {
         "rank": node.rank,
         "scale": float(node.scale),
         "layout": node.layout.to_json(),
-        "kernel": _entry(node.kernel),
-        "lora_a": _entry(node.lora_a),
-        "lora_b": _entry(node.lora_b),
+        "kernel": _entry(node.kernel),  # a Quantized kernel's: the kernel it stands for
+        **{key: _entry(getattr(node, key)) for key in _node_arrays(node)},
     }
+    if version >= 5:
+        rec["arrays"] = list(_node_arrays(node))
+        rec["quantized"] = _quantization(node.kernel)
+    return rec
+
+
+def _node_arrays(node: Lora) -> tuple[str, ...]:
+    """The names of the arrays a checkpoint stores for ``node``."""
+    return DORA_ARRAY_NAMES if node.magnitude is not None else ARRAY_NAMES
+
+
+def _record_arrays(rec: Mapping[str, Any]) -> tuple[str, ...]:
+    """The names of the arrays stored for a (validated) record: format 5 lists them."""
+    return tuple(rec.get("arrays", ARRAY_NAMES))
+
+
+def _is_quantized(x: Any) -> bool:
+    """Whether ``x`` is a `minilora_jax.quantize.Quantized` kernel (without importing qwix:
+    if that module was never imported, no such kernel exists)."""
+    module = sys.modules.get("minilora_jax.quantize")
+    return module is not None and isinstance(x, module.Quantized)
+
+
+def _quantization(kernel: Any) -> dict[str, Any] | None:
+    """``{"kind", "block_size"}`` of a `Quantized` kernel; None for any other kernel."""
+    if not _is_quantized(kernel):
+        return None
+    return {"kind": kernel.kind, "block_size": int(kernel.block_size)}
+
+
+def _kernel_sha256(kernel: Any) -> str | None:
+    """`_sha256` of a kernel; of a `Quantized` one, the SHA-256 of what it stores: the canonical
+    JSON of its kind, block size, shape and dtype, then the bytes of its codes and its scales
+    (C order). None if the arrays are abstract or not all here."""
+    if not _is_quantized(kernel):
+        return _sha256(kernel)
+    parts = []
+    for x in (kernel.codes, kernel.scales):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return None
+        if not isinstance(x, (jax.Array, np.ndarray)):
+            return None
+        try:
+            parts.append(np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8))
+        except jax.errors.TracerArrayConversionError:
+            return None
+    header = {
+        "kind": kernel.kind,
+        "block_size": int(kernel.block_size),
+        "shape": list(kernel.shape),
+        "dtype": _dtype_name(kernel.dtype),
+        "codes": _entry(kernel.codes),
+        "scales": _entry(kernel.scales),
+    }
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+    for data in parts:
+        digest.update(data)
+    return "sha256:" + digest.hexdigest()
+
+
+def _flatten_base(tree: Any) -> tuple[list[str], list[Any], Any]:
+    """`minilora_jax._tree.flatten`, with each `Quantized` kernel kept whole as a leaf at the
+    kernel's path (the base half of a QLoRA tree), as `load_adapters` puts adapters there."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: is_adapter(x) or _is_quantized(x)
+    )
+    variables = is_variables(tree)
+    return [path_str(p, variables=variables) for p, _ in flat], [x for _, x in flat], treedef
 
 
 def _struct(entry: Mapping[str, Any]) -> jax.ShapeDtypeStruct:
@@ -815,6 +943,7 @@ def _abstract_node(rec: Mapping[str, Any], kernel: Any = None) -> Lora:
         _struct(rec["lora_b"]),
         float(rec["scale"]),
         Layout.from_json(rec["layout"]),
+        magnitude=_struct(rec["magnitude"]) if "magnitude" in rec else None,
     )
 
 
@@ -880,10 +1009,10 @@ def _validate(file: FilePath, info: Any) -> dict[str, Any]:
     version = info.get("format_version")
     if not _is_int(version) or version < 1:
         raise bad(f"'format_version' is {version!r}, expected a positive integer")
-    if version > FORMAT_VERSION:
+    if version > NEWEST_FORMAT_VERSION:
         raise ValueError(
             f"{file} has format_version {version}, written by a newer minilora_jax "
-            f"({info.get('library_version')}); this version reads up to {FORMAT_VERSION}"
+            f"({info.get('library_version')}); this version reads up to {NEWEST_FORMAT_VERSION}"
         )
     if version >= 4:
         given_sum = info.get("checksum")
@@ -925,10 +1054,21 @@ def _validate(file: FilePath, info: Any) -> dict[str, Any]:
         where = f"adapters['{name}']"
         if not isinstance(rec, dict):
             raise bad(f"{where} is not an object")
-        if set(rec) != _RECORD_KEYS[version]:
+        array_names = ARRAY_NAMES
+        if version >= 5:
+            given_arrays = rec.get("arrays")
+            if not isinstance(given_arrays, list) or tuple(given_arrays) not in _ARRAY_SETS:
+                raise bad(
+                    f"{where}['arrays'] is {given_arrays!r}; format_version {version} knows "
+                    f"{[list(names) for names in _ARRAY_SETS]} (a newer minilora_jax's file?)"
+                )
+            array_names = tuple(given_arrays)
+            _validate_quantized(rec.get("quantized"), f"{where}['quantized']", bad)
+        want_keys = _RECORD_KEYS[version] | set(array_names)
+        if set(rec) != want_keys:
             raise bad(
                 f"{where} has fields {sorted(rec)}; format_version {version} records "
-                f"{sorted(_RECORD_KEYS[version])}"
+                f"{sorted(want_keys)}"
             )
         if not name or any(not part for part in _parts(name)):
             raise bad(f"{where}: the path has an empty component")
@@ -941,7 +1081,7 @@ def _validate(file: FilePath, info: Any) -> dict[str, Any]:
             or not math.isfinite(scale)
         ):
             raise bad(f"{where}['scale'] is {scale!r}, expected a finite number")
-        for key in ("kernel", *ARRAY_NAMES):
+        for key in ("kernel", *array_names):
             entry = rec[key]
             if (
                 not isinstance(entry, dict)
@@ -1001,14 +1141,16 @@ def _validate_hashes(info: Mapping[str, Any], bad: Callable[[str], ValueError]) 
         if value is not None and not (isinstance(value, str) and _HASH.fullmatch(value)):
             raise bad(f"{where} is {value!r}, expected 'sha256:<64 hex digits>' or null")
 
-    names = set(info["adapters"])
+    records = info["adapters"]
+    names = set(records)
     for field in ("arrays_sha256", "base_values_sha256"):
         if not isinstance(info[field], dict) or set(info[field]) != names:
             raise bad(f"'{field}' must be an object with one entry per adapter path")
     for name, pair in info["arrays_sha256"].items():
-        if not isinstance(pair, dict) or set(pair) != set(ARRAY_NAMES):
-            raise bad(f"arrays_sha256['{name}'] must have the fields {list(ARRAY_NAMES)}")
-        for key in ARRAY_NAMES:
+        stored = _record_arrays(records[name])
+        if not isinstance(pair, dict) or set(pair) != set(stored):
+            raise bad(f"arrays_sha256['{name}'] must have the fields {list(stored)}")
+        for key in stored:
             check(pair[key], f"arrays_sha256['{name}']['{key}']")
     for name, value in info["base_values_sha256"].items():
         check(value, f"base_values_sha256['{name}']")
@@ -1018,6 +1160,21 @@ def _validate_hashes(info: Mapping[str, Any], bad: Callable[[str], ValueError]) 
             raise bad("'state_sha256' must be a list with one entry per state leaf")
         for i, value in enumerate(hashes):
             check(value, f"state_sha256[{i}]")
+
+
+def _validate_quantized(value: Any, where: str, bad: Callable[[str], ValueError]) -> None:
+    if value is None:
+        return
+    if (
+        not isinstance(value, dict)
+        or set(value) != _QUANTIZED_KEYS
+        or not isinstance(value["kind"], str)
+        or not _is_int(value["block_size"])
+        or value["block_size"] < 1
+    ):
+        raise bad(
+            f"{where} is {value!r}, expected null or {{'kind': str, 'block_size': positive int}}"
+        )
 
 
 def _checksum(document: Mapping[str, Any]) -> str:
@@ -1124,13 +1281,15 @@ def _read_arrays(
     version: int,
     placement: Mapping[str, Mapping[str, Sharding]],
 ) -> dict[str, dict[str, Any]]:
-    """Restores ``{leaf path: {"lora_a", "lora_b"}}`` from ``directory`` into the shardings of
-    ``placement``, checked against ``records`` by orbax's metadata before anything is read."""
+    """Restores ``{leaf path: {"lora_a", "lora_b"[, "magnitude"]}}`` from ``directory`` into the
+    shardings of ``placement``, checked against ``records`` by orbax's metadata before anything
+    is read."""
     stored = _stored_metadata(directory, "array data")
+    known = DORA_ARRAY_NAMES if version >= 5 else ARRAY_NAMES
     stored_flat: dict[str, dict[str, Any]] = {}
     for keys, meta in jax.tree_util.tree_flatten_with_path(stored)[0]:
         parts = [key_name(k) for k in keys]
-        if parts[-1] in ARRAY_NAMES:
+        if parts[-1] in known:
             stored_flat.setdefault("/".join(parts[:-1]), {})[parts[-1]] = meta
         else:
             stored_flat.setdefault("/".join(parts), {})
@@ -1145,8 +1304,15 @@ def _read_arrays(
     target: dict[str, Any] = {}
     for where, name in located.items():
         rec = records[name]
+        names = _record_arrays(rec)
+        unrecorded = sorted(set(stored_flat[where]) - set(names))
+        if unrecorded:
+            raise ValueError(
+                f"array data in {directory} does not match its minilora.json: '{name}' stores "
+                f"{unrecorded}, which its record (arrays {list(names)}) does not have"
+            )
         node = {}
-        for key in ARRAY_NAMES:
+        for key in names:
             want = (tuple(rec[key]["shape"]), rec[key]["dtype"])
             meta = stored_flat[where].get(key)
             have = None if meta is None else (tuple(meta.shape), _dtype_name(meta.dtype))
@@ -1165,7 +1331,7 @@ def _read_arrays(
         node = restored
         for key in _parts(where):
             node = node[key]
-        out[name] = {key: node[key] for key in ARRAY_NAMES}
+        out[name] = {key: node[key] for key in _record_arrays(records[name])}
     return out
 
 
@@ -1176,7 +1342,8 @@ def _default_sharding() -> Sharding:
 def _placements(
     shardings: Any, abstract: Callable[[Mapping[str, Lora]], Any], nodes: Mapping[str, Lora]
 ) -> dict[str, dict[str, Sharding]]:
-    """``{path: {"lora_a": sharding, "lora_b": sharding}}`` from `load_adapters`' ``shardings``.
+    """``{path: {"lora_a": sharding, "lora_b": sharding[, "magnitude": sharding]}}`` from
+    `load_adapters`' ``shardings``.
 
     ``abstract(nodes)`` is the adapted tree the function form of ``shardings`` is called with.
     """
@@ -1190,7 +1357,7 @@ def _placements(
                 key: _checked_sharding(
                     shardings, tuple(getattr(node, key).shape), f"{key} at '{name}'"
                 )
-                for key in ARRAY_NAMES
+                for key in _node_arrays(node)
             }
             for name, node in nodes.items()
         }
@@ -1208,7 +1375,7 @@ def _placements(
                 "of the abstract adapted tree that returns one"
             )
         out[name] = {}
-        for key in ARRAY_NAMES:
+        for key in _node_arrays(node):
             sharding, shape = getattr(entry, key), tuple(getattr(node, key).shape)
             out[name][key] = _checked_sharding(sharding, shape, f"{key} at '{name}'")
     return out
