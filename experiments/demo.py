@@ -243,7 +243,7 @@ def two_adapters_in_one_batch(model, base, config, tokenizer, train, heldout, ar
 
     questions = [r["conversations"][0]["content"] for r in heldout][:9]
     row_ids = jnp.asarray([k % 3 - 1 for k in range(len(questions))], jnp.int32)  # -1, 0, 1...
-    mixed = mlj.wrap(model.apply, kwarg_axes={"pos": None})
+    mixed = mlj.wrap(model.apply)  # the scalar pos is shared by every example
     tok_mixed, texts = answers(
         lambda v, t, **kw: mixed(v, t, adapter_ids=row_ids, **kw), bank, config, tokenizer,
         questions)

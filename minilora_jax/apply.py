@@ -69,10 +69,10 @@ def wrap(
         (`minilora_jax.bank`) only: where each input and output has its examples, as
         ``jax.vmap``'s ``in_axes``/``out_axes`` (an int, None for shared, or a prefix tree of
         those). ``in_axes`` covers the positional arguments (default: axis 0 of each),
-        ``kwarg_axes`` is ``{name: axes}`` for keyword arguments (default 0 for each; 0-d arrays
-        must be marked None), ``tree_axes`` covers the first argument (default None: shared;
+        ``kwarg_axes`` is ``{name: axes}`` for keyword arguments (default 0 for each),
+        ``tree_axes`` covers the first argument (default None: shared;
         e.g. ``{"params": None, "cache": 0}`` for a linen KV cache). Non-array values (Python
-        numbers, strings, flags) are always shared.
+        numbers, strings, flags) and 0-d arrays (a position, a PRNG key) are always shared.
       keep_example_axis: banks only: the model sees each example as a batch of one (its example
         axis kept with size 1), as a model written for batches expects. False hands it single
         examples without that axis.

@@ -58,11 +58,8 @@ def _expand(x: Any, axis: Any, size: int, where: str) -> Any:
         return x
     if not isinstance(axis, int) or isinstance(axis, bool):
         raise TypeError(f"{where}: an example axis must be an int or None, got {axis!r}")
-    if x.ndim == 0:
-        raise ValueError(
-            f"{where} is a 0-d array, so it has no example axis; mark it shared with None in "
-            "in_axes/kwarg_axes (for example kwarg_axes={'pos': None})"
-        )
+    if x.ndim == 0:  # a scalar (a position, a PRNG key) has no example axis: it is shared
+        return x
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"{where} has shape {x.shape}: it has no axis {axis}")
     axis %= x.ndim
@@ -148,7 +145,7 @@ def route(
     leaves = [_expand(v, a, size, _where(k)) for (k, v), a in zip(flat, spec, strict=True)]
     dynamic = [v if _is_array(v) else None for v in leaves]
     static = [None if _is_array(v) else v for v in leaves]
-    axes = [a if _is_array(v) else None for v, a in zip(leaves, spec, strict=True)]
+    axes = [a if _is_array(v) and v.ndim > 0 else None for v, a in zip(leaves, spec, strict=True)]
     problems: dict[str, list[str]] = {}
     keys = None if key is None else jax.random.split(key, size)
 

@@ -263,7 +263,7 @@ def test_banks_round_trip_through_peft_directories(tmp_path):
 
 def test_per_example_state_in_the_tree_and_keyword_axes():
     """tree_axes for per-example entries of the first argument (a linen cache collection, say);
-    kwarg_axes for keyword arrays; 0-d arrays must be marked shared."""
+    kwarg_axes for keyword arrays; 0-d arrays are shared."""
     w = jax.random.normal(jax.random.key(0), (4, 4))
     trees = [randomize_b(mlj.init({"w": {"kernel": w}}, jax.random.key(i), rank=2),
                          jax.random.key(9 + i)) for i in range(2)]
@@ -283,9 +283,10 @@ def test_per_example_state_in_the_tree_and_keyword_axes():
         want = mlj.wrap(f)({**trees[i], "state": state[e : e + 1]}, x[e : e + 1], shift=shift,
                            gain=2.0)
         assert rel(y[e], want[0]) < 1e-5
-    with pytest.raises(ValueError, match=r"kwargs\[.gain.\] is a 0-d array"):
-        mlj.wrap(f, kwarg_axes={"shift": None})(
-            {**bank, "state": state[0]}, x, shift=shift, gain=jnp.float32(2.0), adapter_ids=ids)
+    # A 0-d array has no example axis: it is shared without being named.
+    same = mlj.wrap(f, tree_axes={"w": None, "state": 0}, kwarg_axes={"shift": None})(
+        {**bank, "state": state}, x, shift=shift, gain=jnp.float32(2.0), adapter_ids=ids)
+    assert jnp.array_equal(same, y)
 
 
 def test_errors_name_what_is_wrong():

@@ -139,7 +139,7 @@ def run(options: Options, with_peft: bool = True, swaps: int = 100) -> dict[str,
         return model.apply(variables, toks, **kw)
 
     decode = {
-        m: jax.jit(mlj.wrap(apply, kwarg_axes={"pos": None}, method=m))
+        m: jax.jit(mlj.wrap(apply, method=m))
         for m in ("auto", "gather", "one_hot")
     }
     one_decode = jax.jit(mlj.wrap(model.apply)).lower(
