@@ -247,14 +247,21 @@ def two_adapters_in_one_batch(model, base, config, tokenizer, train, heldout, ar
     tok_mixed, texts = answers(
         lambda v, t, **kw: mixed(v, t, adapter_ids=row_ids, **kw), bank, config, tokenizer,
         questions)
+    fast = mlj.wrap(model.apply, routing="leading_axis")  # no vmap: MiniMind is batch-major
+    tok_fast, _ = answers(
+        lambda v, t, **kw: fast(v, t, adapter_ids=row_ids, **kw), bank, config, tokenizer,
+        questions)
     wrapped = mlj.wrap(model.apply)
     alone = {-1: answers(model.apply, base, config, tokenizer, questions)[0]}
     for n in range(2):
         alone[n] = answers(wrapped, mlj.bank.select(bank, n), config, tokenizer, questions)[0]
     same = all(np.array_equal(tok_mixed[k], alone[int(i)][k]) for k, i in enumerate(row_ids))
+    same_fast = bool(np.array_equal(tok_fast, tok_mixed))
     say(f"      one mixed batch of {len(questions)} held-out questions, rows through the base "
         f"model, adapter 0 and adapter 1 in turn; every row {'equals' if same else 'DIFFERS FROM'}"
-        " its adapter (or the base) run alone")
+        " its adapter (or the base) run alone; routing='leading_axis' gives "
+        f"{'the same' if same_fast else 'OTHER'} tokens")
+    same = same and same_fast
     hits = 0
     for q, i, a in zip(questions, row_ids.tolist(), texts, strict=True):
         who = "base model" if i < 0 else f"adapter {i} ({names[i]})"

@@ -18,6 +18,7 @@ from minilora_jax.combination import combine_adapters
 from minilora_jax.lora import Bank, Layout, Lora, is_bank, is_lora
 from minilora_jax.merge import merge, unmerge
 from minilora_jax.partition import combine, split
+from minilora_jax.program import RoutingError
 from minilora_jax.summary import AdapterInfo, Summary, summary
 from minilora_jax.targets import Kernel, LayoutUnknownError, all_kernels, square_kernels
 
@@ -31,6 +32,7 @@ __all__ = [
     "Layout",
     "LayoutUnknownError",
     "Lora",
+    "RoutingError",
     "Summary",
     "__version__",
     "all_kernels",

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from minilora_jax._tree import flatten
@@ -37,6 +38,7 @@ def wrap(
     out_axes: Any = 0,
     keep_example_axis: bool = True,
     method: str = "auto",
+    routing: str = "vmap",
 ) -> Callable[..., Any]:
     """Wraps ``fn(tree, *args, **kwargs)`` so that it applies the adapters held in ``tree``.
 
@@ -81,6 +83,15 @@ def wrap(
         ``"one_hot"`` (multiplies by all N adapters and masks: for a row or a few, as in
         decoding), or ``"auto"`` (chooses per contraction from the rows per example and N).
         All give the same numbers.
+      routing: banks only: ``"vmap"`` (the default) runs the model once per example under
+        ``jax.vmap``, which is exact for any model. ``"leading_axis"`` runs the model once on
+        the whole batch and applies example ``e``'s adapter to row ``e`` of the LEADING axis of
+        every adapted contraction's input: true of batch-major models, whose activations are
+        ``(batch, ...)`` (linen, NNX, equinox-with-vmap transformers), and faster where
+        ``vmap`` costs (decoding with a KV cache). A contraction whose input's leading axis is
+        not a free axis of one entry per example raises `minilora_jax.RoutingError`;
+        a model that reorders or mixes examples along that axis is the caller's to rule out.
+        ``in_axes``/``kwarg_axes``/``tree_axes``/``out_axes`` are not used.
 
     With banks, the wrapped function takes ``adapter_ids=``: one int per example, the adapter of
     the bank it runs through, ``-1`` for the base model alone. The call then means, literally,
@@ -119,6 +130,8 @@ def wrap(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if routing not in ("vmap", "leading_axis"):
+        raise ValueError(f"routing must be 'vmap' or 'leading_axis', got {routing!r}")
     if not isinstance(keep_example_axis, (bool, np.bool_)):
         raise TypeError(f"keep_example_axis must be True or False, got {keep_example_axis!r}")
 
@@ -141,7 +154,16 @@ def wrap(
                 "adapter_ids= was given but the tree holds no adapter bank; build one with "
                 "minilora_jax.bank.stack"
             )
-        if banks:
+        if banks and routing == "leading_axis":
+            ids = jnp.asarray(adapter_ids)
+            if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+                raise ValueError(
+                    "adapter_ids must be a 1-D integer array, one adapter index per example (-1 "
+                    f"for the base model); got {ids.dtype} of shape {ids.shape}"
+                )
+            out, problems = apply(fn, tree, args, kwargs, dropout=float(dropout), key=key,
+                                  method=method, example_ids=ids)
+        elif banks:
             out, problems = route(
                 apply, fn, tree, args, kwargs, adapter_ids=adapter_ids, in_axes=in_axes,
                 kwarg_axes=kwarg_axes, tree_axes=tree_axes, out_axes=out_axes,

@@ -93,6 +93,10 @@ class Record:
     other: list[str] = dataclasses.field(default_factory=list)
 
 
+class RoutingError(ValueError):
+    """A routed call's examples are not where ``routing=`` says they are."""
+
+
 class LayoutMismatchError(ValueError):
     """The program contracts a kernel differently from what its adapter's layout records."""
 
@@ -153,6 +157,7 @@ class Interpreter:
         dropout: float = 0.0,
         adapter_id: Any = None,
         method: str = "auto",
+        example_ids: Any = None,
     ):
         self.names = names
         self.arrays = arrays
@@ -163,6 +168,9 @@ class Interpreter:
         # apply it: see `_bank_factors`.
         self.adapter_id = adapter_id
         self.method = method
+        # routing="leading_axis": every example's adapter, examples on the leading axis of each
+        # adapted contraction's input (see `_leading_low_rank`).
+        self.example_ids = example_ids
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -383,16 +391,6 @@ class Interpreter:
     def _low_rank(self, eqn, arrays, view, x, k_dtype, kc, xc, kb, xb, kf, key):
         """``scale * (dropout(x) A) B`` with the dot's dimension numbers: (batch, x free, out)."""
         groups = view.groups
-        if arrays.scales is None:
-            a, b, a_labels, b_labels, rank_group = arrays.a, arrays.b, arrays.a_labels, \
-                arrays.b_labels, ("r",)
-            weights = arrays.scale
-        else:
-            rows = math.prod(x.shape[j] for j in range(x.ndim) if j not in xc and j not in xb)
-            a, b, a_labels, b_labels, rank_group, weights = self._bank_factors(arrays, rows)
-        a = _arrange(a, a_labels, [groups[j] for j in kb + kc] + [rank_group])
-        b = _arrange(b, b_labels, [groups[j] for j in kb] + [rank_group] +
-                     [groups[j] for j in kf])
         dtype = jnp.result_type(x.dtype, k_dtype)
         if key is not None and self.dropout > 0.0:
             keep = jax.random.bernoulli(self._next_key(key), 1.0 - self.dropout, x.shape)
@@ -400,6 +398,19 @@ class Interpreter:
         nb, nc = len(kb), len(kc)
         precision = eqn.params.get("precision")
         preferred = eqn.params.get("preferred_element_type")
+        if arrays.scales is None:
+            a, b, a_labels, b_labels, rank_group = arrays.a, arrays.b, arrays.a_labels, \
+                arrays.b_labels, ("r",)
+            weights = arrays.scale
+        elif self.example_ids is not None:
+            return self._leading_low_rank(arrays, view, x.astype(dtype), dtype, kc, xc, kb, xb,
+                                          kf, precision, preferred)
+        else:
+            rows = math.prod(x.shape[j] for j in range(x.ndim) if j not in xc and j not in xb)
+            a, b, a_labels, b_labels, rank_group, weights = self._bank_factors(arrays, rows)
+        a = _arrange(a, a_labels, [groups[j] for j in kb + kc] + [rank_group])
+        b = _arrange(b, b_labels, [groups[j] for j in kb] + [rank_group] +
+                     [groups[j] for j in kf])
         xa = jax.lax.dot_general(
             x.astype(dtype),
             a.astype(dtype),
@@ -419,6 +430,70 @@ class Interpreter:
             precision=precision,
             preferred_element_type=preferred,
         )
+
+    def _leading_low_rank(self, arrays, view, x, dtype, kc, xc, kb, xb, kf, precision,
+                          preferred):
+        """A bank's low-rank term for a whole batch whose examples run along the leading axis of
+        this contraction's input (``routing="leading_axis"``): example ``e`` through adapter
+        ``example_ids[e]``, without a vmap. Output axes: (batch, x free, out), as `_low_rank`.
+        """
+        ids = jnp.asarray(self.example_ids, jnp.int32)
+        count = int(ids.shape[0])
+        if 0 in xc or 0 in xb or x.ndim == 0 or x.shape[0] != count:
+            raise RoutingError(
+                f"routing='leading_axis' needs the input of every adapted contraction to have its "
+                f"examples on its leading axis ({count} of them, one per adapter id), but the "
+                f"input contracted with the kernel at '{self.names[view.src]}' has shape "
+                f"{tuple(x.shape)}"
+                + (" and its leading axis is contracted" if 0 in xc or 0 in xb else "")
+                + "; use the default routing='vmap', which makes no such assumption"
+            )
+        groups = view.groups
+        nb, nc = len(kb), len(kc)
+        n_axis = arrays.a_labels.index("n")
+        n, r = arrays.a.shape[n_axis], arrays.a.shape[-1]
+        rows = math.prod(x.shape[j] for j in range(1, x.ndim) if j not in xc and j not in xb)
+        method = self.method
+        if method == "auto":
+            method = "one_hot" if rows * (n - 1) <= _ONE_HOT_MAX_EXTRA_ROWS else "gather"
+        components = jnp.arange(r)
+        if method == "one_hot":
+            a = _arrange(arrays.a, arrays.a_labels, [groups[j] for j in kb + kc] + [("n", "r")])
+            b = _arrange(arrays.b, arrays.b_labels, [groups[j] for j in kb] + [("n", "r")] +
+                         [groups[j] for j in kf])
+            xa = jax.lax.dot_general(
+                x, a.astype(dtype), ((xc, tuple(range(nb, nb + nc))), (xb, tuple(range(nb)))),
+                precision=precision, preferred_element_type=preferred)
+            chosen = (ids[:, None] == jnp.arange(n)[None, :]) * arrays.scales[None, :]
+            weights = (chosen[:, :, None] * (components < arrays.ranks[:, None])[None]).reshape(
+                count, n * r)
+            # xa: (kb..., x free with the example axis first..., n * r)
+            shape = [1] * xa.ndim
+            shape[nb], shape[-1] = count, n * r
+            xa = (xa * weights.reshape(shape).astype(xa.dtype)).astype(dtype)
+            return jax.lax.dot_general(
+                xa, b.astype(dtype), (((xa.ndim - 1,), (nb,)), (tuple(range(nb)),) * 2),
+                precision=precision, preferred_element_type=preferred)
+        safe = jnp.clip(ids, 0, n - 1)
+        relabel = lambda labels: tuple("e" if lbl == "n" else lbl for lbl in labels)  # noqa: E731
+        a_labels, b_labels = relabel(arrays.a_labels), relabel(arrays.b_labels)
+        a = _arrange(jnp.take(arrays.a, safe, axis=n_axis), a_labels,
+                     [("e",)] + [groups[j] for j in kb + kc] + [("r",)])
+        b = _arrange(jnp.take(arrays.b, safe, axis=arrays.b_labels.index("n")), b_labels,
+                     [("e",)] + [groups[j] for j in kb] + [("r",)] + [groups[j] for j in kf])
+        xa = jax.lax.dot_general(
+            x, a.astype(dtype),
+            ((xc, tuple(range(1 + nb, 1 + nb + nc))), ((0, *xb), tuple(range(1 + nb)))),
+            precision=precision, preferred_element_type=preferred)
+        weights = jnp.where(ids >= 0, arrays.scales[safe], 0.0)[:, None] * (
+            components[None, :] < arrays.ranks[safe][:, None])
+        xa = (xa * weights.reshape((count,) + (1,) * (xa.ndim - 2) + (r,)).astype(xa.dtype)
+              ).astype(dtype)
+        out = jax.lax.dot_general(
+            xa, b.astype(dtype), (((xa.ndim - 1,), (1 + nb,)), (tuple(range(1 + nb)),) * 2),
+            precision=precision, preferred_element_type=preferred)
+        # (example, kb..., other x free..., out...) -> (kb..., example, other x free..., out...)
+        return jnp.moveaxis(out, 0, nb)
 
     def _bank_factors(self, arrays, rows):
         """This example's factors from a bank, and the weight of each rank component.
@@ -717,12 +792,15 @@ def apply(
     key: Any = None,
     adapter_id: Any = None,
     method: str = "auto",
+    example_ids: Any = None,
 ) -> tuple[Any, dict[str, list[str]]]:
     """``fn(tree, *args, **kwargs)`` with every adapter of ``tree`` applied in factored form.
 
     `Lora` nodes apply as they are; a `Bank` node applies its adapter ``adapter_id`` (a scalar:
     `minilora_jax.wrap` calls this once per example under ``jax.vmap``), with ``method``
-    ``"gather"``, ``"one_hot"`` or ``"auto"`` (see `Interpreter._bank_factors`).
+    ``"gather"``, ``"one_hot"`` or ``"auto"`` (see `Interpreter._bank_factors`). With
+    ``example_ids`` instead (one per example), the whole batch runs at once, its examples on the
+    leading axis of every adapted contraction's input (see `Interpreter._leading_low_rank`).
 
     Returns ``(output, problems)``: ``problems`` maps the path of each adapter that some use of
     its kernel could not follow to the operations involved (an empty dict when all is well).
@@ -736,7 +814,7 @@ def apply(
                 "minilora_jax.split; join it to the base with minilora_jax.combine first"
             )
         node.check(names[i])
-        if is_bank(node) and adapter_id is None:
+        if is_bank(node) and adapter_id is None and example_ids is None:
             raise ValueError(
                 f"'{names[i]}' holds a bank of {node.size} adapters: call the wrapped function "
                 "with adapter_ids= (one adapter index per example, -1 for the base model)"
@@ -760,7 +838,7 @@ def apply(
             magnitude=None if is_bank(node) else node.magnitude,
             m_labels=(*lay.batch_axes, *lay.out_axes),
         )
-    interp = Interpreter(names, arrays, dropout, adapter_id, method)
+    interp = Interpreter(names, arrays, dropout, adapter_id, method, example_ids)
     outs, out_views = interp.run(closed.jaxpr, closed.consts, values, views, arrays, key)
     for v in out_views:
         if v is not None:

@@ -48,11 +48,12 @@ def alone(model, params, trees, x, ids):
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "nn.scan"])
 @pytest.mark.parametrize("method", METHODS)
-def test_mixed_batch_equals_each_adapter_alone(scan, method):
+@pytest.mark.parametrize("routing", ["vmap", "leading_axis"])
+def test_mixed_batch_equals_each_adapter_alone(scan, method, routing):
     model, x, params, trees = setup(scan)
     bank = mlj.bank.stack(trees)
     ids = jnp.array([2, 0, -1, 1, 0])
-    routed = jax.jit(mlj.wrap(model.apply, method=method))
+    routed = jax.jit(mlj.wrap(model.apply, method=method, routing=routing))
     y = routed({"params": bank}, x, adapter_ids=ids)
     assert rel(y, alone(model, params, trees, x, ids)) < 1e-5
     # -1 is the base model, exactly what the unwrapped model computes
@@ -162,7 +163,8 @@ def test_adapters_on_different_kernels_get_rank_zero_elsewhere():
     assert not mlj.is_lora(mlj.bank.select(bank, 0)["layers_0"]["o_proj"]["kernel"])
 
 
-def test_training_a_bank_equals_separate_trainings():
+@pytest.mark.parametrize("routing", ["vmap", "leading_axis"])
+def test_training_a_bank_equals_separate_trainings(routing):
     """Three adapters, three learning rates, one jitted step per batch == three trainings."""
     model, x, params, trees = setup(n=3, batch=6)
     ids = jnp.array([0, 1, 2, 2, 0, 1])
@@ -177,7 +179,8 @@ def test_training_a_bank_equals_separate_trainings():
     tx = optax.chain(optax.adam(1.0), mlj.bank.scale_by_adapter(lrs))
 
     def bank_loss(a, x, y):
-        out = mlj.wrap(model.apply)({"params": mlj.combine(a, base)}, x, adapter_ids=ids)
+        out = mlj.wrap(model.apply, routing=routing)({"params": mlj.combine(a, base)}, x,
+                                                     adapter_ids=ids)
         return mlj.bank.mean_per_adapter(per_example(out, y), ids, 3)
 
     @jax.jit
@@ -336,6 +339,11 @@ def test_kv_cache_prefill_and_decode_route_per_example(scan_layers):
     routed = {m: jax.jit(mlj.wrap(model.apply, kwarg_axes={"cache": cache_axis}, out_axes=outs,
                                   method=m), static_argnames="pos")
               for m in ("gather", "one_hot")}
+    # The batch-major fast path: no vmap, examples on the leading axis of every input.
+    routed.update({f"leading {m}": jax.jit(mlj.wrap(model.apply, method=m,
+                                                    routing="leading_axis"),
+                                           static_argnames="pos")
+                   for m in ("gather", "one_hot")})
     single = jax.jit(mlj.wrap(model.apply), static_argnames="pos")
     plain = jax.jit(model.apply, static_argnames="pos")
 
@@ -357,3 +365,25 @@ def test_kv_cache_prefill_and_decode_route_per_example(scan_layers):
     for m in routed:
         got = run(routed[m], bank, tokens, adapter_ids=ids)
         assert rel(got, want) < 1e-5, m
+
+
+def test_leading_axis_routing_refuses_an_input_without_examples_in_front():
+    """A model that flattens batch and sequence before a projection: the leading-axis fast path
+    would mis-assign rows, so it refuses; the vmap routing handles it."""
+    w = jax.random.normal(jax.random.key(0), (4, 4))
+    trees = [randomize_b(mlj.init({"w": {"kernel": w}}, jax.random.key(i), rank=2),
+                         jax.random.key(9 + i)) for i in range(2)]
+    bank = mlj.bank.stack(trees)
+
+    def f(t, x):  # (batch, seq, 4) -> (batch * seq, 4) @ w
+        return (x.reshape(-1, 4) @ t["w"]["kernel"]).reshape(x.shape)
+
+    x = jax.random.normal(jax.random.key(1), (3, 2, 4))
+    ids = jnp.array([1, 0, 1])
+    with pytest.raises(mlj.RoutingError, match=r"'w/kernel' has shape \(6, 4\)"):
+        mlj.wrap(f, routing="leading_axis")(bank, x, adapter_ids=ids)
+    y = mlj.wrap(f)(bank, x, adapter_ids=ids)
+    for e, i in enumerate(ids.tolist()):
+        assert rel(y[e], mlj.wrap(f)(trees[i], x[e : e + 1])[0]) < 1e-5
+    with pytest.raises(ValueError, match="routing must be"):
+        mlj.wrap(f, routing="sorted")

@@ -105,10 +105,11 @@ def test_bank_and_qlora_measurements_run_on_a_toy_model():
     b = banks.run(o, with_peft=False, swaps=3)
     assert b["swap_recompiles"] == 0
     assert b["combination_error"]["cat"] < 1e-6 and b["combination_error"]["svd"] < 1e-6
-    assert b["prefill_flops_ratio"] > 0.99
+    assert b["prefill_flops_ratio_vmap"] > 0.99 and b["prefill_flops_ratio_leading_axis"] > 0.99
     found = banks.found(b)
     assert set(found) == set(banks.TARGETS) - {"banks: PEFT adapter_names / ours (mixed batch)"}
-    assert "| decode: mixed (auto) |" in "\n".join(banks.report(b))
+    text = "\n".join(banks.report(b))
+    assert "| decode: mixed (leading_axis, auto) |" in text and "| decode step |" in text
     q = qlora.run(o)
     assert q["nf4_kernel_ratio"] < 0.3 and q["nf4_args_saving_matches"]
     d = dora.run(o)

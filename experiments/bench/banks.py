@@ -30,6 +30,9 @@ from bench.harness import interleave, log, ratio, summary_ms
 from bench.workload import Options, abstract_params, random_like, with_random_b
 
 N = 16
+# vmap: exact for any model; leading_axis: the batch-major models' fast path (see mlj.wrap).
+ROUTINGS = ("vmap", "leading_axis")
+BEST = "leading_axis"  # the targets are read from it; both are reported
 DECODE_BATCH = 64
 CACHE = 256
 
@@ -95,12 +98,13 @@ def run(options: Options, with_peft: bool = True, swaps: int = 100) -> dict[str,
     log(f"banks: compiling forwards ({batch} x {seq}) ...")
     fwd = jax.jit(mlj.wrap(model.apply))
     one_fwd = fwd.lower({"params": single}, tokens).compile()
-    mixed_fwd = fwd.lower({"params": bank}, tokens, adapter_ids=ids).compile()
-    out["prefill_flops_ratio"] = _flops(mixed_fwd) / _flops(one_fwd)
-    forwards = {
-        "one adapter": lambda: one_fwd({"params": single}, tokens),
-        f"{N}-adapter mixed batch": lambda: mixed_fwd({"params": bank}, tokens, adapter_ids=ids),
-    }
+    forwards = {"one adapter": lambda: one_fwd({"params": single}, tokens)}
+    for routing in ROUTINGS:
+        mixed_fwd = jax.jit(mlj.wrap(model.apply, routing=routing)).lower(
+            {"params": bank}, tokens, adapter_ids=ids).compile()
+        out[f"prefill_flops_ratio_{routing}"] = _flops(mixed_fwd) / _flops(one_fwd)
+        forwards[f"mixed batch ({routing})"] = lambda c=mixed_fwd: c({"params": bank}, tokens,
+                                                                     adapter_ids=ids)
     peft_info: dict[str, Any] = {"status": "skipped"}
     if with_peft:
         try:
@@ -115,10 +119,11 @@ def run(options: Options, with_peft: bool = True, swaps: int = 100) -> dict[str,
     log(f"banks: forwards x {o.forward_rounds} rounds ...")
     times = interleave(forwards, max(5, o.forward_rounds // 3), o.warmup)
     out["forward_ms"] = {k: summary_ms(v) for k, v in times.items()}
-    out["prefill"] = ratio(times, f"{N}-adapter mixed batch", "one adapter")
+    for routing in ROUTINGS:
+        out[f"prefill_{routing}"] = ratio(times, f"mixed batch ({routing})", "one adapter")
     if "PEFT adapter_names mixed batch" in times:
         out["peft_vs_ours"] = ratio(times, "PEFT adapter_names mixed batch",
-                                    f"{N}-adapter mixed batch")
+                                    f"mixed batch ({BEST})")
         out["peft_mixed_vs_peft_one"] = ratio(times, "PEFT adapter_names mixed batch",
                                               "PEFT one adapter")
     out["peft"] = peft_info
@@ -139,8 +144,8 @@ def run(options: Options, with_peft: bool = True, swaps: int = 100) -> dict[str,
         return model.apply(variables, toks, **kw)
 
     decode = {
-        m: jax.jit(mlj.wrap(apply, method=m))
-        for m in ("auto", "gather", "one_hot")
+        (routing, m): jax.jit(mlj.wrap(apply, method=m, routing=routing))
+        for routing in ROUTINGS for m in ("auto", "gather", "one_hot")
     }
     one_decode = jax.jit(mlj.wrap(model.apply)).lower(
         {"params": single}, step_tokens, cache=cache, pos=pos).compile()
@@ -148,20 +153,22 @@ def run(options: Options, with_peft: bool = True, swaps: int = 100) -> dict[str,
                            adapter_ids=dec_ids).compile() for m, f in decode.items()}
     decodes = {"one adapter": lambda: one_decode({"params": single}, step_tokens, cache=cache,
                                                   pos=pos)}
-    for m, c in compiled.items():
-        decodes[f"mixed ({m})"] = lambda c=c: c({"params": bank}, step_tokens, cache=cache,
-                                                pos=pos, adapter_ids=dec_ids)
+    for (routing, m), c in compiled.items():
+        decodes[f"mixed ({routing}, {m})"] = lambda c=c: c(
+            {"params": bank}, step_tokens, cache=cache, pos=pos, adapter_ids=dec_ids)
     rounds = max(15, 2 * o.forward_rounds)
     log(f"banks: decode steps x {rounds} rounds ...")
     times = interleave(decodes, rounds, o.warmup)
     out["decode_ms"] = {k: summary_ms(v) for k, v in times.items()}
-    out["decode"] = ratio(times, "mixed (auto)", "one adapter")
-    out["decode_by_method"] = {m: ratio(times, f"mixed ({m})", "one adapter")["ratio"]
-                               for m in ("gather", "one_hot")}
+    for routing in ROUTINGS:
+        out[f"decode_{routing}"] = ratio(times, f"mixed ({routing}, auto)", "one adapter")
+    out["decode_by_method"] = {
+        f"{routing}, {m}": ratio(times, f"mixed ({routing}, {m})", "one adapter")["ratio"]
+        for routing in ROUTINGS for m in ("gather", "one_hot")}
 
     # -- swaps ---------------------------------------------------------------------------------
     log(f"banks: {swaps} swaps into the compiled decode step ...")
-    fn = decode["auto"]
+    fn = decode[(BEST, "auto")]
     fn({"params": bank}, step_tokens, cache=cache, pos=pos, adapter_ids=dec_ids)
     before = len(traces)
     size_before = fn._cache_size() if hasattr(fn, "_cache_size") else None
@@ -184,9 +191,9 @@ def run(options: Options, with_peft: bool = True, swaps: int = 100) -> dict[str,
         logits = mlj.wrap(model.apply)({"params": mlj.combine(adapters, frozen)}, tokens)
         return training.next_token_loss(logits, tokens, mask)
 
-    def bank_loss(adapters, frozen):
-        logits = mlj.wrap(model.apply)({"params": mlj.combine(adapters, frozen)}, tokens,
-                                       adapter_ids=ids)
+    def bank_loss(adapters, frozen, routing):
+        logits = mlj.wrap(model.apply, routing=routing)(
+            {"params": mlj.combine(adapters, frozen)}, tokens, adapter_ids=ids)
         per_example = jax.vmap(lambda lg, t, m: training.next_token_loss(lg[None], t[None],
                                                                          m[None]))(
             logits, tokens, mask)
@@ -201,8 +208,10 @@ def run(options: Options, with_peft: bool = True, swaps: int = 100) -> dict[str,
         return step
 
     steps = {}
-    for name, tree, loss in (("one adapter", single, one_loss),
-                             (f"{N}-adapter bank", bank, bank_loss)):
+    contenders = [("one adapter", single, one_loss)] + [
+        (f"{N}-adapter bank ({routing})", bank,
+         lambda a, f, routing=routing: bank_loss(a, f, routing)) for routing in ROUTINGS]
+    for name, tree, loss in contenders:
         adapters, frozen = mlj.split(tree)
         state = tx.init(adapters)
         step = make_step(loss).lower(adapters, state, frozen).compile()
@@ -211,7 +220,8 @@ def run(options: Options, with_peft: bool = True, swaps: int = 100) -> dict[str,
     log(f"banks: training steps x {rounds} rounds ...")
     times = interleave(steps, rounds, o.warmup)
     out["train_ms"] = {k: summary_ms(v) for k, v in times.items()}
-    out["train"] = ratio(times, f"{N}-adapter bank", "one adapter")
+    for routing in ROUTINGS:
+        out[f"train_{routing}"] = ratio(times, f"{N}-adapter bank ({routing})", "one adapter")
 
     # -- combination ---------------------------------------------------------------------------
     weights = [0.5, 1.0, -0.25, 2.0]
@@ -246,14 +256,16 @@ TARGETS = {
 
 
 def found(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The measured value of each of `TARGETS` (with its spread where timed)."""
+    """The measured value of each of `TARGETS` (with its spread where timed), for routing
+    `BEST`; the vmap routing's values are in the report."""
     b = results
     pick = lambda r: {"ratio": r["ratio"], "spread": r["spread"]}  # noqa: E731
     out = {
-        "banks: mixed-batch forward FLOPs / one adapter": {"ratio": b["prefill_flops_ratio"]},
-        "banks: mixed-batch forward time / one adapter": pick(b["prefill"]),
-        "banks: mixed decode step / one adapter": pick(b["decode"]),
-        "banks: 16-adapter training step / one adapter": pick(b["train"]),
+        "banks: mixed-batch forward FLOPs / one adapter": {
+            "ratio": b[f"prefill_flops_ratio_{BEST}"]},
+        "banks: mixed-batch forward time / one adapter": pick(b[f"prefill_{BEST}"]),
+        "banks: mixed decode step / one adapter": pick(b[f"decode_{BEST}"]),
+        "banks: 16-adapter training step / one adapter": pick(b[f"train_{BEST}"]),
         "banks: recompiles over 100 swaps": {"ratio": float(b["swap_recompiles"])},
         "banks: cat combination error": {"ratio": b["combination_error"]["cat"]},
         "banks: full-rank svd combination error": {"ratio": b["combination_error"]["svd"]},
@@ -273,6 +285,14 @@ def report(b: dict[str, Any]) -> list[str]:
         for name, t in b[group].items():
             label = {"forward_ms": "forward", "decode_ms": "decode", "train_ms": "train step"}
             lines.append(f"| {label[group]}: {name} | {t['median_ms']:.1f} | {t['min_ms']:.1f} |")
+    lines.append("")
+    lines.append("| mixed / one adapter | " + " | ".join(ROUTINGS) + " |")
+    lines.append("|---|" + "---|" * len(ROUTINGS))
+    for label, key in (("forward FLOPs", "prefill_flops_ratio_{}"), ("forward", "prefill_{}"),
+                       ("decode step", "decode_{}"), ("training step", "train_{}")):
+        cells = [b[key.format(r)] for r in ROUTINGS]
+        cells = [f"{c:.3f}" if isinstance(c, float) else f"{c['ratio']:.3f}" for c in cells]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("decode, by method (mixed / one adapter): "
                  + ", ".join(f"{m} {v:.3f}" for m, v in b["decode_by_method"].items()))
