@@ -37,7 +37,15 @@ import numpy as np
 import optax
 
 from minilora_jax._tree import flatten
-from minilora_jax.lora import Bank, Lora, is_adapter, is_bank, is_lora, refuse_dora
+from minilora_jax.lora import (
+    Bank,
+    Lora,
+    is_adapter,
+    is_bank,
+    is_lora,
+    refuse_dora,
+    refuse_residual,
+)
 
 
 def _same_kernel(a: Any, b: Any) -> bool:
@@ -81,6 +89,7 @@ def stack(trees: Sequence[Any]) -> Any:
     flat = [flatten(t) for t in trees]
     for n, leaves, _ in flat:
         refuse_dora(n, leaves, "bank.stack")
+        refuse_residual(n, leaves, "bank.stack")
     names, _, treedef = flat[0]
     for i, (n, _, _) in enumerate(flat[1:], start=1):
         if n != names:

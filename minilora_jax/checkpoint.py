@@ -122,7 +122,7 @@ from minilora_jax._files import (
 from minilora_jax._files import RUN_LOCK as RUN_LOCK
 from minilora_jax._files import lock_run as lock_run
 from minilora_jax._tree import flatten, is_variables, key_name, path_str
-from minilora_jax.lora import Layout, Lora, is_adapter, is_lora, refuse_banks
+from minilora_jax.lora import RESIDUALS, Layout, Lora, is_adapter, is_lora, refuse_banks
 
 FORMAT = "minilora_jax.adapters"
 # The version a checkpoint of plain LoRA adapters on plain kernels is written in (so that
@@ -149,7 +149,7 @@ _RECORD_KEYS[2] = _RECORD_KEYS[1] | {"layout"}
 _RECORD_KEYS[3] = _RECORD_KEYS[2]
 _RECORD_KEYS[4] = _RECORD_KEYS[3]
 # Format 5 adds "arrays" and "quantized", and an entry for each array beyond lora_a/lora_b.
-_RECORD_KEYS[5] = _RECORD_KEYS[4] | {"arrays", "quantized"}
+_RECORD_KEYS[5] = _RECORD_KEYS[4] | {"arrays", "quantized", "residual"}
 _QUANTIZED_KEYS = {"kind", "block_size"}
 _SEAL_KEYS = {"save_id", "arrays_sha256", "base_values_sha256", "checksum"}
 _HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -251,7 +251,8 @@ def save_adapters(
     version = (
         NEWEST_FORMAT_VERSION
         if any(
-            is_lora(leaf) and (leaf.magnitude is not None or _is_quantized(leaf.kernel))
+            is_lora(leaf) and (leaf.magnitude is not None or _is_quantized(leaf.kernel)
+                               or leaf.residual is not None)
             for leaf in leaves
         )
         else FORMAT_VERSION
@@ -276,6 +277,12 @@ def save_adapters(
         stored = {key: getattr(leaf, key) for key in _node_arrays(leaf)}
         array_hashes[path] = {key: _sha256(x) for key, x in stored.items()}
         base_hashes[path] = _kernel_sha256(leaf.kernel) if base_values else None
+        if leaf.residual is not None and base_hashes[path] is None:
+            raise ValueError(
+                f"the adapter at '{path}' sits on a {leaf.residual} residual kernel; a load must "
+                "check it gets that kernel back, so save it with base_values=True and concrete "
+                "kernels (or convert it with minilora_jax.pissa.to_lora first)"
+            )
         _put(arrays, _parts(path), stored)
     if not records:
         raise ValueError(
@@ -493,7 +500,8 @@ def _load_document(
         node = _abstract_node(rec, kernel=leaf)
         node.check(name)  # the recorded layout against the base's kernel
         nodes[name] = node
-        if check_base_values:
+        # A PiSSA/OLoRA adapter means nothing on another kernel than its residual: always check.
+        if check_base_values or rec.get("residual") is not None:
             _check_base_values(directory, info, name, leaf, rec)
 
     def with_nodes(found: Mapping[str, Lora]) -> Any:
@@ -864,6 +872,7 @@ def _record(node: Lora, version: int) -> dict[str, Any]:
     if version >= 5:
         rec["arrays"] = list(_node_arrays(node))
         rec["quantized"] = _quantization(node.kernel)
+        rec["residual"] = node.residual
     return rec
 
 
@@ -944,6 +953,7 @@ def _abstract_node(rec: Mapping[str, Any], kernel: Any = None) -> Lora:
         float(rec["scale"]),
         Layout.from_json(rec["layout"]),
         magnitude=_struct(rec["magnitude"]) if "magnitude" in rec else None,
+        residual=rec.get("residual"),
     )
 
 
@@ -1064,6 +1074,9 @@ def _validate(file: FilePath, info: Any) -> dict[str, Any]:
                 )
             array_names = tuple(given_arrays)
             _validate_quantized(rec.get("quantized"), f"{where}['quantized']", bad)
+            if rec.get("residual") not in RESIDUALS:
+                raise bad(f"{where}['residual'] is {rec.get('residual')!r}; expected one of "
+                          f"{list(RESIDUALS)}")
         want_keys = _RECORD_KEYS[version] | set(array_names)
         if set(rec) != want_keys:
             raise bad(

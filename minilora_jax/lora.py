@@ -131,9 +131,11 @@ class Lora:
     """A kernel with its LoRA adapter: the node `minilora_jax.init` puts in the kernel's place.
 
     Its children are ``kernel``, ``lora_a``, ``lora_b`` and ``magnitude`` (``None``, an empty
-    subtree, unless the adapter is DoRA); ``scale`` and ``layout`` are static (structure, not
-    data). Use `minilora_jax.wrap` to run a model with it, `minilora_jax.merge` to fold it into a
-    plain kernel.
+    subtree, unless the adapter is DoRA); ``scale``, ``layout`` and ``residual`` are static
+    (structure, not data). ``residual`` is ``None``, or ``"pissa"``/``"olora"`` when the kernel is
+    the residual such an init left (`minilora_jax.pissa`): the adapter then means nothing on the
+    original base, and what would write it for that base refuses it. Use `minilora_jax.wrap` to
+    run a model with it, `minilora_jax.merge` to fold it into a plain kernel.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -147,28 +149,30 @@ class Lora:
       (True, (3,), 2.0)
     """
 
-    __slots__ = ("kernel", "lora_a", "lora_b", "scale", "layout", "magnitude")
+    __slots__ = ("kernel", "lora_a", "lora_b", "scale", "layout", "magnitude", "residual")
     _CHILDREN = ("kernel", "lora_a", "lora_b", "magnitude")
 
     def __init__(self, kernel: Any, lora_a: Any, lora_b: Any, scale: float, layout: Layout,
-                 magnitude: Any = None):
+                 magnitude: Any = None, residual: str | None = None):
         self.kernel = kernel
         self.lora_a = lora_a
         self.lora_b = lora_b
         self.scale = scale
         self.layout = layout
         self.magnitude = magnitude
+        self.residual = residual
 
     def tree_flatten_with_keys(self):
         children = tuple(
             (jax.tree_util.GetAttrKey(name), getattr(self, name)) for name in self._CHILDREN
         )
-        return children, (self.scale, self.layout)
+        return children, (self.scale, self.layout, self.residual)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         kernel, lora_a, lora_b, magnitude = children
-        return cls(kernel, lora_a, lora_b, *aux, magnitude=magnitude)
+        scale, layout, residual = aux
+        return cls(kernel, lora_a, lora_b, scale, layout, magnitude=magnitude, residual=residual)
 
     def replace(self, **changes: Any) -> Lora:
         fields = {name: getattr(self, name) for name in self.__slots__}
@@ -177,6 +181,7 @@ class Lora:
     def __repr__(self) -> str:
         shape = lambda x: tuple(x.shape) if hasattr(x, "shape") else x  # noqa: E731
         extra = "" if self.magnitude is None else f", magnitude={shape(self.magnitude)}"
+        extra += "" if self.residual is None else f", residual={self.residual!r}"
         return (
             f"Lora(kernel={shape(self.kernel)}, lora_a={shape(self.lora_a)}, "
             f"lora_b={shape(self.lora_b)}, scale={self.scale:g}, layout={self.layout}{extra})"
@@ -226,6 +231,8 @@ class Lora:
         ``(*batch, *out)`` and floating point.
         """
         where = f"adapter at '{path}'"
+        if self.residual not in RESIDUALS:
+            raise ValueError(f"{where} has residual={self.residual!r}; expected one of {RESIDUALS}")
         if not isinstance(self.layout, Layout):
             raise ValueError(f"{where} has no Layout (found {self.layout!r})")
         if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
@@ -512,4 +519,20 @@ def refuse_dora(names: Any, leaves: Any, what: str) -> None:
                 f"{what} takes plain LoRA adapters, but '{path}' is DoRA (it has a magnitude "
                 f"vector), which {what} would drop or misapply; merge it with "
                 "minilora_jax.merge first"
+            )
+
+
+RESIDUALS = (None, "pissa", "olora")
+
+
+def refuse_residual(names: Any, leaves: Any, what: str) -> None:
+    """Raises ValueError if an adapter's kernel is a PiSSA/OLoRA residual (``Lora.residual``):
+    ``what`` would write or combine the adapter as if its kernel were the original base."""
+    for path, leaf in zip(names, leaves, strict=True):
+        if isinstance(leaf, Lora) and leaf.residual is not None:
+            raise ValueError(
+                f"{what}: the adapter at '{path}' sits on a {leaf.residual} residual kernel (the "
+                f"base minus the part {leaf.residual} moved into the adapter), so on the original "
+                "base it would be wrong; convert it with minilora_jax.pissa.to_lora(trained, "
+                "initial) first (a plain LoRA of twice the rank on the original base), or merge"
             )

@@ -129,7 +129,7 @@ import numpy as np
 
 from minilora_jax._tree import flatten
 from minilora_jax.adapters import find_kernels
-from minilora_jax.lora import Layout, Lora, is_lora
+from minilora_jax.lora import Layout, Lora, is_lora, refuse_residual
 from minilora_jax.pissa import RESIDUAL_INITS, residual_base
 
 # Re-exported: `read_safetensors`, `write_safetensors` and `tensor_digest` are public here too.
@@ -314,6 +314,7 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
     out: dict[str, TorchAdapter] = {}
     origin: dict[str, str] = {}
     paths, leaves, _ = flatten(tree)
+    refuse_residual(paths, leaves, "to_torch")
     found = [(path, leaf) for path, leaf in zip(paths, leaves, strict=True) if is_lora(leaf)]
     if not found:
         raise ValueError(

@@ -220,7 +220,7 @@ def pissa_decompose(
     root = jnp.sqrt(s_r / s)
     a_t = root[..., :, None] * uh_r  # lora_A (r, in)
     b_t = v_r * root[..., None, :]  # lora_B (out, r)
-    return _with_parts(node, a_t, b_t, shape)
+    return _with_parts(node, a_t, b_t, shape, "pissa")
 
 
 def olora_decompose(node: Lora) -> Lora:
@@ -248,10 +248,11 @@ def olora_decompose(node: Lora) -> Lora:
     _check_node(node, "olora_decompose")
     shape, r = tuple(node.kernel.shape), node.rank
     q, rr = jnp.linalg.qr(_torch_matrices(node.kernel, node.layout))
-    return _with_parts(node, rr[..., :r, :], q[..., :, :r], shape)
+    return _with_parts(node, rr[..., :r, :], q[..., :, :r], shape, "olora")
 
 
-def _with_parts(node: Lora, a_t: jax.Array, b_t: jax.Array, shape: tuple[int, ...]) -> Lora:
+def _with_parts(node: Lora, a_t: jax.Array, b_t: jax.Array, shape: tuple[int, ...],
+                kind: str) -> Lora:
     """The node with adapters from torch-layout ``a_t``, ``b_t`` and the residual they leave."""
     layout, dtype = node.layout, node.lora_a.dtype
     lora_a, lora_b = _adapters_from_torch(a_t, b_t, layout, shape, dtype)
@@ -260,7 +261,8 @@ def _with_parts(node: Lora, a_t: jax.Array, b_t: jax.Array, shape: tuple[int, ..
     a_t, b_t = _torch_adapters(lora_a, lora_b, layout)
     residual = _torch_matrices(node.kernel, layout) - node.scale * _mm(b_t, a_t)
     kernel = _kernel_from_torch(residual, layout, shape, node.kernel.dtype)
-    return node.replace(kernel=kernel, lora_a=lora_a, lora_b=lora_b.astype(node.lora_b.dtype))
+    return node.replace(kernel=kernel, lora_a=lora_a, lora_b=lora_b.astype(node.lora_b.dtype),
+                        residual=kind)
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,6 +493,7 @@ def to_lora(trained: Any, initial: Any) -> Any:
             kernel=kernel,
             lora_a=jnp.concatenate([node.lora_a, a0], axis=-1),
             lora_b=jnp.concatenate([node.lora_b, -b0], axis=nb),
+            residual=None,  # a plain LoRA on the original base now
         )
     missing = sorted(set(first) - seen)
     if missing:
@@ -564,5 +567,5 @@ def residual_base(tree: Any, init: str, paths: Sequence[str] | None = None) -> A
             lora_a=node.lora_a.astype(jnp.float32), lora_b=node.lora_b.astype(jnp.float32)
         )
         fresh = pissa_decompose(fresh) if init == "pissa" else olora_decompose(fresh)
-        leaves[i] = node.replace(kernel=fresh.kernel)
+        leaves[i] = node.replace(kernel=fresh.kernel, residual=init)
     return jax.tree.unflatten(treedef, leaves)

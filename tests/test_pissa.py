@@ -419,3 +419,32 @@ def test_peft_pissa_niter_directory_is_refused_naming_the_reason(tmp_path):
     with pytest.raises(ValueError, match=r"adapter_config\.json: 'init_lora_weights' is "
                                          r"'pissa_niter_2', expected .*torch's RNG"):
         mlj.peft.load(tmp_path / "trained", base)
+
+
+def test_a_residual_adapter_is_never_written_for_the_original_base(tmp_path):
+    """A tree straight from init_pissa/init_olora holds residual kernels: PEFT and MiniMind files
+    (which mean 'on the original base'), banks and combinations refuse it; an orbax checkpoint
+    records it and always checks it gets the residual kernel back; to_lora clears it."""
+    params = {"w": {"kernel": jax.random.normal(jax.random.key(0), (8, 8))}}
+    for tree in (mlj.pissa.init_pissa(params, rank=2), mlj.pissa.init_olora(params, rank=2)):
+        node = tree["w"]["kernel"]
+        assert node.residual in ("pissa", "olora")
+        with pytest.raises(ValueError, match="residual kernel.*to_lora"):
+            mlj.peft.save(tmp_path / f"peft_{node.residual}", tree)
+        with pytest.raises(ValueError, match="residual kernel"):
+            mlj.minimind.save_minimind_lora(tmp_path / "m.safetensors", tree,
+                                            module_names=lambda path: "w")
+        with pytest.raises(ValueError, match="bank.stack.*residual"):
+            mlj.bank.stack([tree])
+        with pytest.raises(ValueError, match="combine_adapters.*residual"):
+            mlj.combine_adapters([tree], [1.0])
+        ckpt = mlj.save_adapters(tmp_path / f"ckpt_{node.residual}", tree)
+        residual_base = mlj.split(tree)[1]
+        assert mlj.load_adapters(ckpt, residual_base)["w"]["kernel"].residual == node.residual
+        with pytest.raises(ValueError, match="holds other values"):  # always checked
+            mlj.load_adapters(ckpt, params)
+        with pytest.raises(ValueError, match="base_values=True"):
+            mlj.save_adapters(tmp_path / "no_values", tree, base_values=False)
+        plain = mlj.pissa.to_lora(tree, tree)
+        assert plain["w"]["kernel"].residual is None
+        mlj.peft.save(tmp_path / f"converted_{node.residual}", plain)
