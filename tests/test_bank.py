@@ -47,7 +47,7 @@ def alone(model, params, trees, x, ids):
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "nn.scan"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ["gather", "one_hot"])  # "auto" picks one of them
 @pytest.mark.parametrize("routing", ["vmap", "leading_axis"])
 def test_mixed_batch_equals_each_adapter_alone(scan, method, routing):
     model, x, params, trees = setup(scan)
@@ -336,14 +336,14 @@ def test_kv_cache_prefill_and_decode_route_per_example(scan_layers):
     ids = jnp.array([1, -1, 2, 0])
     cache_axis = 1 if scan_layers else 0
     outs = (0, cache_axis)
-    routed = {m: jax.jit(mlj.wrap(model.apply, kwarg_axes={"cache": cache_axis}, out_axes=outs,
-                                  method=m), static_argnames="pos")
-              for m in ("gather", "one_hot")}
-    # The batch-major fast path: no vmap, examples on the leading axis of every input.
-    routed.update({f"leading {m}": jax.jit(mlj.wrap(model.apply, method=m,
-                                                    routing="leading_axis"),
-                                           static_argnames="pos")
-                   for m in ("gather", "one_hot")})
+    # Each formulation once (every formulation meets every routing in the tests above): the
+    # vmap routing with one-hot, and the batch-major fast path (no vmap) with gather.
+    routed = {
+        "vmap one_hot": jax.jit(mlj.wrap(model.apply, kwarg_axes={"cache": cache_axis},
+                                         out_axes=outs, method="one_hot"), static_argnames="pos"),
+        "leading gather": jax.jit(mlj.wrap(model.apply, method="gather", routing="leading_axis"),
+                                  static_argnames="pos"),
+    }
     single = jax.jit(mlj.wrap(model.apply), static_argnames="pos")
     plain = jax.jit(model.apply, static_argnames="pos")
 
