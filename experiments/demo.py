@@ -70,24 +70,18 @@ def pretrain(config, tokenizer, args) -> dict:
     )
     if path.exists():
         say(f"[1/6] Base model: reusing the pretrained weights cached in {_rel(path)}")
-        return minimind.load_torch_weights(path, config)
-    say(f"[1/6] Pretraining a {args.config} base model on tiny-Shakespeare "
-        f"({args.pretrain_steps} steps of 16 x {args.seq_len} tokens); cached for reruns")
-    tokens = identity_data.shakespeare_tokens(tokenizer, cache_dir=args.cache)
-    model = minimind.MiniMind(config)
-    params = model.init(jax.random.key(args.seed), jnp.ones((1, 8), jnp.int32))["params"]
-    tx = training.optimizer(args.pretrain_lr, args.pretrain_steps)
-    opt_state = tx.init(params)
-    step = training.full_step(model.apply, tx)
-    batches = identity_data.pretrain_batches(tokens, 16, args.seq_len, args.seed)
-    with tqdm(range(args.pretrain_steps), desc="      pretrain", unit="step") as bar:
-        for _ in bar:
-            batch = jnp.asarray(next(batches))
-            params, opt_state, loss = step(params, opt_state, batch, None)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    minimind.save_torch_weights(path, params, config)
-    return params
+    else:
+        say(f"[1/6] Pretraining a {args.config} base model on tiny-Shakespeare "
+            f"({args.pretrain_steps} steps of 16 x {args.seq_len} tokens); cached for reruns")
+    with tqdm(total=0 if path.exists() else args.pretrain_steps, desc="      pretrain",
+              unit="step", disable=path.exists()) as bar:
+        def show(step, loss):
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+        return training.pretrained_base(
+            config, tokenizer, path, steps=args.pretrain_steps, lr=args.pretrain_lr,
+            seq_len=args.seq_len, seed=args.seed, cache_dir=args.cache, callback=show)
 
 
 def answers(apply_fn, params, config, tokenizer, questions, max_new_tokens=48):

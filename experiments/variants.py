@@ -117,11 +117,9 @@ def say(text: str = "") -> None:
 
 
 def load_base(config: minimind.MiniMindConfig, tokenizer: Any, args: argparse.Namespace) -> dict:
-    """The demo's pretrained base: read from the cache, or pretrained as the demo does.
-
-    A copy of ``experiments/demo.py``'s ``pretrain`` (same cache file name, same steps), so the
-    two scripts share the cached base without one importing the other. With ``--layers`` the
-    file name says so, and no demo base is ever read for another depth.
+    """The demo's pretrained base (`minimind_jax.training.pretrained_base`, the same cache file
+    name), so both scripts start from it. With ``--layers`` the file name says so, and no demo
+    base is ever read for another depth.
     """
     layers = "" if args.layers is None else f"-layers{args.layers}"
     path = args.cache / (
@@ -130,21 +128,12 @@ def load_base(config: minimind.MiniMindConfig, tokenizer: Any, args: argparse.Na
     )
     if path.exists():
         say(f"Base model: the pretrained weights cached in {_rel(path)}")
-        return minimind.load_torch_weights(path, config)
-    say(f"Base model: pretraining {args.config} on tiny-Shakespeare ({args.pretrain_steps} steps "
-        f"of 16 x {args.seq_len} tokens), cached in {_rel(path)}")
-    tokens = identity_data.shakespeare_tokens(tokenizer, cache_dir=args.cache)
-    model = minimind.MiniMind(config)
-    params = model.init(jax.random.key(args.seed), jnp.ones((1, 8), jnp.int32))["params"]
-    tx = training.optimizer(args.pretrain_lr, args.pretrain_steps)
-    opt_state = tx.init(params)
-    step = training.full_step(model.apply, tx)
-    batches = identity_data.pretrain_batches(tokens, 16, args.seq_len, args.seed)
-    for _ in range(args.pretrain_steps):
-        params, opt_state, _ = step(params, opt_state, jnp.asarray(next(batches)), None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    minimind.save_torch_weights(path, params, config)
-    return params
+    else:
+        say(f"Base model: pretraining {args.config} on tiny-Shakespeare ({args.pretrain_steps} "
+            f"steps of 16 x {args.seq_len} tokens), cached in {_rel(path)}")
+    return training.pretrained_base(
+        config, tokenizer, path, steps=args.pretrain_steps, lr=args.pretrain_lr,
+        seq_len=args.seq_len, seed=args.seed, cache_dir=args.cache)
 
 
 def dora_argument() -> str:

@@ -9,13 +9,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from minilora_jax._tree import flatten
 from minilora_jax.lora import is_bank
 from minilora_jax.program import apply
-from minilora_jax.routing import METHODS, route
+from minilora_jax.routing import METHODS, checked_ids, route
 
 
 class AdapterNotAppliedError(RuntimeError):
@@ -155,14 +154,8 @@ def wrap(
                 "minilora_jax.bank.stack"
             )
         if banks and routing == "leading_axis":
-            ids = jnp.asarray(adapter_ids)
-            if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-                raise ValueError(
-                    "adapter_ids must be a 1-D integer array, one adapter index per example (-1 "
-                    f"for the base model); got {ids.dtype} of shape {ids.shape}"
-                )
             out, problems = apply(fn, tree, args, kwargs, dropout=float(dropout), key=key,
-                                  method=method, example_ids=ids)
+                                  method=method, example_ids=checked_ids(adapter_ids))
         elif banks:
             out, problems = route(
                 apply, fn, tree, args, kwargs, adapter_ids=adapter_ids, in_axes=in_axes,

@@ -453,20 +453,14 @@ class Interpreter:
         n_axis = arrays.a_labels.index("n")
         n, r = arrays.a.shape[n_axis], arrays.a.shape[-1]
         rows = math.prod(x.shape[j] for j in range(1, x.ndim) if j not in xc and j not in xb)
-        method = self.method
-        if method == "auto":
-            method = "one_hot" if rows * (n - 1) <= _ONE_HOT_MAX_EXTRA_ROWS else "gather"
-        components = jnp.arange(r)
-        if method == "one_hot":
+        if self._choose(rows, n) == "one_hot":
             a = _arrange(arrays.a, arrays.a_labels, [groups[j] for j in kb + kc] + [("n", "r")])
             b = _arrange(arrays.b, arrays.b_labels, [groups[j] for j in kb] + [("n", "r")] +
                          [groups[j] for j in kf])
             xa = jax.lax.dot_general(
                 x, a.astype(dtype), ((xc, tuple(range(nb, nb + nc))), (xb, tuple(range(nb)))),
                 precision=precision, preferred_element_type=preferred)
-            chosen = (ids[:, None] == jnp.arange(n)[None, :]) * arrays.scales[None, :]
-            weights = (chosen[:, :, None] * (components < arrays.ranks[:, None])[None]).reshape(
-                count, n * r)
+            weights = _one_hot_weights(arrays, ids, n, r)
             # xa: (kb..., x free with the example axis first..., n * r)
             shape = [1] * xa.ndim
             shape[nb], shape[-1] = count, n * r
@@ -474,7 +468,7 @@ class Interpreter:
             return jax.lax.dot_general(
                 xa, b.astype(dtype), (((xa.ndim - 1,), (nb,)), (tuple(range(nb)),) * 2),
                 precision=precision, preferred_element_type=preferred)
-        safe = jnp.clip(ids, 0, n - 1)
+        weights, safe = _gather_weights(arrays, ids, n, r)
         relabel = lambda labels: tuple("e" if lbl == "n" else lbl for lbl in labels)  # noqa: E731
         a_labels, b_labels = relabel(arrays.a_labels), relabel(arrays.b_labels)
         a = _arrange(jnp.take(arrays.a, safe, axis=n_axis), a_labels,
@@ -485,8 +479,6 @@ class Interpreter:
             x, a.astype(dtype),
             ((xc, tuple(range(1 + nb, 1 + nb + nc))), ((0, *xb), tuple(range(1 + nb)))),
             precision=precision, preferred_element_type=preferred)
-        weights = jnp.where(ids >= 0, arrays.scales[safe], 0.0)[:, None] * (
-            components[None, :] < arrays.ranks[safe][:, None])
         xa = (xa * weights.reshape((count,) + (1,) * (xa.ndim - 2) + (r,)).astype(xa.dtype)
               ).astype(dtype)
         out = jax.lax.dot_general(
@@ -507,23 +499,22 @@ class Interpreter:
         """
         n_axis = arrays.a_labels.index("n")
         n, r = arrays.a.shape[n_axis], arrays.a.shape[-1]
-        method = self.method
-        if method == "auto":
-            method = "one_hot" if rows * (n - 1) <= _ONE_HOT_MAX_EXTRA_ROWS else "gather"
         idx = jnp.asarray(self.adapter_id, jnp.int32)
-        components = jnp.arange(r)
-        if method == "gather":
-            safe = jnp.clip(idx, 0, n - 1)
+        if self._choose(rows, n) == "gather":
+            weights, safe = _gather_weights(arrays, idx, n, r)
             a = jnp.take(arrays.a, safe, axis=n_axis)
             b = jnp.take(arrays.b, safe, axis=arrays.b_labels.index("n"))
-            weights = jnp.where(idx >= 0, arrays.scales[safe], 0.0) * (
-                components < arrays.ranks[safe]
-            )
             drop = lambda labels: tuple(lbl for lbl in labels if lbl != "n")  # noqa: E731
             return a, b, drop(arrays.a_labels), drop(arrays.b_labels), ("r",), weights
-        chosen = jnp.arange(n) == idx
-        weights = (chosen * arrays.scales)[:, None] * (components[None, :] < arrays.ranks[:, None])
-        return arrays.a, arrays.b, arrays.a_labels, arrays.b_labels, ("n", "r"), weights.ravel()
+        weights = _one_hot_weights(arrays, idx, n, r)
+        return arrays.a, arrays.b, arrays.a_labels, arrays.b_labels, ("n", "r"), weights
+
+    def _choose(self, rows: int, n: int) -> str:
+        """``self.method``, with ``"auto"`` made ``one_hot`` when its extra multiply-adds
+        (``rows * (n - 1)`` rows' worth per example) are few, else ``gather``."""
+        if self.method != "auto":
+            return self.method
+        return "one_hot" if rows * (n - 1) <= _ONE_HOT_MAX_EXTRA_ROWS else "gather"
 
     # -- control flow --------------------------------------------------------------------------
 
@@ -652,6 +643,22 @@ class Interpreter:
                                  *[None] * n], scope, None)[0])
 
         return list(jax.lax.while_loop(cond_fun, body_fun, list(init)))
+
+
+def _gather_weights(arrays: Arrays, ids: Any, n: int, r: int) -> tuple[Any, Any]:
+    """``(weights (*ids.shape, r), clipped ids)`` for gathering each id's factors: its scale on
+    its first ``ranks`` components, 0 elsewhere and everywhere for id -1 (the base model)."""
+    safe = jnp.clip(ids, 0, n - 1)
+    live = jnp.arange(r) < arrays.ranks[safe][..., None]
+    return jnp.where(ids >= 0, arrays.scales[safe], 0.0)[..., None] * live, safe
+
+
+def _one_hot_weights(arrays: Arrays, ids: Any, n: int, r: int) -> Any:
+    """``(*ids.shape, n * r)`` weights over every adapter's components: each id's scale on its
+    live components, 0 for every other adapter (and for id -1)."""
+    chosen = (ids[..., None] == jnp.arange(n)) * arrays.scales  # (*ids, n)
+    live = jnp.arange(r) < arrays.ranks[:, None]  # (n, r)
+    return (chosen[..., None] * live).reshape((*jnp.shape(ids), n * r))
 
 
 def _is_drop(var: Any) -> bool:

@@ -84,6 +84,17 @@ def _squeeze(x: Any, axis: Any, where: str) -> Any:
     return jnp.squeeze(x, axis + 1)
 
 
+def checked_ids(adapter_ids: Any) -> jax.Array:
+    """``adapter_ids`` as an array, refused unless 1-D integers (one per example, -1: base)."""
+    ids = jnp.asarray(adapter_ids)
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(
+            f"adapter_ids must be a 1-D integer array, one adapter index per example (-1 for the "
+            f"base model); got {ids.dtype} of shape {ids.shape}"
+        )
+    return ids
+
+
 def route(
     apply: Callable[..., tuple[Any, dict[str, list[str]]]],
     fn: Callable[..., Any],
@@ -105,12 +116,7 @@ def route(
 
     ``apply`` is `minilora_jax.program.apply`; it runs once per example under ``jax.vmap``.
     """
-    ids = jnp.asarray(adapter_ids)
-    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ValueError(
-            f"adapter_ids must be a 1-D integer array, one adapter index per example (-1 for the "
-            f"base model); got {ids.dtype} of shape {ids.shape}"
-        )
+    ids = checked_ids(adapter_ids)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     size = int(ids.shape[0])

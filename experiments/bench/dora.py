@@ -27,16 +27,11 @@ import numpy as np
 from minimind_jax import training
 
 import minilora_jax as mlj
+from bench import hlo
 from bench.harness import interleave
 from bench.workload import Options, make_setup, with_random_b
 
 TARGET = 1.2
-
-
-def _flops(compiled: Any) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float((cost or {}).get("flops", 0.0))
 
 
 def dora_params(setup: Any, seed: int = 2) -> Any:
@@ -77,7 +72,7 @@ def run(options: Options | None = None) -> dict[str, Any]:
         opt_state = setup.tx.init(adapters)
         args = (adapters, opt_state, frozen, setup.tokens, setup.mask)
         compiled = step.lower(*args).compile()
-        flops[name] = _flops(compiled)
+        flops[name] = hlo.cost(compiled)["flops"]
         calls[name] = (lambda c=compiled, a=args: c(*a))
         losses[name] = float(calls[name]()[2])
     times = interleave(calls, rounds=options.rounds, warmup=options.warmup)

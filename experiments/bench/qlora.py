@@ -32,6 +32,7 @@ from minimind_jax import model as minimind
 from minimind_jax import training
 
 import minilora_jax as mlj
+from bench.workload import abstract_params, random_like, with_random_b
 from minilora_jax.quantize import Quantized, quantize
 
 
@@ -45,32 +46,6 @@ def parse_args(argv=None):
     p.add_argument("--kinds", default="bf16,nf4,int8", help="comma-separated bases to compare")
     p.add_argument("--run", action="store_true", help="also run each step once, print the loss")
     return p.parse_args(argv)
-
-
-def random_params(config: minimind.MiniMindConfig, seed: int = 0):
-    """N(0, 0.02²) weights (ones for norm weights), drawn with numpy: no model.init compile."""
-    model = minimind.MiniMind(config)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 8), jnp.int32))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = str(getattr(path[-1], "key", path[-1]))
-        value = np.ones(leaf.shape) if name == "weight" else 0.02 * rng.standard_normal(leaf.shape)
-        return jnp.asarray(value, leaf.dtype)
-
-    return model, jax.tree_util.tree_map_with_path(fill, abstract["params"])
-
-
-def with_random_b(tree, seed: int):
-    rng = np.random.default_rng(seed)
-
-    def fill(node):
-        if not mlj.is_lora(node):
-            return node
-        b = 0.02 * rng.standard_normal(node.lora_b.shape)
-        return node.replace(lora_b=jnp.asarray(b, node.lora_b.dtype))
-
-    return jax.tree.map(fill, tree, is_leaf=mlj.is_lora)
 
 
 def kernel_bytes(lora_tree) -> int:
@@ -110,7 +85,7 @@ def measure(args, config: minimind.MiniMindConfig | None = None) -> dict:
     if config is None:
         config = minimind.MiniMindConfig.named(args.config)
     config = config.replace(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    model, base = random_params(config)
+    model, base = minimind.MiniMind(config), random_like(abstract_params(config), 0)
     lora = mlj.init(base, jax.random.key(1), rank=args.rank, targets=mlj.all_kernels)
     lora = with_random_b(lora, 1)
     rng = np.random.default_rng(0)

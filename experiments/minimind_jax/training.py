@@ -198,3 +198,42 @@ def _train_lora(
                      "losses": losses}  # fmt: skip
             save_step(checkpoint_dir, done, mlj.combine(adapters, base), state=state, keep=2)
     return mlj.combine(adapters, base), losses
+
+
+def pretrained_base(
+    config: Any,
+    tokenizer: Any,
+    path: str | os.PathLike,
+    *,
+    steps: int,
+    lr: float,
+    seq_len: int,
+    seed: int,
+    cache_dir: str | os.PathLike,
+    callback: Callable[[int, float], None] | None = None,
+) -> Any:
+    """A base `MiniMind` pretrained on tiny-Shakespeare (16 x ``seq_len`` tokens a step, MiniMind's
+    recipe), read from ``path`` if it exists, else trained and saved there (safetensors).
+
+    The demo and the variants comparison share it, so they start from the same base.
+    ``callback(step, loss)`` is called after each step of a fresh pretraining.
+    """
+    from minimind_jax import identity
+    from minimind_jax import model as minimind
+
+    if os.path.exists(path):
+        return minimind.load_torch_weights(path, config)
+    tokens = identity.shakespeare_tokens(tokenizer, cache_dir=cache_dir)
+    model = minimind.MiniMind(config)
+    params = model.init(jax.random.key(seed), jnp.ones((1, 8), jnp.int32))["params"]
+    tx = optimizer(lr, steps)
+    opt_state = tx.init(params)
+    step = full_step(model.apply, tx)
+    batches = identity.pretrain_batches(tokens, 16, seq_len, seed)
+    for i in range(steps):
+        params, opt_state, loss = step(params, opt_state, jnp.asarray(next(batches)), None)
+        if callback is not None:
+            callback(i, float(loss))
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    minimind.save_torch_weights(path, params, config)
+    return params
