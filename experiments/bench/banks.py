@@ -26,6 +26,7 @@ from minimind_jax import model as minimind
 from minimind_jax import training
 
 import minilora_jax as mlj
+from bench import hlo
 from bench.harness import interleave, log, ratio, summary_ms
 from bench.workload import Options, abstract_params, random_like, with_random_b
 
@@ -36,12 +37,6 @@ ROUTINGS = ("vmap", "leading_axis")
 BEST = "leading_axis"  # the targets are read from it; both are reported
 DECODE_BATCH = 64
 CACHE = 256
-
-
-def _flops(compiled: Any) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0))
 
 
 def _peft_mixed(config: Any, base: Any, tokens: np.ndarray, rank: int, threads: int):
@@ -103,7 +98,8 @@ def run(options: Options, with_peft: bool = True, swaps: int = 100) -> dict[str,
     for routing in ROUTINGS:
         mixed_fwd = jax.jit(mlj.wrap(model.apply, routing=routing)).lower(
             {"params": bank}, tokens, adapter_ids=ids).compile()
-        out[f"prefill_flops_ratio_{routing}"] = _flops(mixed_fwd) / _flops(one_fwd)
+        out[f"prefill_flops_ratio_{routing}"] = (
+            hlo.cost(mixed_fwd)["flops"] / hlo.cost(one_fwd)["flops"])
         forwards[f"mixed batch ({routing})"] = lambda c=mixed_fwd: c({"params": bank}, tokens,
                                                                      adapter_ids=ids)
     peft_info: dict[str, Any] = {"status": "skipped"}
@@ -152,6 +148,11 @@ def run(options: Options, with_peft: bool = True, swaps: int = 100) -> dict[str,
         {"params": single}, step_tokens, cache=cache, pos=pos).compile()
     compiled = {m: f.lower({"params": bank}, step_tokens, cache=cache, pos=pos,
                            adapter_ids=dec_ids).compile() for m, f in decode.items()}
+    # XLA's bytes accessed per decode step: where the vmap routing's time goes (memory).
+    out["decode_mb_accessed"] = {"one adapter": hlo.cost(one_decode)["bytes accessed"] / 1e6}
+    out["decode_mb_accessed"].update({
+        f"{routing}, {m}": hlo.cost(c)["bytes accessed"] / 1e6
+        for (routing, m), c in compiled.items() if m != "auto"})
     # A decode step is tens of milliseconds: each sample runs DECODE_CALLS of them, so that
     # scheduling noise of one call does not decide a round.
     def repeat(call):
@@ -302,6 +303,8 @@ def report(b: dict[str, Any]) -> list[str]:
     lines.append("")
     lines.append("decode, by method (mixed / one adapter): "
                  + ", ".join(f"{m} {v:.3f}" for m, v in b["decode_by_method"].items()))
+    lines.append("decode, MB accessed per step (XLA cost analysis): "
+                 + ", ".join(f"{m} {v:,.1f}" for m, v in b["decode_mb_accessed"].items()))
     if "peft_mixed_vs_peft_one" in b:
         lines.append(f"PEFT's own mixed batch / its single adapter: "
                      f"{b['peft_mixed_vs_peft_one']['ratio']:.3f}")
