@@ -20,7 +20,7 @@ test: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 
 # The inner loop: everything not marked slow (no subprocesses, torch, models, notebooks or
-# simulated devices), in about a minute.
+# simulated devices); README states its measured time.
 test-quick: $(VENV)/.installed-dev
 	$(PY) -m pytest -m "not slow" tests minilora_jax
 	$(VENV)/bin/ruff check .
