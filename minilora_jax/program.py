@@ -25,10 +25,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
+from minilora_jax import _jax
 from minilora_jax._tree import flatten
 from minilora_jax.lora import Layout, is_adapter, is_bank
 
@@ -202,10 +202,10 @@ class Interpreter:
                 seen[var] = view
 
         def read(atom: Any) -> Any:
-            return atom.val if isinstance(atom, jex.core.Literal) else env[atom]
+            return atom.val if isinstance(atom, _jax.Literal) else env[atom]
 
         def view_of(atom: Any) -> View | None:
-            return None if isinstance(atom, jex.core.Literal) else seen.get(atom)
+            return None if isinstance(atom, _jax.Literal) else seen.get(atom)
 
         pending: list[Any] = []
 
@@ -216,13 +216,13 @@ class Interpreter:
             needed: dict[Any, None] = {}
             for eqn in pending:
                 for atom in eqn.invars:
-                    if isinstance(atom, jex.core.Var) and atom not in defined:
+                    if isinstance(atom, _jax.Var) and atom not in defined:
                         needed[atom] = None
             inputs = list(needed)
             outputs = [v for eqn in pending for v in eqn.outvars if not _is_drop(v)]
             effects = set().union(*(eqn.effects for eqn in pending))
             segment = _jaxpr(inputs, outputs, list(pending), effects)
-            values = jax.core.eval_jaxpr(segment, [], *[env[v] for v in inputs])
+            values = _jax.eval_jaxpr(segment, [], *[env[v] for v in inputs])
             env.update(zip(outputs, values, strict=True))
             pending.clear()
 
@@ -662,21 +662,23 @@ def _one_hot_weights(arrays: Arrays, ids: Any, n: int, r: int) -> Any:
 
 
 def _is_drop(var: Any) -> bool:
-    return isinstance(var, jex.core.DropVar)
+    return isinstance(var, _jax.DropVar)
 
 
 def _jaxpr(inputs: list[Any], outputs: list[Any], eqns: list[Any], effects: Any) -> Any:
     """A jaxpr of part of the traced program, to evaluate with ``jax.core.eval_jaxpr``."""
-    info = jex.core.DebugInfo("minilora_jax.wrap", "<program part>", None, None)
-    return jex.core.Jaxpr([], inputs, outputs, eqns, effects, debug_info=info)
+    # Names for every input and output: older JAX asserts they match the jaxpr's.
+    info = _jax.DebugInfo("minilora_jax.wrap", "<program part>", ("",) * len(inputs),
+                          ("",) * len(outputs))
+    return _jax.Jaxpr([], inputs, outputs, eqns, effects, debug_info=info)
 
 
 def _bind(eqn: Any, values: Sequence[Any]) -> list[Any]:
     """Evaluates one equation on ``values`` (through ``jax.core.eval_jaxpr``)."""
-    env = {a: v for a, v in zip(eqn.invars, values, strict=True) if isinstance(a, jex.core.Var)}
+    env = {a: v for a, v in zip(eqn.invars, values, strict=True) if isinstance(a, _jax.Var)}
     outputs = [v for v in eqn.outvars if not _is_drop(v)]
     segment = _jaxpr(list(env), outputs, [eqn], eqn.effects)
-    got = iter(jax.core.eval_jaxpr(segment, [], *env.values()))
+    got = iter(_jax.eval_jaxpr(segment, [], *env.values()))
     return [None if _is_drop(v) else next(got) for v in eqn.outvars]
 
 
