@@ -244,34 +244,18 @@ class Interpreter:
         return [read(v) for v in jaxpr.outvars], [view_of(v) for v in jaxpr.outvars]
 
     def _touched(self, eqn, values, in_views, scope, key):
-        name = eqn.primitive.name
-        params = eqn.params
-        if name == "dot_general":
-            return [self._dot(eqn, values, in_views, scope, key)], [None]
-        if name in _INLINE and "jaxpr" in params:
-            sub = params["jaxpr"]
-            return self.run(sub.jaxpr, sub.consts, values, in_views, scope, key)
-        if name == "scan":
-            return self._scan(eqn, values, in_views, scope, key), [None] * len(eqn.outvars)
-        if name in _REMAT and "jaxpr" in params:
-            return self._remat(eqn, values, in_views, scope, key), [None] * len(eqn.outvars)
-        if name == "cond":
-            return self._cond(eqn, values, in_views, scope, key), [None] * len(eqn.outvars)
-        if name == "while":
-            return self._while(eqn, values, in_views, scope), [None] * len(eqn.outvars)
+        """One equation with a kernel view among its operands, by the primitive's rule in
+        `_RULES`; a primitive without a rule, or whose rule declines, is a use the adapter
+        cannot follow."""
+        rule = _RULES.get(eqn.primitive.name)
+        done = None if rule is None else rule(self, eqn, values, in_views, scope, key)
+        if done is not None:
+            return done
         outs = _bind(eqn, values)
-        view = in_views[0]
-        new = None
-        if len(in_views) == 1 and view is not None:
-            new = _rearranged(eqn, view, values[0])
-        elif name == "optimization_barrier":
-            return outs, list(in_views)
-        if new is None:
-            for v in in_views:
-                if v is not None:
-                    self.other(v, f"'{name}'")
-            return outs, [None] * len(outs)
-        return outs, [new]
+        for v in in_views:
+            if v is not None:
+                self.other(v, f"'{eqn.primitive.name}'")
+        return outs, [None] * len(outs)
 
     # -- the contraction -----------------------------------------------------------------------
 
@@ -682,39 +666,101 @@ def _bind(eqn: Any, values: Sequence[Any]) -> list[Any]:
     return [None if _is_drop(v) else next(got) for v in eqn.outvars]
 
 
-def _rearranged(eqn: Any, view: View, value: Any) -> View | None:
-    """The view of the output of a one-operand equation that only rearranges a kernel."""
-    name = eqn.primitive.name
-    p = eqn.params
-    if name in _PASS_THROUGH:
-        return view
-    if name == "transpose":
-        return View(view.src, tuple(view.groups[i] for i in p["permutation"]), view.sliced)
-    if name == "reshape" and p.get("dimensions") is None:
-        old = tuple(eqn.invars[0].aval.shape)
-        groups = _reshape_groups(view.groups, old, tuple(p["new_sizes"]))
-        return None if groups is None else View(view.src, groups, view.sliced)
-    if name == "broadcast_in_dim":
-        shape, dims = tuple(p["shape"]), tuple(p["broadcast_dimensions"])
-        old = tuple(eqn.invars[0].aval.shape)
-        groups: list[tuple[int, ...]] = []
-        for j, size in enumerate(shape):
-            if j in dims:
-                if old[dims.index(j)] != size:
-                    return None
-                groups.append(view.groups[dims.index(j)])
-            elif size == 1:
-                groups.append(())
-            else:
+# -- the rule table ------------------------------------------------------------------------------
+# One rule per primitive: ``rule(interp, eqn, values, in_views, scope, key)`` evaluates an
+# equation one of whose operands is a kernel view and returns ``(outputs, output views)``, or None
+# when it cannot follow the kernel through this equation (the caller then records the use). A
+# new primitive is a new entry; no rule depends on another's order.
+
+
+def _transpose(eqn: Any, view: View) -> View | None:
+    return View(view.src, tuple(view.groups[i] for i in eqn.params["permutation"]), view.sliced)
+
+
+def _reshape(eqn: Any, view: View) -> View | None:
+    if eqn.params.get("dimensions") is not None:
+        return None
+    old = tuple(eqn.invars[0].aval.shape)
+    groups = _reshape_groups(view.groups, old, tuple(eqn.params["new_sizes"]))
+    return None if groups is None else View(view.src, groups, view.sliced)
+
+
+def _broadcast_in_dim(eqn: Any, view: View) -> View | None:
+    shape, dims = tuple(eqn.params["shape"]), tuple(eqn.params["broadcast_dimensions"])
+    old = tuple(eqn.invars[0].aval.shape)
+    groups: list[tuple[int, ...]] = []
+    for j, size in enumerate(shape):
+        if j in dims:
+            if old[dims.index(j)] != size:
                 return None
-        return View(view.src, tuple(groups), view.sliced)
-    if name == "squeeze":
-        dims = tuple(p["dimensions"])
-        if any(view.groups[d] for d in dims):
+            groups.append(view.groups[dims.index(j)])
+        elif size == 1:
+            groups.append(())
+        else:
             return None
-        return View(view.src, tuple(g for j, g in enumerate(view.groups) if j not in dims),
-                    view.sliced)
-    return None
+    return View(view.src, tuple(groups), view.sliced)
+
+
+def _squeeze(eqn: Any, view: View) -> View | None:
+    dims = tuple(eqn.params["dimensions"])
+    if any(view.groups[d] for d in dims):
+        return None
+    return View(view.src, tuple(g for j, g in enumerate(view.groups) if j not in dims),
+                view.sliced)
+
+
+def _rearranging(rearrange: Callable[[Any, View], View | None]) -> Callable[..., Any]:
+    """The rule of a one-operand primitive that only moves a kernel's entries around."""
+
+    def rule(interp, eqn, values, in_views, scope, key):
+        if len(in_views) != 1:
+            return None
+        new = rearrange(eqn, in_views[0])
+        return None if new is None else (_bind(eqn, values), [new])
+
+    return rule
+
+
+def _dot_rule(interp, eqn, values, in_views, scope, key):
+    return [interp._dot(eqn, values, in_views, scope, key)], [None]
+
+
+def _inline_rule(interp, eqn, values, in_views, scope, key):
+    sub = eqn.params.get("jaxpr")
+    if sub is None:
+        return None
+    return interp.run(sub.jaxpr, sub.consts, values, in_views, scope, key)
+
+
+def _control(evaluate: Callable[..., list[Any]]) -> Callable[..., Any]:
+    """The rule of a control-flow primitive: its outputs carry no kernel view."""
+
+    def rule(interp, eqn, values, in_views, scope, key):
+        return evaluate(interp, eqn, values, in_views, scope, key), [None] * len(eqn.outvars)
+
+    return rule
+
+
+def _barrier_rule(interp, eqn, values, in_views, scope, key):
+    # An optimization barrier returns its operands as they are, however many there are.
+    return _bind(eqn, values), list(in_views)
+
+
+_RULES: dict[str, Callable[..., Any]] = {
+    **{name: _rearranging(lambda eqn, view: view) for name in _PASS_THROUGH},
+    "transpose": _rearranging(_transpose),
+    "reshape": _rearranging(_reshape),
+    "broadcast_in_dim": _rearranging(_broadcast_in_dim),
+    "squeeze": _rearranging(_squeeze),
+    "optimization_barrier": _barrier_rule,
+    "dot_general": _dot_rule,
+    **{name: _inline_rule for name in _INLINE},
+    **{name: _control(Interpreter._remat) for name in _REMAT},
+    "scan": _control(Interpreter._scan),
+    "cond": _control(Interpreter._cond),
+    "while": _control(lambda interp, eqn, values, in_views, scope, key:
+                      interp._while(eqn, values, in_views, scope)),
+}
 
 
 def trace(

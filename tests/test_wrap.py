@@ -256,7 +256,17 @@ def _nested_jit(p, x):
     return jax.jit(lambda w, x: jnp.einsum("bi,io->bo", x, w))(p["w"], x)
 
 
-@pytest.mark.parametrize("fn", [_checkpointed, _cond, _while, _scan_shared, _nested_jit])
+def _barrier_alone(p, x):  # one operand: the kernel itself
+    return x @ jax.lax.optimization_barrier(p["w"])
+
+
+def _barrier_with_input(p, x):  # the kernel among other operands
+    w, x = jax.lax.optimization_barrier((p["w"], x))
+    return x @ w
+
+
+@pytest.mark.parametrize("fn", [_checkpointed, _cond, _while, _scan_shared, _nested_jit,
+                                _barrier_alone, _barrier_with_input])
 def test_control_flow_inside_the_function(fn):
     x = jax.random.normal(jax.random.key(0), (3, 6))
     params = {"w": jax.random.normal(jax.random.key(1), (6, 6)) / 3}
