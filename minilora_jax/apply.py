@@ -153,9 +153,16 @@ def wrap(
                 "adapter_ids= was given but the tree holds no adapter bank; build one with "
                 "minilora_jax.bank.stack"
             )
+        if banks:
+            # (A bank without arrays is refused, naming it, by `apply`.)
+            sizes = {leaf.size for leaf in leaves if is_bank(leaf) and leaf.lora_a is not None}
+            if len(sizes) > 1:
+                raise ValueError(f"the banks of the tree have different sizes {sorted(sizes)}: "
+                                 "one adapter_ids cannot index them all")
+            adapter_ids = checked_ids(adapter_ids, sizes.pop() if sizes else None)
         if banks and routing == "leading_axis":
             out, problems = apply(fn, tree, args, kwargs, dropout=float(dropout), key=key,
-                                  method=method, example_ids=checked_ids(adapter_ids))
+                                  method=method, example_ids=adapter_ids)
         elif banks:
             out, problems = route(
                 apply, fn, tree, args, kwargs, adapter_ids=adapter_ids, in_axes=in_axes,
