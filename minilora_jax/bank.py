@@ -114,6 +114,12 @@ def stack(trees: Sequence[Any]) -> Any:
             continue
         first = next(iter(adapters.values()))
         for i, node in adapters.items():
+            if node.kernel is None:
+                raise ValueError(
+                    f"trees[{i}] holds an adapter without its kernel at '{path}' (the adapters "
+                    "half of minilora_jax.split); stack whole trees: "
+                    "minilora_jax.combine(adapters, base)"
+                )
             node.check(path)
             if node.layout != first.layout:
                 raise ValueError(
@@ -182,6 +188,11 @@ def select(tree: Any, n: int) -> Any:
       1
     """
     count = size(tree)
+    if isinstance(n, jax.core.Tracer):
+        raise TypeError(
+            f"n must be a Python int, got {n!r}: select reads the bank's ranks and scales, so "
+            "call it outside jax.jit (inside, route with wrap(..., adapter_ids=))"
+        )
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 0 <= n < count:
         raise ValueError(f"n must be an adapter index in [0, {count}), got {n!r}")
     names, leaves, treedef = flatten(tree)
@@ -191,7 +202,13 @@ def select(tree: Any, n: int) -> Any:
             out.append(leaf)
             continue
         leaf.check(path)
-        r = int(leaf.ranks[n])
+        try:
+            r = int(leaf.ranks[n])
+        except jax.errors.ConcretizationTypeError:
+            raise TypeError(
+                f"tree holds a traced bank at '{path}': select reads the bank's ranks and "
+                "scales, so call it outside jax.jit (inside, route with wrap(..., adapter_ids=))"
+            ) from None
         if r == 0:
             out.append(leaf.kernel)
             continue
