@@ -322,7 +322,7 @@ def _check_names(names: Any, count: int | None, where: str) -> list[str]:
                          f"not {BANK_FILE!r}), got {names!r}")
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise ValueError(f"{where} names {twice} more than once: each adapter of a bank has its "
+        raise ValueError(f"{where} holds {twice} more than once: each adapter of a bank has its "
                          f"own directory, got {names!r}")
     return names
 
@@ -459,12 +459,12 @@ def _read_manifest(directory: FilePath) -> tuple[bytes, dict[str, Any]]:
             or set(manifest) not in (_BANK_KEYS, _OLD_BANK_KEYS)):
         raise ValueError(f"{path} is not a bank manifest {{'format': 'orbax'|'peft', "
                          f"'names': [...], ...}}: {manifest!r}")
+    if set(manifest) == _BANK_KEYS and manifest["checksum"] != _checksum(manifest):
+        raise ValueError(f"{path} does not match its checksum: it was edited or corrupted; "
+                         "save the bank again")
     names = _check_names(manifest["names"], None, f"{path}'s 'names'")
     if set(manifest) == _OLD_BANK_KEYS:
         return text, manifest
-    if manifest["checksum"] != _checksum(manifest):
-        raise ValueError(f"{path} does not match its checksum: it was edited or corrupted; "
-                         "save the bank again")
     members = manifest["members"]
     if (manifest["bank_version"] != _BANK_VERSION or not isinstance(manifest["save_id"], str)
             or not _HEX_ID.fullmatch(manifest["save_id"]) or not isinstance(members, dict)

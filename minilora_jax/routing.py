@@ -100,8 +100,8 @@ def checked_ids(adapter_ids: Any, count: int | None = None) -> jax.Array:
         )
     if count is None:
         return ids
-    try:
-        values = np.asarray(ids)
+    try:  # the caller's value: under jit, jnp.asarray of a constant is already traced
+        values = np.asarray(adapter_ids)
     except jax.errors.TracerArrayConversionError:
         # No-op unless the caller runs under checkify.checkify: plain jit pays nothing.
         checkify.debug_check(
