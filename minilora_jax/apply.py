@@ -96,7 +96,11 @@ def wrap(
     the bank it runs through, ``-1`` for the base model alone. The call then means, literally,
     ``jax.vmap`` over the examples of ``fn`` with each example's adapter, and is computed that
     way: the base model's matmuls stay batched as before, and only the low-rank terms differ
-    per example.
+    per example. An id outside ``[-1, N)`` raises ``ValueError`` where the ids are concrete;
+    under ``jit`` it cannot, so that example's rows come out NaN (never another adapter's
+    output), and ``jax.experimental.checkify.checkify`` of the call reports it. An adapter with
+    NaN or Inf in its A or B gives NaN in the rows that use it and in no other row; what its
+    rank padding holds never matters.
 
     Returns:
       A function with the same signature as ``fn``.
