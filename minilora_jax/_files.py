@@ -16,7 +16,8 @@ What it guarantees, on a local or shared POSIX filesystem:
   0 alone creates, renames and cleans up, between barriers (`_sync`).
 
 Without ``fcntl`` (not POSIX) saves and loads go without locks. A directory counts as complete
-when it holds `METADATA_FILE`.
+when it holds its marker file: `METADATA_FILE` for an adapter checkpoint, `BANK_FILE` for a bank
+(`minilora_jax.bank.save`).
 """
 
 from __future__ import annotations
@@ -38,10 +39,15 @@ except ImportError:  # not POSIX: saves and loads go without locks
     fcntl = None  # type: ignore[assignment]
 
 METADATA_FILE = "minilora.json"
+BANK_FILE = "bank.json"
+# What each marker file makes a directory, for messages.
+_KINDS = {METADATA_FILE: "a minilora adapter checkpoint", BANK_FILE: "a minilora_jax bank"}
 RUN_LOCK = ".minilora-run.lock"
 
 
-def _replace_directory(target: FilePath, write: Callable[[FilePath], None]) -> None:
+def _replace_directory(
+    target: FilePath, write: Callable[[FilePath], None], marker: str = METADATA_FILE
+) -> None:
     """Runs ``write(tmp)`` on a fresh directory beside ``target``, then renames it to ``target``.
 
     The previous ``target`` is renamed aside before the new one moves in and removed after, so at
@@ -49,17 +55,18 @@ def _replace_directory(target: FilePath, write: Callable[[FilePath], None]) -> N
     two renames, at ``.<name>.old-<id>`` beside it, where readers wait for it or, after a kill,
     restore it). Process 0 holds the writers' lock throughout and first recovers what killed
     saves left. In a multi-process job all processes write into the same ``tmp`` and process 0
-    alone creates, renames and cleans up, between barriers.
+    alone creates, renames and cleans up, between barriers. ``marker`` is the file ``write``
+    writes last, whose presence makes a directory complete.
     """
-    _check_replaceable(target)
+    _check_replaceable(target, marker)
     primary = jax.process_index() == 0
     token = _shared_token()
     tmp = target.parent / f".{target.name}.tmp-{token}"
     aside = target.parent / f".{target.name}.old-{token}"
     with _locked(target, create_parent=primary) if primary else _no_lock():
         if primary:
-            _clean_leftovers(target)
-            _check_replaceable(target)  # again: another writer may have finished meanwhile
+            _clean_leftovers(target, marker)
+            _check_replaceable(target, marker)  # again: another writer may have finished meanwhile
             tmp.mkdir()
         _sync(f"minilora_jax: created {tmp}")
         try:
@@ -84,39 +91,39 @@ def _replace_directory(target: FilePath, write: Callable[[FilePath], None]) -> N
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_replaceable(target: FilePath) -> None:
+def _check_replaceable(target: FilePath, marker: str = METADATA_FILE) -> None:
     if target.exists():
         if not target.is_dir():
             raise FileExistsError(f"{target} exists and is not a directory; not replacing it")
-        if any(target.iterdir()) and not (target / METADATA_FILE).is_file():
+        if any(target.iterdir()) and not (target / marker).is_file():
             raise FileExistsError(
-                f"{target} exists and is not a minilora adapter checkpoint (no {METADATA_FILE}); "
+                f"{target} exists and is not {_KINDS.get(marker, marker)} (no {marker}); "
                 "refusing to replace it. Choose another directory or remove it yourself."
             )
 
 
-def _leftovers(target: FilePath) -> list[FilePath]:
+def _leftovers(target: FilePath, marker: str = METADATA_FILE) -> list[FilePath]:
     """The ``.<name>.tmp-*`` and ``.<name>.old-*`` directories beside ``target``, oldest first."""
     pattern = re.compile(re.escape(f".{target.name}.") + r"(tmp|old)-[0-9a-f]+")
     try:
         found = [p for p in target.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()]
     except OSError:
         return []
-    return sorted(found, key=_mtime)
+    return sorted(found, key=lambda path: _mtime(path, marker))
 
 
-def _mtime(path: FilePath) -> float:
+def _mtime(path: FilePath, marker: str = METADATA_FILE) -> float:
     try:
-        return (path / METADATA_FILE).stat().st_mtime
+        return (path / marker).stat().st_mtime
     except OSError:
         return -1.0
 
 
-def _clean_leftovers(target: FilePath) -> None:
+def _clean_leftovers(target: FilePath, marker: str = METADATA_FILE) -> None:
     """Removes killed saves' temporary directories; restores a set-aside checkpoint if
     ``target`` is missing. Only with the writers' lock held."""
-    found = _leftovers(target)
-    aside = [p for p in found if ".old-" in p.name and (p / METADATA_FILE).is_file()]
+    found = _leftovers(target, marker)
+    aside = [p for p in found if ".old-" in p.name and (p / marker).is_file()]
     if aside and not target.exists():
         os.replace(aside[-1], target)  # the newest complete one
         _fsync_dir(target.parent)
@@ -125,13 +132,13 @@ def _clean_leftovers(target: FilePath) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _recover(target: FilePath) -> None:
+def _recover(target: FilePath, marker: str = METADATA_FILE) -> None:
     """`_clean_leftovers` if there are leftovers and no writer holds the lock (never waits)."""
-    if not _leftovers(target):
+    if not _leftovers(target, marker):
         return
     with _locked(target, blocking=False) as held:
         if held:
-            _clean_leftovers(target)
+            _clean_leftovers(target, marker)
 
 
 @contextmanager

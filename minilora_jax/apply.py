@@ -96,7 +96,11 @@ def wrap(
     the bank it runs through, ``-1`` for the base model alone. The call then means, literally,
     ``jax.vmap`` over the examples of ``fn`` with each example's adapter, and is computed that
     way: the base model's matmuls stay batched as before, and only the low-rank terms differ
-    per example.
+    per example. An id outside ``[-1, N)`` raises ``ValueError`` where the ids are concrete;
+    under ``jit`` it cannot, so that example's rows come out NaN (never another adapter's
+    output), and ``jax.experimental.checkify.checkify`` of the call reports it. An adapter with
+    NaN or Inf in its A or B gives NaN in the rows that use it and in no other row; what its
+    rank padding holds never matters.
 
     Returns:
       A function with the same signature as ``fn``.
@@ -153,9 +157,16 @@ def wrap(
                 "adapter_ids= was given but the tree holds no adapter bank; build one with "
                 "minilora_jax.bank.stack"
             )
+        if banks:
+            # (A bank without arrays is refused, naming it, by `apply`.)
+            sizes = {leaf.size for leaf in leaves if is_bank(leaf) and leaf.lora_a is not None}
+            if len(sizes) > 1:
+                raise ValueError(f"the banks of the tree have different sizes {sorted(sizes)}: "
+                                 "one adapter_ids cannot index them all")
+            adapter_ids = checked_ids(adapter_ids, sizes.pop() if sizes else None)
         if banks and routing == "leading_axis":
             out, problems = apply(fn, tree, args, kwargs, dropout=float(dropout), key=key,
-                                  method=method, example_ids=checked_ids(adapter_ids))
+                                  method=method, example_ids=adapter_ids)
         elif banks:
             out, problems = route(
                 apply, fn, tree, args, kwargs, adapter_ids=adapter_ids, in_axes=in_axes,

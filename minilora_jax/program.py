@@ -80,6 +80,8 @@ class Arrays:
     # extra leading "n" label: the adapter axis.
     scales: Any = None
     ranks: Any = None
+    # A bank's (N,) flags: adapter n holds NaN/Inf in a live component (see `_clean_bank`).
+    broken: Any = None
     # DoRA's magnitude (*batch, *out) and its labels; None for plain LoRA and for banks.
     magnitude: Any = None
     m_labels: tuple[Any, ...] = ()
@@ -403,8 +405,8 @@ class Interpreter:
             preferred_element_type=preferred,
         )
         # Scaling the rank-r intermediate costs r multiplies per row instead of d_out.
-        if not isinstance(weights, float):
-            xa = (xa * weights.astype(xa.dtype)).astype(dtype)
+        if isinstance(weights, tuple):
+            xa = _masked(xa, *weights).astype(dtype)
         elif weights != 1.0:
             xa = (xa * jnp.asarray(weights, xa.dtype)).astype(dtype)
         return jax.lax.dot_general(
@@ -444,15 +446,16 @@ class Interpreter:
             xa = jax.lax.dot_general(
                 x, a.astype(dtype), ((xc, tuple(range(nb, nb + nc))), (xb, tuple(range(nb)))),
                 precision=precision, preferred_element_type=preferred)
-            weights = _one_hot_weights(arrays, ids, n, r)
+            keep, scale, fill = _one_hot_weights(arrays, ids, n, r)
             # xa: (kb..., x free with the example axis first..., n * r)
             shape = [1] * xa.ndim
-            shape[nb], shape[-1] = count, n * r
-            xa = (xa * weights.reshape(shape).astype(xa.dtype)).astype(dtype)
+            shape[nb] = count
+            xa = _masked(xa, keep.reshape((*shape[:-1], n * r)), scale,
+                         fill.reshape(shape)).astype(dtype)
             return jax.lax.dot_general(
                 xa, b.astype(dtype), (((xa.ndim - 1,), (nb,)), (tuple(range(nb)),) * 2),
                 precision=precision, preferred_element_type=preferred)
-        weights, safe = _gather_weights(arrays, ids, n, r)
+        keep, scale, fill, safe = _gather_weights(arrays, ids, n, r)
         relabel = lambda labels: tuple("e" if lbl == "n" else lbl for lbl in labels)  # noqa: E731
         a_labels, b_labels = relabel(arrays.a_labels), relabel(arrays.b_labels)
         a = _arrange(jnp.take(arrays.a, safe, axis=n_axis), a_labels,
@@ -463,8 +466,9 @@ class Interpreter:
             x, a.astype(dtype),
             ((xc, tuple(range(1 + nb, 1 + nb + nc))), ((0, *xb), tuple(range(1 + nb)))),
             precision=precision, preferred_element_type=preferred)
-        xa = (xa * weights.reshape((count,) + (1,) * (xa.ndim - 2) + (r,)).astype(xa.dtype)
-              ).astype(dtype)
+        shape = (count,) + (1,) * (xa.ndim - 2)
+        xa = _masked(xa, keep.reshape((*shape, r)), scale.reshape((*shape, 1)),
+                     fill.reshape((*shape, 1))).astype(dtype)
         out = jax.lax.dot_general(
             xa, b.astype(dtype), (((xa.ndim - 1,), (1 + nb,)), (tuple(range(1 + nb)),) * 2),
             precision=precision, preferred_element_type=preferred)
@@ -478,18 +482,21 @@ class Interpreter:
         one adapter): right when an example has many rows (prefill, training). ``one_hot``
         multiplies by every adapter's A and B and zeroes all but one adapter's components: no
         copy, ``N`` times the adapter's multiply-adds: right for a row or a few (decode). Both
-        give the same numbers; ``id = -1`` gives weight 0 (the base model), and components at
-        or past an adapter's rank get weight 0 (padding is inert).
+        give the same numbers; ``id = -1`` gives the base model, components at or past an
+        adapter's rank are dropped (padding is inert), and an id outside ``[-1, N)`` gives NaN
+        (see `_usable`). Every mask selects with ``jnp.where``: a zero weight times a NaN would
+        still be NaN.
         """
         n_axis = arrays.a_labels.index("n")
         n, r = arrays.a.shape[n_axis], arrays.a.shape[-1]
         idx = jnp.asarray(self.adapter_id, jnp.int32)
         if self._choose(rows, n) == "gather":
-            weights, safe = _gather_weights(arrays, idx, n, r)
+            keep, scale, fill, safe = _gather_weights(arrays, idx, n, r)
             a = jnp.take(arrays.a, safe, axis=n_axis)
             b = jnp.take(arrays.b, safe, axis=arrays.b_labels.index("n"))
             drop = lambda labels: tuple(lbl for lbl in labels if lbl != "n")  # noqa: E731
-            return a, b, drop(arrays.a_labels), drop(arrays.b_labels), ("r",), weights
+            return (a, b, drop(arrays.a_labels), drop(arrays.b_labels), ("r",),
+                    (keep, scale, fill))
         weights = _one_hot_weights(arrays, idx, n, r)
         return arrays.a, arrays.b, arrays.a_labels, arrays.b_labels, ("n", "r"), weights
 
@@ -629,20 +636,62 @@ class Interpreter:
         return list(jax.lax.while_loop(cond_fun, body_fun, list(init)))
 
 
-def _gather_weights(arrays: Arrays, ids: Any, n: int, r: int) -> tuple[Any, Any]:
-    """``(weights (*ids.shape, r), clipped ids)`` for gathering each id's factors: its scale on
-    its first ``ranks`` components, 0 elsewhere and everywhere for id -1 (the base model)."""
+def _usable(arrays: Arrays, ids: Any, n: int) -> tuple[Any, Any]:
+    """``(ok, fill)`` per id: ``ok`` False for an id outside ``[-1, N)`` or an adapter with
+    NaN/Inf in a live component (`Arrays.broken`), whose rows then hold ``fill`` = NaN in every
+    rank component (0 elsewhere). Under ``jit`` ids cannot be refused, so such rows are
+    poisoned rather than run through another adapter or none."""
     safe = jnp.clip(ids, 0, n - 1)
-    live = jnp.arange(r) < arrays.ranks[safe][..., None]
-    return jnp.where(ids >= 0, arrays.scales[safe], 0.0)[..., None] * live, safe
+    ok = (ids == -1) | ((ids >= 0) & (ids < n) & ~arrays.broken[safe])
+    return ok, jnp.where(ok, 0.0, jnp.nan)
 
 
-def _one_hot_weights(arrays: Arrays, ids: Any, n: int, r: int) -> Any:
-    """``(*ids.shape, n * r)`` weights over every adapter's components: each id's scale on its
-    live components, 0 for every other adapter (and for id -1)."""
-    chosen = (ids[..., None] == jnp.arange(n)) * arrays.scales  # (*ids, n)
+def _gather_weights(arrays: Arrays, ids: Any, n: int, r: int) -> tuple[Any, Any, Any, Any]:
+    """``(keep (*ids, r), scale (*ids, 1), fill (*ids, 1), clipped ids)`` for gathering each
+    id's factors: its first ``ranks`` components kept, none for id -1 (the base model)."""
+    safe = jnp.clip(ids, 0, n - 1)
+    ok, fill = _usable(arrays, ids, n)
+    keep = (ok & (ids >= 0))[..., None] & (jnp.arange(r) < arrays.ranks[safe][..., None])
+    return keep, arrays.scales[safe][..., None], fill[..., None], safe
+
+
+def _one_hot_weights(arrays: Arrays, ids: Any, n: int, r: int) -> tuple[Any, Any, Any]:
+    """``(keep (*ids, n * r), scale (n * r,), fill (*ids, 1))`` over every adapter's
+    components: each id's live components kept, every other adapter's (and all for id -1)
+    dropped."""
+    ok, fill = _usable(arrays, ids, n)
+    chosen = (ids[..., None] == jnp.arange(n)) & ok[..., None]  # (*ids, n)
     live = jnp.arange(r) < arrays.ranks[:, None]  # (n, r)
-    return (chosen[..., None] * live).reshape((*jnp.shape(ids), n * r))
+    keep = (chosen[..., None] & live).reshape((*jnp.shape(ids), n * r))
+    return keep, jnp.repeat(arrays.scales, r), fill[..., None]
+
+
+def _masked(xa: Any, keep: Any, scale: Any, fill: Any) -> Any:
+    """``scale * xa`` where ``keep``, else ``fill``: selected, so a NaN or Inf in a dropped
+    component (padding, another adapter) never reaches the row, as ``0 * NaN`` would."""
+    return jnp.where(keep, xa * scale.astype(xa.dtype), fill.astype(xa.dtype))
+
+
+def _clean_bank(node: Any) -> tuple[Any, Any, Any]:
+    """A bank's ``(A, B, broken)``: A and B with padding and non-finite entries set to 0,
+    ``broken[n]`` True where adapter ``n`` had NaN/Inf in a live component.
+
+    One-hot routing contracts every row with every adapter's B (and its gradient with every
+    A): a NaN there would reach rows that do not use it (``0 * NaN``). Zeroed here, once per
+    call on the N * r factors; the rows of a broken adapter are poisoned instead (`_usable`),
+    so both methods give those rows NaN and every other row its exact value.
+    """
+    a, b, layout = node.lora_a, node.lora_b, node.layout
+    n, r = a.shape[0], a.shape[-1]
+    live = jnp.arange(r) < node.ranks[:, None]  # (n, r)
+    nb = len(layout.batch_axes)
+    a_live = live.reshape((n,) + (1,) * (a.ndim - 2) + (r,))
+    b_live = live.reshape((n,) + (1,) * nb + (r,) + (1,) * (b.ndim - 2 - nb))
+    a_bad, b_bad = a_live & ~jnp.isfinite(a), b_live & ~jnp.isfinite(b)
+    broken = (jnp.any(a_bad.reshape(n, -1), axis=1) | jnp.any(b_bad.reshape(n, -1), axis=1))
+    a = jnp.where(a_live & ~a_bad, a, jnp.zeros((), a.dtype))
+    b = jnp.where(b_live & ~b_bad, b, jnp.zeros((), b.dtype))
+    return a, b, broken
 
 
 def _is_drop(var: Any) -> bool:
@@ -882,14 +931,16 @@ def apply(
     for i, node in adapters.items():
         lay = node.layout
         lead = ("n",) if is_bank(node) else ()
+        a, b, broken = _clean_bank(node) if is_bank(node) else (node.lora_a, node.lora_b, None)
         arrays[i] = Arrays(
-            node.lora_a,
-            node.lora_b,
+            a,
+            b,
             (*lead, *lay.batch_axes, *lay.in_axes, "r"),
             (*lead, *lay.batch_axes, "r", *lay.out_axes),
             float(node.scale) if not is_bank(node) else 1.0,
             lay,
             *((node.scales, node.ranks) if is_bank(node) else ()),
+            broken=broken,
             magnitude=None if is_bank(node) else node.magnitude,
             m_labels=(*lay.batch_axes, *lay.out_axes),
         )

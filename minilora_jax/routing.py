@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from minilora_jax._tree import path_str
 from minilora_jax.lora import is_adapter
@@ -84,13 +85,36 @@ def _squeeze(x: Any, axis: Any, where: str) -> Any:
     return jnp.squeeze(x, axis + 1)
 
 
-def checked_ids(adapter_ids: Any) -> jax.Array:
-    """``adapter_ids`` as an array, refused unless 1-D integers (one per example, -1: base)."""
+def checked_ids(adapter_ids: Any, count: int | None = None) -> jax.Array:
+    """``adapter_ids`` as an array, refused unless 1-D integers (one per example, -1: base).
+
+    With ``count`` (the bank's ``N``), ids outside ``[-1, N)`` are refused where they are
+    concrete; traced ones (under ``jit``) cannot be, so the program poisons their rows with NaN
+    (`minilora_jax.program._usable`) and `jax.experimental.checkify` reports them.
+    """
     ids = jnp.asarray(adapter_ids)
     if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(
             f"adapter_ids must be a 1-D integer array, one adapter index per example (-1 for the "
             f"base model); got {ids.dtype} of shape {ids.shape}"
+        )
+    if count is None:
+        return ids
+    try:  # the caller's value: under jit, jnp.asarray of a constant is already traced
+        values = np.asarray(adapter_ids)
+    except jax.errors.TracerArrayConversionError:
+        # No-op unless the caller runs under checkify.checkify: plain jit pays nothing.
+        checkify.debug_check(
+            jnp.all((ids >= -1) & (ids < count)),
+            f"adapter_ids must be in [-1, {count}) (a bank of {count} adapters, -1 for the base "
+            "model); got {} (those rows come out NaN)", ids,
+        )
+        return ids
+    bad = values[(values < -1) | (values >= count)]
+    if bad.size:
+        raise ValueError(
+            f"adapter_ids holds {sorted(set(bad.tolist()))[:8]}, outside [-1, {count}): the bank "
+            f"has {count} adapters (0..{count - 1}), and -1 is the base model"
         )
     return ids
 
