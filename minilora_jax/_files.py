@@ -41,8 +41,25 @@ METADATA_FILE = "minilora.json"
 RUN_LOCK = ".minilora-run.lock"
 
 
-def _replace_directory(target: FilePath, write: Callable[[FilePath], None]) -> None:
+def _is_checkpoint(directory: FilePath) -> bool:
+    return (directory / METADATA_FILE).is_file()
+
+
+_CHECKPOINT_KIND = f"a minilora adapter checkpoint (no {METADATA_FILE})"
+
+
+def _replace_directory(
+    target: FilePath,
+    write: Callable[[FilePath], None],
+    *,
+    owned: Callable[[FilePath], bool] = _is_checkpoint,
+    kind: str = _CHECKPOINT_KIND,
+) -> None:
     """Runs ``write(tmp)`` on a fresh directory beside ``target``, then renames it to ``target``.
+
+    Only an empty ``target`` or one that ``owned`` recognises as what this kind of write makes
+    (by default an adapter checkpoint; ``kind`` describes it in the refusal) is ever replaced:
+    a directory holding anything else is refused, so nothing we did not write is deleted.
 
     The previous ``target`` is renamed aside before the new one moves in and removed after, so at
     every moment one complete checkpoint exists (at ``target``, or, for the instant between the
@@ -51,15 +68,15 @@ def _replace_directory(target: FilePath, write: Callable[[FilePath], None]) -> N
     saves left. In a multi-process job all processes write into the same ``tmp`` and process 0
     alone creates, renames and cleans up, between barriers.
     """
-    _check_replaceable(target)
+    _check_replaceable(target, owned, kind)
     primary = jax.process_index() == 0
     token = _shared_token()
     tmp = target.parent / f".{target.name}.tmp-{token}"
     aside = target.parent / f".{target.name}.old-{token}"
     with _locked(target, create_parent=primary) if primary else _no_lock():
         if primary:
-            _clean_leftovers(target)
-            _check_replaceable(target)  # again: another writer may have finished meanwhile
+            _clean_leftovers(target, owned)
+            _check_replaceable(target, owned, kind)  # again: another writer may have finished
             tmp.mkdir()
         _sync(f"minilora_jax: created {tmp}")
         try:
@@ -84,14 +101,18 @@ def _replace_directory(target: FilePath, write: Callable[[FilePath], None]) -> N
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_replaceable(target: FilePath) -> None:
+def _check_replaceable(
+    target: FilePath,
+    owned: Callable[[FilePath], bool] = _is_checkpoint,
+    kind: str = _CHECKPOINT_KIND,
+) -> None:
     if target.exists():
         if not target.is_dir():
             raise FileExistsError(f"{target} exists and is not a directory; not replacing it")
-        if any(target.iterdir()) and not (target / METADATA_FILE).is_file():
+        if any(target.iterdir()) and not owned(target):
             raise FileExistsError(
-                f"{target} exists and is not a minilora adapter checkpoint (no {METADATA_FILE}); "
-                "refusing to replace it. Choose another directory or remove it yourself."
+                f"{target} exists and is not {kind}; refusing to replace it. Choose another "
+                "directory or remove it yourself."
             )
 
 
@@ -112,11 +133,11 @@ def _mtime(path: FilePath) -> float:
         return -1.0
 
 
-def _clean_leftovers(target: FilePath) -> None:
-    """Removes killed saves' temporary directories; restores a set-aside checkpoint if
-    ``target`` is missing. Only with the writers' lock held."""
+def _clean_leftovers(target: FilePath, owned: Callable[[FilePath], bool] = _is_checkpoint) -> None:
+    """Removes killed saves' temporary directories; restores a set-aside complete one
+    (``owned``) if ``target`` is missing. Only with the writers' lock held."""
     found = _leftovers(target)
-    aside = [p for p in found if ".old-" in p.name and (p / METADATA_FILE).is_file()]
+    aside = [p for p in found if ".old-" in p.name and owned(p)]
     if aside and not target.exists():
         os.replace(aside[-1], target)  # the newest complete one
         _fsync_dir(target.parent)

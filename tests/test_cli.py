@@ -147,9 +147,14 @@ def test_merge_orbax_base_into_orbax(files, tmp_path, capsys):
     assert "wrote orbax" in capsys.readouterr().out
     _assert_trees_close(_restore(tmp_path / "merged"), once)
 
-    # The merged params as a base: the adapters fold in a second time.
+    # The merged params as a base: not the base the adapters were saved on, so refused unless
+    # --no-check-base; then the adapters fold in a second time.
     assert main(["merge", "--base", str(tmp_path / "merged"), "--adapters", str(root / "ckpt"),
-                 "--out", str(tmp_path / "twice")]) == 0
+                 "--out", str(tmp_path / "twice")]) == 1
+    assert "--no-check-base skips this check" in _one_error(capsys, "merge")
+    assert not (tmp_path / "twice").exists()
+    assert main(["merge", "--base", str(tmp_path / "merged"), "--adapters", str(root / "ckpt"),
+                 "--out", str(tmp_path / "twice"), "--no-check-base"]) == 0
     twice = _restore(tmp_path / "twice")
     delta = _at(once, O_PROJ) - _at(base, O_PROJ)
     np.testing.assert_allclose(_at(twice, O_PROJ), _at(once, O_PROJ) + delta, atol=1e-5)
@@ -160,12 +165,13 @@ def test_merge_orbax_base_into_orbax(files, tmp_path, capsys):
 
     # An orbax base into a .safetensors OUT: flat params by default.
     assert main(["merge", "--base", str(tmp_path / "merged"), "--adapters", str(root / "ckpt"),
-                 "--out", str(tmp_path / "twice.safetensors")]) == 0
+                 "--out", str(tmp_path / "twice.safetensors"), "--no-check-base"]) == 0
     flat = load_file(tmp_path / "twice.safetensors")
     np.testing.assert_array_equal(flat["/".join(O_PROJ)], _at(twice, O_PROJ))
     # ... or an orbax directory, whatever its name, when asked.
     assert main(["merge", "--base", str(tmp_path / "merged"), "--adapters", str(root / "ckpt"),
-                 "--out", str(tmp_path / "dir.safetensors"), "--out-format", "orbax"]) == 0
+                 "--out", str(tmp_path / "dir.safetensors"), "--out-format", "orbax",
+                 "--no-check-base"]) == 0
     assert (tmp_path / "dir.safetensors").is_dir()
     _assert_trees_close(_restore(tmp_path / "dir.safetensors"), twice)
 
@@ -206,14 +212,30 @@ def test_merge_never_clobbers(files, tmp_path, capsys):
         assert f"--out {target} {why}" in _one_error(capsys, "merge")
     assert not (root / "ckpt" / "merged.safetensors").exists()
 
-    # With --force: the file is replaced (atomically, no temporary left), an empty directory
-    # is fine without it.
+    # --force replaces only what this tool writes: not a file that is no safetensors file, nor
+    # a directory holding other files (orbax's save with force=True deleted them all).
+    for target, out_format in ((out, "params"), (tmp_path / "taken", "orbax")):
+        assert main([*args, "--out", str(target), "--out-format", out_format, "--force"]) == 1
+        assert "not replacing it, even with --force" in _one_error(capsys, "merge")
+    assert out.read_bytes() == b"keep me"
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["file"]
+
+    # With --force: a safetensors file is replaced (atomically, no temporary left), an orbax
+    # params directory too; an empty directory is fine without it.
+    out.unlink()
+    save_file({"x": np.zeros(2, np.float32)}, out)
     assert main([*args, "--out", str(out), "--force"]) == 0
     _assert_trees_close(read_params(out), mlj.merge(params))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken", "taken.safetensors"]
     (tmp_path / "empty").mkdir()
     assert main([*args, "--out", str(tmp_path / "empty")]) == 0
     _assert_trees_close(_restore(tmp_path / "empty"), mlj.merge(params))
+    ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(
+        tmp_path / "old", args=ocp.args.StandardSave({"x": np.zeros(2, np.float32)}))
+    assert main([*args, "--out", str(tmp_path / "old"), "--force"]) == 0
+    _assert_trees_close(_restore(tmp_path / "old"), mlj.merge(params))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "empty", "old", "taken", "taken.safetensors"]  # nothing staged or set aside is left
 
 
 def test_convert_never_clobbers(files, tmp_path, capsys):
@@ -252,8 +274,15 @@ def test_convert_never_clobbers(files, tmp_path, capsys):
                  "--force"]) == 0
     _assert_trees_close(mlj.merge(mlj.peft.load(tmp_path / "notes", base)), mlj.merge(params))
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    # ... but a file that is not a .pth (torch.save archive) is never replaced.
     assert main(["convert", str(ckpt), "--to", "minimind", "--out", str(tmp_path / "lora.pth"),
-                 "--fold-scale", "--force"]) == 0
+                 "--fold-scale", "--force"]) == 1
+    assert "not replacing it, even with --force" in _one_error(capsys, "convert")
+    assert (tmp_path / "lora.pth").read_bytes() == b"keep me"
+    (tmp_path / "lora.pth").unlink()
+    for _ in range(2):  # written, then replaced
+        assert main(["convert", str(ckpt), "--to", "minimind", "--out",
+                     str(tmp_path / "lora.pth"), "--fold-scale", "--force"]) == 0
     got = minimind_lora.load_minimind_lora(tmp_path / "lora.pth", base)
     _assert_trees_close(mlj.merge(got), mlj.merge(params))
     # --to orbax with --force replaces a checkpoint, never another directory.
