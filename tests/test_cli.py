@@ -515,3 +515,77 @@ def test_convert_round_trip_through_every_format(files, tmp_path, capsys):
                  "--base", str(tmp_path / "small.safetensors")]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "layers_0/self_attn/q_proj/kernel" in err
+
+
+def _one_line(result, command):
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"minilora_jax {command}: error: "), line
+    return line
+
+
+def test_merge_force_never_deletes_files_it_did_not_write(files, tmp_path):
+    """`merge --out DIR --force` (orbax) deleted every file in DIR; now a directory holding
+    anything but an orbax params directory / adapter checkpoint is refused, and kept."""
+    root, _, params = files
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    (out / "sub").mkdir()
+    (out / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    result = _run("merge", "--base", root / "base.safetensors", "--adapters", root / "ckpt",
+                  "--out", out, "--force")
+    line = _one_line(result, "merge")
+    assert str(out) in line and "even with --force" in line
+    assert (out / "thesis.tex").read_text() == "years of work"
+    assert (out / "sub" / "data.bin").read_bytes() == b"\x00\x01"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing staged left behind
+    # A foreign file inside what is otherwise our own orbax output is refused too.
+    mine = tmp_path / "mine"
+    assert _run("merge", "--base", root / "base.safetensors", "--adapters", root / "ckpt",
+                "--out", mine).returncode == 0
+    (mine / "notes.txt").write_text("keep")
+    result = _run("merge", "--base", root / "base.safetensors", "--adapters", root / "ckpt",
+                  "--out", mine, "--force")
+    assert "even with --force" in _one_line(result, "merge")
+    assert (mine / "notes.txt").read_text() == "keep"
+    _assert_trees_close(_restore(mine), mlj.merge(params))
+
+
+def test_merge_checks_the_recorded_base_values_unless_told_not_to(files, tmp_path):
+    """A base of the same shapes but other kernel values (another fine-tune) merged with exit 0;
+    now it is refused naming --no-check-base, which merges it."""
+    root, base, params = files
+    other = jax.tree.map(lambda x: x * 1.01, base)
+    write_params(tmp_path / "other.safetensors", other)
+    args = ("merge", "--base", tmp_path / "other.safetensors", "--adapters", root / "ckpt")
+    result = _run(*args, "--out", tmp_path / "m.safetensors")
+    line = _one_line(result, "merge")
+    assert "holds other values" in line and "--no-check-base" in line
+    assert not (tmp_path / "m.safetensors").exists()
+    result = _run(*args, "--out", tmp_path / "m.safetensors", "--no-check-base")
+    assert result.returncode == 0, result.stderr
+    want = mlj.merge(mlj.combine(mlj.split(params)[0], other))
+    _assert_trees_close(read_params(tmp_path / "m.safetensors"), want, atol=1e-5)
+    # convert with --base checks alike.
+    result = _run("convert", root / "ckpt", "--to", "peft", "--out", tmp_path / "p",
+                  "--base", tmp_path / "other.safetensors")
+    assert "--no-check-base" in _one_line(result, "convert")
+    assert _run("convert", root / "ckpt", "--to", "peft", "--out", tmp_path / "p", "--base",
+                tmp_path / "other.safetensors", "--no-check-base").returncode == 0
+
+
+def test_raw_os_and_orbax_errors_become_one_line(files, tmp_path):
+    root, _, _ = files
+    (tmp_path / "a.safetensors").write_bytes(b"not a directory")
+    result = _run("merge", "--base", root / "base.safetensors", "--adapters", root / "ckpt",
+                  "--out", tmp_path / "a.safetensors" / "m.safetensors")
+    line = _one_line(result, "merge")
+    assert "Errno" not in line and f"{tmp_path / 'a.safetensors'} is a file" in line
+    # A damaged orbax metadata file of the adapters: inspect (no --base) names the directory.
+    shutil.copytree(root / "ckpt", tmp_path / "ckpt")
+    meta = tmp_path / "ckpt" / "adapters" / "_METADATA"
+    meta.write_bytes(meta.read_bytes()[:20])
+    line = _one_line(_run("inspect", tmp_path / "ckpt"), "inspect")
+    assert str(tmp_path / "ckpt") in line and "corrupt or incomplete" in line
+    assert "NoneType" not in line
