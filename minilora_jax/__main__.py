@@ -26,9 +26,19 @@ it to a params tree with the model's code first (for the demo's MiniMind,
 ``orbax``.
 
 Nothing is ever clobbered: ``merge`` and ``convert`` refuse an OUT that is an existing file or a
-non-empty directory unless ``--force`` is given (then a file OUT is replaced atomically, an
-orbax OUT replaced, and a PEFT directory written into), and an OUT that is, holds or lies inside
-one of the inputs (the base, the adapters) is refused even with ``--force``.
+non-empty directory unless ``--force`` is given, and even then replace only what this tool
+writes: a file OUT that is a valid ``.safetensors`` file (or a ``torch.save`` archive for a
+``.pth`` OUT) is replaced atomically, an orbax OUT that is an orbax params directory or an
+adapter checkpoint (and holds nothing else) is replaced whole (staged beside it and renamed into
+place), and a PEFT directory is written into (other files in it stay). Anything else (a
+directory holding other files, say) is refused even with ``--force``, naming it, as is an OUT
+that is, holds or lies inside one of the inputs (the base, the adapters).
+
+``merge``, and ``convert`` given ``--base``, check that the base holds the very kernel values an
+orbax checkpoint was saved on (`minilora_jax.load_adapters` with ``check_base_values=True``):
+adapters of one fine-tune are refused on another of the same architecture. ``--no-check-base``
+skips that check (a checkpoint that records no values needs it); PEFT and MiniMind files record
+no values, so only their shapes are checked.
 
 Errors are printed as one line on stderr, naming the file, with exit status 1; library logging
 and warnings are silenced while a command runs.
@@ -52,8 +62,18 @@ from typing import Any
 FORMATS = ("orbax", "peft", "minimind")
 OUT_FORMATS = ("params", "orbax")
 FORCE_HELP = (
-    "replace an existing OUT file or write into a non-empty OUT directory (an orbax OUT is "
-    "replaced); OUT may still never be, hold or lie inside an input"
+    "replace an existing OUT this tool could have written (a .safetensors/.pth file, an orbax "
+    "params directory or adapter checkpoint) or write into a PEFT directory; anything else, "
+    "and an OUT that is, holds or lies inside an input, is still refused"
+)
+NO_CHECK_HELP = (
+    "do not check that the base holds the kernel values an orbax checkpoint was saved on "
+    "(needed for one saved without them)"
+)
+# What orbax's StandardCheckpointHandler writes into a params directory (relative paths).
+_ORBAX_FILE = re.compile(
+    r"_CHECKPOINT_METADATA|_METADATA|_sharding|commit_success\.txt|manifest\.ocdbt"
+    r"|(ocdbt\.process_\d+/)?(manifest\.ocdbt|d/[0-9a-f]+)|array_metadatas/process_\d+"
 )
 
 
@@ -272,11 +292,59 @@ def write_params(path: str | os.PathLike, tree: Any) -> None:
     save_file(tensors, str(path))
 
 
-def _check_out(out: Path, inputs: Sequence[Path], *, force: bool, kind: str) -> None:
+def _is_orbax_params(directory: Path) -> bool:
+    """Whether ``directory`` is an orbax params directory holding nothing but orbax's files."""
+    if not (directory / "_CHECKPOINT_METADATA").is_file():
+        return False
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            relative = (Path(parent) / name).relative_to(directory).as_posix()
+            if not _ORBAX_FILE.fullmatch(relative):
+                return False
+    return True
+
+
+def _is_our_directory(directory: Path) -> bool:
+    """What ``merge`` may replace: an orbax params directory or an adapter checkpoint."""
+    from minilora_jax import checkpoint
+
+    return _is_orbax_params(directory) or (directory / checkpoint.METADATA_FILE).is_file()
+
+
+_OUR_DIRECTORY = "an orbax params directory or adapter checkpoint holding only its own files"
+
+
+def _is_our_file(path: Path) -> bool:
+    """A file this tool writes: a valid safetensors file, or a ``torch.save`` archive."""
+    import zipfile
+
+    if path.suffix.lower() in (".pth", ".pt"):
+        return zipfile.is_zipfile(path)
+    try:
+        _safetensors_keys(path)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_out(
+    out: Path,
+    inputs: Sequence[Path],
+    *,
+    force: bool,
+    kind: str,
+    owned: Callable[[Path], bool] | None = None,
+    what: str = "",
+) -> None:
     """Refuses an OUT that would clobber something: see the module docstring.
 
-    ``kind`` is ``"file"`` or ``"directory"``, what the output format writes.
+    ``kind`` is ``"file"`` or ``"directory"``, what the output format writes; ``owned`` tells
+    a directory that ``--force`` may replace (described by ``what``); None means the output is
+    written into the directory, leaving other files alone.
     """
+    for parent in out.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"--out {out}: {parent} is a file, not a directory")
     target = out.resolve()
     for source in inputs:
         where = source.resolve()
@@ -294,6 +362,17 @@ def _check_out(out: Path, inputs: Sequence[Path], *, force: bool, kind: str) -> 
     if kind == "directory" and not out.is_dir():
         raise ValueError(f"--out {out} is a file; this output is a directory")
     if force:
+        if kind == "file" and not _is_our_file(out):
+            raise FileExistsError(
+                f"{out} exists and is not a {out.suffix or 'safetensors'} file this tool writes "
+                "(not a valid one); not replacing it, even with --force. Remove it yourself or "
+                "choose another --out"
+            )
+        if kind == "directory" and owned is not None and any(out.iterdir()) and not owned(out):
+            raise FileExistsError(
+                f"{out} is not {what}; not replacing it, even with --force (it would delete "
+                "what is in it). Remove it yourself or choose another --out"
+            )
         return
     if kind == "file":
         raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
@@ -320,10 +399,16 @@ def _save_params(out: Path, params: Any, fmt: str) -> None:
         return
     import orbax.checkpoint as ocp
 
-    # _check_out has allowed this: OUT is absent, empty, or --force was given.
-    ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(
-        out.absolute(), args=ocp.args.StandardSave(params), force=out.exists()
-    )
+    from minilora_jax._files import _replace_directory
+
+    def write(tmp: Path) -> None:
+        # tmp is the fresh empty directory _replace_directory made; orbax writes it whole.
+        ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(
+            tmp, args=ocp.args.StandardSave(params), force=True
+        )
+
+    # Staged and renamed into place; an OUT holding anything but our own output is refused.
+    _replace_directory(out.absolute(), write, owned=_is_our_directory, kind=_OUR_DIRECTORY)
 
 
 def _read_torch(fmt: str, path: Path) -> dict[str, Any]:
@@ -334,12 +419,21 @@ def _read_torch(fmt: str, path: Path) -> dict[str, Any]:
     return peft.read(path) if fmt == "peft" else minimind_lora.read_minimind_lora(path)
 
 
-def _load_onto(fmt: str, path: Path, base: Any) -> Any:
+def _load_onto(fmt: str, path: Path, base: Any, *, check_base: bool = False) -> Any:
     try:
         if fmt == "orbax":
             from minilora_jax import checkpoint
 
-            return checkpoint.load_adapters(path, base)
+            try:
+                return checkpoint.load_adapters(path, base, check_base_values=check_base)
+            except ValueError as e:
+                text = " ".join(str(e).split())
+                if not text.startswith("check_base_values: ") or _always_checked(path, text):
+                    raise
+                raise ValueError(
+                    f"{text[len('check_base_values: '):]} (merge and convert check the base's "
+                    "values by default; --no-check-base skips this check)"
+                ) from e
         if fmt == "peft":
             from minilora_jax import peft
 
@@ -354,6 +448,15 @@ def _load_onto(fmt: str, path: Path, base: Any) -> Any:
         if text == " ".join(str(e).split()):
             raise
         raise ValueError(text) from e
+
+
+def _always_checked(path: Path, text: str) -> bool:
+    """Whether the refusal ``text`` is about a PiSSA/OLoRA adapter, whose base is always
+    checked (``--no-check-base`` would not help)."""
+    from minilora_jax import checkpoint
+
+    records = checkpoint.read_metadata(path)["adapters"]
+    return any(f"'{name}'" in text for name, rec in records.items() if rec.get("residual"))
 
 
 def _torch_rows(adapters: dict[str, Any]) -> tuple[Any, ...]:
@@ -417,9 +520,11 @@ def _merge(args: argparse.Namespace) -> None:
     fmt, path = detect_format(args.adapters)
     kind = "file" if out_format == "params" else "directory"
     inputs = [Path(args.base), Path(args.adapters), path]
-    _check_out(out, inputs, force=args.force, kind=kind)
-    merged = mlj.merge(_load_onto(fmt, path, _load_base(args.base)), check_finite=True)
-    _check_out(out, inputs, force=args.force, kind=kind)  # again: time has passed
+    owned = dict(owned=_is_our_directory, what=_OUR_DIRECTORY)
+    _check_out(out, inputs, force=args.force, kind=kind, **owned)
+    tree = _load_onto(fmt, path, _load_base(args.base), check_base=not args.no_check_base)
+    merged = mlj.merge(tree, check_finite=True)
+    _check_out(out, inputs, force=args.force, kind=kind, **owned)  # again: time has passed
     _save_params(out, merged, out_format)
     print(f"merged {fmt} adapters from {path} into {args.base}; wrote {out_format} {out}")
 
@@ -431,7 +536,9 @@ def _convert(args: argparse.Namespace) -> None:
     out = Path(args.out)
     inputs = [Path(args.path), path, *([Path(args.base)] if args.base else [])]
     kind = "file" if args.to == "minimind" else "directory"
-    _check_out(out, inputs, force=args.force, kind=kind)
+    owned = (dict(owned=lambda d: (d / checkpoint.METADATA_FILE).is_file(),
+                  what="a minilora adapter checkpoint") if args.to == "orbax" else {})
+    _check_out(out, inputs, force=args.force, kind=kind, **owned)
     if args.to == "orbax" or args.base or fmt == "orbax":
         if args.base:
             base = _load_base(args.base)
@@ -442,8 +549,8 @@ def _convert(args: argparse.Namespace) -> None:
                 f"converting {fmt} adapters to orbax needs --base: an orbax checkpoint records "
                 "the base kernels' shapes and dtypes, which a PEFT or MiniMind file lacks"
             )
-        tree = _load_onto(fmt, path, base)
-        _check_out(out, inputs, force=args.force, kind=kind)
+        tree = _load_onto(fmt, path, base, check_base=bool(args.base) and not args.no_check_base)
+        _check_out(out, inputs, force=args.force, kind=kind, **owned)
         if args.to == "orbax":
             checkpoint.save_adapters(out, tree, metadata={"converted_from": f"{fmt}:{path}"})
         elif args.to == "peft":
@@ -500,6 +607,7 @@ def _parser() -> argparse.ArgumentParser:
         help="output: a .safetensors file or a directory; must not exist yet (or be empty)",
     )
     merge.add_argument("--force", action="store_true", help=FORCE_HELP)
+    merge.add_argument("--no-check-base", action="store_true", help=NO_CHECK_HELP)
     merge.add_argument(
         "--out-format", choices=OUT_FORMATS,
         help="params: .safetensors keyed by leaf paths; orbax: a directory. Default: params "
@@ -522,6 +630,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--force", action="store_true", help=FORCE_HELP)
     convert.add_argument("--base", help=base_help)
+    convert.add_argument("--no-check-base", action="store_true", help=NO_CHECK_HELP)
     convert.add_argument(
         "--fold-scale", action="store_true",
         help="for --to minimind: multiply B by the scale where it is not 1 (MiniMind has none)",
@@ -553,10 +662,18 @@ def _run(args: argparse.Namespace, err: Any) -> int:
         try:
             args.run(args)
         except Exception as e:  # the command line reports, it does not show tracebacks
-            message = " ".join(str(e).split()) or type(e).__name__
+            message = _one_line(e)
             print(f"minilora_jax {args.command}: error: {message}", file=err, flush=True)
             return 1
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """``e`` as one line; an OS error names its file(s) rather than showing ``[Errno n]``."""
+    if isinstance(e, OSError) and e.filename is not None:
+        files = " and ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        return f"{files}: {e.strerror or type(e).__name__}"
+    return _cause(e) if str(e) else type(e).__name__
 
 
 @contextlib.contextmanager

@@ -45,10 +45,28 @@ _KINDS = {METADATA_FILE: "a minilora adapter checkpoint", BANK_FILE: "a minilora
 RUN_LOCK = ".minilora-run.lock"
 
 
+def _owner(marker: str, owned: Callable[[FilePath], bool] | None,
+           kind: str | None) -> tuple[Callable[[FilePath], bool], str]:
+    """What makes a directory ours to replace, and what to call it in messages: by default,
+    holding ``marker`` (the file its writer writes last)."""
+    if owned is None:
+        owned = lambda d: (d / marker).is_file()  # noqa: E731
+    return owned, kind or f"{_KINDS.get(marker, marker)} (no {marker})"
+
+
 def _replace_directory(
-    target: FilePath, write: Callable[[FilePath], None], marker: str = METADATA_FILE
+    target: FilePath,
+    write: Callable[[FilePath], None],
+    marker: str = METADATA_FILE,
+    *,
+    owned: Callable[[FilePath], bool] | None = None,
+    kind: str | None = None,
 ) -> None:
     """Runs ``write(tmp)`` on a fresh directory beside ``target``, then renames it to ``target``.
+
+    Only an empty ``target`` or one that ``owned`` recognises as what this kind of write makes
+    (by default an adapter checkpoint; ``kind`` describes it in the refusal) is ever replaced:
+    a directory holding anything else is refused, so nothing we did not write is deleted.
 
     The previous ``target`` is renamed aside before the new one moves in and removed after, so at
     every moment one complete checkpoint exists (at ``target``, or, for the instant between the
@@ -58,15 +76,16 @@ def _replace_directory(
     alone creates, renames and cleans up, between barriers. ``marker`` is the file ``write``
     writes last, whose presence makes a directory complete.
     """
-    _check_replaceable(target, marker)
+    owned, kind = _owner(marker, owned, kind)
+    _check_replaceable(target, marker, owned=owned, kind=kind)
     primary = jax.process_index() == 0
     token = _shared_token()
     tmp = target.parent / f".{target.name}.tmp-{token}"
     aside = target.parent / f".{target.name}.old-{token}"
     with _locked(target, create_parent=primary) if primary else _no_lock():
         if primary:
-            _clean_leftovers(target, marker)
-            _check_replaceable(target, marker)  # again: another writer may have finished meanwhile
+            _clean_leftovers(target, marker, owned=owned)
+            _check_replaceable(target, marker, owned=owned, kind=kind)  # again: another writer
             tmp.mkdir()
         _sync(f"minilora_jax: created {tmp}")
         try:
@@ -91,14 +110,21 @@ def _replace_directory(
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_replaceable(target: FilePath, marker: str = METADATA_FILE) -> None:
+def _check_replaceable(
+    target: FilePath,
+    marker: str = METADATA_FILE,
+    *,
+    owned: Callable[[FilePath], bool] | None = None,
+    kind: str | None = None,
+) -> None:
+    owned, kind = _owner(marker, owned, kind)
     if target.exists():
         if not target.is_dir():
             raise FileExistsError(f"{target} exists and is not a directory; not replacing it")
-        if any(target.iterdir()) and not (target / marker).is_file():
+        if any(target.iterdir()) and not owned(target):
             raise FileExistsError(
-                f"{target} exists and is not {_KINDS.get(marker, marker)} (no {marker}); "
-                "refusing to replace it. Choose another directory or remove it yourself."
+                f"{target} exists and is not {kind}; refusing to replace it. Choose another "
+                "directory or remove it yourself."
             )
 
 
@@ -119,11 +145,18 @@ def _mtime(path: FilePath, marker: str = METADATA_FILE) -> float:
         return -1.0
 
 
-def _clean_leftovers(target: FilePath, marker: str = METADATA_FILE) -> None:
-    """Removes killed saves' temporary directories; restores a set-aside checkpoint if
-    ``target`` is missing. Only with the writers' lock held."""
+def _clean_leftovers(
+    target: FilePath,
+    marker: str = METADATA_FILE,
+    *,
+    owned: Callable[[FilePath], bool] | None = None,
+) -> None:
+    """Removes killed saves' temporary directories; restores a set-aside complete one
+    (``owned``, by default holding ``marker``) if ``target`` is missing. Only with the writers'
+    lock held."""
+    owned, _ = _owner(marker, owned, None)
     found = _leftovers(target, marker)
-    aside = [p for p in found if ".old-" in p.name and (p / marker).is_file()]
+    aside = [p for p in found if ".old-" in p.name and owned(p)]
     if aside and not target.exists():
         os.replace(aside[-1], target)  # the newest complete one
         _fsync_dir(target.parent)

@@ -769,11 +769,12 @@ def save_step(
       ('30', 30, ['20', '30'])
     """
     try:
-        step = operator.index(step)
+        index = operator.index(step)
     except TypeError:
-        step = -1
-    if step < 0:
+        index = -1
+    if index < 0 or isinstance(step, (bool, np.bool_)):
         raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    step = index
     if keep is not None and (not _is_int(keep) or keep < 1):
         raise ValueError(f"keep must be a positive integer or None, got {keep!r}")
     root = _local(root)
@@ -1274,9 +1275,12 @@ def _stored_metadata(directory: FilePath, what: str) -> Any:
             "orbax arrays are not; was the directory copied only in part?)"
         )
     try:
-        return _checkpointer().metadata(directory).item_metadata.tree
+        item = _checkpointer().metadata(directory).item_metadata
     except Exception as e:  # orbax raises several types for unreadable data
-        raise ValueError(f"cannot read the orbax array data in {directory}: {e}") from e
+        raise _unreadable(directory, "read", e) from e
+    if item is None:  # orbax logs a warning and returns no metadata for damaged files
+        raise _unreadable(directory, "read", None)
+    return item.tree
 
 
 def _restore(directory: FilePath, target: Any) -> Any:
@@ -1284,8 +1288,21 @@ def _restore(directory: FilePath, target: Any) -> Any:
 
     try:
         return _checkpointer().restore(directory, args=ocp.args.StandardRestore(target))
-    except Exception as e:
-        raise ValueError(f"cannot restore the orbax array data in {directory}: {e}") from e
+    except Exception as e:  # orbax and tensorstore raise many types for damaged data
+        raise _unreadable(directory, "restore", e) from e
+
+
+def _unreadable(directory: FilePath, verb: str, e: BaseException | None) -> ValueError:
+    """One line for orbax data that cannot be read: the directory, and orbax's reason when it
+    is readable (not its ``'NoneType' object has no attribute`` nor kilobytes of driver JSON)."""
+    text = "" if e is None else " ".join(str(e).split())
+    text = re.sub(r"\s*\[tensorstore_spec=.*\]$", "", text)
+    if not text or "'NoneType' object has no attribute" in text:
+        text = "its orbax metadata (_METADATA, _sharding, manifest.ocdbt, d/) is unreadable"
+    return ValueError(
+        f"cannot {verb} the orbax array data in {directory}: the checkpoint is corrupt or "
+        f"incomplete ({text})"
+    )
 
 
 def _read_arrays(

@@ -63,13 +63,24 @@ def _check_weights(weights: Any, n: int) -> list[float]:
 def _same_array(a: Any, b: Any) -> bool:
     if a is b:
         return True
-    if hasattr(a, "shape") and hasattr(b, "shape"):
+    if _is_array(a) and _is_array(b):
         if tuple(a.shape) != tuple(b.shape) or jnp.dtype(a.dtype) != jnp.dtype(b.dtype):
             return False
         return bool(jnp.array_equal(a, b, equal_nan=True))
-    if hasattr(a, "shape") or hasattr(b, "shape"):
+    if _is_array(a) or _is_array(b):
         return False
-    return bool(a == b)
+    # A node standing for an array (a quantized kernel: codes, scales and static aux data) is
+    # the same when its structure and every leaf are; jnp cannot compare it directly.
+    (la, da), (lb, db) = jax.tree.flatten(a), jax.tree.flatten(b)
+    if da != db:
+        return False
+    if la == [a]:  # a leaf that is no array: a Python number, say
+        return bool(a == b)
+    return all(_same_array(x, y) for x, y in zip(la, lb, strict=True))
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
 def _structure_error(paths: list[str], other: list[str], i: int) -> ValueError:
@@ -121,6 +132,12 @@ def _check_path(path: str, leaves: list[Any]) -> None:
                 f"at '{path}' tree 0 and tree {i} disagree on holding the kernel; pass all full "
                 "trees or all adapters halves of minilora_jax.split"
             )
+        for name in ("lora_a", "lora_b"):
+            if not bool(jnp.isfinite(getattr(node, name)).all()):
+                raise ValueError(
+                    f"the adapter at '{path}' in tree {i} has non-finite values (inf or NaN) in "
+                    f"its {name}; a combination of it would be meaningless"
+                )
         if node.kernel is not None and not _same_array(first.kernel, node.kernel):
             raise ValueError(
                 f"the kernel at '{path}' differs between tree 0 and tree {i}: adapters can only "
@@ -224,7 +241,8 @@ def combine_adapters(
 
     Raises:
       ValueError / TypeError: bad weights, method or rank; trees of different bases, structures
-        or layouts (naming the path); ``"linear"`` where the adapters' ``A`` differ.
+        or layouts (naming the path); an adapter with inf or NaN values; ``"linear"`` where the
+        adapters' ``A`` differ.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -289,7 +307,10 @@ def combine_adapters(
         for j in adapted:
             nodes = [leaves[j] for _, leaves, _ in flat]
             coefs = [w * x.scale / COMBINED_SCALE for w, x in zip(coefs_w, nodes, strict=True)]
-            factors[j] = _svd_factors(*_matrices(nodes, coefs))
+            try:
+                factors[j] = _svd_factors(*_matrices(nodes, coefs))
+            except np.linalg.LinAlgError as e:
+                raise ValueError(f"method='svd' failed at '{paths[j]}': {e}") from e
             full[j] = factors[j][1].shape[-1]
         if rank is not None and rank > max(full.values()):
             biggest = max(adapted, key=lambda j: full[j])

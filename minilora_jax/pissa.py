@@ -432,8 +432,11 @@ def to_lora(trained: Any, initial: Any) -> Any:
     Args:
       trained: the tree after training: `minilora_jax.Lora` nodes with residual kernels (or
         the adapters half of `minilora_jax.split`, whose kernels are None).
-      initial: the tree `init_pissa`/`init_olora` returned (or its adapters half): only its
-        ``lora_a``, ``lora_b``, scale and layout are read.
+      initial: the tree `init_pissa`/`init_olora` returned for this run (or its adapters
+        half): its ``lora_a``, ``lora_b``, scale and layout are used; its residual marks and,
+        where both trees have kernels, its residual kernels are checked against ``trained``'s
+        (which must be the very same values: the residual is frozen). With a kernel missing on
+        either side only the marks, shapes, scale and layout can be compared.
 
     Returns:
       ``trained`` with every adapter of rank ``r`` replaced by one of rank ``2r`` and its
@@ -442,15 +445,18 @@ def to_lora(trained: Any, initial: Any) -> Any:
       that are None stay None.
 
     Raises:
-      ValueError: naming the path, if an adapter is in one tree and not the other or the two
-        disagree in layout, scale or shape.
+      ValueError: naming the path, if an adapter is in one tree and not the other, the two
+        disagree in layout, scale or shape, ``initial`` is no PiSSA/OLoRA init or another kind
+        than ``trained`` was made by (e.g. OLoRA's init for a PiSSA run), ``trained`` is
+        already plain, or the residual kernels differ (another init, or a trained residual).
 
     Example:
       >>> import jax, jax.numpy as jnp
       >>> import minilora_jax as mlj
       >>> w = jax.random.normal(jax.random.key(0), (8, 8))
       >>> initial = init_pissa({"kernel": w}, rank=2)
-      >>> trained = jax.tree.map(lambda x: x + 0.1, initial)  # stands for training
+      >>> moved, residual = mlj.split(initial)
+      >>> trained = mlj.combine(jax.tree.map(lambda x: x + 0.1, moved), residual)  # training
       >>> plain = to_lora(trained, initial)
       >>> plain["kernel"].rank
       4
@@ -473,6 +479,7 @@ def to_lora(trained: Any, initial: Any) -> Any:
         n0 = first[path]
         node.check(path)
         n0.check(path)
+        _check_same_run(path, node, n0)
         if (n0.layout, n0.scale) != (node.layout, node.scale) or (
             tuple(n0.lora_a.shape), tuple(n0.lora_b.shape)
         ) != (tuple(node.lora_a.shape), tuple(node.lora_b.shape)):
@@ -482,6 +489,7 @@ def to_lora(trained: Any, initial: Any) -> Any:
                 f"{tuple(node.lora_a.shape)} vs {tuple(n0.lora_a.shape)}, lora_b "
                 f"{tuple(node.lora_b.shape)} vs {tuple(n0.lora_b.shape)}"
             )
+        _check_same_residual(path, node, n0)
         nb = len(node.layout.batch_axes)
         a0, b0 = n0.lora_a.astype(node.lora_a.dtype), n0.lora_b.astype(node.lora_b.dtype)
         kernel = node.kernel
@@ -502,6 +510,57 @@ def to_lora(trained: Any, initial: Any) -> Any:
             "trained tree of the same model"
         )
     return jax.tree.unflatten(treedef, leaves)
+
+
+def _check_same_run(path: str, node: Lora, n0: Lora) -> None:
+    """Refuses an ``initial`` node that is not the init ``node`` was trained from.
+
+    ``to_lora`` adds ``s * A0 @ B0`` to the residual, so a wrong ``A0, B0`` gives another model
+    on the original base with nothing to show for it. Both nodes must carry the same residual
+    mark (PiSSA vs OLoRA, and not an already converted plain LoRA), and where both have their
+    kernel, the trained residual must be the initial one (`_check_same_residual`): training
+    leaves the base frozen, so any other init of these shapes (another kind, seed or base)
+    differs there.
+    """
+    if n0.residual is None:
+        raise ValueError(
+            f"to_lora: the initial adapter at '{path}' is not a PiSSA/OLoRA init (its kernel "
+            "is no residual); pass the tree init_pissa/init_olora returned for this run"
+        )
+    if node.residual != n0.residual:
+        raise ValueError(
+            f"to_lora: the trained adapter at '{path}' sits on a "
+            + ("plain kernel (already converted?)" if node.residual is None
+               else f"{node.residual} residual")
+            + f", but the initial one was made by init_{n0.residual}; pass the tree init_pissa/"
+            "init_olora returned for this run"
+        )
+
+
+def _check_same_residual(path: str, node: Lora, n0: Lora) -> None:
+    """The values half of `_check_same_run`, once shapes and scales are known to agree."""
+    if node.kernel is None or n0.kernel is None:
+        return
+    if (tuple(node.kernel.shape), node.kernel.dtype) != (tuple(n0.kernel.shape), n0.kernel.dtype):
+        raise ValueError(
+            f"to_lora: the residual kernel at '{path}' is {tuple(node.kernel.shape)} "
+            f"{node.kernel.dtype} in the trained tree but {tuple(n0.kernel.shape)} "
+            f"{n0.kernel.dtype} in the initial one; pass the initial tree of this run"
+        )
+    try:
+        same = bool(jnp.array_equal(node.kernel, n0.kernel))
+    except jax.errors.ConcretizationTypeError as e:
+        raise ValueError(
+            f"to_lora compares the residual kernels at '{path}' by value; call it outside "
+            "jax.jit (or pass the adapters halves, without kernels)"
+        ) from e
+    if not same:
+        raise ValueError(
+            f"to_lora: the residual kernel at '{path}' differs between the trained and the "
+            f"initial tree, so the initial tree is not the {n0.residual} init this run was "
+            "trained from (or the residual was trained); pass the tree init_pissa/init_olora "
+            "returned for this run"
+        )
 
 
 # --------------------------------------------------------------------------------------------

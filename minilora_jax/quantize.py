@@ -37,9 +37,10 @@ below. Only the block layout and the nibble packing are ours.
 with ``error_bound("nf4") = 0.1519036`` (half the largest gap of the NF4 codebook, between
 -1 and -0.6961928) and ``error_bound("int8") = 1 / 255`` (qwix's int8 step is ``m / 127.5``;
 rounding moves at most half a step), up to float32 rounding, plus half an ulp of the kernel's
-own dtype when the result is cast back to it (``2**-8 * m`` for bfloat16). One exception,
-qwix's: a block whose scale (``m`` for NF4, ``m / 127.5`` for int8) is below
-``sqrt(float32 tiny)`` = 1.1e-19 is stored as zeros.
+own dtype when the result is cast back to it (``2**-8 * m`` for bfloat16), for every finite
+``m`` up to the dtype's largest value. One exception, qwix's: a block whose scale (``m`` for
+NF4, ``m / 127.5`` for int8) is below ``sqrt(float32 tiny)`` = 1.1e-19 is stored as zeros. A
+kernel holding inf or NaN is refused (no scale represents it).
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -242,10 +243,31 @@ def _dequantize(codes: jax.Array, scales: jax.Array, kind: str, shape: tuple[int
     return flat.reshape(shape).astype(dtype)
 
 
+# Blocks whose largest magnitude reaches _HUGE are quantised at _HUGE ** -1 times their size and
+# the factor put back into the scale: XLA may divide by the scale as a multiplication by its
+# reciprocal, and 1 / scale is subnormal (flushed to zero) above 8.5e37, which turned every
+# weight of such a block into 0. Powers of two scale exactly, so the codes are the same.
+_HUGE = 2.0**64
+
+
 def _quantize_blocks(blocks: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:
-    """qwix's absmax quantisation with one scale per row: ``(codes, scales)``."""
+    """qwix's absmax quantisation with one scale per row: ``(codes, scales)``.
+
+    A block holding a non-finite value gets a NaN scale, so it dequantises to NaN rather than
+    to finite numbers or infinities of the wrong sign (`quantize_array` refuses such arrays
+    when it can see their values; this is for a traced call).
+    """
+    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    huge = absmax >= _HUGE
+    blocks = jnp.where(huge[:, None], blocks * (1.0 / _HUGE), blocks)
     q = qwix.quantize(blocks, _QTYPE[kind], channelwise_axes=(0,), scale_dtype=jnp.float32)
-    return q.qvalue, q.scale[:, 0]
+    scales = jnp.where(huge, q.scale[:, 0] * _HUGE, q.scale[:, 0])
+    codes = q.qvalue
+    if kind == "int8":
+        # qwix rounds -m / (m / 127.5) to -128, and -128 * scale overflows near float32's max;
+        # -127 is as close (half a step either way), so the bound holds and nothing overflows.
+        codes = jnp.where(huge[:, None], jnp.maximum(codes, -127), codes).astype(codes.dtype)
+    return codes, jnp.where(jnp.isfinite(absmax), scales, jnp.nan)
 
 
 def quantize_array(x: Any, kind: str = "nf4", *, block_size: int = 64) -> Quantized:
@@ -262,7 +284,9 @@ def quantize_array(x: Any, kind: str = "nf4", *, block_size: int = 64) -> Quanti
       of ``x`` in every element (see the module docstring).
 
     Raises:
-      ValueError/TypeError: for an unknown kind, a bad block size, or a non-float array.
+      ValueError/TypeError: for an unknown kind, a bad block size, a non-float array, or one
+        holding inf or NaN (under a trace, where values cannot be seen, such a block
+        dequantises to NaN instead).
 
     Example:
       >>> import jax.numpy as jnp
@@ -276,6 +300,15 @@ def quantize_array(x: Any, kind: str = "nf4", *, block_size: int = 64) -> Quanti
         raise TypeError(f"quantize_array expects an array, got {type(x).__name__}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"only floating-point arrays can be quantized, got {x.dtype} {x.shape}")
+    try:
+        bad = int(jnp.size(x) - jnp.count_nonzero(jnp.isfinite(x)))
+    except jax.errors.ConcretizationTypeError:
+        bad = 0  # traced: such blocks dequantise to NaN (_quantize_blocks)
+    if bad:
+        raise ValueError(
+            f"cannot quantize a {x.dtype} {tuple(x.shape)} array holding {bad} non-finite "
+            "values (inf or NaN): no block scale represents them"
+        )
     codes, scales = _quantize(jnp.asarray(x), kind, int(block_size), _CHUNK_BLOCKS)
     return Quantized(codes, scales, kind, block_size, tuple(x.shape), np.dtype(x.dtype))
 
@@ -329,6 +362,7 @@ def quantize(
         without an adapter), a selected adapter has no kernel (the adapters half of a split) or
         its kernel is already quantized.
       TypeError: if a selected kernel is not floating point.
+      ValueError: naming the path, if a selected kernel holds inf or NaN.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -377,8 +411,8 @@ def quantize(
         node.check(path)
         try:
             q = quantize_array(node.kernel, kind, block_size=block_size)
-        except TypeError as e:
-            raise TypeError(f"cannot quantize the kernel at '{path}': {e}") from e
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"cannot quantize the kernel at '{path}': {e}") from e
         out[i] = node.replace(kernel=q)
     return jax.tree.unflatten(treedef, out)
 

@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -438,6 +440,39 @@ def test_missing_or_mismatched_array_data(tmp_path):
         checkpoint.load_adapters(tmp_path / "a", base)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax threads
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
+def test_damaged_orbax_files_load_whole_or_fail_in_one_clear_line(tmp_path, damage):
+    """Every file of the orbax array data (metadata and chunks) damaged in turn: the load gives
+    the saved adapters (the hashes prove it) or one ValueError naming the directory, never
+    orbax's `'NoneType' object has no attribute 'tree'`."""
+    base = _base()
+    params = _adapted(base, targets="layers_0/q_proj")
+    saved = checkpoint.save_adapters(tmp_path / "ckpt", params)
+    files = sorted(p.relative_to(saved) for p in (saved / "adapters").rglob("*") if p.is_file())
+    assert len(files) >= 5
+    refused = 0
+    for rel in files:
+        work = tmp_path / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(saved, work)
+        data = bytearray((work / rel).read_bytes())
+        if damage == "flip" and data:
+            data[len(data) // 2] ^= 0xFF
+        (work / rel).write_bytes(bytes(data[: len(data) // 2] if damage == "truncate" else
+                                       b"" if damage == "empty" else data))
+        try:
+            got = checkpoint.load_adapters(work, base)
+        except ValueError as e:
+            message = str(e)
+            assert "\n" not in message and "NoneType" not in message, message
+            assert str(work / "adapters") in message and "corrupt or incomplete" in message
+            refused += 1
+        else:
+            _assert_same_adapters(got, params)
+    assert refused >= 3  # _METADATA, manifest.ocdbt and d/ at least
+
+
 def test_nothing_to_save_and_bad_metadata(tmp_path):
     with pytest.raises(ValueError, match="holds no adapters"):
         checkpoint.save_adapters(tmp_path / "x", _base())
@@ -645,8 +680,9 @@ def test_save_step_keeps_the_newest_and_latest_step_finds_them(tmp_path):
     assert sorted(os.listdir(tmp_path / "run")) == ["15", "3", "7", "notes.txt"]
     checkpoint.save_step(tmp_path / "run", 20, params, keep=None)
     assert sorted(os.listdir(tmp_path / "run")) == ["15", "20", "3", "7", "notes.txt"]
-    with pytest.raises(ValueError, match="step must be a non-negative integer"):
-        checkpoint.save_step(tmp_path / "run", -1, params)
+    for bad in (-1, 1.5, "3", True):  # the message shows the step given, not a stand-in
+        with pytest.raises(ValueError, match=rf"non-negative integer, got {re.escape(repr(bad))}$"):
+            checkpoint.save_step(tmp_path / "run", bad, params)
     with pytest.raises(ValueError, match="keep must be a positive integer"):
         checkpoint.save_step(tmp_path / "run", 1, params, keep=0)
 

@@ -147,9 +147,14 @@ def test_merge_orbax_base_into_orbax(files, tmp_path, capsys):
     assert "wrote orbax" in capsys.readouterr().out
     _assert_trees_close(_restore(tmp_path / "merged"), once)
 
-    # The merged params as a base: the adapters fold in a second time.
+    # The merged params as a base: not the base the adapters were saved on, so refused unless
+    # --no-check-base; then the adapters fold in a second time.
     assert main(["merge", "--base", str(tmp_path / "merged"), "--adapters", str(root / "ckpt"),
-                 "--out", str(tmp_path / "twice")]) == 0
+                 "--out", str(tmp_path / "twice")]) == 1
+    assert "--no-check-base skips this check" in _one_error(capsys, "merge")
+    assert not (tmp_path / "twice").exists()
+    assert main(["merge", "--base", str(tmp_path / "merged"), "--adapters", str(root / "ckpt"),
+                 "--out", str(tmp_path / "twice"), "--no-check-base"]) == 0
     twice = _restore(tmp_path / "twice")
     delta = _at(once, O_PROJ) - _at(base, O_PROJ)
     np.testing.assert_allclose(_at(twice, O_PROJ), _at(once, O_PROJ) + delta, atol=1e-5)
@@ -160,12 +165,13 @@ def test_merge_orbax_base_into_orbax(files, tmp_path, capsys):
 
     # An orbax base into a .safetensors OUT: flat params by default.
     assert main(["merge", "--base", str(tmp_path / "merged"), "--adapters", str(root / "ckpt"),
-                 "--out", str(tmp_path / "twice.safetensors")]) == 0
+                 "--out", str(tmp_path / "twice.safetensors"), "--no-check-base"]) == 0
     flat = load_file(tmp_path / "twice.safetensors")
     np.testing.assert_array_equal(flat["/".join(O_PROJ)], _at(twice, O_PROJ))
     # ... or an orbax directory, whatever its name, when asked.
     assert main(["merge", "--base", str(tmp_path / "merged"), "--adapters", str(root / "ckpt"),
-                 "--out", str(tmp_path / "dir.safetensors"), "--out-format", "orbax"]) == 0
+                 "--out", str(tmp_path / "dir.safetensors"), "--out-format", "orbax",
+                 "--no-check-base"]) == 0
     assert (tmp_path / "dir.safetensors").is_dir()
     _assert_trees_close(_restore(tmp_path / "dir.safetensors"), twice)
 
@@ -206,14 +212,30 @@ def test_merge_never_clobbers(files, tmp_path, capsys):
         assert f"--out {target} {why}" in _one_error(capsys, "merge")
     assert not (root / "ckpt" / "merged.safetensors").exists()
 
-    # With --force: the file is replaced (atomically, no temporary left), an empty directory
-    # is fine without it.
+    # --force replaces only what this tool writes: not a file that is no safetensors file, nor
+    # a directory holding other files (orbax's save with force=True deleted them all).
+    for target, out_format in ((out, "params"), (tmp_path / "taken", "orbax")):
+        assert main([*args, "--out", str(target), "--out-format", out_format, "--force"]) == 1
+        assert "not replacing it, even with --force" in _one_error(capsys, "merge")
+    assert out.read_bytes() == b"keep me"
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["file"]
+
+    # With --force: a safetensors file is replaced (atomically, no temporary left), an orbax
+    # params directory too; an empty directory is fine without it.
+    out.unlink()
+    save_file({"x": np.zeros(2, np.float32)}, out)
     assert main([*args, "--out", str(out), "--force"]) == 0
     _assert_trees_close(read_params(out), mlj.merge(params))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken", "taken.safetensors"]
     (tmp_path / "empty").mkdir()
     assert main([*args, "--out", str(tmp_path / "empty")]) == 0
     _assert_trees_close(_restore(tmp_path / "empty"), mlj.merge(params))
+    ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(
+        tmp_path / "old", args=ocp.args.StandardSave({"x": np.zeros(2, np.float32)}))
+    assert main([*args, "--out", str(tmp_path / "old"), "--force"]) == 0
+    _assert_trees_close(_restore(tmp_path / "old"), mlj.merge(params))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "empty", "old", "taken", "taken.safetensors"]  # nothing staged or set aside is left
 
 
 def test_convert_never_clobbers(files, tmp_path, capsys):
@@ -252,8 +274,15 @@ def test_convert_never_clobbers(files, tmp_path, capsys):
                  "--force"]) == 0
     _assert_trees_close(mlj.merge(mlj.peft.load(tmp_path / "notes", base)), mlj.merge(params))
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    # ... but a file that is not a .pth (torch.save archive) is never replaced.
     assert main(["convert", str(ckpt), "--to", "minimind", "--out", str(tmp_path / "lora.pth"),
-                 "--fold-scale", "--force"]) == 0
+                 "--fold-scale", "--force"]) == 1
+    assert "not replacing it, even with --force" in _one_error(capsys, "convert")
+    assert (tmp_path / "lora.pth").read_bytes() == b"keep me"
+    (tmp_path / "lora.pth").unlink()
+    for _ in range(2):  # written, then replaced
+        assert main(["convert", str(ckpt), "--to", "minimind", "--out",
+                     str(tmp_path / "lora.pth"), "--fold-scale", "--force"]) == 0
     got = minimind_lora.load_minimind_lora(tmp_path / "lora.pth", base)
     _assert_trees_close(mlj.merge(got), mlj.merge(params))
     # --to orbax with --force replaces a checkpoint, never another directory.
@@ -486,3 +515,77 @@ def test_convert_round_trip_through_every_format(files, tmp_path, capsys):
                  "--base", str(tmp_path / "small.safetensors")]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "layers_0/self_attn/q_proj/kernel" in err
+
+
+def _one_line(result, command):
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"minilora_jax {command}: error: "), line
+    return line
+
+
+def test_merge_force_never_deletes_files_it_did_not_write(files, tmp_path):
+    """`merge --out DIR --force` (orbax) deleted every file in DIR; now a directory holding
+    anything but an orbax params directory / adapter checkpoint is refused, and kept."""
+    root, _, params = files
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    (out / "sub").mkdir()
+    (out / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    result = _run("merge", "--base", root / "base.safetensors", "--adapters", root / "ckpt",
+                  "--out", out, "--force")
+    line = _one_line(result, "merge")
+    assert str(out) in line and "even with --force" in line
+    assert (out / "thesis.tex").read_text() == "years of work"
+    assert (out / "sub" / "data.bin").read_bytes() == b"\x00\x01"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing staged left behind
+    # A foreign file inside what is otherwise our own orbax output is refused too.
+    mine = tmp_path / "mine"
+    assert _run("merge", "--base", root / "base.safetensors", "--adapters", root / "ckpt",
+                "--out", mine).returncode == 0
+    (mine / "notes.txt").write_text("keep")
+    result = _run("merge", "--base", root / "base.safetensors", "--adapters", root / "ckpt",
+                  "--out", mine, "--force")
+    assert "even with --force" in _one_line(result, "merge")
+    assert (mine / "notes.txt").read_text() == "keep"
+    _assert_trees_close(_restore(mine), mlj.merge(params))
+
+
+def test_merge_checks_the_recorded_base_values_unless_told_not_to(files, tmp_path):
+    """A base of the same shapes but other kernel values (another fine-tune) merged with exit 0;
+    now it is refused naming --no-check-base, which merges it."""
+    root, base, params = files
+    other = jax.tree.map(lambda x: x * 1.01, base)
+    write_params(tmp_path / "other.safetensors", other)
+    args = ("merge", "--base", tmp_path / "other.safetensors", "--adapters", root / "ckpt")
+    result = _run(*args, "--out", tmp_path / "m.safetensors")
+    line = _one_line(result, "merge")
+    assert "holds other values" in line and "--no-check-base" in line
+    assert not (tmp_path / "m.safetensors").exists()
+    result = _run(*args, "--out", tmp_path / "m.safetensors", "--no-check-base")
+    assert result.returncode == 0, result.stderr
+    want = mlj.merge(mlj.combine(mlj.split(params)[0], other))
+    _assert_trees_close(read_params(tmp_path / "m.safetensors"), want, atol=1e-5)
+    # convert with --base checks alike.
+    result = _run("convert", root / "ckpt", "--to", "peft", "--out", tmp_path / "p",
+                  "--base", tmp_path / "other.safetensors")
+    assert "--no-check-base" in _one_line(result, "convert")
+    assert _run("convert", root / "ckpt", "--to", "peft", "--out", tmp_path / "p", "--base",
+                tmp_path / "other.safetensors", "--no-check-base").returncode == 0
+
+
+def test_raw_os_and_orbax_errors_become_one_line(files, tmp_path):
+    root, _, _ = files
+    (tmp_path / "a.safetensors").write_bytes(b"not a directory")
+    result = _run("merge", "--base", root / "base.safetensors", "--adapters", root / "ckpt",
+                  "--out", tmp_path / "a.safetensors" / "m.safetensors")
+    line = _one_line(result, "merge")
+    assert "Errno" not in line and f"{tmp_path / 'a.safetensors'} is a file" in line
+    # A damaged orbax metadata file of the adapters: inspect (no --base) names the directory.
+    shutil.copytree(root / "ckpt", tmp_path / "ckpt")
+    meta = tmp_path / "ckpt" / "adapters" / "_METADATA"
+    meta.write_bytes(meta.read_bytes()[:20])
+    line = _one_line(_run("inspect", tmp_path / "ckpt"), "inspect")
+    assert str(tmp_path / "ckpt") in line and "corrupt or incomplete" in line
+    assert "NoneType" not in line

@@ -14,6 +14,7 @@ from toy_models import Stack, randomize_b
 import minilora_jax as mlj
 from minilora_jax._tree import flatten
 from minilora_jax.combination import COMBINED_SCALE, combine_adapters
+from minilora_jax.quantize import quantize
 
 X = jax.random.normal(jax.random.key(9), (4, 8))
 WEIGHTS = (0.7, -0.4, 1.3)
@@ -317,3 +318,39 @@ def test_cat_is_exact_for_any_shapes_ranks_scales_and_weights(shape, adapters, s
     node = combined["kernel"]
     assert node.rank == sum(r for r, _, _ in adapters) and errors == {"kernel": 0.0}
     assert np.linalg.norm(_matrix(node) - target) <= 1e-6 * max(np.linalg.norm(target), 1e-30)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_qlora_trees_combine_on_their_shared_quantized_base(kind):
+    """QLoRA trees (Quantized kernels) raised a raw TypeError from comparing the kernels; now
+    they combine like plain ones, and another quantized base is refused naming the path."""
+    base = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (64, 32))}}
+    trees = [randomize_b(mlj.init(base, jax.random.key(i), rank=2 + i, alpha=4.0,
+                                      targets=mlj.all_kernels), key, std=0.3)
+             for i, key in enumerate(jax.random.split(jax.random.key(5), 2))]
+    quantized = [quantize(t, kind) for t in trees]
+    for method in ("cat", "svd"):
+        both, _ = combine_adapters(quantized, [0.6, -0.8], method=method)
+        node = both["dense"]["kernel"]
+        assert node.kernel is quantized[0]["dense"]["kernel"].kernel
+        np.testing.assert_allclose(_matrix(node), _targets(trees, [0.6, -0.8])["dense/kernel"],
+                                   atol=1e-5)
+    moved = quantize(jax.tree.map(lambda x: x * 1.5, trees[1]), kind)
+    with pytest.raises(ValueError, match="kernel at 'dense/kernel' differs between tree 0 and"):
+        combine_adapters([quantized[0], moved], [0.5, 0.5])
+    with pytest.raises(ValueError, match="kernel at 'dense/kernel' differs"):  # plain vs quantized
+        combine_adapters([quantized[0], trees[1]], [0.5, 0.5])
+
+
+@pytest.mark.parametrize("method", ["cat", "svd", "linear"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_non_finite_adapter_is_refused_naming_path_and_tree(method, value):
+    """svd raised numpy's LinAlgError on a NaN adapter; every method now refuses it first."""
+    base = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (8, 6))}}
+    one = randomize_b(mlj.init(base, jax.random.key(1), rank=2, targets=mlj.all_kernels),
+                      jax.random.key(2))
+    two = jax.tree.map(lambda x: x, one)
+    node = two["dense"]["kernel"]
+    two["dense"]["kernel"] = node.replace(lora_b=node.lora_b.at[1, 3].set(value))
+    with pytest.raises(ValueError, match=r"'dense/kernel' in tree 1 has non-finite .* lora_b"):
+        combine_adapters([one, two], [0.5, 0.5], method=method)

@@ -273,6 +273,36 @@ def test_to_lora_refuses_trees_that_do_not_match():
         pissa.to_lora(rescaled, initial)
 
 
+@pytest.mark.parametrize("run, wrong", [("pissa", "olora"), ("olora", "pissa"),
+                                        ("pissa", "pissa_niter"), ("pissa", "other_base")])
+def test_to_lora_refuses_an_initial_tree_from_another_init(run, wrong):
+    """A same-shaped initial tree of another init would give another model on the original
+    base with no error; the residual marks and the frozen residual kernels tell them apart."""
+    model, base = _base()
+    initial = INITS[run](base, **KW)
+    trained = _trained(initial)
+    if wrong == "other_base":  # another fine-tune of the same architecture
+        other = jax.tree.map(lambda x: x * 1.01, base)
+        impostor = INITS[run](other, **KW)
+    else:
+        impostor = INITS[wrong](base, **KW)
+    with pytest.raises(ValueError, match=r"to_lora: .* at '[\w/]+(kernel)'"):
+        pissa.to_lora(trained, impostor)
+    # The refused pair really would be wrong: the impostor's conversion is another model.
+    right = _ours(model, pissa.to_lora(trained, initial))
+    assert _max_rel(right, _ours(model, trained)) < 1e-5
+    if wrong in ("pissa_niter", "other_base"):  # same kind: halves (marks only) cannot tell
+        fake = pissa.to_lora(*(mlj.split(t)[0] for t in (trained, impostor)))
+        assert _max_rel(_ours(model, mlj.combine(fake, base)), right) > 1e-3
+    # Converting twice, or from a plain LoRA "initial", is refused too.
+    plain = pissa.to_lora(trained, initial)
+    with pytest.raises(ValueError, match="plain kernel \\(already converted"):
+        pissa.to_lora(plain, initial)
+    lora = mlj.init(base, jax.random.key(0), **KW)
+    with pytest.raises(ValueError, match="is not a PiSSA/OLoRA init"):
+        pissa.to_lora(trained, lora)
+
+
 # --------------------------------------------------------------------------------------------
 # PEFT directories without torch: what is refused
 # --------------------------------------------------------------------------------------------

@@ -106,6 +106,50 @@ def test_error_within_bound(kind, shape, block_size, spread, seed):
         assert err.max() > 0.01 * bound.max()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_bound_holds_for_blocks_near_the_dtypes_max(kind, dtype):
+    """Blocks whose absmax is huge (1e38 turned every weight into 0: 1 / scale is flushed) up
+    to the dtype's max, besides ordinary ones: each within the documented bound, all finite."""
+    fmax = float(jnp.finfo(dtype).max)
+    rng = np.random.default_rng(0)
+    tops = [1.0, 2.0**64 * 0.99, 2.0**64, 1e36, 8.6e37, 1e38, 3e38, fmax]
+    rows = []
+    for top in tops:
+        row = rng.uniform(-1, 1, 64)
+        row[rng.integers(64)], row[rng.integers(64)] = 1.0, -1.0  # the absmax either sign
+        rows.append(np.clip(row * top, -fmax, fmax))
+    x = jnp.asarray(np.stack(rows), dtype)
+    want = np.asarray(x, np.float64)
+    back = np.asarray(mq.quantize_array(x, kind).dequantize(), np.float64)
+    assert np.isfinite(back).all()
+    ulp = 2.0**-8 if dtype == jnp.bfloat16 else 0.0
+    err = np.abs(back - want) / np.abs(want).max(axis=1, keepdims=True)
+    assert (err.max(axis=1) <= mq.error_bound(kind) + ulp + 1e-6).all(), err.max(axis=1)
+    # Each block's largest weight comes back (the bug returned all zeros: error 1.0 x absmax).
+    np.testing.assert_allclose(np.abs(back).max(axis=1), np.abs(want).max(axis=1), rtol=0.01)
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+def test_a_non_finite_kernel_is_refused_naming_the_path(value):
+    """+inf dequantised to -inf; now quantize refuses, naming the path, and under jit (no
+    values to look at) such a block dequantises to NaN, never to a finite or wrong-signed one."""
+    _, _, _, lp, _ = _setup("nf4")
+    kernel = lp["dense_1"]["kernel"].kernel
+    lp = {**lp, "dense_1": {**lp["dense_1"],
+                            "kernel": lp["dense_1"]["kernel"].replace(kernel=kernel.at[3, 5]
+                                                                       .set(value))}}
+    for kind in KINDS:
+        with pytest.raises(ValueError, match=r"kernel at 'dense_1/kernel'.* 1 non-finite"):
+            mq.quantize(lp, kind)
+        with pytest.raises(ValueError, match="non-finite"):
+            mq.quantize_array(jnp.full((8,), value), kind, block_size=8)
+        traced = jax.jit(lambda x, k=kind: mq.quantize_array(x, k, block_size=8).dequantize())
+        back = np.asarray(traced(jnp.full((16,), value).at[8:].set(1.0)))
+        assert np.isnan(back[:8]).all()
+        assert (np.abs(back[8:] - 1.0) <= mq.error_bound(kind) + 1e-6).all()  # its own block
+
+
 def test_bf16_kernel_keeps_dtype_and_bound():
     x = jax.random.normal(jax.random.key(0), (96, 80), jnp.float32).astype(jnp.bfloat16)
     for kind in KINDS:
