@@ -721,10 +721,11 @@ def trace(
     """Traces ``fn(unflatten(leaves), *args, **kwargs)`` to a closed jaxpr.
 
     Array leaves of ``args``/``kwargs`` become inputs after the tree's leaves; everything else
-    is held fixed. Returns ``(closed_jaxpr, out_tree, input_values)``.
+    reaches ``fn`` as the caller passed it (`_is_input` says which is which). Returns
+    ``(closed_jaxpr, out_tree, input_values)``.
     """
     call_leaves, call_def = jax.tree.flatten((args, kwargs))
-    dynamic = [i for i, x in enumerate(call_leaves) if _is_array(x)]
+    dynamic = [i for i, x in enumerate(call_leaves) if _is_input(x)]
     n = len(tree_leaves)
 
     def flat(*inputs):
@@ -739,8 +740,18 @@ def trace(
     return closed, jax.tree.structure(shapes), values
 
 
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+def _is_input(x: Any) -> bool:
+    """Whether a leaf of the call's arguments is traced as an input of the program.
+
+    JAX arrays (tracers included, so under the caller's ``jit`` every array argument is an
+    input and no value is baked in) and numpy arrays with axes are; numpy scalars and 0-d numpy
+    arrays are not: outside a ``jit`` they are concrete values the plain function may use as
+    Python numbers (``range(int(n))``), and making them abstract would break that. Inside the
+    caller's ``jit`` they arrive as tracers and are inputs anyway.
+    """
+    if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
+        return True
+    return isinstance(x, np.ndarray) and x.ndim > 0
 
 
 def _abstract(x: Any) -> Any:
