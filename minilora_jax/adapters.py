@@ -356,6 +356,7 @@ def init(
                 f"init for '{path}' returned shape {tuple(lora_a.shape)}, expected {a_shape}"
             )
         node = Lora(leaf, jnp.asarray(lora_a, dtype), jnp.zeros(b_shape, dtype), scale, layout)
+        node.check(path)  # the one check of what an adapter may sit on (integer kernels, ...)
         if dora:
             if isinstance(leaf, jax.ShapeDtypeStruct):
                 raise ValueError(

@@ -57,3 +57,45 @@ def test_jax_array_argument_is_still_an_input():
     assert len(traces) == 1  # one trace: the scalar is an input, not a baked-in constant
     for s, y in zip((1.0, 2.0, 3.0), got, strict=True):
         np.testing.assert_allclose(y, f(mlj.merge(lp), x, s), rtol=1e-5, atol=1e-5)
+
+
+# -- 10: integer kernels ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int32, jnp.uint8, jnp.bool_])
+def test_init_refuses_integer_kernels(dtype):
+    base = {"q": {"kernel": jnp.ones((8, 8), dtype)}, "f": {"kernel": jnp.ones((8, 8))}}
+    name = jnp.dtype(dtype).name
+    with pytest.raises(ValueError, match=rf"kernel at 'q/kernel' is {name}.*minilora_jax.quantize"):
+        mlj.init(base, jax.random.key(0), rank=2)
+    # with apply_fn too: an int8 x int8 contraction is a kernel use, and still refused
+    f = lambda p, x: x @ p["q"]["kernel"]  # noqa: E731
+    with pytest.raises(ValueError, match=rf"'q/kernel' is {name}"):
+        mlj.init(base, jax.random.key(0), rank=2, targets="q", apply_fn=f,
+                 args=(jnp.ones((2, 8), dtype),))
+    # excluding it leaves the float kernel adaptable
+    lp = mlj.init(base, jax.random.key(0), rank=2, exclude="q")
+    assert mlj.lora.is_lora(lp["f"]["kernel"]) and not mlj.lora.is_lora(lp["q"]["kernel"])
+
+
+def test_wrap_merge_and_loaders_refuse_integer_kernels(tmp_path):
+    w = jnp.arange(64, dtype=jnp.int8).reshape(8, 8)
+    node = mlj.Lora(w, jnp.ones((8, 2)), jnp.ones((2, 8)), 1.0, mlj.Layout.dense())
+    with pytest.raises(ValueError, match="'q/kernel' is int8"):
+        mlj.merge({"q": {"kernel": node}})
+    with pytest.raises(ValueError, match="'q/kernel' is int8"):
+        mlj.wrap(lambda p, x: x @ p["q"]["kernel"])({"q": {"kernel": node}}, jnp.ones((1, 8)))
+    float_base = {"q": {"kernel": jnp.ones((8, 8))}}
+    mlj.peft.save(tmp_path, mlj.init(float_base, jax.random.key(0), rank=2))
+    with pytest.raises(ValueError, match="'q/kernel' is int8"):
+        mlj.peft.load(tmp_path, {"q": {"kernel": w}})
+
+
+def test_quantized_kernels_are_still_adapted():
+    from minilora_jax.quantize import quantize
+
+    base = {"q": {"kernel": jax.random.normal(jax.random.key(0), (64, 64))}}
+    qp = _with_random_b(quantize(mlj.init(base, jax.random.key(1), rank=2), "int8"))
+    x = jax.random.normal(jax.random.key(2), (3, 64))
+    f = lambda p, x: x @ p["q"]["kernel"]  # noqa: E731
+    np.testing.assert_allclose(mlj.wrap(f)(qp, x), f(mlj.merge(qp), x), rtol=1e-4, atol=1e-4)
