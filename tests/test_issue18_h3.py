@@ -99,3 +99,107 @@ def test_quantized_kernels_are_still_adapted():
     x = jax.random.normal(jax.random.key(2), (3, 64))
     f = lambda p, x: x @ p["q"]["kernel"]  # noqa: E731
     np.testing.assert_allclose(mlj.wrap(f)(qp, x), f(mlj.merge(qp), x), rtol=1e-4, atol=1e-4)
+
+
+# -- 11: a layer pattern selects the layer's kernels ------------------------------------------
+
+
+def _adapted(tree):
+    names, leaves, _ = mlj._tree.flatten(tree)
+    return sorted(p for p, x in zip(names, leaves, strict=True) if mlj.lora.is_lora(x))
+
+
+def _check_wrap_merge(f, lp, *args):
+    lp = _with_random_b(lp)
+    got = mlj.wrap(f)(lp, *args)
+    np.testing.assert_allclose(got, f(mlj.merge(lp), *args), rtol=2e-5, atol=2e-5)
+
+
+def test_layer_patterns_on_flax_attention_skip_its_2d_biases():
+    import flax.linen as nn
+
+    mha = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    variables = mha.init(jax.random.key(1), x)
+    assert variables["params"]["query"]["bias"].ndim == 2  # (heads, head_dim)
+    lp = mlj.init(variables, jax.random.key(2), rank=2, targets=["query", "value"],
+                  apply_fn=mha.apply, args=(x,))
+    assert _adapted(lp) == ["query/kernel", "value/kernel"]
+    _check_wrap_merge(mha.apply, lp, x)
+    # naming the bias leaf itself is still an error that says why
+    with pytest.raises(ValueError, match=r"pattern 'query/bias' selects 'query/bias' \(2, 4\)"):
+        mlj.init(variables, jax.random.key(2), targets="query/bias", apply_fn=mha.apply,
+                 args=(x,))
+
+
+class _ScanDense:
+    """An nn.scan stack of biased Dense layers named proj (biases stacked to 2-D)."""
+
+    @staticmethod
+    def make():
+        import flax.linen as nn
+
+        class Layer(nn.Module):
+            @nn.compact
+            def __call__(self, x, _):
+                return jnp.tanh(nn.Dense(8, name="proj")(x)), None
+
+        class Model(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                scanned = nn.scan(Layer, variable_axes={"params": 0},
+                                  split_rngs={"params": True}, length=3)
+                return scanned(name="layers")(x, None)[0]
+
+        return Model()
+
+
+def test_layer_pattern_on_a_scan_stack_skips_its_biases():
+    model = _ScanDense.make()
+    x = jax.random.normal(jax.random.key(0), (2, 8))
+    params = model.init(jax.random.key(1), x)["params"]
+    assert params["layers"]["proj"]["bias"].shape == (3, 8)
+    f = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    lp = mlj.init(params, jax.random.key(2), rank=2, targets="proj", apply_fn=f, args=(x,))
+    assert _adapted(lp) == ["layers/proj/kernel"]
+    assert lp["layers"]["proj"]["kernel"].lora_a.shape == (3, 8, 2)
+    _check_wrap_merge(f, lp, x)
+
+
+def test_layer_pattern_on_stacked_nnx_blocks_skips_their_biases():
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, key):
+            self.linear = nnx.Linear(8, 8, rngs=nnx.Rngs(key))
+
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+        return Block(key)
+
+    stack = make(jax.random.split(jax.random.key(0), 3))
+    graphdef, state = nnx.split(stack)
+
+    def f(state, x):
+        model = nnx.merge(graphdef, state)
+
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def run(x, block):
+            return jnp.tanh(block.linear(x))
+
+        return run(x, model)
+
+    x = jax.random.normal(jax.random.key(1), (2, 8))
+    assert state["linear"]["bias"].shape == (3, 8)
+    lp = mlj.init(state, jax.random.key(2), rank=2, targets="linear", apply_fn=f, args=(x,))
+    assert _adapted(lp) == ["linear/kernel"]
+    _check_wrap_merge(f, lp, x)
+
+
+def test_a_pattern_matching_only_unadaptable_leaves_of_layers_says_why():
+    tree = {"embed": {"table": jnp.ones((10, 4))}, "w": {"kernel": jnp.ones((4, 4))}}
+    f = lambda t, tok: t["embed"]["table"][tok] @ t["w"]["kernel"]  # noqa: E731
+    with pytest.raises(ValueError, match=r"pattern 'embed' matches layers but none.*"
+                                         r"'embed/table' \(10, 4\): the program uses it in"):
+        mlj.init(tree, jax.random.key(0), targets=["w", "embed"], apply_fn=f,
+                 args=(jnp.arange(3),))
