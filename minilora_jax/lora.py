@@ -107,6 +107,32 @@ class Layout:
         text = f"in {ins} out {outs}"
         return text + (f" batch {batch}" if batch else "")
 
+    def batched_outs(self, read: Layout) -> tuple[int, ...] | None:
+        """The axes this (declared) layout holds as batch axes where ``read``, the way a
+        program contracts the kernel, has out axes; None if the two disagree otherwise.
+
+        A program computes the same linear map whether a vmapped layer axis is read as an out
+        axis (one joint adapter) or as a batch axis (one adapter per index, a block-diagonal
+        update along it), so declaring such an out axis a batch axis is the one disagreement
+        `minilora_jax.wrap` can follow; everything else (another in axis, a batch axis the
+        program reads as out) contradicts the program.
+
+        Example:
+          >>> read = Layout((1,), (0, 2))  # jax.vmap(f, in_axes=(0, None)): layer axis 0 is out
+          >>> Layout((1,), (2,), (0,)).batched_outs(read)
+          (0,)
+          >>> Layout((2,), (1,), (0,)).batched_outs(read) is None
+          True
+        """
+        if self.ndim != read.ndim or set(self.in_axes) != set(read.in_axes):
+            return None
+        extra = tuple(sorted(set(self.batch_axes) - set(read.batch_axes)))
+        if not set(read.batch_axes) <= set(self.batch_axes) or not set(extra) <= set(
+            read.out_axes
+        ):
+            return None
+        return extra
+
     def to_json(self) -> dict[str, list[int]]:
         return {
             "in": list(self.in_axes),

@@ -358,6 +358,7 @@ def from_torch(
     apply_fn: Callable[..., Any] | None = None,
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
+    layouts: Mapping[str, Layout] | None = None,
 ) -> Any:
     """Attaches torch-layout adapters to the base ``tree``: the inverse of `to_torch`.
 
@@ -376,6 +377,7 @@ def from_torch(
       source: what ``adapters`` came from (a file name), used in error messages.
       apply_fn, args, kwargs: a function ``apply_fn(tree, *args, **kwargs)`` that runs the
         model and example arguments, as for `minilora_jax.init`.
+      layouts: ``{pattern: Layout}`` declaring kernels' layouts, as for `minilora_jax.init`.
 
     Returns:
       ``tree`` with a `minilora_jax.Lora` node in place of each kernel that has an adapter,
@@ -401,7 +403,7 @@ def from_torch(
       ((4, 2), (2, 3), Layout(in_axes=(1,), out_axes=(0,), batch_axes=()))
     """
     namer = _namer(module_names)
-    kernels, others = find_kernels(tree, apply_fn, args, kwargs)
+    kernels, others = find_kernels(tree, apply_fn, args, kwargs, layouts)
     return _attach(tree, adapters, namer, source, kernels, others)
 
 
@@ -1215,6 +1217,7 @@ def load(
     apply_fn: Callable[..., Any] | None = None,
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
+    layouts: Mapping[str, Layout] | None = None,
 ) -> Any:
     """Loads a PEFT LoRA directory onto the base ``tree``.
 
@@ -1225,6 +1228,7 @@ def load(
       apply_fn, args, kwargs: the function that runs ``tree`` and example arguments, from which
         the kernels' layouts are read (see `from_torch`); needed for any kernel that is not a
         2-D leaf named ``kernel``, e.g. an equinox ``weight`` or an ``nn.scan`` stack.
+      layouts: ``{pattern: Layout}`` declaring kernels' layouts, as for `minilora_jax.init`.
 
     Returns:
       ``tree`` with `minilora_jax.Lora` nodes in place of the adapted kernels, in the file's
@@ -1252,7 +1256,7 @@ def load(
     directory = FilePath(directory)
     adapters, config = _read(directory)
     init = config["init_lora_weights"]
-    kernels, others = find_kernels(tree, apply_fn, args, kwargs)
+    kernels, others = find_kernels(tree, apply_fn, args, kwargs, layouts)
     loaded = _attach(tree, adapters, _namer(module_names), str(directory / WEIGHTS_FILE),
                      kernels, others, config)
     if init not in RESIDUAL_INITS:

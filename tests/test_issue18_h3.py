@@ -203,3 +203,133 @@ def test_a_pattern_matching_only_unadaptable_leaves_of_layers_says_why():
                                          r"'embed/table' \(10, 4\): the program uses it in"):
         mlj.init(tree, jax.random.key(0), targets=["w", "embed"], apply_fn=f,
                  args=(jnp.arange(3),))
+
+
+# -- 12: declared layouts ---------------------------------------------------------------------
+
+L, D = 3, 16
+
+
+def _vmapped(p, x):
+    """A stack vmapped with a shared input: the layer axis of the kernel is an out axis."""
+    return jax.vmap(lambda w, x: jnp.tanh(x @ w), in_axes=(0, None))(p["w"], x)
+
+
+def _moe(p, x):
+    """A dense MoE: every expert sees every token, 'btd,edf->btef'."""
+    return jnp.einsum("btd,edf->btef", x, p["experts"])
+
+
+PER_LAYER = mlj.Layout((1,), (2,), (0,))
+
+
+@pytest.mark.parametrize("fn,name,x_shape", [
+    (_vmapped, "w", (5, D)),
+    (_moe, "experts", (2, 5, D)),
+])
+def test_declared_per_layer_layout_gives_one_adapter_per_layer(fn, name, x_shape):
+    base = {name: jax.random.normal(jax.random.key(0), (L, D, D)) / 4}
+    x = jax.random.normal(jax.random.key(1), x_shape)
+    joint = mlj.init(base, jax.random.key(2), rank=4, targets=name, apply_fn=fn, args=(x,))
+    assert joint[name].layout == mlj.Layout((1,), (0, 2))
+    assert mlj.summary(joint).trainable == 4 * D + 4 * L * D  # one joint adapter: 256
+    lp = mlj.init(base, jax.random.key(2), rank=4, targets=name, apply_fn=fn, args=(x,),
+                  layouts={name: PER_LAYER})
+    assert lp[name].layout == PER_LAYER
+    assert mlj.summary(lp).trainable == L * (4 * D + 4 * D)  # three rank-4 adapters: 384
+    lp = _with_random_b(lp)
+    got = mlj.wrap(fn)(lp, x)
+    np.testing.assert_allclose(got, fn(mlj.merge(lp), x), rtol=2e-5, atol=2e-5)
+    # each layer's output moves by its own adapter only
+    delta = lp[name].delta()
+    for i in range(L):
+        lone = dict(base)
+        lone[name] = base[name].at[i].add(delta[i])
+        want = fn(lone, x)
+        sl = (slice(None),) * (got.ndim - 2) if fn is _moe else ()
+        idx = (i,) if fn is _vmapped else (*sl, i)
+        np.testing.assert_allclose(got[idx], want[idx], rtol=2e-5, atol=2e-5)
+    # jit and grad follow it too
+    g = jax.grad(lambda p: jnp.sum(mlj.wrap(fn)(p, x) ** 2))(lp)
+    g_merged = jax.grad(lambda p: jnp.sum(fn(mlj.merge(p), x) ** 2))(lp)
+    np.testing.assert_allclose(g[name].lora_b, g_merged[name].lora_b, rtol=1e-4, atol=1e-4)
+
+
+def test_declared_layout_on_a_linen_vmap_stack():
+    import flax.linen as nn
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            stack = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=None, axis_size=L)
+            return stack(D, use_bias=False, name="experts")(x)
+
+    model = Model()
+    x = jax.random.normal(jax.random.key(0), (4, D))
+    params = model.init(jax.random.key(1), x)["params"]
+    f = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    lp = mlj.init(params, jax.random.key(2), rank=2, targets="experts", apply_fn=f, args=(x,),
+                  layouts={"experts": PER_LAYER})
+    k = lp["experts"]["kernel"]
+    assert k.lora_a.shape == (L, D, 2) and k.lora_b.shape == (L, 2, D)
+    lp = _with_random_b(lp)
+    np.testing.assert_allclose(mlj.wrap(f)(lp, x), f(mlj.merge(lp), x), rtol=2e-5, atol=2e-5)
+
+
+def test_declared_layout_the_program_contradicts_is_refused():
+    base = {"w": jnp.ones((L, D, D))}
+    x = jnp.ones((5, D))
+    with pytest.raises(ValueError, match=r"layouts: .* for 'w' \(3, 16, 16\) contradicts the "
+                                         r"program, which contracts it as"):
+        mlj.init(base, jax.random.key(0), targets="w", apply_fn=_vmapped, args=(x,),
+                 layouts={"w": mlj.Layout((2,), (1,), (0,))})  # in and out swapped
+    with pytest.raises(ValueError, match=r"describes 2 axes, but the kernel is \(3, 16, 16\)"):
+        mlj.init(base, jax.random.key(0), targets="w", apply_fn=_vmapped, args=(x,),
+                 layouts={"w": mlj.Layout.dense()})
+    with pytest.raises(ValueError, match=r"layouts\['w'\] must be a minilora_jax.Layout"):
+        mlj.init(base, jax.random.key(0), targets="w", layouts={"w": (1, 2, 0)})
+    # a batch axis the program reads as a batch axis cannot be declared out
+    scan = lambda p, x: jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])[0]  # noqa
+    with pytest.raises(ValueError, match="contradicts the program"):
+        mlj.init(base, jax.random.key(0), targets="w", apply_fn=scan, args=(x,),
+                 layouts={"w": mlj.Layout((1,), (0, 2))})
+
+
+def test_declared_layout_without_a_program_and_the_summary_marks_joint_adapters():
+    base = {"w": jnp.ones((L, D, D))}
+    lp = mlj.init(base, jax.random.key(0), rank=2, targets="w", layouts={"w": PER_LAYER})
+    assert lp["w"].layout == PER_LAYER
+    joint = mlj.init(base, jax.random.key(0), rank=2, targets="w", apply_fn=_vmapped,
+                     args=(jnp.ones((5, D)),))
+    text = str(mlj.summary(joint))
+    assert "joint" in text and "layouts=" in text
+    assert "joint" not in str(mlj.summary(lp))
+    assert mlj.summary(joint).adapters[0].joint and not mlj.summary(lp).adapters[0].joint
+
+
+def test_loaders_and_find_kernels_take_declared_layouts(tmp_path):
+    """peft.load / load_minimind_lora / find_kernels pass layouts= through: a declared layout
+    for an nn.scan-named stack read from a vmapped program loads one adapter per layer."""
+    from minilora_jax.minimind import load_minimind_lora, save_minimind_lora
+
+    stack = lambda p, x: jax.vmap(lambda w, x: x @ w, in_axes=(0, None))(  # noqa: E731
+        p["layers"]["proj"]["kernel"], x)
+    base = {"layers": {"proj": {"kernel": jax.random.normal(jax.random.key(0), (L, D, D))}}}
+    x = jax.random.normal(jax.random.key(1), (2, D))
+    decl = {"proj": PER_LAYER}
+    kernels, _ = mlj.find_kernels(base, stack, (x,), layouts=decl)
+    assert kernels["layers/proj/kernel"].layout == PER_LAYER
+    lp = _with_random_b(mlj.init(base, jax.random.key(2), rank=2, targets="proj",
+                                 apply_fn=stack, args=(x,), layouts=decl))
+    want = mlj.wrap(stack)(lp, x)
+    mlj.peft.save(tmp_path / "peft", lp)
+    got = mlj.peft.load(tmp_path / "peft", base, apply_fn=stack, args=(x,), layouts=decl)
+    np.testing.assert_allclose(mlj.wrap(stack)(got, x), want, rtol=1e-5, atol=1e-5)
+    # without the declaration the program's joint layout is not a torch Linear per layer
+    with pytest.raises(ValueError, match="layers/proj/kernel"):
+        mlj.peft.load(tmp_path / "peft", base, apply_fn=stack, args=(x,))
+    save_minimind_lora(tmp_path / "mm.safetensors", lp)
+    got = load_minimind_lora(tmp_path / "mm.safetensors", base, apply_fn=stack, args=(x,),
+                             layouts=decl)
+    np.testing.assert_allclose(mlj.wrap(stack)(got, x), want, rtol=1e-5, atol=1e-5)
