@@ -60,6 +60,7 @@ def find_kernels(
     apply_fn: Callable[..., Any] | None = None,
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
+    layouts: Mapping[str, Layout] | None = None,
 ) -> tuple[dict[str, Kernel], dict[str, tuple[tuple[int, ...], str]]]:
     """The kernels of ``tree`` with their layouts, and why other leaves are not kernels.
 
@@ -67,6 +68,12 @@ def find_kernels(
     with an input in one consistent way and uses it for nothing else; its layout is read from
     that contraction (traced abstractly: no FLOPs). Without, a leaf named ``kernel`` is one,
     with layout ``(in, out)`` if it is 2-D and unknown otherwise.
+
+    ``layouts`` (``{pattern: Layout}``, the pattern rule of `minilora_jax.targets`, first match
+    wins) declares kernels' layouts: the program must agree, except that an out axis it reads
+    may be declared a batch axis (`Layout.batched_outs`): a layer axis a ``vmap`` with a shared
+    input turns into an out axis, declared batch, gives one adapter per layer instead of one
+    joint adapter. A layout the program contradicts raises, naming the path and both layouts.
 
     Returns:
       ``({path: Kernel}, {path: (shape, reason)})``; leaves with fewer than two axes are in
@@ -119,7 +126,41 @@ def find_kernels(
             kernels[path] = Kernel(shape, leaf.dtype, next(iter(record.layouts)))
         else:
             others[path] = (shape, "the program never contracts it with an input")
+    if layouts is not None:
+        if apply_fn is None:  # without a program, a declared layout is what makes a kernel
+            for path, (shape, _) in list(others.items()):
+                if pattern_value(layouts, path, None, "layouts") is not None:
+                    leaf = leaves[names.index(path)]
+                    kernels[path] = Kernel(shape, leaf.dtype, None)
+                    del others[path]
+        for path, kernel in list(kernels.items()):
+            declared = pattern_value(layouts, path, None, "layouts")
+            if declared is not None:
+                kernels[path] = kernel._replace(
+                    layout=_declared(path, kernel, declared, apply_fn is not None)
+                )
     return kernels, others
+
+
+def _declared(path: str, kernel: Kernel, declared: Any, from_program: bool) -> Layout:
+    """``declared``, checked against the kernel's shape and the layout the program reads."""
+    if not isinstance(declared, Layout):
+        raise TypeError(
+            f"layouts: the value for '{path}' must be a minilora_jax.Layout, got {declared!r}"
+        )
+    if declared.ndim != len(kernel.shape):
+        raise ValueError(
+            f"layouts: {declared} for '{path}' describes {declared.ndim} axes, but the kernel is "
+            f"{kernel.shape}"
+        )
+    read = kernel.layout
+    if read is not None and from_program and declared.batched_outs(read) is None:
+        raise ValueError(
+            f"layouts: {declared} for '{path}' {kernel.shape} contradicts the program, which "
+            f"contracts it as {read} ({read.describe(kernel.shape)}); only out axes it reads may "
+            "be declared batch axes (one adapter per index of a vmapped layer axis)"
+        )
+    return declared
 
 
 def _positive_int(value: Any) -> bool:
@@ -235,6 +276,7 @@ def init(
     apply_fn: Callable[..., Any] | None = None,
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
+    layouts: Mapping[str, Layout] | None = None,
 ) -> Any:
     """Puts a LoRA adapter in the place of every targeted kernel of ``tree``.
 
@@ -275,6 +317,10 @@ def init(
       apply_fn: a function ``apply_fn(tree, *args, **kwargs)`` that runs the model; its traced
         program gives every kernel's layout.
       args, kwargs: example arguments for ``apply_fn`` (arrays or ``jax.ShapeDtypeStruct``).
+      layouts: ``{pattern: minilora_jax.Layout}`` declaring kernels' layouts (see
+        `find_kernels`): e.g. the layer axis of a ``jax.vmap(f, in_axes=(0, None))`` stack,
+        which the program reads as an out axis (one joint adapter), declared a batch axis for
+        one adapter per layer.
 
     Returns:
       ``tree`` with `minilora_jax.Lora` nodes in place of the targeted kernels.
@@ -320,8 +366,18 @@ def init(
     _check_patterns(rank_pattern, "rank_pattern", _positive_int, "a positive integer")
     _check_patterns(alpha_pattern, "alpha_pattern", _finite, "a finite number")
     _check_program(apply_fn, args, kwargs)
+    _check_patterns(layouts, "layouts", lambda v: isinstance(v, Layout), "a minilora_jax.Layout")
     _check_arrays(tree)
-    kernels, others = find_kernels(tree, apply_fn, args, kwargs)
+    kernels, others = find_kernels(tree, apply_fn, args, kwargs, layouts)
+    if dora and layouts is not None and apply_fn is not None:
+        read, _ = find_kernels(tree, apply_fn, args, kwargs)
+        for path in select(kernels, others, targets, exclude):
+            if kernels[path].layout != read[path].layout:
+                raise ValueError(
+                    f"init(dora=True): '{path}' has the declared layout {kernels[path].layout} "
+                    f"where the program reads {read[path].layout}; DoRA with a declared batch "
+                    "axis the program contracts as an out axis is not implemented"
+                )
     chosen = select(kernels, others, targets, exclude)
     names, leaves, treedef = flatten(tree)
     index = {name: i for i, name in enumerate(names)}
@@ -356,6 +412,7 @@ def init(
                 f"init for '{path}' returned shape {tuple(lora_a.shape)}, expected {a_shape}"
             )
         node = Lora(leaf, jnp.asarray(lora_a, dtype), jnp.zeros(b_shape, dtype), scale, layout)
+        node.check(path)  # the one check of what an adapter may sit on (integer kernels, ...)
         if dora:
             if isinstance(leaf, jax.ShapeDtypeStruct):
                 raise ValueError(

@@ -107,6 +107,32 @@ class Layout:
         text = f"in {ins} out {outs}"
         return text + (f" batch {batch}" if batch else "")
 
+    def batched_outs(self, read: Layout) -> tuple[int, ...] | None:
+        """The axes this (declared) layout holds as batch axes where ``read``, the way a
+        program contracts the kernel, has out axes; None if the two disagree otherwise.
+
+        A program computes the same linear map whether a vmapped layer axis is read as an out
+        axis (one joint adapter) or as a batch axis (one adapter per index, a block-diagonal
+        update along it), so declaring such an out axis a batch axis is the one disagreement
+        `minilora_jax.wrap` can follow; everything else (another in axis, a batch axis the
+        program reads as out) contradicts the program.
+
+        Example:
+          >>> read = Layout((1,), (0, 2))  # jax.vmap(f, in_axes=(0, None)): layer axis 0 is out
+          >>> Layout((1,), (2,), (0,)).batched_outs(read)
+          (0,)
+          >>> Layout((2,), (1,), (0,)).batched_outs(read) is None
+          True
+        """
+        if self.ndim != read.ndim or set(self.in_axes) != set(read.in_axes):
+            return None
+        extra = tuple(sorted(set(self.batch_axes) - set(read.batch_axes)))
+        if not set(read.batch_axes) <= set(self.batch_axes) or not set(extra) <= set(
+            read.out_axes
+        ):
+            return None
+        return extra
+
     def to_json(self) -> dict[str, list[int]]:
         return {
             "in": list(self.in_axes),
@@ -239,6 +265,8 @@ class Lora:
             raise ValueError(f"{where} has scale {self.scale!r}; expected a finite number")
         if self.lora_a is None or self.lora_b is None:
             raise ValueError(f"{where} is missing lora_a or lora_b")
+        if self.kernel is not None:
+            check_kernel_dtype(path, self.kernel)
         if self.kernel is not None or kernel_shape is None:
             try:
                 kernel_shape = self.kernel_shape
@@ -352,6 +380,35 @@ class Lora:
             return full
         factor = self.magnitude.astype(jnp.float32) / self.column_norm()
         return self.to_kernel_axes(factor) * full
+
+
+def check_kernel_dtype(path: str, kernel: Any) -> None:
+    """Raises ValueError naming ``path`` and the dtype if ``kernel`` is an integer or bool array.
+
+    Every adapter is checked here (`Lora.check`, which `minilora_jax.init`, the loaders, ``wrap``
+    and ``merge`` all call): on integer codes the low-rank term is lost (an int8 x int8
+    contraction casts it to int8) or ``merge`` truncates ``kernel + delta`` back to integers.
+    A quantized kernel (an object with ``dequantize``, from `minilora_jax.quantize`) is expanded
+    to floats before any of that, so it is accepted.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> try:
+      ...     check_kernel_dtype("q/kernel", jnp.ones((2, 2), jnp.int8))
+      ... except ValueError as e:
+      ...     print(str(e)[:58])
+      the kernel at 'q/kernel' is int8: an adapter needs a float
+    """
+    if hasattr(kernel, "dequantize") or not hasattr(kernel, "dtype"):
+        return
+    dtype = jnp.dtype(kernel.dtype)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise ValueError(
+            f"the kernel at '{path}' is {dtype}: an adapter needs a floating-point kernel (on "
+            "integer or bool values the low-rank term is cast away or truncated); for a "
+            "quantized (QLoRA) base, init the float model and store its kernels quantized with "
+            "minilora_jax.quantize.quantize(tree), or exclude this leaf"
+        )
 
 
 def magnitude_shape(layout: Layout, kernel_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from minilora_jax.lora import Layout
 from minilora_jax.peft import ModuleNames, TorchAdapter, from_torch, to_torch
 from minilora_jax.safetensors_io import read_safetensors, write_safetensors
 
@@ -288,6 +289,7 @@ def load_minimind_lora(
     apply_fn: Callable[..., Any] | None = None,
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
+    layouts: Mapping[str, Layout] | None = None,
 ) -> Any:
     """Loads a MiniMind LoRA file onto the base ``tree``, with scale 1.
 
@@ -298,6 +300,7 @@ def load_minimind_lora(
       apply_fn, args, kwargs: the function that runs ``tree`` and example arguments, from
         which the kernels' layouts are read; needed for ``nn.scan``-stacked params and any
         kernel that is not a 2-D leaf named ``kernel`` (see `minilora_jax.peft.from_torch`).
+      layouts: ``{pattern: Layout}`` declaring kernels' layouts, as for `minilora_jax.init`.
 
     Returns:
       ``tree`` with `minilora_jax.Lora` nodes in place of the adapted kernels, in the file's
@@ -324,4 +327,5 @@ def load_minimind_lora(
         apply_fn=apply_fn,
         args=args,
         kwargs=kwargs,
+        layouts=layouts,
     )

@@ -78,13 +78,17 @@ field of PEFT 0.21's ``LoraConfig``; a field not in it is refused as unknown. In
   ``ensure_weight_tying`` and the variants' ``velora_config``, ``alora_invocation_tokens``,
   ``monteclora_config``, ``use_bdlora``, ``arrow_config``, ``kasa_config``; ``bias`` must be
   ``'none'``.
+* honoured: ``target_modules``, ``exclude_modules``, ``layers_to_transform``,
+  ``layers_pattern`` decide, by PEFT's own rule, which modules PEFT adapts; every module with
+  tensors in the file must be one of them (else PEFT would ignore its tensors: refused, naming
+  the field), and with ``init_lora_weights`` false `load` refuses a base module they target that
+  has no tensors (PEFT would leave it random). ``target_modules`` null or ``'all-linear'``
+  depends on the torch model and is refused.
 * any value: ``fan_in_fan_out`` (it only says how the torch base weight is stored; ``lora_A``
   and ``lora_B`` are ``(r, in)`` and ``(out, r)`` either way), ``eva_config``, and metadata or
   training-only fields (``task_type``, ``auto_mapping``, ``peft_version``,
   ``base_model_name_or_path``, ``revision``, ``inference_mode``, ``lora_dropout``,
-  ``target_modules``, ``exclude_modules``, ``layers_to_transform``, ``layers_pattern``,
-  ``megatron_core``, ``qalora_group_size``, ``runtime_config``): the modules adapted are those
-  with tensors in the file.
+  ``megatron_core``, ``qalora_group_size``, ``runtime_config``).
 
 Tensors other than ``lora_A.weight``/``lora_B.weight`` pairs and DoRA's
 ``lora_magnitude_vector`` (biases, embedding adapters, saved modules) are refused, naming the
@@ -354,6 +358,7 @@ def from_torch(
     apply_fn: Callable[..., Any] | None = None,
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
+    layouts: Mapping[str, Layout] | None = None,
 ) -> Any:
     """Attaches torch-layout adapters to the base ``tree``: the inverse of `to_torch`.
 
@@ -372,6 +377,7 @@ def from_torch(
       source: what ``adapters`` came from (a file name), used in error messages.
       apply_fn, args, kwargs: a function ``apply_fn(tree, *args, **kwargs)`` that runs the
         model and example arguments, as for `minilora_jax.init`.
+      layouts: ``{pattern: Layout}`` declaring kernels' layouts, as for `minilora_jax.init`.
 
     Returns:
       ``tree`` with a `minilora_jax.Lora` node in place of each kernel that has an adapter,
@@ -397,7 +403,21 @@ def from_torch(
       ((4, 2), (2, 3), Layout(in_axes=(1,), out_axes=(0,), batch_axes=()))
     """
     namer = _namer(module_names)
-    kernels, others = find_kernels(tree, apply_fn, args, kwargs)
+    kernels, others = find_kernels(tree, apply_fn, args, kwargs, layouts)
+    return _attach(tree, adapters, namer, source, kernels, others)
+
+
+def _attach(
+    tree: Any,
+    adapters: Mapping[str, TorchAdapter],
+    namer: Callable[[str], str],
+    source: str,
+    kernels: Mapping[str, Any],
+    others: Mapping[str, tuple[tuple[int, ...], str]],
+    config: Mapping[str, Any] | None = None,
+) -> Any:
+    """`from_torch` on kernels already found; with a directory's ``config``, also refuses base
+    modules PEFT would adapt with random weights because the file has none for them."""
     candidates: dict[str, list[tuple[str, int | None]]] = {}
     # Leaves no adapter can go on, with why, for the error of a module that names one.
     unusable: dict[str, str] = {}
@@ -415,6 +435,18 @@ def from_torch(
         for layer, i in linears:
             candidates.setdefault(namer(layer), []).append((path, i))
     unusable.update({path: f"{shape}: {why}" for path, (shape, why) in others.items()})
+    if config is not None and config["init_lora_weights"] is False:
+        # PEFT gives every module its config targets an adapter; one the file has no tensors for
+        # keeps its initial weights, random in both A and B under init_lora_weights=false.
+        unfilled = sorted(n for n in candidates if n not in adapters and _targeted(config, n)
+                          is None)
+        if unfilled:
+            raise ValueError(
+                f"{source}: the config's target_modules {config['target_modules']!r} give "
+                f"{unfilled[:4]} an adapter in PEFT, but the file has no tensors for them, and "
+                "with 'init_lora_weights' false PEFT leaves them random (A and B both nonzero): "
+                "the two models would differ; refused"
+            )
 
     placed: dict[str, dict[int | None, tuple[str, TorchAdapter]]] = {}
     for name, adapter in adapters.items():
@@ -665,16 +697,84 @@ CONFIG_RULES: dict[str, FieldRule] = {
     "eva_config": FieldRule(
         _anything, _ANY, "EVA only initialises A from activations; the saved A and B are plain"
     ),
+    # Which modules PEFT gives an adapter when it loads the directory (its
+    # check_target_module_exists): honoured by `_targeted`, which every module with tensors in
+    # the file must pass, and which `load` also asks of the base's other modules.
+    "target_modules": FieldRule(
+        lambda v: (isinstance(v, str) and v.lower() != "all-linear") or _strings(v),
+        "a regex string or a list of module names",
+        "PEFT adapts the modules it names; null (PEFT then picks modules by the model type) and "
+        "'all-linear' (every torch Linear but the output layer) depend on the torch model, "
+        "which is not here",
+    ),
+    "exclude_modules": FieldRule(
+        lambda v: v is None or isinstance(v, str) or _strings(v),
+        "null, a regex string or a list of module names", "PEFT leaves these modules alone",
+    ),
+    "layers_to_transform": FieldRule(
+        lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))),
+        "null, a layer index or a list of them", "PEFT adapts only these layers",
+    ),
+    "layers_pattern": FieldRule(
+        lambda v: v is None or isinstance(v, str) or _strings(v),
+        "null, a string or a list of strings", "where PEFT finds the layer index",
+    ),
     **{
         key: FieldRule(_anything, _ANY, _HARMLESS)
         for key in (
             "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-            "inference_mode", "lora_dropout", "target_modules", "exclude_modules",
-            "layers_to_transform", "layers_pattern", "megatron_core", "qalora_group_size",
+            "inference_mode", "lora_dropout", "megatron_core", "qalora_group_size",
             "runtime_config",
         )
     },
 }
+# Fields whose every value is harmless, and why (checked against PEFT 0.21): task_type picks the
+# PeftModel class, whose extra trained heads arrive as modules_to_save (refused); lora_dropout
+# and inference_mode act only in training; megatron_core and qalora_group_size are read only
+# with megatron_config / use_qalora (refused); runtime_config is never saved with values that
+# change the function (ephemeral GPU offload); the rest is metadata.
+
+_TARGETING = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
+
+
+def _strings(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _targeted(config: Mapping[str, Any], name: str) -> str | None:
+    """None if PEFT 0.21 gives the module ``name`` an adapter under ``config``'s
+    target_modules, exclude_modules, layers_to_transform and layers_pattern (its
+    ``check_target_module_exists``), else the field that leaves it out."""
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, name):
+                return "exclude_modules"
+        elif name in exclude or any(name.endswith(f".{e}") for e in exclude):
+            return "exclude_modules"
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        return None if re.fullmatch(targets, name) else "target_modules"
+    if name in targets:
+        return None
+    if not any(name.endswith(f".{t}") for t in targets):
+        return "target_modules"
+    indexes = config.get("layers_to_transform")
+    if indexes is None or indexes == []:
+        return None
+    patterns = config.get("layers_pattern")
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    if match is None:
+        return "layers_to_transform"
+    index = int(match.group("idx"))
+    wanted = indexes == index if isinstance(indexes, int) else index in indexes
+    return None if wanted else "layers_to_transform"
 
 
 def _read_config(file: FilePath) -> dict[str, Any]:
@@ -707,6 +807,25 @@ def _read_config(file: FilePath) -> dict[str, Any]:
                 re.compile(pattern)
             except re.error as e:
                 raise ValueError(f"{file}: {key} key {pattern!r} is not a valid regex: {e}") from e
+    if "target_modules" not in config:
+        raise ValueError(
+            f"{file}: 'target_modules' is missing; PEFT then picks the modules by the torch "
+            "model's type, which is not known here"
+        )
+    targets = config["target_modules"]
+    for key in ("layers_to_transform", "layers_pattern"):
+        if isinstance(targets, str) and config.get(key) is not None:
+            raise ValueError(f"{file}: '{key}' is set with a regex 'target_modules', which PEFT's "
+                             "LoraConfig refuses")
+    if config.get("layers_pattern") and config.get("layers_to_transform") is None:
+        raise ValueError(f"{file}: 'layers_pattern' is set without 'layers_to_transform', which "
+                         "PEFT's LoraConfig refuses")
+    for key in ("target_modules", "exclude_modules", "layers_pattern"):
+        for pattern in [config.get(key)] if isinstance(config.get(key), str) else []:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{file}: {key} {pattern!r} is not a valid regex: {e}") from e
     init = config.get("init_lora_weights", True)
     if init == "olora" and config.get("fan_in_fan_out"):
         raise ValueError(
@@ -727,6 +846,7 @@ def _read_config(file: FilePath) -> dict[str, Any]:
         "use_rslora": config.get("use_rslora", False),
         "init_lora_weights": init,
         **patterns,
+        **{key: config.get(key) for key in _TARGETING},
     }
 
 
@@ -827,7 +947,8 @@ def read(directory: str | os.PathLike) -> dict[str, TorchAdapter]:
       >>> read(d)["model.proj"].scale
       1.5
     """
-    adapters, init = _read(directory)
+    adapters, config = _read(directory)
+    init = config["init_lora_weights"]
     if init in RESIDUAL_INITS:
         raise ValueError(
             f"{FilePath(directory) / CONFIG_FILE}: 'init_lora_weights' is {init!r}: its lora_A "
@@ -839,7 +960,8 @@ def read(directory: str | os.PathLike) -> dict[str, TorchAdapter]:
 
 
 def _read(directory: str | os.PathLike) -> tuple[dict[str, TorchAdapter], Any]:
-    """`read` without its refusal of PiSSA/OLoRA: the adapters and ``init_lora_weights``."""
+    """`read` without its refusal of PiSSA/OLoRA: the adapters and the config's settings
+    (`_read_config`)."""
     directory = FilePath(directory)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
@@ -874,6 +996,14 @@ def _read(directory: str | os.PathLike) -> tuple[dict[str, TorchAdapter], Any]:
     dora = config["use_dora"]
     for name, pair in sorted(halves.items()):
         stem = f"{KEY_PREFIX}{name}"
+        field = _targeted(config, name)
+        if field is not None:
+            raise ValueError(
+                f"{config_file}: '{field}' is {config[field]!r}, which leaves module '{name}' "
+                f"without an adapter when PEFT loads the directory, but {weights} holds its "
+                f"tensors ('{stem}.lora_A.weight'); PEFT would ignore them, so the two models "
+                "would differ: refused"
+            )
         for half in ("lora_A", "lora_B"):
             if half not in pair:
                 raise ValueError(f"{weights}: '{stem}.{half}.weight' is missing")
@@ -913,7 +1043,7 @@ def _read(directory: str | os.PathLike) -> tuple[dict[str, TorchAdapter], Any]:
         alpha = _pattern_value(config["alpha_pattern"], name, config["lora_alpha"])
         out[name] = TorchAdapter(a, b, _scale(alpha, rank, config["use_rslora"]), magnitude)
     _check_scales(weights, config_file, metadata, out)
-    return out, config["init_lora_weights"]
+    return out, config
 
 
 def _check_scales(
@@ -1087,6 +1217,7 @@ def load(
     apply_fn: Callable[..., Any] | None = None,
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
+    layouts: Mapping[str, Layout] | None = None,
 ) -> Any:
     """Loads a PEFT LoRA directory onto the base ``tree``.
 
@@ -1097,6 +1228,7 @@ def load(
       apply_fn, args, kwargs: the function that runs ``tree`` and example arguments, from which
         the kernels' layouts are read (see `from_torch`); needed for any kernel that is not a
         2-D leaf named ``kernel``, e.g. an equinox ``weight`` or an ``nn.scan`` stack.
+      layouts: ``{pattern: Layout}`` declaring kernels' layouts, as for `minilora_jax.init`.
 
     Returns:
       ``tree`` with `minilora_jax.Lora` nodes in place of the adapted kernels, in the file's
@@ -1122,16 +1254,11 @@ def load(
       2.82842712474619
     """
     directory = FilePath(directory)
-    adapters, init = _read(directory)
-    loaded = from_torch(
-        tree,
-        adapters,
-        module_names=module_names,
-        source=str(directory / WEIGHTS_FILE),
-        apply_fn=apply_fn,
-        args=args,
-        kwargs=kwargs,
-    )
+    adapters, config = _read(directory)
+    init = config["init_lora_weights"]
+    kernels, others = find_kernels(tree, apply_fn, args, kwargs, layouts)
+    loaded = _attach(tree, adapters, _namer(module_names), str(directory / WEIGHTS_FILE),
+                     kernels, others, config)
     if init not in RESIDUAL_INITS:
         return loaded
     had = {p for p, leaf in zip(*flatten(tree)[:2], strict=True) if is_lora(leaf)}

@@ -290,13 +290,19 @@ class Interpreter:
         if self.arrays is None:
             return base
         arrays = scope[view.src]
-        if layout != arrays.layout:
+        dora = arrays.magnitude is not None
+        # Out axes the adapter holds as batch axes (a declared per-layer layout of a vmapped
+        # stack): its low-rank term is block-diagonal along them (`_low_rank`).
+        extra = () if layout == arrays.layout else arrays.layout.batched_outs(layout)
+        if extra is None or (extra and (dora or arrays.scales is not None)):
             raise LayoutMismatchError(
                 f"the program contracts the kernel at '{self.names[view.src]}' as {layout}, "
-                f"but its adapter was made for {arrays.layout}; re-create the adapter with "
-                "minilora_jax.init(..., apply_fn=...) for this program"
+                f"but its adapter was made for {arrays.layout}"
+                + ("; a declared batch axis the program contracts as an out axis is followed "
+                   "for plain LoRA adapters only, not DoRA or banks" if extra else
+                   "; re-create the adapter with minilora_jax.init(..., apply_fn=...) for this "
+                   "program")
             )
-        dora = arrays.magnitude is not None
         x_low, low_key = x_val, key
         if dora and key is not None and self.dropout > 0.0:
             # PEFT's DoRA under dropout: both the adapter and the rescaled base term see the
@@ -394,6 +400,11 @@ class Interpreter:
         else:
             rows = math.prod(x.shape[j] for j in range(x.ndim) if j not in xc and j not in xb)
             a, b, a_labels, b_labels, rank_group, weights = self._bank_factors(arrays, rows)
+        if arrays.layout.batch_axes != () and any(
+            axis in arrays.layout.batch_axes for j in kf for axis in groups[j]
+        ):
+            return self._block_low_rank(arrays, view, x.astype(dtype), dtype, kc, xc, kb, xb,
+                                        kf, precision, preferred)
         a = _arrange(a, a_labels, [groups[j] for j in kb + kc] + [rank_group])
         b = _arrange(b, b_labels, [groups[j] for j in kb] + [rank_group] +
                      [groups[j] for j in kf])
@@ -416,6 +427,42 @@ class Interpreter:
             precision=precision,
             preferred_element_type=preferred,
         )
+
+    def _block_low_rank(self, arrays, view, x, dtype, kc, xc, kb, xb, kf, precision,
+                        preferred):
+        """`_low_rank` for a plain adapter whose batch axes include kernel axes this dot leaves
+        free (out axes of the program, batch axes of the declared layout): for each index ``l``
+        of those, ``scale * (x A_l) B_l`` lands at output position ``l``, a block-diagonal
+        update, computed with the ``l`` axes as batch dimensions of the second product.
+        Output axes: (batch, x free, out), as `_low_rank`."""
+        groups = view.groups
+        batch = set(arrays.layout.batch_axes)
+        ke = tuple(j for j in kf if set(groups[j]) & batch)
+        for j in ke:
+            if len(groups[j]) != 1:
+                raise LayoutMismatchError(
+                    f"the program merges the declared batch axis {sorted(set(groups[j]) & batch)}"
+                    f" of the kernel at '{self.names[view.src]}' with other axes {groups[j]} "
+                    "before contracting it; its per-index adapter cannot follow that"
+                )
+        ko = tuple(j for j in kf if j not in ke)
+        nb, ne, nc = len(kb), len(ke), len(kc)
+        a = _arrange(arrays.a, arrays.a_labels, [groups[j] for j in kb + ke + kc] + [("r",)])
+        b = _arrange(arrays.b, arrays.b_labels, [groups[j] for j in kb + ke] + [("r",)] +
+                     [groups[j] for j in ko])
+        xa = jax.lax.dot_general(  # (kb, x free, ke, r)
+            x, a.astype(dtype), ((xc, tuple(range(nb + ne, nb + ne + nc))), (xb, tuple(range(nb)))),
+            precision=precision, preferred_element_type=preferred)
+        if arrays.scale != 1.0:
+            xa = (xa * jnp.asarray(arrays.scale, xa.dtype)).astype(dtype)
+        nx = xa.ndim - nb - ne - 1
+        out = jax.lax.dot_general(  # (kb, ke, x free, ko)
+            xa.astype(dtype), b.astype(dtype),
+            (((xa.ndim - 1,), (nb + ne,)),
+             ((*range(nb), *range(nb + nx, nb + nx + ne)), tuple(range(nb + ne)))),
+            precision=precision, preferred_element_type=preferred)
+        free = [nb + ke.index(j) if j in ke else nb + ne + nx + ko.index(j) for j in kf]
+        return jnp.transpose(out, [*range(nb), *range(nb + ne, nb + ne + nx), *free])
 
     def _leading_low_rank(self, arrays, view, x, dtype, kc, xc, kb, xb, kf, precision,
                           preferred):
@@ -818,10 +865,11 @@ def trace(
     """Traces ``fn(unflatten(leaves), *args, **kwargs)`` to a closed jaxpr.
 
     Array leaves of ``args``/``kwargs`` become inputs after the tree's leaves; everything else
-    is held fixed. Returns ``(closed_jaxpr, out_tree, input_values)``.
+    reaches ``fn`` as the caller passed it (`_is_input` says which is which). Returns
+    ``(closed_jaxpr, out_tree, input_values)``.
     """
     call_leaves, call_def = jax.tree.flatten((args, kwargs))
-    dynamic = [i for i, x in enumerate(call_leaves) if _is_array(x)]
+    dynamic = [i for i, x in enumerate(call_leaves) if _is_input(x)]
     n = len(tree_leaves)
 
     def flat(*inputs):
@@ -836,8 +884,18 @@ def trace(
     return closed, jax.tree.structure(shapes), values
 
 
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+def _is_input(x: Any) -> bool:
+    """Whether a leaf of the call's arguments is traced as an input of the program.
+
+    JAX arrays (tracers included, so under the caller's ``jit`` every array argument is an
+    input and no value is baked in) and numpy arrays with axes are; numpy scalars and 0-d numpy
+    arrays are not: outside a ``jit`` they are concrete values the plain function may use as
+    Python numbers (``range(int(n))``), and making them abstract would break that. Inside the
+    caller's ``jit`` they arrive as tracers and are inputs anyway.
+    """
+    if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
+        return True
+    return isinstance(x, np.ndarray) and x.ndim > 0
 
 
 def _abstract(x: Any) -> Any:

@@ -25,6 +25,13 @@ class AdapterInfo:
     layout: Layout
     magnitude_shape: tuple[int, ...] | None = None  # DoRA's (*batch, *out); None for LoRA
 
+    @property
+    def joint(self) -> bool:
+        """Whether the kernel has more than one out axis, so one adapter spans them jointly
+        (heads of an attention projection, or a vmapped layer axis the program reads as an out
+        axis: declare it a batch axis with ``layouts=`` for one adapter per layer)."""
+        return len(self.layout.out_axes) > 1
+
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
@@ -44,7 +51,9 @@ class Summary:
         if dora:
             header += ("magnitude",)
         rows = [
-            (i.path, str(i.kernel_shape), i.layout.describe(i.kernel_shape), str(i.lora_a_shape),
+            (i.path, str(i.kernel_shape),
+             i.layout.describe(i.kernel_shape) + (" (joint)" if i.joint else ""),
+             str(i.lora_a_shape),
              str(i.lora_b_shape), str(i.rank), f"{i.scale:g}")
             + ((str(i.magnitude_shape) if i.magnitude_shape is not None else "-",) if dora else ())
             for i in self.adapters
@@ -52,6 +61,12 @@ class Summary:
         widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
                  for r in [header, *rows]]
+        if any(i.joint for i in self.adapters):
+            lines.append(
+                "(joint): one adapter spans several out axes of its kernel; if one of them "
+                "indexes separate layers or experts, declare it a batch axis with init(..., "
+                "layouts={pattern: minilora_jax.Layout(...)}) for one adapter per index"
+            )
         lines.append(
             f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
             f"trainable%: {self.trainable_percent:.4f}"

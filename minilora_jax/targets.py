@@ -16,6 +16,12 @@ leaf path or of its layer's path (the leaf path without its last component). So 
 ``"self_attn/q_proj"``, ``r"layers_\\d+/self_attn/q_proj"`` and ``"q_proj/kernel"`` all match
 ``layers_0/self_attn/q_proj/kernel``; ``"proj"`` does not.
 
+A pattern that matches a *layer* (PEFT's ``target_modules`` names modules) selects that layer's
+kernels and passes over its other leaves (a 2-D bias of ``nn.MultiHeadDotProductAttention``, a
+scan stack's biases); only a pattern that matches a non-kernel *leaf* path itself, or one that
+selects no kernel at all while it matches layers, is an error, saying why each leaf cannot take
+an adapter.
+
 `square_kernels` is MiniMind's rule and the default: every kernel with ``prod(in) == prod(out)``.
 """
 
@@ -118,6 +124,16 @@ def pattern_matches(pattern: str, path: str, *, what: str = "pattern") -> bool:
     )
 
 
+def pattern_matches_leaf(pattern: str, path: str, *, what: str = "pattern") -> bool:
+    """Whether ``pattern`` matches the leaf ``path`` itself (a suffix of it), not only its layer.
+
+    Example:
+      >>> pattern_matches_leaf("query", "attn/query/bias"), pattern_matches_leaf("bias", "q/bias")
+      (False, True)
+    """
+    return compile_pattern(pattern, what).fullmatch(path) is not None
+
+
 def pattern_value(patterns: Mapping[str, Any] | None, path: str, default: Any, what: str) -> Any:
     """The value of the first key of ``patterns`` that matches ``path``, else ``default``.
 
@@ -202,12 +218,24 @@ def select(
         for path, kernel in kernels.items()
         if matches(targets, path, kernel) and not excluded(path, kernel)
     ]
+    def excluded_other(path: str) -> bool:
+        return exclude is not None and any(pattern_matches(e, path) for e in _strings(exclude))
+
     for pattern in _strings(targets):
+        # A pattern naming a layer means its kernels; naming a leaf means that leaf.
         for path, (shape, why) in others.items():
-            if pattern_matches(pattern, path, what="targets") and not (
-                exclude is not None and any(pattern_matches(e, path) for e in _strings(exclude))
-            ):
+            if pattern_matches_leaf(pattern, path, what="targets") and not excluded_other(path):
                 raise ValueError(f"targets pattern {pattern!r} selects '{path}' {shape}: {why}")
+        if any(pattern_matches(pattern, path) for path in kernels):
+            continue
+        passed = [(p, shape, why) for p, (shape, why) in others.items()
+                  if pattern_matches(pattern, p) and not excluded_other(p)]
+        if passed:
+            listed = "; ".join(f"'{p}' {shape}: {why}" for p, shape, why in passed[:4])
+            raise ValueError(
+                f"targets pattern {pattern!r} matches layers but none of their leaves is a "
+                f"kernel an adapter can follow: {listed}"
+            )
     for path in chosen:
         if kernels[path].layout is None:
             raise layout_unknown(path, kernels[path].shape)
