@@ -1,29 +1,50 @@
-# `make test` and `make demo` create or reuse .venv in the repo root and install the project
-# into it. A stamp per extra makes a second run skip pip entirely unless pyproject.toml changed.
+# `make demo` and `make test` create or reuse .venv in the repo root and install the project
+# into it, at the versions in constraints/newest.txt. `make test` also builds .venv-min at the
+# oldest versions pyproject.toml declares (constraints/oldest.txt) and runs the quick suite there.
+# A stamp per extra makes a second run skip pip entirely unless pyproject.toml or the
+# constraints changed.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+MIN_VENV := .venv-min
+MIN_PY := $(MIN_VENV)/bin/python
+# The quick suite: everything not marked slow (no subprocesses, torch, models, notebooks or
+# simulated devices). On the oldest versions, modules that need the quantize extra (qwix needs
+# flax >= 0.12) are not collected (conftest.py).
+QUICK := -m "not slow" tests minilora_jax
 
-.PHONY: test test-quick demo bench lint clean-venv
+.PHONY: test test-quick test-oldest demo bench lint clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(VENV)/.installed-%: pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e ".[$*]"
+$(VENV)/.installed-%: pyproject.toml constraints/newest.txt | $(PY)
+	$(PY) -m pip install -q -c constraints/newest.txt -e ".[$*]"
 	touch $@
 
-test: $(VENV)/.installed-dev
+$(MIN_PY):
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_PY) -m pip install -q --upgrade pip
+
+$(MIN_VENV)/.installed: pyproject.toml constraints/oldest.txt | $(MIN_PY)
+	$(MIN_PY) -m pip install -q -c constraints/oldest.txt -e ".[test]"
+	touch $@
+
+test: $(VENV)/.installed-dev $(MIN_VENV)/.installed
 	$(PY) -m pytest
 	$(VENV)/bin/ruff check .
+	$(MIN_PY) -m pytest -p no:cacheprovider $(QUICK)
 
-# The inner loop: everything not marked slow (no subprocesses, torch, models, notebooks or
-# simulated devices); README states its measured time.
+# The inner loop on the newest versions; README states its measured time.
 test-quick: $(VENV)/.installed-dev
-	$(PY) -m pytest -m "not slow" tests minilora_jax
+	$(PY) -m pytest $(QUICK)
 	$(VENV)/bin/ruff check .
+
+# The quick suite on the oldest declared versions alone.
+test-oldest: $(MIN_VENV)/.installed
+	$(MIN_PY) -m pytest -p no:cacheprovider $(QUICK)
 
 demo: $(VENV)/.installed-experiments
 	$(PY) experiments/demo.py $(ARGS)
@@ -37,4 +58,4 @@ lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(MIN_VENV)

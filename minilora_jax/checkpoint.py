@@ -1275,7 +1275,9 @@ def _stored_metadata(directory: FilePath, what: str) -> Any:
             "orbax arrays are not; was the directory copied only in part?)"
         )
     try:
-        item = _checkpointer().metadata(directory).item_metadata
+        found = _checkpointer().metadata(directory)
+        # orbax >= 0.11.2x wraps the tree's metadata in the step's; older returns it bare.
+        item = getattr(found, "item_metadata", found)
     except Exception as e:  # orbax raises several types for unreadable data
         raise _unreadable(directory, "read", e) from e
     if item is None:  # orbax logs a warning and returns no metadata for damaged files

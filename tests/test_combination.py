@@ -14,7 +14,6 @@ from toy_models import Stack, randomize_b
 import minilora_jax as mlj
 from minilora_jax._tree import flatten
 from minilora_jax.combination import COMBINED_SCALE, combine_adapters
-from minilora_jax.quantize import quantize
 
 X = jax.random.normal(jax.random.key(9), (4, 8))
 WEIGHTS = (0.7, -0.4, 1.3)
@@ -328,6 +327,7 @@ def test_qlora_trees_combine_on_their_shared_quantized_base(kind):
     trees = [randomize_b(mlj.init(base, jax.random.key(i), rank=2 + i, alpha=4.0,
                                       targets=mlj.all_kernels), key, std=0.3)
              for i, key in enumerate(jax.random.split(jax.random.key(5), 2))]
+    quantize = pytest.importorskip("minilora_jax.quantize").quantize  # the quantize extra
     quantized = [quantize(t, kind) for t in trees]
     for method in ("cat", "svd"):
         both, _ = combine_adapters(quantized, [0.6, -0.8], method=method)

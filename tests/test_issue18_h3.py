@@ -92,7 +92,7 @@ def test_wrap_merge_and_loaders_refuse_integer_kernels(tmp_path):
 
 
 def test_quantized_kernels_are_still_adapted():
-    from minilora_jax.quantize import quantize
+    quantize = pytest.importorskip("minilora_jax.quantize").quantize  # the quantize extra
 
     base = {"q": {"kernel": jax.random.normal(jax.random.key(0), (64, 64))}}
     qp = _with_random_b(quantize(mlj.init(base, jax.random.key(1), rank=2), "int8"))

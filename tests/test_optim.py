@@ -175,7 +175,8 @@ def test_works_on_an_nnx_state():
     tx = loraplus(optax.sgd, 0.1, ratio=3.0)
     grads = jax.tree.map(jnp.ones_like, adapters)
     updates, _ = tx.update(grads, tx.init(adapters), adapters)
-    node = updates["kernel"].get_value()
+    node = updates["kernel"]  # an nnx Variable: get_value() in flax >= 0.12, .value before
+    node = node.get_value() if hasattr(type(node), "get_value") else node.value
     np.testing.assert_allclose(node.lora_a, -0.1)
     np.testing.assert_allclose(node.lora_b, -0.3, rtol=1e-6)
 
