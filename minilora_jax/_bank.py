@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from minilora_jax._files import (
+from minilora_jax.io._files import (
     BANK_FILE,
     METADATA_FILE,
     _clean_leftovers,
@@ -382,7 +382,7 @@ def save(directory: str | os.PathLike, tree: Any, names: Sequence[str] | None = 
                          "names")
     if format not in ("orbax", "peft"):
         raise ValueError(f"format must be 'orbax' or 'peft', got {format!r}")
-    from minilora_jax.checkpoint import _checksum, _local, _write_metadata, save_adapters
+    from minilora_jax.io.checkpoint import _checksum, _local, _write_metadata, save_adapters
 
     adapters = [select(tree, n) for n in range(count)]
     target = _local(directory)
@@ -394,7 +394,7 @@ def save(directory: str | os.PathLike, tree: Any, names: Sequence[str] | None = 
             if format == "orbax":
                 save_adapters(member, adapter, **save_kwargs)
             else:
-                from minilora_jax import peft
+                from minilora_jax.io import peft
 
                 peft.save(member, adapter, **save_kwargs)
             members[name] = _member_sha256(member, format)
@@ -418,7 +418,7 @@ def load(directory: str | os.PathLike, base: Any, **load_kwargs: Any) -> tuple[A
     ``bank.json`` is checked whole (its checksum, unique names, each member's SHA-256), and a
     save of ``directory`` by another process during the load is never mixed into it: the result
     is one complete save (the load retries, the last time under the writers' lock), or
-    `minilora_jax.checkpoint.CheckpointChangedError`. A ``bank.json`` written before banks were
+    `minilora_jax.CheckpointChangedError`. A ``bank.json`` written before banks were
     sealed (only ``format`` and ``names``) is read unsealed.
 
     Raises:
@@ -427,7 +427,7 @@ def load(directory: str | os.PathLike, base: Any, **load_kwargs: Any) -> tuple[A
         checksum, or a member does not match its recorded SHA-256; the message names the file.
       CheckpointChangedError: if other processes replaced the bank during every attempt.
     """
-    from minilora_jax.checkpoint import _local
+    from minilora_jax.io.checkpoint import _local
 
     target = _local(directory)
     return _read_bank_consistently(target, lambda: _load_once(target, base, load_kwargs))
@@ -442,7 +442,7 @@ def _bank_bytes(directory: FilePath) -> bytes | None:
 
 def _read_manifest(directory: FilePath) -> tuple[bytes, dict[str, Any]]:
     """``bank.json``'s bytes and validated document; `_Changed` if a save is under way."""
-    from minilora_jax.checkpoint import _Changed, _checksum
+    from minilora_jax.io.checkpoint import _Changed, _checksum
 
     path = directory / BANK_FILE
     text = _bank_bytes(directory)
@@ -477,7 +477,7 @@ def _read_manifest(directory: FilePath) -> tuple[bytes, dict[str, Any]]:
 
 def _load_once(directory: FilePath, base: Any, load_kwargs: Any) -> tuple[Any, list[str]]:
     """One attempt of `load`; raises `_Changed` if a save replaced ``directory`` meanwhile."""
-    from minilora_jax.checkpoint import _Changed
+    from minilora_jax.io.checkpoint import _Changed
 
     text, manifest = _read_manifest(directory)
     try:
@@ -510,11 +510,11 @@ def _load_members(directory: FilePath, manifest: dict[str, Any], base: Any,
                     "edited, corrupted or copied from another save; save the bank again"
                 )
         if format == "orbax":
-            from minilora_jax.checkpoint import load_adapters
+            from minilora_jax.io.checkpoint import load_adapters
 
             trees.append(load_adapters(member, base, **load_kwargs))
         else:
-            from minilora_jax import peft
+            from minilora_jax.io import peft
 
             trees.append(peft.load(member, base, **load_kwargs))
     return stack(trees), list(names)
@@ -523,7 +523,7 @@ def _load_members(directory: FilePath, manifest: dict[str, Any], base: Any,
 def _read_bank_consistently(directory: FilePath, read: Any) -> Any:
     """``read()`` until no save interfered, as `minilora_jax.load_adapters` reads a checkpoint:
     each attempt first recovers what killed saves left; the last one holds the writers' lock."""
-    from minilora_jax.checkpoint import _READ_ATTEMPTS, CheckpointChangedError, _Changed
+    from minilora_jax.io.checkpoint import _READ_ATTEMPTS, CheckpointChangedError, _Changed
 
     for attempt in range(_READ_ATTEMPTS - 1):
         _recover(directory, BANK_FILE)
