@@ -53,7 +53,7 @@ __all__ = [
 # The interop modules load on first use, so `import minilora_jax` stays light.
 _LAZY = {
     "peft": ("minilora_jax.io.peft", None),
-    "bank": ("minilora_jax._bank", None),
+    "bank": ("minilora_jax.bank", None),
     "pissa": ("minilora_jax.pissa", None),
     "quantize": ("minilora_jax.quantize", None),
     "loraplus": ("minilora_jax.optim", "loraplus"),

@@ -107,6 +107,7 @@ import numpy as np
 from jax.sharding import NamedSharding, Sharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from minilora_jax._tree import flatten, is_variables, key_name, path_str
 from minilora_jax.io._files import (
     METADATA_FILE,
     _clean_leftovers,
@@ -121,7 +122,6 @@ from minilora_jax.io._files import (
 # Re-exported: `lock_run` is public (`mlj.lock_run` loads it from here); RUN_LOCK is its file.
 from minilora_jax.io._files import RUN_LOCK as RUN_LOCK
 from minilora_jax.io._files import lock_run as lock_run
-from minilora_jax._tree import flatten, is_variables, key_name, path_str
 from minilora_jax.lora import RESIDUALS, Layout, Lora, is_adapter, is_lora, refuse_banks
 
 FORMAT = "minilora_jax.adapters"
