@@ -140,5 +140,6 @@ def test_importing_the_core_loads_no_io():
             if p.name not in FACADES and p.name != "__init__.py"]
     code = (f"import sys, minilora_jax\nfor m in {core!r}: __import__(m)\n"
             "print(sorted(m for m in sys.modules if m.startswith('minilora_jax.io')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent)  # this checkout's package, not an installed one
     assert out.stdout.strip() == "[]", f"importing the core loaded {out.stdout.strip()}"
