@@ -2,7 +2,7 @@
 
 Kill it at any moment (even with SIGKILL) and run the same command again: it continues from
 the last complete step checkpoint in ``--checkpoint-dir`` (``<dir>/<step>``, written by
-``minilora_jax.checkpoint.save_step`` with the optimiser state, step, RNG key and losses) and,
+``minilora_jax.save_step`` with the optimiser state, step, RNG key and losses) and,
 on CPU, ends with adapters bit-identical to an uninterrupted run.
 
 Example:

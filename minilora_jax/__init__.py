@@ -12,6 +12,7 @@ Example:
   >>> merged = mlj.merge(lora_params)                            # a plain params tree again
 """
 
+from minilora_jax._version import __version__
 from minilora_jax.adapters import find_kernels, init
 from minilora_jax.apply import AdapterNotAppliedError, wrap
 from minilora_jax.combination import combine_adapters
@@ -21,8 +22,6 @@ from minilora_jax.partition import combine, split
 from minilora_jax.program import RoutingError
 from minilora_jax.summary import AdapterInfo, Summary, summary
 from minilora_jax.targets import Kernel, LayoutUnknownError, all_kernels, square_kernels
-
-__version__ = "0.2.0"
 
 __all__ = [
     "AdapterInfo",
@@ -53,20 +52,20 @@ __all__ = [
 
 # The interop modules load on first use, so `import minilora_jax` stays light.
 _LAZY = {
-    "peft": ("minilora_jax.peft", None),
+    "peft": ("minilora_jax.io.peft", None),
     "bank": ("minilora_jax.bank", None),
     "pissa": ("minilora_jax.pissa", None),
     "quantize": ("minilora_jax.quantize", None),
     "loraplus": ("minilora_jax.optim", "loraplus"),
-    "save_adapters": ("minilora_jax.checkpoint", "save_adapters"),
-    "load_adapters": ("minilora_jax.checkpoint", "load_adapters"),
-    "read_metadata": ("minilora_jax.checkpoint", "read_metadata"),
-    "abstract_base": ("minilora_jax.checkpoint", "abstract_base"),
-    "save_step": ("minilora_jax.checkpoint", "save_step"),
-    "latest_step": ("minilora_jax.checkpoint", "latest_step"),
-    "lock_run": ("minilora_jax.checkpoint", "lock_run"),
-    "CheckpointChangedError": ("minilora_jax.checkpoint", "CheckpointChangedError"),
-    "minimind": ("minilora_jax.minimind", None),
+    "save_adapters": ("minilora_jax.io.checkpoint", "save_adapters"),
+    "load_adapters": ("minilora_jax.io.checkpoint", "load_adapters"),
+    "read_metadata": ("minilora_jax.io.checkpoint", "read_metadata"),
+    "abstract_base": ("minilora_jax.io.checkpoint", "abstract_base"),
+    "save_step": ("minilora_jax.io.checkpoint", "save_step"),
+    "latest_step": ("minilora_jax.io.checkpoint", "latest_step"),
+    "lock_run": ("minilora_jax.io.checkpoint", "lock_run"),
+    "CheckpointChangedError": ("minilora_jax.io.checkpoint", "CheckpointChangedError"),
+    "minimind": ("minilora_jax.io.minimind", None),
     "shardings": ("minilora_jax.sharding", "shardings"),
     "init_sharded": ("minilora_jax.sharding", "init_sharded"),
     "optimizer_shardings": ("minilora_jax.sharding", "optimizer_shardings"),

@@ -5,7 +5,7 @@
     python -m minilora_jax convert PATH --to peft|minimind|orbax --out OUT [--base BASE]
 
 An adapter ``PATH`` is told apart by its contents: a directory with ``minilora.json`` is an orbax
-checkpoint (`minilora_jax.checkpoint`), one with ``adapter_config.json`` a PEFT directory
+checkpoint (`minilora_jax.io.checkpoint`), one with ``adapter_config.json`` a PEFT directory
 (`minilora_jax.peft`), and a ``.safetensors``/``.pth`` file MiniMind's LoRA format
 (`minilora_jax.minimind`). Torch module names follow the default mapping of
 `minilora_jax.peft.module_name`.
@@ -100,12 +100,12 @@ def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
       >>> detect_format(d)[0]
       'peft'
     """
-    from minilora_jax import checkpoint
+    from minilora_jax.io import checkpoint
 
     path = Path(path)
     if path.is_dir() and (path / checkpoint.METADATA_FILE).is_file():
         return "orbax", path
-    from minilora_jax import peft
+    from minilora_jax.io import peft
 
     if path.is_dir():
         peft_files = (peft.CONFIG_FILE, peft.WEIGHTS_FILE, *peft.PICKLE_FILES)
@@ -141,7 +141,7 @@ def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
 def _base_format(path: Path) -> str:
     """``"orbax"`` or ``"params"`` for a BASE (see the module docstring)."""
     if path.is_dir():
-        from minilora_jax import checkpoint
+        from minilora_jax.io import checkpoint
 
         if (path / checkpoint.METADATA_FILE).is_file():
             raise ValueError(f"--base {path} is an adapter checkpoint, not base params")
@@ -306,7 +306,7 @@ def _is_orbax_params(directory: Path) -> bool:
 
 def _is_our_directory(directory: Path) -> bool:
     """What ``merge`` may replace: an orbax params directory or an adapter checkpoint."""
-    from minilora_jax import checkpoint
+    from minilora_jax.io import checkpoint
 
     return _is_orbax_params(directory) or (directory / checkpoint.METADATA_FILE).is_file()
 
@@ -399,7 +399,7 @@ def _save_params(out: Path, params: Any, fmt: str) -> None:
         return
     import orbax.checkpoint as ocp
 
-    from minilora_jax._files import _replace_directory
+    from minilora_jax.io._files import _replace_directory
 
     def write(tmp: Path) -> None:
         # tmp is the fresh empty directory _replace_directory made; orbax writes it whole.
@@ -413,8 +413,8 @@ def _save_params(out: Path, params: Any, fmt: str) -> None:
 
 def _read_torch(fmt: str, path: Path) -> dict[str, Any]:
     """Adapters of a PEFT or MiniMind source, in torch's layout, without a base."""
-    from minilora_jax import minimind as minimind_lora
-    from minilora_jax import peft
+    from minilora_jax.io import minimind as minimind_lora
+    from minilora_jax.io import peft
 
     return peft.read(path) if fmt == "peft" else minimind_lora.read_minimind_lora(path)
 
@@ -422,7 +422,7 @@ def _read_torch(fmt: str, path: Path) -> dict[str, Any]:
 def _load_onto(fmt: str, path: Path, base: Any, *, check_base: bool = False) -> Any:
     try:
         if fmt == "orbax":
-            from minilora_jax import checkpoint
+            from minilora_jax.io import checkpoint
 
             try:
                 return checkpoint.load_adapters(path, base, check_base_values=check_base)
@@ -435,10 +435,10 @@ def _load_onto(fmt: str, path: Path, base: Any, *, check_base: bool = False) -> 
                     "values by default; --no-check-base skips this check)"
                 ) from e
         if fmt == "peft":
-            from minilora_jax import peft
+            from minilora_jax.io import peft
 
             return peft.load(path, base)
-        from minilora_jax import minimind as minimind_lora
+        from minilora_jax.io import minimind as minimind_lora
 
         return minimind_lora.load_minimind_lora(path, base)
     except Exception as e:  # name the adapters, whatever went wrong inside a reader
@@ -453,7 +453,7 @@ def _load_onto(fmt: str, path: Path, base: Any, *, check_base: bool = False) -> 
 def _always_checked(path: Path, text: str) -> bool:
     """Whether the refusal ``text`` is about a PiSSA/OLoRA adapter, whose base is always
     checked (``--no-check-base`` would not help)."""
-    from minilora_jax import checkpoint
+    from minilora_jax.io import checkpoint
 
     records = checkpoint.read_metadata(path)["adapters"]
     return any(f"'{name}'" in text for name, rec in records.items() if rec.get("residual"))
@@ -479,7 +479,7 @@ def _torch_rows(adapters: dict[str, Any]) -> tuple[Any, ...]:
 
 def _inspect(args: argparse.Namespace) -> None:
     import minilora_jax as mlj
-    from minilora_jax import checkpoint
+    from minilora_jax.io import checkpoint
 
     fmt, path = detect_format(args.path)
     print(f"format: {fmt} ({path})")
@@ -530,7 +530,7 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from minilora_jax import checkpoint
+    from minilora_jax.io import checkpoint
 
     fmt, path = detect_format(args.path)
     out = Path(args.out)
@@ -554,20 +554,20 @@ def _convert(args: argparse.Namespace) -> None:
         if args.to == "orbax":
             checkpoint.save_adapters(out, tree, metadata={"converted_from": f"{fmt}:{path}"})
         elif args.to == "peft":
-            from minilora_jax import peft
+            from minilora_jax.io import peft
 
             peft.save(out, tree)
         else:
-            from minilora_jax import minimind as minimind_lora
+            from minilora_jax.io import minimind as minimind_lora
 
             _write_file(out, lambda tmp: minimind_lora.save_minimind_lora(
                 tmp, tree, fold_scale=args.fold_scale))
     elif args.to == "peft":
-        from minilora_jax import peft
+        from minilora_jax.io import peft
 
         peft.write(out, _read_torch(fmt, path))
     else:
-        from minilora_jax import minimind as minimind_lora
+        from minilora_jax.io import minimind as minimind_lora
 
         adapters = _read_torch(fmt, path)
         _write_file(out, lambda tmp: minimind_lora.write_minimind_lora(

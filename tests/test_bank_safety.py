@@ -16,7 +16,7 @@ from jax.experimental import checkify
 from toy_models import Stack, randomize_b
 
 import minilora_jax as mlj
-from minilora_jax.checkpoint import _checksum
+from minilora_jax.io.checkpoint import _checksum
 
 TARGETS = "(q_proj|o_proj)/kernel"
 CASES = [(m, r) for m in ("gather", "one_hot") for r in ("vmap", "leading_axis")]
@@ -216,7 +216,7 @@ _WORKER = """
 import os, signal, sys
 import jax, jax.numpy as jnp
 import minilora_jax as mlj
-from minilora_jax import _files, checkpoint
+from minilora_jax.io import _files, checkpoint
 
 mode, path, arg = sys.argv[1], sys.argv[2], sys.argv[3]
 BASE = {"q": {"kernel": jnp.ones((16, 16))}, "o": {"kernel": jnp.full((16, 16), 2.0)}}
@@ -303,7 +303,7 @@ def test_a_concurrent_reader_never_gets_a_mix(tmp_path):
     path = tmp_path / "bank"
     mlj.bank.save(path, _bank(1.0))
     writer = _spawn("write", path, "")
-    from minilora_jax.checkpoint import CheckpointChangedError
+    from minilora_jax.io.checkpoint import CheckpointChangedError
 
     values, changed = set(), 0
     try:

@@ -22,8 +22,8 @@ from jax.sharding import PartitionSpec as P
 from toy_models import Stack, randomize_b
 
 import minilora_jax as mlj
-from minilora_jax import checkpoint
 from minilora_jax._tree import flatten
+from minilora_jax.io import checkpoint
 
 # orbax I/O on every test: part of make test, not of the quick loop.
 pytestmark = pytest.mark.slow
@@ -691,7 +691,7 @@ _KILLED_SAVE = """
 import os, signal, sys
 import jax, jax.numpy as jnp
 import minilora_jax as mlj
-from minilora_jax import checkpoint
+from minilora_jax.io import checkpoint
 
 root = sys.argv[1]
 params = mlj.init({"q": {"kernel": jnp.ones((8, 8))}}, jax.random.key(0), rank=2)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import minilora_jax as mlj
-from minilora_jax import checkpoint
+from minilora_jax.io import checkpoint
 
 BASE = {"q": {"kernel": jnp.ones((16, 16))}, "o": {"kernel": jnp.full((16, 16), 2.0)}}
 
@@ -23,7 +23,7 @@ import json, sys, time
 from pathlib import Path
 import jax, jax.numpy as jnp
 import minilora_jax as mlj
-from minilora_jax import checkpoint
+from minilora_jax.io import checkpoint
 
 mode, path, arg = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 base = {"q": {"kernel": jnp.ones((16, 16))}, "o": {"kernel": jnp.full((16, 16), 2.0)}}

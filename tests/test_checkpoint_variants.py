@@ -16,8 +16,8 @@ from jax.sharding import PartitionSpec as P
 from toy_models import Stack, randomize_b
 
 import minilora_jax as mlj
-from minilora_jax import checkpoint
 from minilora_jax._tree import flatten
+from minilora_jax.io import checkpoint
 from minilora_jax.quantize import Quantized, quantize, quantize_array
 
 # orbax I/O on every test: part of make test, not of the quick loop (as tests/test_checkpoint.py).

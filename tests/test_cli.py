@@ -14,9 +14,9 @@ from safetensors.numpy import load_file, save_file
 from toy_models import randomize_b
 
 import minilora_jax as mlj
-from minilora_jax import checkpoint
-from minilora_jax import minimind as minimind_lora
 from minilora_jax.__main__ import main, read_params, write_params
+from minilora_jax.io import checkpoint
+from minilora_jax.io import minimind as minimind_lora
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from toy_models import Stack, all_eqns, randomize_b
 
 import minilora_jax as mlj
-import minilora_jax.peft as mpeft
+import minilora_jax.io.peft as mpeft
 from minilora_jax._tree import flatten
 from minilora_jax.lora import Layout, Lora, magnitude_shape, refuse_dora
 

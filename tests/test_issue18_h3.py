@@ -311,7 +311,7 @@ def test_declared_layout_without_a_program_and_the_summary_marks_joint_adapters(
 def test_loaders_and_find_kernels_take_declared_layouts(tmp_path):
     """peft.load / load_minimind_lora / find_kernels pass layouts= through: a declared layout
     for an nn.scan-named stack read from a vmapped program loads one adapter per layer."""
-    from minilora_jax.minimind import load_minimind_lora, save_minimind_lora
+    from minilora_jax.io.minimind import load_minimind_lora, save_minimind_lora
 
     stack = lambda p, x: jax.vmap(lambda w, x: x @ w, in_axes=(0, None))(  # noqa: E731
         p["layers"]["proj"]["kernel"], x)

@@ -19,8 +19,8 @@ from safetensors.numpy import load_file, save_file
 from toy_models import Stack, randomize_b
 
 import minilora_jax as mlj
-import minilora_jax.peft as mpeft
-from minilora_jax.minimind import (
+import minilora_jax.io.peft as mpeft
+from minilora_jax.io.minimind import (
     load_minimind_lora,
     read_minimind_lora,
     save_minimind_lora,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import minilora_jax as mlj
-from minilora_jax.checkpoint import latest_step
+from minilora_jax.io.checkpoint import latest_step
 
 pytestmark = pytest.mark.slow
 

@@ -47,7 +47,7 @@ from minilora_jax._tree import path_str
 from minilora_jax.lora import Layout, Lora, is_lora
 
 if TYPE_CHECKING:
-    from minilora_jax.minimind import load_minimind_lora, save_minimind_lora
+    from minilora_jax.io.minimind import load_minimind_lora, save_minimind_lora
 
 __all__ = [
     "MiniMind",
@@ -73,7 +73,7 @@ _LAZY = {"load_minimind_lora", "save_minimind_lora"}
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from minilora_jax import minimind as minimind_lora
+        from minilora_jax.io import minimind as minimind_lora
 
         return getattr(minimind_lora, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 import minilora_jax as mlj
-from minilora_jax.checkpoint import latest_step, lock_run, save_step
+from minilora_jax.io.checkpoint import latest_step, lock_run, save_step
 
 
 def next_token_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array | None = None):
@@ -113,13 +113,13 @@ def train_lora(
     """LoRA fine-tuning with MiniMind's recipe, resumable from the library's checkpoints.
 
     With ``checkpoint_dir``, every ``save_every`` steps (and at the end)
-    `minilora_jax.checkpoint.save_step` writes ``checkpoint_dir/<step>``: the adapters, and as
+    `minilora_jax.io.checkpoint.save_step` writes ``checkpoint_dir/<step>``: the adapters, and as
     their state the optimiser state, step, RNG key and loss history; the last two steps are
     kept. Killed at any moment and started again with the same arguments, the run continues
-    from `minilora_jax.checkpoint.latest_step` and, on CPU, ends with bit-identical adapters:
+    from `minilora_jax.io.checkpoint.latest_step` and, on CPU, ends with bit-identical adapters:
     the data stream and the dropout keys are pure functions of the step (``batches(start)``
     yields the batches from step ``start`` on). The run holds ``checkpoint_dir`` throughout
-    (`minilora_jax.checkpoint.lock_run`): a second run on the same directory is refused with a
+    (`minilora_jax.io.checkpoint.lock_run`): a second run on the same directory is refused with a
     RuntimeError naming it, before it reads or writes anything.
 
     Args:

@@ -133,19 +133,19 @@ import numpy as np
 
 from minilora_jax._tree import flatten
 from minilora_jax.adapters import find_kernels
-from minilora_jax.lora import Layout, Lora, is_lora, refuse_residual
-from minilora_jax.pissa import RESIDUAL_INITS, residual_base
 
 # Re-exported: `read_safetensors`, `write_safetensors` and `tensor_digest` are public here too.
-from minilora_jax.safetensors_io import CHECKSUM_KEY as CHECKSUM_KEY
-from minilora_jax.safetensors_io import (
+from minilora_jax.io._safetensors import CHECKSUM_KEY as CHECKSUM_KEY
+from minilora_jax.io._safetensors import (
     SCALES_KEY,
     _read_safetensors,
     _write_json,
     write_safetensors,
 )
-from minilora_jax.safetensors_io import read_safetensors as read_safetensors
-from minilora_jax.safetensors_io import tensor_digest as tensor_digest
+from minilora_jax.io._safetensors import read_safetensors as read_safetensors
+from minilora_jax.io._safetensors import tensor_digest as tensor_digest
+from minilora_jax.lora import Layout, Lora, is_lora, refuse_residual
+from minilora_jax.pissa import RESIDUAL_INITS, residual_base
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -107,7 +107,8 @@ import numpy as np
 from jax.sharding import NamedSharding, Sharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from minilora_jax._files import (
+from minilora_jax._tree import flatten, is_variables, key_name, path_str
+from minilora_jax.io._files import (
     METADATA_FILE,
     _clean_leftovers,
     _leftovers,
@@ -119,9 +120,8 @@ from minilora_jax._files import (
 )
 
 # Re-exported: `lock_run` is public (`mlj.lock_run` loads it from here); RUN_LOCK is its file.
-from minilora_jax._files import RUN_LOCK as RUN_LOCK
-from minilora_jax._files import lock_run as lock_run
-from minilora_jax._tree import flatten, is_variables, key_name, path_str
+from minilora_jax.io._files import RUN_LOCK as RUN_LOCK
+from minilora_jax.io._files import lock_run as lock_run
 from minilora_jax.lora import RESIDUALS, Layout, Lora, is_adapter, is_lora, refuse_banks
 
 FORMAT = "minilora_jax.adapters"
@@ -243,7 +243,7 @@ def save_adapters(
       >>> load_adapters(ckpt, base)["dense"]["kernel"].magnitude.tolist()
       [2.0, 2.0, 2.0, 2.0]
     """
-    from minilora_jax import __version__
+    from minilora_jax._version import __version__
 
     names, leaves, _ = flatten(tree)
     refuse_banks(names, leaves, "save_adapters")

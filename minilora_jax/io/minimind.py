@@ -55,9 +55,9 @@ from typing import Any
 
 import numpy as np
 
+from minilora_jax.io._safetensors import read_safetensors, write_safetensors
+from minilora_jax.io.peft import ModuleNames, TorchAdapter, from_torch, to_torch
 from minilora_jax.lora import Layout
-from minilora_jax.peft import ModuleNames, TorchAdapter, from_torch, to_torch
-from minilora_jax.safetensors_io import read_safetensors, write_safetensors
 
 __all__ = [
     "load_minimind_lora",
@@ -142,7 +142,7 @@ def read_minimind_lora(path: str | os.PathLike) -> dict[str, TorchAdapter]:
 
     Example:
       >>> import tempfile, numpy as np
-      >>> from minilora_jax.peft import TorchAdapter
+      >>> from minilora_jax.io.peft import TorchAdapter
       >>> path = tempfile.mkdtemp() + "/lora.safetensors"
       >>> t = TorchAdapter(np.ones((2, 8), np.float32), np.zeros((8, 2), np.float32), 1.0)
       >>> write_minimind_lora(path, {"model.layers.0.self_attn.o_proj": t})
@@ -201,7 +201,7 @@ def write_minimind_lora(
 
     Example:
       >>> import tempfile, numpy as np
-      >>> from minilora_jax.peft import TorchAdapter
+      >>> from minilora_jax.io.peft import TorchAdapter
       >>> t = TorchAdapter(np.ones((2, 8), np.float32), np.ones((8, 2), np.float32), 2.0)
       >>> path = tempfile.mkdtemp() + "/lora.safetensors"
       >>> write_minimind_lora(path, {"model.layers.0.self_attn.q_proj": t}, fold_scale=True)
