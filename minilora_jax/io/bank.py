@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
-import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path as FilePath
@@ -24,10 +22,7 @@ from minilora_jax._bank import select, size, stack
 from minilora_jax.io._files import (
     BANK_FILE,
     METADATA_FILE,
-    _clean_leftovers,
     _leftovers,
-    _locked,
-    _recover,
     _replace_directory,
 )
 
@@ -158,10 +153,11 @@ def load(directory: str | os.PathLike, base: Any, **load_kwargs: Any) -> tuple[A
         checksum, or a member does not match its recorded SHA-256; the message names the file.
       CheckpointChangedError: if other processes replaced the bank during every attempt.
     """
-    from minilora_jax.io.checkpoint import _local
+    from minilora_jax.io.checkpoint import _local, _read_consistently
 
     target = _local(directory)
-    return _read_bank_consistently(target, lambda: _load_once(target, base, load_kwargs))
+    return _read_consistently(target, lambda: _load_once(target, base, load_kwargs), BANK_FILE,
+                              "bank")
 
 
 def _bank_bytes(directory: FilePath) -> bytes | None:
@@ -250,26 +246,3 @@ def _load_members(directory: FilePath, manifest: dict[str, Any], base: Any,
             trees.append(peft.load(member, base, **load_kwargs))
     return stack(trees), list(names)
 
-
-def _read_bank_consistently(directory: FilePath, read: Any) -> Any:
-    """``read()`` until no save interfered, as `minilora_jax.load_adapters` reads a checkpoint:
-    each attempt first recovers what killed saves left; the last one holds the writers' lock."""
-    from minilora_jax.io.checkpoint import _READ_ATTEMPTS, CheckpointChangedError, _Changed
-
-    for attempt in range(_READ_ATTEMPTS - 1):
-        _recover(directory, BANK_FILE)
-        try:
-            return read()
-        except _Changed:
-            time.sleep(random.uniform(0.01, 0.05) * 2**attempt)
-    try:
-        with _locked(directory) as held:
-            if held:
-                _clean_leftovers(directory, BANK_FILE)
-            return read()
-    except _Changed:
-        pass
-    raise CheckpointChangedError(
-        f"bank {directory} changed while reading ({_READ_ATTEMPTS} attempts: other processes "
-        "kept saving to it); retry"
-    )

@@ -657,13 +657,18 @@ def _read_document(directory: FilePath) -> tuple[bytes, dict[str, Any]]:
     return text, _validate(file, info)
 
 
-def _read_consistently(directory: FilePath, read: Callable[[], Any]) -> Any:
+def _read_consistently(
+    directory: FilePath, read: Callable[[], Any], marker: str = METADATA_FILE,
+    what: str = "adapter checkpoint",
+) -> Any:
     """``read()`` until no save interfered (`_Changed`); the last attempt under the lock.
 
-    Each attempt first recovers what killed saves left, if no writer holds the lock.
+    Each attempt first recovers what killed saves left, if no writer holds the lock. ``marker``
+    is the file that makes a saved directory complete (``minilora.json``, a bank's
+    ``bank.json``).
     """
     for attempt in range(_READ_ATTEMPTS - 1):
-        _recover(directory)
+        _recover(directory, marker)
         try:
             return read()
         except _Changed:
@@ -671,18 +676,18 @@ def _read_consistently(directory: FilePath, read: Callable[[], Any]) -> Any:
     try:
         with _locked(directory) as held:
             if held:
-                _clean_leftovers(directory)
+                _clean_leftovers(directory, marker)
             return read()
     except _Changed:
         pass
-    aside = _leftovers(directory)
+    aside = _leftovers(directory, marker)
     if not directory.exists() and aside:
         raise FileNotFoundError(
-            f"adapter checkpoint directory not found: {directory}; a save was interrupted and "
-            f"left the previous checkpoint at {aside[-1]} (could not take the lock to restore it)"
+            f"{what} directory not found: {directory}; a save was interrupted and left the "
+            f"previous one at {aside[-1]} (could not take the lock to restore it)"
         )
     raise CheckpointChangedError(
-        f"checkpoint {directory} changed while reading ({_READ_ATTEMPTS} attempts: other "
+        f"{what} {directory} changed while reading ({_READ_ATTEMPTS} attempts: other "
         "processes kept saving to it); retry"
     )
 
