@@ -54,6 +54,14 @@ def _owner(marker: str, owned: Callable[[FilePath], bool] | None,
     return owned, kind or f"{_KINDS.get(marker, marker)} (no {marker})"
 
 
+def _file_bytes(path: FilePath) -> bytes | None:
+    """``path``'s bytes, or None if it cannot be read (a save may be replacing it)."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
 def _replace_directory(
     target: FilePath,
     write: Callable[[FilePath], None],

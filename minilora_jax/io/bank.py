@@ -22,6 +22,7 @@ from minilora_jax._bank import select, size, stack
 from minilora_jax.io._files import (
     BANK_FILE,
     METADATA_FILE,
+    _file_bytes,
     _leftovers,
     _replace_directory,
 )
@@ -160,19 +161,12 @@ def load(directory: str | os.PathLike, base: Any, **load_kwargs: Any) -> tuple[A
                               "bank")
 
 
-def _bank_bytes(directory: FilePath) -> bytes | None:
-    try:
-        return (directory / BANK_FILE).read_bytes()
-    except OSError:
-        return None
-
-
 def _read_manifest(directory: FilePath) -> tuple[bytes, dict[str, Any]]:
     """``bank.json``'s bytes and validated document; `_Changed` if a save is under way."""
     from minilora_jax.io.checkpoint import _Changed, _checksum
 
     path = directory / BANK_FILE
-    text = _bank_bytes(directory)
+    text = _file_bytes(directory / BANK_FILE)
     if text is None:
         if _leftovers(directory, BANK_FILE):  # a save between its two renames, or a killed one
             raise _Changed
@@ -210,10 +204,11 @@ def _load_once(directory: FilePath, base: Any, load_kwargs: Any) -> tuple[Any, l
     try:
         result = _load_members(directory, manifest, base, load_kwargs)
     except Exception:
-        if _bank_bytes(directory) != text:
+        if _file_bytes(directory / BANK_FILE) != text:
             raise _Changed from None
         raise
-    if _bank_bytes(directory) != text:  # every save writes a new save_id: none came between
+    # every save writes a new save_id: none came between
+    if _file_bytes(directory / BANK_FILE) != text:
         raise _Changed
     return result
 

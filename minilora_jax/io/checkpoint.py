@@ -111,6 +111,7 @@ from minilora_jax._tree import flatten, is_variables, key_name, path_str
 from minilora_jax.io._files import (
     METADATA_FILE,
     _clean_leftovers,
+    _file_bytes,
     _leftovers,
     _local,
     _locked,
@@ -443,10 +444,10 @@ def _load_once(
     try:
         result = _load_document(directory, info, base_tree, state, shardings, check_base_values)
     except Exception:
-        if _metadata_bytes(directory) != text:
+        if _file_bytes(directory / METADATA_FILE) != text:
             raise _Changed from None
         raise
-    if _metadata_bytes(directory) != text:
+    if _file_bytes(directory / METADATA_FILE) != text:
         raise _Changed
     return result
 
@@ -630,17 +631,10 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     return _read_consistently(directory, lambda: _read_document(directory)[1])
 
 
-def _metadata_bytes(directory: FilePath) -> bytes | None:
-    try:
-        return (directory / METADATA_FILE).read_bytes()
-    except OSError:
-        return None
-
-
 def _read_document(directory: FilePath) -> tuple[bytes, dict[str, Any]]:
     """``minilora.json``'s bytes and validated document; `_Changed` if a save is under way."""
     file = directory / METADATA_FILE
-    text = _metadata_bytes(directory)
+    text = _file_bytes(directory / METADATA_FILE)
     if text is None:
         if _leftovers(directory):  # a save between its two renames, or a killed one
             raise _Changed
