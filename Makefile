@@ -13,6 +13,10 @@ MIN_PY := $(MIN_VENV)/bin/python
 # simulated devices). On the oldest versions, modules that need the quantize extra (qwix needs
 # flax >= 0.12) are not collected (conftest.py).
 QUICK := -m "not slow" tests minilora_jax
+# Test files run in JOBS worker processes (pytest-xdist), a file per worker so that module-level
+# caches (the 8-device child run, compiled models) are made once.
+JOBS ?= 2
+XDIST := -n $(JOBS) --dist loadfile
 
 .PHONY: test test-quick test-oldest demo bench lint clean-venv
 
@@ -33,18 +37,18 @@ $(MIN_VENV)/.installed: pyproject.toml constraints/oldest.txt | $(MIN_PY)
 	touch $@
 
 test: $(VENV)/.installed-dev $(MIN_VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 	$(VENV)/bin/ruff check .
-	$(MIN_PY) -m pytest -p no:cacheprovider $(QUICK)
+	$(MIN_PY) -m pytest -p no:cacheprovider $(XDIST) $(QUICK)
 
 # The inner loop on the newest versions; README states its measured time.
 test-quick: $(VENV)/.installed-dev
-	$(PY) -m pytest $(QUICK)
+	$(PY) -m pytest $(XDIST) $(QUICK)
 	$(VENV)/bin/ruff check .
 
 # The quick suite on the oldest declared versions alone.
 test-oldest: $(MIN_VENV)/.installed
-	$(MIN_PY) -m pytest -p no:cacheprovider $(QUICK)
+	$(MIN_PY) -m pytest -p no:cacheprovider $(XDIST) $(QUICK)
 
 demo: $(VENV)/.installed-experiments
 	$(PY) experiments/demo.py $(ARGS)

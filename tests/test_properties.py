@@ -47,18 +47,24 @@ def _build(i, seed):
     return model, x, base, params
 
 
+_EAGER_CHECKED: set[int] = set()
+
+
 @settings(max_examples=15, deadline=None)
 @given(cases)
 def test_fresh_adapters_change_nothing(case):
     model, x, base, params = _build(*case)
     wrapped, plain = _compiled(case[0])
     chex.assert_trees_all_equal(mlj.merge(params), base)
-    # Jitted against jitted, eager against eager. In float32 the zero update is exact; in bf16
-    # XLA may fuse the added (zero) term into the dot and round once less.
-    pairs = [
-        (wrapped({"params": params}, x), plain({"params": base}, x)),
-        (mlj.wrap(model.apply)({"params": params}, x), model.apply({"params": base}, x)),
-    ]
+    # Jitted against jitted for every example; eager against eager once per pool entry (the
+    # interpreter runs the same equations eagerly, only slower). In float32 the zero update is
+    # exact; in bf16 XLA may fuse the added (zero) term into the dot and round once less.
+    pairs = [(wrapped({"params": params}, x), plain({"params": base}, x))]
+    if case[0] not in _EAGER_CHECKED:
+        _EAGER_CHECKED.add(case[0])
+        pairs.append(
+            (mlj.wrap(model.apply)({"params": params}, x), model.apply({"params": base}, x))
+        )
     for got, expected in pairs:
         if expected.dtype == jnp.float32:
             np.testing.assert_array_equal(got, expected)
