@@ -351,3 +351,20 @@ def test_our_modules_to_save_load_in_peft_with_our_logits(tmp_path):
     assert np.abs(got - _torch_out(_torch_twin(base))).max() > 1e-2
     head = model.base_model.model.head.modules_to_save["default"].weight.detach().numpy()
     np.testing.assert_array_equal(head, np.asarray(params["head"]["kernel"].value).T)
+
+
+def test_sharded_init_and_shardings_keep_them_where_the_base_leaf_is():
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("fsdp",))
+    head = NamedSharding(mesh, P("fsdp", None))
+    base = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), _base())
+    base["head"]["kernel"] = jax.device_put(base["head"]["kernel"], head)
+    params = mlj.init_sharded(base, jax.random.key(1), rank=2, targets=["l1", "l2"],
+                              train_full="head")
+    want = mlj.init(base, jax.random.key(1), rank=2, targets=["l1", "l2"], train_full="head")
+    assert jax.tree.structure(params) == jax.tree.structure(want)
+    assert params["head"]["kernel"].value is base["head"]["kernel"]  # the caller's array
+    specs = mlj.shardings(params, jax.tree.map(lambda x: x.sharding, base))
+    assert specs["head"]["kernel"].value == head
