@@ -629,14 +629,14 @@ def refuse_dora(names: Any, leaves: Any, what: str) -> None:
 
 
 def refuse_full(names: Any, leaves: Any, what: str) -> None:
-    """Raises ValueError if any leaf is a `Full` node: ``what`` holds low-rank adapters only,
-    and a leaf trained whole would be dropped or mixed up between adapters."""
+    """Raises ValueError if any leaf is a `Full` node: ``what`` handles low-rank adapters only,
+    and would drop a leaf trained whole or mix it up between adapters."""
     for path, leaf in zip(names, leaves, strict=True):
         if is_full(leaf):
             raise ValueError(
-                f"{what}: '{path}' is trained whole (init's train_full=), and an adapter bank "
-                "holds low-rank adapters only, not a full copy of a leaf per adapter; merge "
-                "each adapter (minilora_jax.merge) or keep such adapters as separate trees"
+                f"{what}: '{path}' is trained whole (init's train_full=), and {what} handles "
+                "low-rank adapters only: it would drop that leaf or mix it up between adapters; "
+                "merge the tree (minilora_jax.merge) or keep such trees apart"
             )
 
 

@@ -155,12 +155,26 @@ def test_what_init_refuses():
         mlj.init(params, key, rank=2, targets="l2", train_full="head")
 
 
-def test_banks_refuse_them_in_one_line():
+def test_what_holds_low_rank_adapters_only_refuses_them_in_one_line(tmp_path):
+    """Banks (one low-rank adapter per member and kernel), combine_adapters and MiniMind's
+    format have no place for a leaf trained whole: refused, never dropped."""
     base = _base()
     plain = mlj.init(base, jax.random.key(0), rank=2, targets="l1")
-    with pytest.raises(ValueError, match=r"^bank.stack: 'head/bias' is trained whole") as e:
-        mlj.bank.stack([plain, _trained(base)])
-    assert "\n" not in str(e.value)
+    trained = _trained(base)
+    cases = {
+        "bank.stack": lambda: mlj.bank.stack([plain, trained]),
+        "bank.save": lambda: mlj.bank.save(
+            tmp_path / "bank", mlj.init(mlj.bank.stack([plain, plain]), jax.random.key(0),
+                                        rank=2, targets="l2", train_full="head")),
+        "combine_adapters": lambda: mlj.combine_adapters([trained, trained], [0.5, 0.5]),
+        "save_minimind_lora": lambda: mlj.minimind.save_minimind_lora(tmp_path / "l.pth",
+                                                                      trained),
+    }
+    for what, call in cases.items():
+        with pytest.raises(ValueError, match=rf"^{what}: 'head/bias' is trained whole") as e:
+            call()
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "bank").exists() and not (tmp_path / "l.pth").exists()
 
 
 # --------------------------------------------------------------------------------------------
