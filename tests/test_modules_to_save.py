@@ -81,6 +81,44 @@ def test_init_marks_whole_leaves_and_the_model_sees_them_unchanged():
     np.testing.assert_allclose(jax.jit(mlj.wrap(f))(params, X), ours, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # tracing an NNX and an equinox model takes seconds
+@pytest.mark.parametrize("family", ["nnx", "equinox"])
+def test_other_families_name_and_run_them_alike(family):
+    """NNX keeps arrays in Variables and equinox in module fields: the same patterns select
+    the head, and wrap == merge with the head moved off its initial value."""
+    x = jnp.asarray(X)
+    if family == "nnx":
+        from flax import nnx
+
+        class Model(nnx.Module):
+            def __init__(self, rngs):
+                self.l1, self.head = nnx.Linear(4, 6, rngs=rngs), nnx.Linear(6, 3, rngs=rngs)
+
+            def __call__(self, x):
+                return self.head(jnp.tanh(self.l1(x)))
+
+        graph, tree = nnx.split(Model(nnx.Rngs(0)))
+        fn = lambda s, x: nnx.merge(graph, s)(x)  # noqa: E731
+        targets, full, want = "l1", "head", ("head/bias", "head/kernel")
+    else:
+        eqx = pytest.importorskip("equinox")
+        mlp = eqx.nn.MLP(4, 3, 6, 1, key=jax.random.key(0))
+        tree, static = eqx.partition(mlp, eqx.is_array)
+        fn = jax.vmap(lambda p, x: eqx.combine(p, static)(x), in_axes=(None, 0))
+        targets, full, want = "layers/0", "layers/1", ("layers/1/weight", "layers/1/bias")
+    params = mlj.init(tree, jax.random.key(1), rank=2, targets=targets, train_full=full,
+                      apply_fn=fn, args=(x,))
+    params = randomize_b(params, jax.random.key(2), std=0.3)
+    params = jax.tree.map(lambda n: mlj.Full(n.value + 0.3) if mlj.is_full(n) else n, params,
+                          is_leaf=mlj.is_full)
+    assert tuple(p for p, _ in mlj.summary(params).full) == want
+    ours = mlj.wrap(fn)(params, x)
+    np.testing.assert_allclose(ours, fn(mlj.merge(params), x), rtol=1e-5, atol=1e-6)
+    again = mlj.wrap(fn)(mlj.combine(mlj.split(params)[0], tree), x)  # onto the initial tree
+    np.testing.assert_array_equal(again, ours)
+    assert np.abs(np.asarray(ours - fn(tree, x))).max() > 1e-2
+
+
 def test_split_puts_them_in_the_trainable_half_and_combine_puts_them_back():
     params = _trained(_base())
     adapters, base = mlj.split(params)
