@@ -16,7 +16,7 @@ from minilora_jax._version import __version__
 from minilora_jax.adapters import find_kernels, init
 from minilora_jax.apply import AdapterNotAppliedError, wrap
 from minilora_jax.combination import combine_adapters
-from minilora_jax.lora import Bank, Layout, Lora, is_bank, is_lora
+from minilora_jax.lora import Bank, Full, Layout, Lora, is_bank, is_full, is_lora
 from minilora_jax.merge import merge, unmerge
 from minilora_jax.partition import combine, split
 from minilora_jax.program import RoutingError
@@ -27,6 +27,7 @@ __all__ = [
     "AdapterInfo",
     "AdapterNotAppliedError",
     "Bank",
+    "Full",
     "Kernel",
     "Layout",
     "LayoutUnknownError",
@@ -40,6 +41,7 @@ __all__ = [
     "find_kernels",
     "init",
     "is_bank",
+    "is_full",
     "is_lora",
     "loraplus",
     "merge",

@@ -21,6 +21,7 @@ from minilora_jax.lora import (
     is_bank,
     is_lora,
     refuse_dora,
+    refuse_full,
     refuse_residual,
 )
 
@@ -66,6 +67,7 @@ def stack(trees: Sequence[Any]) -> Any:
     flat = [flatten(t) for t in trees]
     for n, leaves, _ in flat:
         refuse_dora(n, leaves, "bank.stack")
+        refuse_full(n, leaves, "bank.stack")
         refuse_residual(n, leaves, "bank.stack")
     names, _, treedef = flat[0]
     for i, (n, _, _) in enumerate(flat[1:], start=1):

@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 
-from minilora_jax.lora import is_adapter
+from minilora_jax.lora import is_node
 
 KeyPath = tuple[Any, ...]
 
@@ -56,8 +56,8 @@ def is_variables(tree: Any) -> bool:
 
 
 def flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
-    """``(paths, leaves, treedef)`` of ``tree``, `minilora_jax.Lora` and `minilora_jax.Bank`
-    nodes kept whole as leaves.
+    """``(paths, leaves, treedef)`` of ``tree``, `minilora_jax.Lora`, `minilora_jax.Bank` and
+    `minilora_jax.lora.Full` nodes kept whole as leaves.
 
     ``jax.tree.unflatten(treedef, leaves)`` rebuilds the tree; replacing a kernel leaf by a
     `Lora` node (or back) before unflattening is how adapters are added and removed.
@@ -67,6 +67,6 @@ def flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
       >>> flatten({"params": {"dense": {"kernel": jnp.zeros((2, 2))}}})[0]
       ['dense/kernel']
     """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapter)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)
     variables = is_variables(tree)
     return [path_str(p, variables=variables) for p, _ in flat], [x for _, x in flat], treedef

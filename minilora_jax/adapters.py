@@ -19,12 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from minilora_jax._tree import flatten, is_variables, path_str
-from minilora_jax.lora import Layout, Lora, is_lora
+from minilora_jax.lora import Full, Layout, Lora, is_full, is_lora, is_node
 from minilora_jax.program import read_uses
 from minilora_jax.targets import (
     Kernel,
     Targets,
     compile_pattern,
+    pattern_matches,
     pattern_value,
     select,
     square_kernels,
@@ -101,6 +102,10 @@ def find_kernels(
     for path, leaf, record in zip(names, leaves, records, strict=True):
         if is_lora(leaf):
             kernels[path] = Kernel(tuple(leaf.kernel.shape), leaf.kernel.dtype, leaf.layout)
+            continue
+        if is_full(leaf):
+            shape = tuple(getattr(leaf.value, "shape", ()))
+            others[path] = (shape, "it is trained whole (a Full node, from init's train_full=)")
             continue
         shape = tuple(getattr(leaf, "shape", ()))
         if len(shape) < 2:
@@ -277,6 +282,7 @@ def init(
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
     layouts: Mapping[str, Layout] | None = None,
+    train_full: str | Sequence[str] | None = None,
 ) -> Any:
     """Puts a LoRA adapter in the place of every targeted kernel of ``tree``.
 
@@ -321,9 +327,17 @@ def init(
         `find_kernels`): e.g. the layer axis of a ``jax.vmap(f, in_axes=(0, None))`` stack,
         which the program reads as an out axis (one joint adapter), declared a batch axis for
         one adapter per layer.
+      train_full: leaves to train whole beside the adapters (PEFT's ``modules_to_save``: a
+        classifier head, an LM head): a pattern or a list of patterns, matched by the rule of
+        `minilora_jax.targets` (a pattern naming a layer takes all its leaves: ``"head"`` takes
+        ``head/kernel`` and ``head/bias``). Each becomes a `minilora_jax.Full` node, the
+        leaf itself inside, unchanged: `minilora_jax.split` puts it in the trainable half,
+        `minilora_jax.merge` returns it as trained. Every pattern must match a floating-point
+        array leaf; a leaf may not be both adapted and trained whole.
 
     Returns:
-      ``tree`` with `minilora_jax.Lora` nodes in place of the targeted kernels.
+      ``tree`` with `minilora_jax.Lora` nodes in place of the targeted kernels (and
+      `minilora_jax.Full` nodes in place of the ``train_full`` leaves).
 
     Raises:
       ValueError: if ``targets`` selects nothing, names a leaf that cannot be adapted (saying
@@ -342,6 +356,10 @@ def init(
       >>> dora = mlj.init(p, jax.random.key(0), rank=2, dora=True)["q_proj"]["kernel"]
       >>> dora.magnitude.shape, float(dora.magnitude[0])  # ||column of ones(16, 16)|| = 4
       ((16,), 4.0)
+      >>> p["head"] = {"kernel": jnp.ones((16, 3)), "bias": jnp.zeros(3)}
+      >>> lp = mlj.init(p, jax.random.key(0), rank=2, train_full="head")
+      >>> lp["head"]["kernel"], lp["head"]["bias"]
+      (Full((16, 3)), Full((3,)))
     """
     if not isinstance(key, jax.Array) or not _is_key(key):
         raise TypeError(f"key must be a JAX PRNG key (jax.random.key(0)), got {key!r}")
@@ -368,6 +386,7 @@ def init(
     _check_program(apply_fn, args, kwargs)
     _check_patterns(layouts, "layouts", lambda v: isinstance(v, Layout), "a minilora_jax.Layout")
     _check_arrays(tree)
+    full = _train_full(tree, train_full)
     kernels, others = find_kernels(tree, apply_fn, args, kwargs, layouts)
     if dora and layouts is not None and apply_fn is not None:
         read, _ = find_kernels(tree, apply_fn, args, kwargs)
@@ -379,6 +398,13 @@ def init(
                     "axis the program contracts as an out axis is not implemented"
                 )
     chosen = select(kernels, others, targets, exclude)
+    both = [path for path in chosen if path in full]
+    if both:
+        raise ValueError(
+            f"'{both[0]}' is selected both for an adapter (targets=) and to be trained whole "
+            f"(train_full={train_full!r}); a leaf is one or the other: leave it out of targets "
+            "(exclude=) or of train_full"
+        )
     names, leaves, treedef = flatten(tree)
     index = {name: i for i, name in enumerate(names)}
     keys = dict(zip(chosen, jax.random.split(key, len(chosen)), strict=True))
@@ -422,4 +448,49 @@ def init(
                 )
             node = node.replace(magnitude=node.column_norm().astype(dtype))
         leaves[index[path]] = node
+    for path in full:
+        leaves[index[path]] = Full(leaves[index[path]])
     return jax.tree.unflatten(treedef, leaves)
+
+
+def _train_full(tree: Any, spec: Any) -> list[str]:
+    """The paths of the leaves ``train_full`` names, in tree order; raises naming a pattern
+    that matches no leaf, or a leaf that cannot be trained whole."""
+    if spec is None:
+        return []
+    patterns = [spec] if isinstance(spec, str) else spec
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(
+            f"train_full must be a pattern (a regex string) or a list of them, got {spec!r}"
+        )
+    for pattern in patterns:
+        compile_pattern(pattern, "train_full")
+    names, leaves, _ = flatten(tree)
+    chosen = []
+    for pattern in patterns:
+        hits = [i for i, path in enumerate(names) if pattern_matches(pattern, path)]
+        if not hits:
+            raise ValueError(
+                f"train_full pattern {pattern!r} matches no leaf of the tree; leaves include "
+                f"{names[:6]}. A pattern matches a '/'-aligned suffix of a leaf's path or of "
+                "its layer's path."
+            )
+        for i in hits:
+            path, leaf = names[i], leaves[i]
+            if is_node(leaf):
+                raise ValueError(
+                    f"train_full pattern {pattern!r} selects '{path}', which already holds "
+                    f"a {type(leaf).__name__} node; merge or split it off first"
+                )
+            dtype = getattr(leaf, "dtype", None)
+            if dtype is None or not hasattr(leaf, "shape") or not jnp.issubdtype(
+                dtype, jnp.floating
+            ):
+                raise ValueError(
+                    f"train_full pattern {pattern!r} selects '{path}', a "
+                    f"{dtype if dtype is not None else type(leaf).__name__}, which cannot be "
+                    "trained (only floating-point arrays can)"
+                )
+            if path not in chosen:
+                chosen.append(path)
+    return [path for path in names if path in chosen]

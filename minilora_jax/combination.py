@@ -36,7 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from minilora_jax._tree import flatten
-from minilora_jax.lora import Lora, is_lora, refuse_banks, refuse_dora, refuse_residual
+from minilora_jax.lora import (
+    Lora,
+    is_lora,
+    refuse_banks,
+    refuse_dora,
+    refuse_full,
+    refuse_residual,
+)
 
 COMBINED_SCALE = 1.0
 METHODS = ("cat", "svd", "linear")
@@ -286,6 +293,7 @@ def combine_adapters(
         refuse_banks(names, leaves, "combine_adapters")
         refuse_dora(names, leaves, "combine_adapters")
         refuse_residual(names, leaves, "combine_adapters")
+        refuse_full(names, leaves, "combine_adapters")
     paths, _, treedef = flat[0]
     for i, (other_paths, _, other_def) in enumerate(flat[1:], 1):
         if other_def != treedef or other_paths != paths:

@@ -535,6 +535,55 @@ class Bank:
         return self.scales[n].astype(jnp.float32) * lora.delta()
 
 
+@jax.tree_util.register_pytree_with_keys_class
+class Full:
+    """A leaf trained whole beside the adapters: what ``init(..., train_full=...)`` puts in its
+    place (PEFT's ``modules_to_save``: a classifier head, an LM head, embeddings).
+
+    Its one child, ``value``, is the leaf itself, a plain array: `minilora_jax.wrap` hands the
+    model ``value`` unchanged, `minilora_jax.split` puts the node in the trainable half (so
+    optax updates ``value``), `minilora_jax.merge` returns ``value``. The node is only a marker
+    of what trains; it computes nothing.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> node = Full(jnp.ones((3, 2)))
+      >>> [x.shape for x in jax.tree.leaves(node)], is_full(node)
+      ([(3, 2)], True)
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def tree_flatten_with_keys(self):
+        # The key `value`, which path names drop (as for an NNX Variable), so a path inside the
+        # node reads as the leaf's own path.
+        return ((jax.tree_util.GetAttrKey("value"), self.value),), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        del aux
+        return cls(children[0])
+
+    def __repr__(self) -> str:
+        value = self.value
+        shape = tuple(value.shape) if hasattr(value, "shape") else value
+        return f"Full({shape})"
+
+
+def is_full(x: Any) -> bool:
+    """Whether ``x`` is a `Full` node (a leaf trained whole)."""
+    return isinstance(x, Full)
+
+
+def is_node(x: Any) -> bool:
+    """Whether ``x`` is a `Lora`, `Bank` or `Full` node: what `minilora_jax._tree.flatten`
+    keeps whole."""
+    return isinstance(x, (Lora, Bank, Full))
+
+
 def is_bank(x: Any) -> bool:
     """Whether ``x`` is a `Bank` node (for ``is_leaf=`` in ``jax.tree`` functions)."""
     return isinstance(x, Bank)
@@ -576,6 +625,18 @@ def refuse_dora(names: Any, leaves: Any, what: str) -> None:
                 f"{what} takes plain LoRA adapters, but '{path}' is DoRA (it has a magnitude "
                 f"vector), which {what} would drop or misapply; merge it with "
                 "minilora_jax.merge first"
+            )
+
+
+def refuse_full(names: Any, leaves: Any, what: str) -> None:
+    """Raises ValueError if any leaf is a `Full` node: ``what`` handles low-rank adapters only,
+    and would drop a leaf trained whole or mix it up between adapters."""
+    for path, leaf in zip(names, leaves, strict=True):
+        if is_full(leaf):
+            raise ValueError(
+                f"{what}: '{path}' is trained whole (init's train_full=), and {what} handles "
+                "low-rank adapters only: it would drop that leaf or mix it up between adapters; "
+                "merge the tree (minilora_jax.merge) or keep such trees apart"
             )
 
 

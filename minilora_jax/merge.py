@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minilora_jax._tree import flatten, is_variables, path_str
-from minilora_jax.lora import is_lora, refuse_banks
+from minilora_jax.lora import is_full, is_lora, is_node, refuse_banks
 
 
 def _require_finite(path: str, what: str, x: Any) -> None:
@@ -47,6 +47,9 @@ def merge(tree: Any, *, check_finite: bool = False) -> Any:
     ``error_bound(kind) * absmax(block)`` per element (0.1519 of the block's absmax for NF4,
     1/255 for int8; see `minilora_jax.quantize`), plus the final cast's rounding.
 
+    A leaf trained whole (a `minilora_jax.Full` node, ``init(..., train_full=...)``) becomes its
+    value, as trained.
+
     Args:
       tree: a tree holding adapters.
       check_finite: raise if an adapter or a merged kernel holds NaN or Inf. Needs concrete
@@ -69,6 +72,11 @@ def merge(tree: Any, *, check_finite: bool = False) -> Any:
     refuse_banks(names, leaves, "merge")
     out = []
     for path, leaf in zip(names, leaves, strict=True):
+        if is_full(leaf):  # trained whole: it is its own merged value
+            if check_finite:
+                _require_finite(path, "the leaf trained whole", leaf.value)
+            out.append(leaf.value)
+            continue
         if not is_lora(leaf):
             out.append(leaf)
             continue
@@ -148,10 +156,11 @@ def unmerge(merged: Any, adapters: Any) -> Any:
                     "merging and unmerging"
                 )
     # combine() lines the trees up and checks shapes; then each kernel loses its update.
+    # A leaf trained whole is its own merged value: it goes back as the same Full node.
     adapter_half = jax.tree.map(
-        lambda x: x.replace(kernel=None) if is_lora(x) else None,
+        lambda x: x.replace(kernel=None) if is_lora(x) else x if is_full(x) else None,
         adapters,
-        is_leaf=is_lora,
+        is_leaf=is_node,
     )
     joined = combine(adapter_half, merged)
     def unfold(leaf: Any) -> Any:

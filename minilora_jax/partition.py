@@ -5,7 +5,9 @@ adapters half holds each `minilora_jax.Lora` node without its kernel (``kernel=N
 node keeps its trainable ``magnitude`` there) and ``None`` everywhere else; the base half holds
 the plain kernels and every other leaf. A `minilora_jax.Bank` splits into its trained arrays
 (``lora_a``, ``lora_b``) in the adapters half and the rest (``kernel``, ``scales``, ``ranks``:
-frozen) as a `Bank` without arrays in the base.
+frozen) as a `Bank` without arrays in the base. A `minilora_jax.Full` node (a leaf trained
+whole, ``init(..., train_full=...)``) goes to the adapters half as it is; the base half keeps
+its value as a plain leaf (the value at the split), so the base is the plain model's tree.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from minilora_jax._tree import flatten, is_variables, path_str
-from minilora_jax.lora import is_adapter, is_bank, is_lora
+from minilora_jax.lora import is_adapter, is_bank, is_full, is_lora, is_node
 
 
 class _Misfit(ValueError):
@@ -54,17 +57,21 @@ def split(tree: Any) -> tuple[Any, Any]:
     _check_tree(tree, "split", "tree")
 
     def trained(x: Any) -> Any:
+        if is_full(x):
+            return x
         if is_bank(x):
             return x.replace(kernel=None, scales=None, ranks=None)
         return x.replace(kernel=None) if is_lora(x) else None
 
     def frozen(x: Any) -> Any:
+        if is_full(x):
+            return x.value
         if is_bank(x):
             return x.replace(lora_a=None, lora_b=None)
         return x.kernel if is_lora(x) else x
 
-    adapters = jax.tree.map(trained, tree, is_leaf=is_adapter)
-    base = jax.tree.map(frozen, tree, is_leaf=is_adapter)
+    adapters = jax.tree.map(trained, tree, is_leaf=is_node)
+    base = jax.tree.map(frozen, tree, is_leaf=is_node)
     return adapters, base
 
 
@@ -96,6 +103,19 @@ def combine(adapters: Any, base: Any) -> Any:
         if node is None:
             return kernel
         where = path_str(path, variables=variables)
+        if is_full(node):
+            shape = lambda x: (tuple(x.shape), jnp.dtype(x.dtype))  # noqa: E731
+            if is_node(kernel) or not hasattr(kernel, "shape") or not hasattr(kernel, "dtype"):
+                raise _Misfit(
+                    f"the leaf trained whole at '{where}' lands on a place of the base that "
+                    f"holds {type(kernel).__name__}, not the plain leaf it replaces"
+                )
+            if hasattr(node.value, "shape") and shape(node.value) != shape(kernel):
+                raise _Misfit(
+                    f"the leaf trained whole at '{where}' is {shape(node.value)}, but the base "
+                    f"holds {shape(kernel)} there"
+                )
+            return node
         if is_bank(node):
             if not is_bank(kernel) or kernel.kernel is None or kernel.lora_a is not None:
                 raise _Misfit(f"the adapter bank at '{where}' lands on a place of the base that "
@@ -104,7 +124,7 @@ def combine(adapters: Any, base: Any) -> Any:
         if not is_lora(node):
             raise _Misfit(
                 f"the adapters tree holds a {type(node).__name__} at '{where}' where only "
-                "adapters (Lora nodes) or None belong; pass the adapters half of "
+                "adapters (Lora or Full nodes) or None belong; pass the adapters half of "
                 "minilora_jax.split"
             )
         if is_lora(kernel) or kernel is None:
@@ -114,7 +134,7 @@ def combine(adapters: Any, base: Any) -> Any:
 
     try:
         joined = jax.tree_util.tree_map_with_path(
-            join, adapters, base, is_leaf=lambda x: x is None or is_adapter(x)
+            join, adapters, base, is_leaf=lambda x: x is None or is_node(x)
         )
     except _Misfit:
         raise

@@ -30,7 +30,7 @@ import numpy as np
 
 from minilora_jax import _jax
 from minilora_jax._tree import flatten
-from minilora_jax.lora import Layout, is_adapter, is_bank
+from minilora_jax.lora import Layout, is_adapter, is_bank, is_full
 
 Groups = tuple[tuple[int, ...], ...]
 
@@ -912,6 +912,14 @@ def _dense(kernel: Any) -> Any:
     return kernel.dequantize() if hasattr(kernel, "dequantize") else kernel
 
 
+def _plain(leaf: Any) -> Any:
+    """What the model sees of a leaf: an adapter's kernel, a `Full` node's value (unchanged:
+    it is trained whole, not adapted), any other leaf as it is."""
+    if is_adapter(leaf):
+        return _dense(leaf.kernel)
+    return leaf.value if is_full(leaf) else leaf
+
+
 def _whole(i: int, leaf: Any) -> View:
     return View(i, tuple((k,) for k in range(len(leaf.shape))))
 
@@ -925,7 +933,7 @@ def read_uses(
     leaf ``i`` is contracted and any other use. Leaves with fewer than two axes are not followed.
     """
     names, leaves, treedef = flatten(tree)
-    plain = [_dense(x.kernel) if is_adapter(x) else x for x in leaves]
+    plain = [_plain(x) for x in leaves]
     closed, _, values = trace(fn, plain, args, kwargs or {}, treedef)
     views = [
         _whole(i, x) if hasattr(x, "shape") and len(x.shape) >= 2 else None
@@ -981,7 +989,7 @@ def apply(
                 f"'{names[i]}' holds a bank of {node.size} adapters: call the wrapped function "
                 "with adapter_ids= (one adapter index per example, -1 for the base model)"
             )
-    plain = [_dense(x.kernel) if is_adapter(x) else x for x in leaves]
+    plain = [_plain(x) for x in leaves]
     closed, out_tree, values = trace(fn, plain, args, kwargs, treedef)
     views = [_whole(i, plain[i]) if i in adapters else None for i in range(len(plain))]
     views += [None] * (len(values) - len(plain))

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from minilora_jax._tree import flatten, is_variables, path_str
 from minilora_jax.adapters import init
-from minilora_jax.lora import Layout, Lora, is_lora
+from minilora_jax.lora import Full, Layout, Lora, is_full, is_lora
 from minilora_jax.partition import combine, split
 
 
@@ -186,11 +186,18 @@ def init_sharded(
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
     def make(k: jax.Array) -> Any:
-        return split(init(abstract, k, **init_kwargs))[0]
+        # A leaf trained whole (train_full=) keeps the caller's array: nothing to create.
+        adapters = split(init(abstract, k, **init_kwargs))[0]
+        return jax.tree.map(lambda x: None if is_full(x) else x, adapters, is_leaf=is_full)
 
+    made = jax.eval_shape(lambda k: split(init(abstract, k, **init_kwargs))[0], key)
     adapter_shardings = shardings(jax.eval_shape(make, key), base_shardings, mesh=mesh)
     adapters = jax.jit(make, out_shardings=adapter_shardings)(key)
-    return combine(adapters, tree)
+    names, leaves, treedef = flatten(combine(adapters, tree))
+    full = {path for path, leaf in zip(*flatten(made)[:2], strict=True) if is_full(leaf)}
+    return jax.tree.unflatten(
+        treedef, [Full(x) if p in full else x for p, x in zip(names, leaves, strict=True)]
+    )
 
 
 def optimizer_shardings(

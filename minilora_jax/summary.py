@@ -9,7 +9,7 @@ from typing import Any
 import jax
 
 from minilora_jax._tree import flatten
-from minilora_jax.lora import Layout, is_lora, refuse_banks
+from minilora_jax.lora import Layout, is_full, is_lora, refuse_banks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Summary:
     adapters: tuple[AdapterInfo, ...]
     trainable: int
     total: int
+    full: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (path, shape) of leaves trained whole
 
     @property
     def trainable_percent(self) -> float:
@@ -67,6 +68,8 @@ class Summary:
                 "indexes separate layers or experts, declare it a batch axis with init(..., "
                 "layouts={pattern: minilora_jax.Layout(...)}) for one adapter per index"
             )
+        if self.full:
+            lines.append("trained whole: " + ", ".join(f"{p} {s}" for p, s in self.full))
         lines.append(
             f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
             f"trainable%: {self.trainable_percent:.4f}"
@@ -80,8 +83,9 @@ def summary(tree: Any) -> Summary:
     The last line of ``str(summary(tree))`` is in PEFT's form,
     ``trainable params: N || all params: M || trainable%: P``, where "trainable" counts the
     ``lora_a``/``lora_b`` entries (and DoRA's ``magnitude``, as PEFT counts its
-    ``lora_magnitude_vector``) and "all" every array leaf, adapters included. Works on
-    ``jax.ShapeDtypeStruct`` trees too (from ``jax.eval_shape``).
+    ``lora_magnitude_vector``, and every entry of a leaf trained whole, a `minilora_jax.Full`
+    node, as PEFT counts ``modules_to_save``) and "all" every array leaf, adapters included.
+    Works on ``jax.ShapeDtypeStruct`` trees too (from ``jax.eval_shape``).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -99,7 +103,12 @@ def summary(tree: Any) -> Summary:
     refuse_banks(names, leaves, "summary")
     infos = []
     trainable = 0
+    full = []
     for path, leaf in zip(names, leaves, strict=True):
+        if is_full(leaf):
+            full.append((path, tuple(leaf.value.shape)))
+            trainable += math.prod(leaf.value.shape)
+            continue
         if not is_lora(leaf):
             continue
         leaf.check(path)
@@ -119,4 +128,4 @@ def summary(tree: Any) -> Summary:
         if leaf.magnitude is not None:
             trainable += math.prod(leaf.magnitude.shape)
     total = sum(math.prod(x.shape) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
-    return Summary(adapters=tuple(infos), trainable=trainable, total=total)
+    return Summary(adapters=tuple(infos), trainable=trainable, total=total, full=tuple(full))

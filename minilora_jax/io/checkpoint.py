@@ -63,6 +63,14 @@ never stored: its record's ``kernel`` is the kernel it stands for (logical shape
 its ``base_values_sha256`` hashes what it stores, the codes and scales (see
 `load_adapters`' ``check_base_values``), not the dequantised values.
 
+Format version 6 (written only where needed: a tree with leaves trained whole) stores the
+leaves `minilora_jax.init`'s ``train_full=`` marks (`minilora_jax.Full` nodes, PEFT's
+``modules_to_save``) as part of the same sealed unit: ``"full"`` (``{leaf path: {"shape",
+"dtype"}}``) and ``"full_sha256"`` (``{leaf path: hash}``) in ``minilora.json``, the values
+under ``full/``, an orbax tree keyed by the leaf paths' components. `load_adapters` puts each
+back as a `minilora_jax.Full` node in the place of the base's leaf of that shape and dtype,
+after checking its hash (a flipped byte is refused).
+
 Saving is atomic: everything is written to a temporary directory beside ``DIR`` and renamed into
 place, so a save that fails or is killed part-way leaves the previous checkpoint readable. A
 training loop keeps ``ROOT/<step>`` directories with `save_step` and resumes from
@@ -123,14 +131,27 @@ from minilora_jax.io._files import (
 # Re-exported: `lock_run` is public (`mlj.lock_run` loads it from here); RUN_LOCK is its file.
 from minilora_jax.io._files import RUN_LOCK as RUN_LOCK
 from minilora_jax.io._files import lock_run as lock_run
-from minilora_jax.lora import RESIDUALS, Layout, Lora, is_adapter, is_lora, refuse_banks
+from minilora_jax.lora import (
+    RESIDUALS,
+    Full,
+    Layout,
+    Lora,
+    is_full,
+    is_lora,
+    is_node,
+    refuse_banks,
+)
 
 FORMAT = "minilora_jax.adapters"
 # The version a checkpoint of plain LoRA adapters on plain kernels is written in (so that
 # readers of version 4 read it); DoRA adapters or quantized kernels need version 5.
 FORMAT_VERSION = 4
-NEWEST_FORMAT_VERSION = 5  # the newest version this module reads (and writes, where needed)
+# Leaves trained whole (init's train_full=, minilora_jax.Full) need version 6.
+FULL_FORMAT_VERSION = 6
+NEWEST_FORMAT_VERSION = 6  # the newest version this module reads (and writes, where needed)
 ARRAYS_DIR = "adapters"
+FULL_DIR = "full"  # the values of the leaves trained whole (format 6), an orbax tree
+_FULL_KEYS = {"full", "full_sha256"}  # format 6's document fields for them
 STATE_DIR = "state"
 ARRAY_NAMES = ("lora_a", "lora_b")  # the arrays of every adapter
 DORA_ARRAY_NAMES = (*ARRAY_NAMES, "magnitude")  # a DoRA adapter's (format 5)
@@ -151,6 +172,7 @@ _RECORD_KEYS[3] = _RECORD_KEYS[2]
 _RECORD_KEYS[4] = _RECORD_KEYS[3]
 # Format 5 adds "arrays" and "quantized", and an entry for each array beyond lora_a/lora_b.
 _RECORD_KEYS[5] = _RECORD_KEYS[4] | {"arrays", "quantized", "residual"}
+_RECORD_KEYS[6] = _RECORD_KEYS[5]
 _QUANTIZED_KEYS = {"kind", "block_size"}
 _SEAL_KEYS = {"save_id", "arrays_sha256", "base_values_sha256", "checksum"}
 _HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -243,14 +265,27 @@ def save_adapters(
       ['lora_a', 'lora_b', 'magnitude']
       >>> load_adapters(ckpt, base)["dense"]["kernel"].magnitude.tolist()
       [2.0, 2.0, 2.0, 2.0]
+
+      Leaves trained whole (``train_full=``) are part of the checkpoint (format version 6):
+
+      >>> base["head"] = {"kernel": jnp.ones((4, 2))}
+      >>> params = mlj.init(base, jax.random.key(0), rank=2, targets="dense", train_full="head")
+      >>> ckpt = save_adapters(ckpt, params)
+      >>> read_metadata(ckpt)["full"]
+      {'head/kernel': {'shape': [4, 2], 'dtype': 'float32'}}
+      >>> load_adapters(ckpt, base)["head"]["kernel"]
+      Full((4, 2))
     """
     from minilora_jax._version import __version__
 
     names, leaves, _ = flatten(tree)
     refuse_banks(names, leaves, "save_adapters")
     # Plain LoRA on plain kernels stays in format 4, which older readers read.
+    full = _full_leaves(names, leaves)
     version = (
-        NEWEST_FORMAT_VERSION
+        FULL_FORMAT_VERSION
+        if full
+        else 5
         if any(
             is_lora(leaf) and (leaf.magnitude is not None or _is_quantized(leaf.kernel)
                                or leaf.residual is not None)
@@ -303,6 +338,15 @@ def save_adapters(
         raise ValueError(
             f"metadata must be a mapping (a JSON object), got {type(metadata).__name__}"
         )
+    for path in full:
+        if path in records:
+            raise ValueError(f"'{path}' holds both an adapter and a leaf trained whole")
+    full_fields = {}
+    if full:
+        full_fields = {
+            "full": {path: _entry(value) for path, value in full.items()},
+            "full_sha256": {path: _sha256(value) for path, value in full.items()},
+        }
     document = {
         "format": FORMAT,
         "format_version": version,
@@ -313,6 +357,7 @@ def save_adapters(
         "arrays_sha256": array_hashes,
         "base_values_sha256": base_hashes,
         **state_fields,
+        **full_fields,
         "metadata": dict(metadata) if metadata is not None else {},
     }
     try:
@@ -325,6 +370,8 @@ def save_adapters(
 
     def write(tmp: FilePath) -> None:
         _write_arrays(tmp / ARRAYS_DIR, arrays)
+        if full:
+            _write_arrays(tmp / FULL_DIR, _full_tree(full))
         if state_arrays:
             _write_arrays(tmp / STATE_DIR, state_arrays)
         if jax.process_index() == 0:
@@ -523,6 +570,8 @@ def _load_document(
         node = node.replace(**arrays[name])
         node.check(name)
         loaded[name] = node
+    if "full" in info:
+        loaded.update(_load_full(directory, info, names, leaves, index, shardings))
     tree = with_nodes(loaded)
     if state_plan is None:
         return tree
@@ -546,6 +595,116 @@ def _verify(directory: FilePath, where: str, what: str, array: Any, want: str | 
             f"{directory / where}: {what} has {have}, but {directory / METADATA_FILE} records "
             f"{want}; the array data was modified or corrupted"
         )
+
+
+def _full_leaves(names: list[str], leaves: list[Any]) -> dict[str, Any]:
+    """``{path: value}`` of the leaves trained whole (`minilora_jax.Full` nodes)."""
+    return {path: leaf.value for path, leaf in zip(names, leaves, strict=True) if is_full(leaf)}
+
+
+def _full_tree(full: Mapping[str, Any]) -> dict[str, Any]:
+    """``{path: value}`` nested by the paths' components, as orbax stores a tree."""
+    tree: dict[str, Any] = {}
+    for path, value in full.items():
+        _put(tree, _parts(path), value)
+    return tree
+
+
+def _load_full(
+    directory: FilePath,
+    info: Mapping[str, Any],
+    names: list[str],
+    leaves: list[Any],
+    index: Mapping[str, int],
+    shardings: Any,
+) -> dict[str, Full]:
+    """The leaves trained whole of a format-6 checkpoint, as `Full` nodes by path: each in the
+    place of a plain base leaf of its shape and dtype, placed where that leaf is (or on
+    ``shardings`` if it is one `Sharding`), its bytes checked against ``full_sha256``."""
+    where = f"checkpoint {directory}"
+    target: dict[str, Any] = {}
+    for name, entry in info["full"].items():
+        leaf = leaves[index[name]] if name in index else None
+        if leaf is None or is_node(leaf) or not hasattr(leaf, "shape"):
+            held = "no leaf" if leaf is None else type(leaf).__name__
+            raise ValueError(
+                f"{where} has a leaf trained whole at '{name}' ({_shape_dtype(entry)}) but the "
+                f"base holds {held} there; load onto the base without adapters "
+                "(minilora_jax.split(tree)[1], or the model's own params)"
+            )
+        if _entry(leaf) != entry:
+            raise ValueError(
+                f"{where} does not fit the base: the leaf trained whole at '{name}' is "
+                f"{_shape_dtype(entry)} in the checkpoint but {_shape_dtype(_entry(leaf))} in "
+                "the base (a different base model?)"
+            )
+        if isinstance(shardings, Sharding):
+            sharding = shardings
+        elif isinstance(getattr(leaf, "sharding", None), Sharding):
+            sharding = leaf.sharding
+        else:
+            sharding = _default_sharding()
+        struct = jax.ShapeDtypeStruct(
+            tuple(entry["shape"]), jnp.dtype(entry["dtype"]), sharding=sharding
+        )
+        _put(target, _parts(name), struct)
+    stored = _stored_metadata(directory / FULL_DIR, "the data of the leaves trained whole")
+    have = {"/".join(key_name(k) for k in keys)
+            for keys, _ in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    if have != set(info["full"]):
+        raise ValueError(
+            f"the data in {directory / FULL_DIR} does not match its minilora.json: leaves "
+            f"recorded but not stored {sorted(set(info['full']) - have)}, stored but not "
+            f"recorded {sorted(have - set(info['full']))}"
+        )
+    restored = _restore(directory / FULL_DIR, target)
+    out = {}
+    for name in info["full"]:
+        value = restored
+        for key in _parts(name):
+            value = value[key]
+        _verify(directory, FULL_DIR, f"the leaf trained whole at '{name}'", value,
+                info["full_sha256"][name])
+        out[name] = Full(value)
+    return out
+
+
+def _validate_full(
+    info: Mapping[str, Any], records: Mapping[str, Any], bad: Callable[[str], ValueError]
+) -> None:
+    """Format 6's ``full`` and ``full_sha256``: one shape-and-dtype entry and one hash per leaf
+    trained whole, none of them an adapted kernel."""
+    full, hashes = info.get("full"), info.get("full_sha256")
+    if not isinstance(full, dict) or not full or not isinstance(hashes, dict):
+        raise bad(
+            f"format_version {FULL_FORMAT_VERSION} records 'full' (a non-empty object) and "
+            "'full_sha256'"
+        )
+    if set(hashes) != set(full):
+        raise bad("'full_sha256' must have one entry per path of 'full'")
+    for name, entry in full.items():
+        where = f"full['{name}']"
+        if not name or any(not part for part in _parts(name)):
+            raise bad(f"{where}: the path has an empty component")
+        if name in records:
+            raise bad(f"{where}: '{name}' is also an adapted kernel")
+        if (
+            not isinstance(entry, dict)
+            or set(entry) != {"shape", "dtype"}
+            or not isinstance(entry["shape"], list)
+            or not all(_is_int(n) and n >= 0 for n in entry["shape"])
+            or not isinstance(entry["dtype"], str)
+        ):
+            raise bad(f"{where} must be {{'shape': [ints], 'dtype': str}}, got {entry!r}")
+        try:
+            jnp.dtype(entry["dtype"])
+        except TypeError as e:
+            raise bad(f"{where}['dtype'] {entry['dtype']!r} is not a dtype") from e
+        value = hashes[name]
+        if value is not None and not (isinstance(value, str) and _HASH.fullmatch(value)):
+            raise bad(
+                f"full_sha256['{name}'] is {value!r}, expected 'sha256:<64 hex digits>' or null"
+            )
 
 
 def _check_base_values(
@@ -697,8 +856,8 @@ def abstract_base(directory: str | os.PathLike) -> dict[str, Any]:
       directory: the checkpoint directory.
 
     Returns:
-      A nested dict holding only the adapted kernels, each at its leaf path
-      (``{"q": {"kernel": ShapeDtypeStruct}}`` for ``q/kernel``).
+      A nested dict holding only the adapted kernels (and the leaves trained whole, format 6),
+      each at its leaf path (``{"q": {"kernel": ShapeDtypeStruct}}`` for ``q/kernel``).
 
     Raises:
       ValueError: as `read_metadata`, or if two leaf paths cannot be nested together (one is a
@@ -713,11 +872,14 @@ def abstract_base(directory: str | os.PathLike) -> dict[str, Any]:
       (4, 4)
     """
     tree: dict[str, Any] = {}
-    for name, rec in read_metadata(directory)["adapters"].items():
+    info = read_metadata(directory)
+    for name, rec in info["adapters"].items():
         kernel = jax.ShapeDtypeStruct(
             tuple(rec["kernel"]["shape"]), jnp.dtype(rec["kernel"]["dtype"])
         )
         _put(tree, _parts(name), kernel)
+    for name, entry in info.get("full", {}).items():
+        _put(tree, _parts(name), _struct(entry))
     # A tree that looks like a Flax variables dict is named from inside "params"; wrapping it
     # once more keeps a recorded leading "params" component in the paths.
     return {"params": tree} if is_variables(tree) else tree
@@ -934,7 +1096,7 @@ def _flatten_base(tree: Any) -> tuple[list[str], list[Any], Any]:
     """`minilora_jax._tree.flatten`, with each `Quantized` kernel kept whole as a leaf at the
     kernel's path (the base half of a QLoRA tree), as `load_adapters` puts adapters there."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: is_adapter(x) or _is_quantized(x)
+        tree, is_leaf=lambda x: is_node(x) or _is_quantized(x)
     )
     variables = is_variables(tree)
     return [path_str(p, variables=variables) for p, _ in flat], [x for _, x in flat], treedef
@@ -1036,6 +1198,7 @@ def _validate(file: FilePath, info: Any) -> dict[str, Any]:
                 "the file was edited or corrupted"
             )
     known = _DOCUMENT_KEYS | ({"state"} if version >= 3 else set())
+    known |= _FULL_KEYS if version >= FULL_FORMAT_VERSION else set()
     if version >= 4:
         known |= _SEAL_KEYS | ({"state_sha256"} if "state" in info else set())
     unknown = sorted(set(info) - known)
@@ -1146,6 +1309,8 @@ def _validate(file: FilePath, info: Any) -> dict[str, Any]:
         _validate_state(info["state"], bad)
     if version >= 4:
         _validate_hashes(info, bad)
+    if version >= FULL_FORMAT_VERSION:
+        _validate_full(info, records, bad)
     return {**info, "metadata": info.get("metadata", {}), "adapters": records}
 
 

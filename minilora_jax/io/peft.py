@@ -72,7 +72,9 @@ field of PEFT 0.21's ``LoraConfig``; a field not in it is refused as unknown. In
   weights and are refused (convert them to a plain LoRA in PEFT first), as is any other value.
 * ``use_dora``: true or false, matched against the magnitude tensors (see above); true with
   ``'pissa'``/``'olora'`` is refused (not verified against PEFT).
-* must be false, null or empty: ``lora_bias``, ``use_qalora``, ``modules_to_save``,
+* ``modules_to_save``: null or a list of module names; the parameters of those modules in the
+  weights file become leaves trained whole (see below).
+* must be false, null or empty: ``lora_bias``, ``use_qalora``,
   ``trainable_token_indices``, ``layer_replication``, ``target_parameters``,
   ``megatron_config``, ``loftq_config``, ``corda_config``, ``lora_ga_config``,
   ``ensure_weight_tying`` and the variants' ``velora_config``, ``alora_invocation_tokens``,
@@ -90,9 +92,17 @@ field of PEFT 0.21's ``LoraConfig``; a field not in it is refused as unknown. In
   ``base_model_name_or_path``, ``revision``, ``inference_mode``, ``lora_dropout``,
   ``megatron_core``, ``qalora_group_size``, ``runtime_config``).
 
-Tensors other than ``lora_A.weight``/``lora_B.weight`` pairs and DoRA's
-``lora_magnitude_vector`` (biases, embedding adapters, saved modules) are refused, naming the
-tensor.
+Tensors other than ``lora_A.weight``/``lora_B.weight`` pairs, DoRA's
+``lora_magnitude_vector`` and the parameters of ``modules_to_save`` modules (biases, embedding
+adapters) are refused, naming the tensor.
+
+Modules trained whole (PEFT's ``modules_to_save``, our `minilora_jax.Full` leaves from
+``init(..., train_full=...)``): PEFT 0.21 saves every parameter of such a module under
+``base_model.model.<module>.<parameter>`` (its ``modules_to_save.default.`` part dropped) and
+lists the module in ``modules_to_save``; a module is trained whole when its name, or a
+parent's, ends with an entry (PEFT's plain ``endswith``). `save` writes that layout for the
+``Full`` leaves (every array leaf of their layer must be one), `load` reads it back onto the
+base's leaves; `full_to_torch` says how a leaf's name maps to a torch parameter.
 
 Integrity: `write_safetensors` records a sha256 of every tensor (key, dtype, shape and bytes;
 `tensor_digest`) in the safetensors header metadata under ``minilora_jax.sha256``, and `write`
@@ -144,7 +154,7 @@ from minilora_jax.io._safetensors import (
 )
 from minilora_jax.io._safetensors import read_safetensors as read_safetensors
 from minilora_jax.io._safetensors import tensor_digest as tensor_digest
-from minilora_jax.lora import Layout, Lora, is_lora, refuse_residual
+from minilora_jax.lora import Full, Layout, Lora, is_bank, is_full, is_lora, refuse_residual
 from minilora_jax.pissa import RESIDUAL_INITS, residual_base
 
 CONFIG_FILE = "adapter_config.json"
@@ -534,6 +544,170 @@ def _attach(
     return jax.tree.unflatten(treedef, leaves)
 
 
+# --------------------------------------------------------------------------------------------
+# Modules trained whole (PEFT's modules_to_save)
+# --------------------------------------------------------------------------------------------
+
+# A leaf's name -> (torch parameter, number of axes, whether torch stores it transposed).
+_TORCH_PARAMS = {
+    "kernel": ("weight", 2, True),  # Flax's (in, out)
+    "w": ("weight", 2, True),  # haiku's (in, out)
+    "embedding": ("weight", 2, False),  # Flax's (vocab, features), as torch's Embedding
+    "weight": ("weight", None, False),  # equinox's and torch-style functions' (out, in, ...)
+    "scale": ("weight", 1, False),  # Flax's LayerNorm / RMSNorm
+    "bias": ("bias", 1, False),
+    "b": ("bias", 1, False),
+}
+
+
+def _torch_param(path: str, shape: tuple[int, ...]) -> tuple[str, bool] | str:
+    """``(torch parameter name, transposed)`` for the leaf at ``path``, or why there is none."""
+    leaf = path.rsplit("/", 1)[-1]
+    known = _TORCH_PARAMS.get(leaf)
+    if known is None or (known[1] is not None and len(shape) != known[1]):
+        listed = ", ".join(f"'{k}' ({n}-D)" if n else f"'{k}'" for k, (_, n, _) in
+                           _TORCH_PARAMS.items())
+        return (
+            f"its name and shape {shape} say no torch parameter: the leaves known are {listed}"
+        )
+    return known[0], known[2]
+
+
+def _saved(entries: Sequence[str], module: str) -> bool:
+    """Whether PEFT 0.21 trains the torch module ``module`` whole under ``modules_to_save``
+    ``entries``: its name in the PeftModel, or one of its parents', ends with an entry (PEFT's
+    ``_set_trainable`` matches with a plain ``endswith``)."""
+    parts = f"{KEY_PREFIX}{module}".split(".")
+    inside = len(KEY_PREFIX.split(".")) - 1  # the prefix's own components are not modules
+    return any(
+        ".".join(parts[:n]).endswith(entry) for n in range(inside + 1, len(parts) + 1)
+        for entry in entries
+    )
+
+
+def _saved_module(config: Mapping[str, Any], key: str) -> str | None:
+    """The torch module of ``key`` (a tensor key with the prefix) if it is a parameter of a
+    module PEFT trains whole, else None."""
+    module = key[len(KEY_PREFIX):].rsplit(".", 1)[0]
+    return module if "." in key[len(KEY_PREFIX):] and _saved(
+        config.get("modules_to_save") or [], module) else None
+
+
+def full_to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, np.ndarray]:
+    """The leaves trained whole of ``tree`` (`minilora_jax.Full` nodes) as the parameters of
+    torch modules, keyed ``"<module>.<parameter>"`` as PEFT saves ``modules_to_save``.
+
+    The module is named from the leaf's layer path as for `to_torch`; the parameter from the
+    leaf's name: ``kernel`` (Flax, 2-D ``(in, out)``) and ``w`` (haiku) are torch's ``weight``
+    transposed, ``embedding`` (Flax's ``(vocab, features)``), ``weight`` and ``scale`` (a norm)
+    are ``weight`` as they are, ``bias`` and ``b`` are ``bias``.
+
+    Raises:
+      ValueError: naming the leaf, if its name and shape say no torch parameter, if its layer
+        also holds an adapter, or if another array leaf of its layer is not trained whole (PEFT
+        trains and saves every parameter of a ``modules_to_save`` module: train the layer,
+        ``train_full="head"``, not one of its leaves).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import minilora_jax as mlj
+      >>> p = {"q": {"kernel": jnp.ones((4, 4))},
+      ...      "head": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}
+      >>> lp = mlj.init(p, jax.random.key(0), rank=2, targets="q", train_full="head")
+      >>> {k: v.shape for k, v in full_to_torch(lp).items()}
+      {'model.head.bias': (2,), 'model.head.weight': (2, 4)}
+    """
+    namer = _namer(module_names)
+    paths, leaves, _ = flatten(tree)
+    layers: dict[str, list[tuple[str, Any]]] = {}
+    for path, leaf in zip(paths, leaves, strict=True):
+        layers.setdefault(_layer_path(path), []).append((path, leaf))
+    out: dict[str, np.ndarray] = {}
+    for path, leaf in zip(paths, leaves, strict=True):
+        if not is_full(leaf):
+            continue
+        layer = _layer_path(path)
+        for other, sibling in layers[layer]:
+            if is_lora(sibling) or is_bank(sibling):
+                raise ValueError(
+                    f"cannot export '{path}' to PEFT as part of module '{namer(layer)}' trained "
+                    f"whole: '{other}' in the same layer holds an adapter, and a PEFT module is "
+                    "either adapted or in modules_to_save"
+                )
+            if not is_full(sibling) and hasattr(sibling, "shape"):
+                raise ValueError(
+                    f"cannot export '{path}' to PEFT: PEFT trains and saves every parameter of a "
+                    f"modules_to_save module, but '{other}' of the same layer is not trained "
+                    f"whole; train the whole layer (train_full='{layer}')"
+                )
+        value = np.asarray(leaf.value)
+        param = _torch_param(path, value.shape)
+        if isinstance(param, str):
+            raise ValueError(f"cannot export the leaf trained whole '{path}' to PEFT: {param}")
+        name, transposed = param
+        key = f"{namer(layer)}.{name}"
+        if key in out:
+            raise ValueError(f"two leaves trained whole map to the torch parameter '{key}'")
+        out[key] = np.ascontiguousarray(value.T if transposed else value)
+    return out
+
+
+def _attach_full(
+    tree: Any, config: Mapping[str, Any], namer: Callable[[str], str], directory: FilePath
+) -> Any:
+    """``tree`` with a `Full` node in place of every leaf of the modules PEFT trains whole
+    (``modules_to_save``), from the file's tensors; every such tensor must find its leaf and
+    every leaf of such a module its tensor."""
+    full, entries = config["full"], config["modules_to_save"]
+    if not entries:
+        return tree
+    weights = directory / WEIGHTS_FILE
+    paths, leaves, treedef = flatten(tree)
+    used = set()
+    for i, (path, leaf) in enumerate(zip(paths, leaves, strict=True)):
+        layer = _layer_path(path)
+        try:
+            module = namer(layer)
+        except Exception:  # a user's module_names may not know this leaf: not a torch module
+            continue
+        if not _saved(entries, module) or not hasattr(leaf, "shape") and not is_lora(leaf):
+            continue
+        where = f"'{path}' (torch module '{module}', which 'modules_to_save' {entries} names)"
+        if is_lora(leaf) or is_full(leaf):
+            raise ValueError(
+                f"{weights}: {where} already holds a {type(leaf).__name__} node; PEFT trains the "
+                "module whole, so load onto the base without adapters"
+            )
+        param = _torch_param(path, tuple(leaf.shape))
+        if isinstance(param, str):
+            raise ValueError(f"{weights}: {where} is trained whole by PEFT, but {param}")
+        name, transposed = param
+        key = f"{module}.{name}"
+        if key not in full:
+            raise ValueError(
+                f"{weights} has no tensor '{KEY_PREFIX}{key}' for {where}; PEFT saves every "
+                "parameter of a module it trains whole, so the file is not one of this model's"
+            )
+        tensor = full[key]
+        want = tuple(leaf.shape)[::-1] if transposed else tuple(leaf.shape)
+        if tuple(tensor.shape) != want:
+            raise ValueError(
+                f"{weights}: tensor '{KEY_PREFIX}{key}' {tuple(tensor.shape)} does not fit "
+                f"{where}: {tuple(leaf.shape)} in the base needs {want} in torch's layout"
+            )
+        leaves[i] = Full(jnp.asarray(tensor.T if transposed else tensor, leaf.dtype))
+        used.add(key)
+    unused = sorted(set(full) - used)
+    if unused:
+        raise ValueError(
+            f"{weights}: tensor '{KEY_PREFIX}{unused[0]}' of a module trained whole "
+            f"('modules_to_save' {entries}) is no leaf of the base (a leaf named kernel, w, "
+            "embedding, weight, scale, bias or b of the layer the module names); pass "
+            "module_names= if the layers are named differently"
+        )
+    return jax.tree.unflatten(treedef, leaves)
+
+
 def _missing(
     source: str,
     name: str,
@@ -664,7 +838,9 @@ CONFIG_RULES: dict[str, FieldRule] = {
         "PEFT then also trains and saves the base layers' biases, which are not loaded",
     ),
     "modules_to_save": FieldRule(
-        _unset, _UNSET, "fully trained copies of modules beside the adapters are not loaded"
+        lambda v: v is None or _strings(v), "null or a list of module names",
+        "the modules PEFT trains whole beside the adapters, whose tensors the weights file "
+        "holds: loaded as leaves trained whole (minilora_jax.Full)",
     ),
     "trainable_token_indices": FieldRule(
         _unset, _UNSET, "trained embedding rows beside the adapters are not loaded"
@@ -847,6 +1023,7 @@ def _read_config(file: FilePath) -> dict[str, Any]:
         "init_lora_weights": init,
         **patterns,
         **{key: config.get(key) for key in _TARGETING},
+        "modules_to_save": config.get("modules_to_save") or [],
     }
 
 
@@ -948,6 +1125,13 @@ def read(directory: str | os.PathLike) -> dict[str, TorchAdapter]:
       1.5
     """
     adapters, config = _read(directory)
+    if config["full"]:
+        raise ValueError(
+            f"{FilePath(directory) / WEIGHTS_FILE} also holds modules trained whole "
+            f"('modules_to_save': {sorted(config['full'])[:4]}), which read, returning bare "
+            "adapters, would drop; use minilora_jax.peft.load(directory, base), which puts them "
+            "in the base"
+        )
     init = config["init_lora_weights"]
     if init in RESIDUAL_INITS:
         raise ValueError(
@@ -979,14 +1163,18 @@ def _read(directory: str | os.PathLike) -> tuple[dict[str, TorchAdapter], Any]:
     tensors, metadata = _read_safetensors(weights)
 
     halves: dict[str, dict[str, np.ndarray]] = {}
+    full: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
         m = re.fullmatch(r"(.+)\.(?:(lora_A|lora_B)\.weight|(lora_magnitude_vector))", key)
+        if m is None and key.startswith(KEY_PREFIX) and _saved_module(config, key) is not None:
+            full[key[len(KEY_PREFIX):]] = value
+            continue
         if not key.startswith(KEY_PREFIX) or m is None:
             raise ValueError(
                 f"{weights}: unexpected tensor '{key}' {value.shape}; a LoRA adapter holds only "
                 f"'{KEY_PREFIX}<module>.lora_A.weight' and '.lora_B.weight' (and DoRA's "
-                "'.lora_magnitude_vector'); bias, modules_to_save and embedding adapters are not "
-                "supported"
+                "'.lora_magnitude_vector'), and the parameters of the modules its config's "
+                "'modules_to_save' names; bias and embedding adapters are not supported"
             )
         halves.setdefault(m.group(1)[len(KEY_PREFIX) :], {})[m.group(2) or m.group(3)] = value
     if not halves:
@@ -1043,7 +1231,7 @@ def _read(directory: str | os.PathLike) -> tuple[dict[str, TorchAdapter], Any]:
         alpha = _pattern_value(config["alpha_pattern"], name, config["lora_alpha"])
         out[name] = TorchAdapter(a, b, _scale(alpha, rank, config["use_rslora"]), magnitude)
     _check_scales(weights, config_file, metadata, out)
-    return out, config
+    return out, {**config, "full": full}
 
 
 def _check_scales(
@@ -1076,6 +1264,7 @@ def write(
     adapters: Mapping[str, TorchAdapter],
     *,
     base_model_name_or_path: str | None = None,
+    full: Mapping[str, Any] | None = None,
 ) -> None:
     """Writes torch-layout adapters as a PEFT LoRA directory (see the module docstring).
 
@@ -1087,6 +1276,9 @@ def write(
         in it are replaced.
       adapters: ``{torch module name: TorchAdapter}``, e.g. from `to_torch` or `read`.
       base_model_name_or_path: recorded in the config, as PEFT does (e.g. a Hub id).
+      full: ``{"<torch module>.<parameter>": array}`` in torch's layout, e.g. from
+        `full_to_torch`: the parameters of modules trained whole, written under PEFT's key
+        ``base_model.model.<module>.<parameter>`` with the modules in ``modules_to_save``.
 
     Raises:
       ValueError: if ``adapters`` is empty or an adapter's two weights disagree on the rank.
@@ -1130,6 +1322,12 @@ def write(
                     f"({b.shape[0]},), as lora_B {b.shape}"
                 )
             tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = np.ascontiguousarray(m)
+    saved = sorted({key.rsplit(".", 1)[0] for key in full or {}})
+    for key, value in (full or {}).items():
+        if "." not in key or f"{KEY_PREFIX}{key}" in tensors:
+            raise ValueError(f"full: '{key}' is not '<module>.<parameter>' of a module without "
+                             "an adapter")
+        tensors[f"{KEY_PREFIX}{key}"] = np.ascontiguousarray(np.asarray(value))
     lora = _config_for(adapters)
     config = {
         "peft_type": "LORA",
@@ -1148,7 +1346,7 @@ def write(
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "use_dora": dora,
-        "modules_to_save": None,
+        "modules_to_save": saved or None,
         "layers_to_transform": None,
         "layers_pattern": None,
     }
@@ -1189,9 +1387,15 @@ def save(
         the default `module_name`); ``nn.scan``-stacked layers are named per layer, unrolled.
       base_model_name_or_path: recorded in ``adapter_config.json``.
 
+    Leaves trained whole (`minilora_jax.Full`, ``init(..., train_full=...)``) are written as
+    PEFT writes ``modules_to_save``: their layers' module names in ``modules_to_save``, their
+    values under ``base_model.model.<module>.<parameter>`` in torch's layout (see
+    `full_to_torch`).
+
     Raises:
       ValueError: if ``tree`` holds no adapters, a layer cannot be named, or an adapter's
-        layout is not a torch Linear's (see `to_torch`).
+        layout is not a torch Linear's (see `to_torch`), or a leaf trained whole cannot be
+        named as a torch parameter or leaves part of its module untrained (see `full_to_torch`).
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp
@@ -1206,6 +1410,7 @@ def save(
         directory,
         to_torch(tree, module_names=module_names),
         base_model_name_or_path=base_model_name_or_path,
+        full=full_to_torch(tree, module_names=module_names),
     )
 
 
@@ -1232,11 +1437,14 @@ def load(
 
     Returns:
       ``tree`` with `minilora_jax.Lora` nodes in place of the adapted kernels, in the file's
-      dtype, with PEFT's scales. For a PiSSA or OLoRA directory (``init_lora_weights``
-      ``'pissa'``/``'olora'``) each adapted kernel is replaced by the residual PEFT derives
-      when it loads the directory (`minilora_jax.pissa.residual_base`: the base minus its
-      top-``r`` SVD or QR part, computed in float32 and cast to the kernel's dtype), so the
-      model is PEFT's; the base's kernels must then be concrete arrays.
+      dtype, with PEFT's scales, and a `minilora_jax.Full` node in place of each leaf of the
+      ``modules_to_save`` modules, holding the file's tensor in the leaf's layout and dtype
+      (see `full_to_torch` for how leaves and torch parameters correspond). For a PiSSA or
+      OLoRA directory (``init_lora_weights`` ``'pissa'``/``'olora'``) each adapted kernel is
+      replaced by the residual PEFT derives when it loads the directory
+      (`minilora_jax.pissa.residual_base`: the base minus its top-``r`` SVD or QR part,
+      computed in float32 and cast to the kernel's dtype), so the model is PEFT's; the base's
+      kernels must then be concrete arrays.
 
     Raises:
       FileNotFoundError: naming the missing file.
@@ -1259,6 +1467,7 @@ def load(
     kernels, others = find_kernels(tree, apply_fn, args, kwargs, layouts)
     loaded = _attach(tree, adapters, _namer(module_names), str(directory / WEIGHTS_FILE),
                      kernels, others, config)
+    loaded = _attach_full(loaded, config, _namer(module_names), directory)
     if init not in RESIDUAL_INITS:
         return loaded
     had = {p for p, leaf in zip(*flatten(tree)[:2], strict=True) if is_lora(leaf)}
