@@ -97,6 +97,11 @@ def test_check_verifies_names_and_reshape_against_the_torch_weights():
                        r"'model.layers.0.r.weight'"):
         check(HEADS, base, {**torch_weights, "model.layers.0.r.weight": r},
               apply_fn=_heads, args=(X,))
+    with pytest.raises(ValueError, match=r"'model.layers.0.o', but it is not a kernel .*apply_fn="):
+        check(HEADS, base, torch_weights)  # einsum kernels' layouts come from the program
+    with pytest.raises(ValueError, match=r"the Hugging Face weights have no "
+                       r"'model.layers.0.o.weight'"):
+        check(HEADS, base, {}, apply_fn=_heads, args=(X,))
 
 
 def test_unnamed_adapted_kernel_is_refused_naming_path_and_rules():
@@ -135,6 +140,20 @@ def test_multi_axis_kernels_need_a_flattening_map():
             mpeft.to_torch(p, module_names=names)
 
 
+def test_dora_on_a_flattened_kernel_is_refused_both_ways(tmp_path):
+    base = _heads_base()
+    p = mlj.init(base, jax.random.key(1), rank=2, targets=mlj.all_kernels, dora=True,
+                 apply_fn=_heads, args=(X,))
+    with pytest.raises(ValueError, match=r"DoRA adapter at 'layers/0/[oqr]/w'.*not verified"):
+        mpeft.to_torch(p, module_names=HEADS)
+    t = mpeft.TorchAdapter(np.ones((2, D), np.float32), np.ones((N * H, 2), np.float32), 1.0,
+                           np.ones((N * H,), np.float32))
+    with pytest.raises(ValueError, match=r"'model.layers.0.q' is DoRA and its base kernel "
+                       r"'layers/0/q/w'.*not verified against PEFT"):
+        mpeft.from_torch(base, {"model.layers.0.q": t}, module_names=HEADS, apply_fn=_heads,
+                         args=(X,))
+
+
 # --------------------------------------------------------------------------------------------
 # Tunix recipes, against PEFT on the transformers model
 # --------------------------------------------------------------------------------------------
@@ -150,7 +169,9 @@ PROMPT = np.array([[3, 17, 42, 5, 77, 9]])
 
 def _family(name):
     transformers = pytest.importorskip("transformers")
-    pytest.importorskip("tunix", reason="tunix is not installed: pip install 'minilora-jax[zoo]'")
+    pytest.importorskip("tunix", reason="tunix is not installed (the zoo extra; with "
+                        "constraints/newest.txt: pip install --no-deps -r "
+                        "constraints/zoo-nodeps.txt)")
     tcfg = dict(num_layers=2, vocab_size=96, embed_dim=32, hidden_dim=48, num_heads=4,
                 head_dim=8, num_kv_heads=2, rope_theta=ROPE, norm_eps=1e-6)
     if name == "qwen3":

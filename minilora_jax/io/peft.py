@@ -27,7 +27,10 @@ magnitude tensors disagree.
 
 A torch ``Linear`` has one input axis and one output axis, so only adapters whose layout has one
 in axis and one out axis are exported; a ``DenseGeneral`` or attention projection with per-head
-axes is refused, naming it. One batch axis is allowed for an ``nn.scan`` layer stack (a path
+axes is refused, naming it, unless ``module_names`` is a `minilora_jax.zoo.ModuleMap` with
+``flatten=True``: then its in and out axes are flattened row-major in the order the kernel
+stores them, which is how a zoo's loader (Tunix) reshapes the torch weight into the kernel.
+One batch axis is allowed for an ``nn.scan`` layer stack (a path
 with a ``layers`` component): it is one adapter per layer, and slice ``i`` is named as the
 unrolled path ``layers_<i>/...`` would be.
 
@@ -36,7 +39,8 @@ without its last component, e.g. ``layers_3/self_attn/q_proj`` for
 ``layers_3/self_attn/q_proj/kernel``, or ``layers/0`` for an equinox ``layers/0/weight`` (a leaf
 at the root of the tree, like ``w`` in ``{"w": ...}``, is its own layer path). The default,
 `module_name`, follows MiniMind/Hugging Face: ``layers_3/self_attn/q_proj`` ->
-``model.layers.3.self_attn.q_proj``; ``module_names=`` overrides it.
+``model.layers.3.self_attn.q_proj``; ``module_names=`` overrides it, with a dict, a callable,
+or a checked `minilora_jax.zoo.ModuleMap` (shipped for model zoos: ``mlj.zoo.TUNIX_QWEN3``).
 
 Writing: `save` lists the adapted modules by their full names in ``target_modules`` (so PEFT
 adapts exactly those), takes the most common rank and alpha as ``r`` and ``lora_alpha`` and puts
@@ -340,9 +344,11 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
         `minilora_jax.split`. Kernels are only inspected, so shape-only kernels
         (``jax.ShapeDtypeStruct``) are fine.
       module_names: how layer paths (leaf paths without their last component) become torch
-        module names: a callable ``path -> name``, or a dict ``{path: name}`` whose missing
-        paths fall back to the default, `module_name`. Layers of an ``nn.scan`` stack are given
-        unrolled (``layers_<i>/...``).
+        module names: a callable ``path -> name``, a dict ``{path: name}`` whose missing
+        paths fall back to the default, `module_name`, or a `minilora_jax.zoo.ModuleMap`
+        (no fallback: an adapter on a layer it does not name is refused; with ``flatten``,
+        multi-axis kernels export as Linears over their flattened axes). Layers of an
+        ``nn.scan`` stack are given unrolled (``layers_<i>/...``).
 
     Returns:
       ``{name: TorchAdapter(lora_A (r, in), lora_B (out, r), scale, magnitude)}`` with numpy

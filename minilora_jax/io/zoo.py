@@ -173,15 +173,27 @@ def check(module_map: ModuleMap, tree: Any, hf_weights: Mapping[str, Any] | str 
     from minilora_jax.io.peft import _flat_kernel, _layer_path
 
     weights = _hf_weights(hf_weights)
-    kernels, _ = find_kernels(tree, apply_fn, args, kwargs, None)
+    kernels, others = find_kernels(tree, apply_fn, args, kwargs, None)
+    for path, (shape, why) in sorted(others.items()):
+        if (name := module_map(_layer_path(path))) is not None:
+            raise ValueError(
+                f"{module_map.family}: '{path}' {shape} is named '{name}', but it is not a "
+                f"kernel minilora_jax can read: {why}"
+            )
     from minilora_jax._tree import flatten
 
     values = dict(zip(*flatten(tree)[:2], strict=True))
     checked = []
     for path, kernel in sorted(kernels.items()):
         name = module_map(_layer_path(path))
-        if name is None or kernel.layout is None or kernel.layout.batch_axes:
+        if name is None:
             continue
+        if kernel.layout is None or kernel.layout.batch_axes:
+            raise ValueError(
+                f"{module_map.family}: '{path}' {kernel.shape} is named '{name}', but "
+                + ("its layout is unknown: pass apply_fn= and args=" if kernel.layout is None
+                   else "it is a stack of kernels (batch axes), which check does not compare")
+            )
         key = f"{name}.weight"
         if key not in weights:
             raise ValueError(
