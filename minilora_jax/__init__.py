@@ -68,6 +68,7 @@ _LAZY = {
     "lock_run": ("minilora_jax.io.checkpoint", "lock_run"),
     "CheckpointChangedError": ("minilora_jax.io.checkpoint", "CheckpointChangedError"),
     "minimind": ("minilora_jax.io.minimind", None),
+    "zoo": ("minilora_jax.io.zoo", None),
     "shardings": ("minilora_jax.sharding", "shardings"),
     "init_sharded": ("minilora_jax.sharding", "init_sharded"),
     "optimizer_shardings": ("minilora_jax.sharding", "optimizer_shardings"),

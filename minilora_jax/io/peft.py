@@ -27,7 +27,10 @@ magnitude tensors disagree.
 
 A torch ``Linear`` has one input axis and one output axis, so only adapters whose layout has one
 in axis and one out axis are exported; a ``DenseGeneral`` or attention projection with per-head
-axes is refused, naming it. One batch axis is allowed for an ``nn.scan`` layer stack (a path
+axes is refused, naming it, unless ``module_names`` is a `minilora_jax.zoo.ModuleMap` with
+``flatten=True``: then its in and out axes are flattened row-major in the order the kernel
+stores them, which is how a zoo's loader (Tunix) reshapes the torch weight into the kernel.
+One batch axis is allowed for an ``nn.scan`` layer stack (a path
 with a ``layers`` component): it is one adapter per layer, and slice ``i`` is named as the
 unrolled path ``layers_<i>/...`` would be.
 
@@ -36,7 +39,8 @@ without its last component, e.g. ``layers_3/self_attn/q_proj`` for
 ``layers_3/self_attn/q_proj/kernel``, or ``layers/0`` for an equinox ``layers/0/weight`` (a leaf
 at the root of the tree, like ``w`` in ``{"w": ...}``, is its own layer path). The default,
 `module_name`, follows MiniMind/Hugging Face: ``layers_3/self_attn/q_proj`` ->
-``model.layers.3.self_attn.q_proj``; ``module_names=`` overrides it.
+``model.layers.3.self_attn.q_proj``; ``module_names=`` overrides it, with a dict, a callable,
+or a checked `minilora_jax.zoo.ModuleMap` (shipped for model zoos: ``mlj.zoo.TUNIX_QWEN3``).
 
 Writing: `save` lists the adapted modules by their full names in ``target_modules`` (so PEFT
 adapts exactly those), takes the most common rank and alpha as ``r`` and ``lora_alpha`` and puts
@@ -154,6 +158,7 @@ from minilora_jax.io._safetensors import (
 )
 from minilora_jax.io._safetensors import read_safetensors as read_safetensors
 from minilora_jax.io._safetensors import tensor_digest as tensor_digest
+from minilora_jax.io.zoo import ModuleMap
 from minilora_jax.lora import Full, Layout, Lora, is_bank, is_full, is_lora, refuse_residual
 from minilora_jax.pissa import RESIDUAL_INITS, residual_base
 
@@ -162,7 +167,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 KEY_PREFIX = "base_model.model."
 
-ModuleNames = Callable[[str], str] | Mapping[str, str] | None
+ModuleNames = ModuleMap | Callable[[str], str] | Mapping[str, str] | None
 
 
 class TorchAdapter(NamedTuple):
@@ -221,7 +226,11 @@ def _layer_path(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else path
 
 
-def _namer(module_names: ModuleNames) -> Callable[[str], str]:
+def _namer(module_names: ModuleNames) -> Callable[[str], str | None]:
+    """``layer path -> torch module name``, checked; None (the layer has no torch module) only
+    from a `ModuleMap`, whose rules need not cover every layer."""
+    if isinstance(module_names, ModuleMap):
+        return module_names
     if module_names is None:
         fn = module_name
     elif isinstance(module_names, Mapping):
@@ -244,21 +253,27 @@ def _namer(module_names: ModuleNames) -> Callable[[str], str]:
     return checked
 
 
+def _flattens(module_names: ModuleNames) -> bool:
+    return isinstance(module_names, ModuleMap) and module_names.flatten
+
+
 def _linears(
-    path: str, shape: tuple[int, ...], layout: Layout
+    path: str, shape: tuple[int, ...], layout: Layout, flatten: bool = False
 ) -> list[tuple[str, int | None]] | str:
     """``(layer path, batch index)`` of each torch Linear the kernel at ``path`` holds, or why
     it holds none.
 
-    A kernel with one in and one out axis is one Linear (index None). With one batch axis as
-    well, under a ``layers`` path component, it is an ``nn.scan`` stack of them, named unrolled:
-    ``layers/q/kernel`` -> ``layers_0/q``, ``layers_1/q``...
+    A kernel with one in and one out axis is one Linear (index None); with ``flatten`` (a
+    `ModuleMap` that says so) so is one with several, over its axes flattened (`_flat_kernel`).
+    With one batch axis as well, under a ``layers`` path component, it is an ``nn.scan`` stack
+    of them, named unrolled: ``layers/q/kernel`` -> ``layers_0/q``, ``layers_1/q``...
     """
-    if len(layout.in_axes) != 1 or len(layout.out_axes) != 1:
+    if not flatten and (len(layout.in_axes) != 1 or len(layout.out_axes) != 1):
         return (
             "a torch Linear has one in axis and one out axis, and this kernel has several "
             "(a DenseGeneral or per-head attention projection?); leave it out of the adapters "
-            "(targets=/exclude=) to export the others"
+            "(targets=/exclude=) to export the others, or, if the torch weight is this kernel "
+            "reshaped, pass module_names=a minilora_jax.peft.ModuleMap with flatten=True"
         )
     layer = _layer_path(path)
     if not layout.batch_axes:
@@ -272,6 +287,43 @@ def _linears(
     at = parts.index("layers")
     count = shape[layout.batch_axes[0]]
     return [("/".join([*parts[:at], f"layers_{i}", *parts[at + 1 :]]), i) for i in range(count)]
+
+
+def _order(axes: tuple[int, ...]) -> list[int]:
+    # Positions, within ``axes`` (the layout's order, which lora_a/lora_b follow), of the kernel
+    # axes in stored order: torch's flattened feature index is row-major in stored order.
+    return sorted(range(len(axes)), key=lambda k: axes[k])
+
+
+def _flat_kernel(kernel: np.ndarray, layout: Layout) -> np.ndarray:
+    """An unbatched kernel as the torch weight transposed, ``(in, out)``: its in and its out
+    axes each flattened row-major in stored order (what a loader's reshape undoes)."""
+    ins = sorted(layout.in_axes)
+    outs = sorted(layout.out_axes)
+    d_in, d_out = layout.d_in(kernel.shape), layout.d_out(kernel.shape)
+    return np.transpose(kernel, ins + outs).reshape(d_in, d_out)
+
+
+def _flat_ab(a: np.ndarray, b: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """Unbatched ``lora_a`` ``(*in, r)`` and ``lora_b`` ``(r, *out)`` (axes in layout order) as
+    ``(d_in, r)`` and ``(r, d_out)`` over the kernel's axes in stored order."""
+    ia, ob = _order(layout.in_axes), _order(layout.out_axes)
+    a = np.transpose(a, [*ia, len(ia)])
+    b = np.transpose(b, [0, *(k + 1 for k in ob)])
+    return a.reshape(-1, a.shape[-1]), b.reshape(b.shape[0], -1)
+
+
+def _unflat_ab(
+    a: np.ndarray, b: np.ndarray, shape: tuple[int, ...], layout: Layout
+) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of `_flat_ab` for a kernel of ``shape``."""
+    _, ins, outs = layout.sizes(shape)
+    ia, ob = _order(layout.in_axes), _order(layout.out_axes)
+    a = a.reshape(*(ins[k] for k in ia), a.shape[-1])
+    b = b.reshape(b.shape[0], *(outs[k] for k in ob))
+    a = np.transpose(a, [*np.argsort(ia), len(ia)])
+    b = np.transpose(b, [0, *(int(k) + 1 for k in np.argsort(ob))])
+    return a, b
 
 
 def _not_linear(shape: tuple[int, ...], layout: Layout, why: str) -> str:
@@ -302,9 +354,11 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
         `minilora_jax.split`. Kernels are only inspected, so shape-only kernels
         (``jax.ShapeDtypeStruct``) are fine.
       module_names: how layer paths (leaf paths without their last component) become torch
-        module names: a callable ``path -> name``, or a dict ``{path: name}`` whose missing
-        paths fall back to the default, `module_name`. Layers of an ``nn.scan`` stack are given
-        unrolled (``layers_<i>/...``).
+        module names: a callable ``path -> name``, a dict ``{path: name}`` whose missing
+        paths fall back to the default, `module_name`, or a `minilora_jax.zoo.ModuleMap`
+        (no fallback: an adapter on a layer it does not name is refused; with ``flatten``,
+        multi-axis kernels export as Linears over their flattened axes). Layers of an
+        ``nn.scan`` stack are given unrolled (``layers_<i>/...``).
 
     Returns:
       ``{name: TorchAdapter(lora_A (r, in), lora_B (out, r), scale, magnitude)}`` with numpy
@@ -325,6 +379,7 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
       ((2, 4), (6, 2), 1.0)
     """
     namer = _namer(module_names)
+    flat = _flattens(module_names)
     out: dict[str, TorchAdapter] = {}
     origin: dict[str, str] = {}
     paths, leaves, _ = flatten(tree)
@@ -336,22 +391,37 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
         )
     for path, node in found:
         shape = _kernel_shape(path, node)
-        linears = _linears(path, shape, node.layout)
+        linears = _linears(path, shape, node.layout, flat)
         if isinstance(linears, str):
             raise ValueError(
                 f"cannot export the adapter at '{path}' to PEFT "
                 + _not_linear(shape, node.layout, linears)
             )
+        multi = len(node.layout.in_axes) > 1 or len(node.layout.out_axes) > 1
+        if multi and node.magnitude is not None:
+            raise ValueError(
+                f"cannot export the DoRA adapter at '{path}' to PEFT "
+                + _not_linear(shape, node.layout, "flattening a DoRA magnitude over several "
+                              "out axes is not verified against PEFT")
+            )
         a, b = np.asarray(node.lora_a), np.asarray(node.lora_b)
         m = None if node.magnitude is None else np.asarray(node.magnitude)
         for layer, i in linears:
             name = namer(layer)
+            if name is None:
+                raise ValueError(
+                    f"the adapter at '{path}' has no torch module name: no rule of "
+                    f"{module_names.describe()} matches its layer '{layer}'; add one, or leave "
+                    "the layer out of the adapters"
+                )
             if name in out:
                 raise ValueError(
                     f"'{layer}' and '{origin[name]}' both map to torch module '{name}'"
                 )
             origin[name] = layer
             sa, sb = (a, b) if i is None else (a[i], b[i])
+            if multi:
+                sa, sb = _flat_ab(sa, sb, node.layout)
             sm = None if m is None else np.ascontiguousarray(m if i is None else m[i])
             out[name] = TorchAdapter(
                 np.ascontiguousarray(sa.T), np.ascontiguousarray(sb.T), float(node.scale), sm
@@ -412,15 +482,14 @@ def from_torch(
       >>> node.lora_a.shape, node.lora_b.shape, node.layout
       ((4, 2), (2, 3), Layout(in_axes=(1,), out_axes=(0,), batch_axes=()))
     """
-    namer = _namer(module_names)
     kernels, others = find_kernels(tree, apply_fn, args, kwargs, layouts)
-    return _attach(tree, adapters, namer, source, kernels, others)
+    return _attach(tree, adapters, module_names, source, kernels, others)
 
 
 def _attach(
     tree: Any,
     adapters: Mapping[str, TorchAdapter],
-    namer: Callable[[str], str],
+    module_names: ModuleNames,
     source: str,
     kernels: Mapping[str, Any],
     others: Mapping[str, tuple[tuple[int, ...], str]],
@@ -428,6 +497,8 @@ def _attach(
 ) -> Any:
     """`from_torch` on kernels already found; with a directory's ``config``, also refuses base
     modules PEFT would adapt with random weights because the file has none for them."""
+    namer = _namer(module_names)
+    flat = _flattens(module_names)
     candidates: dict[str, list[tuple[str, int | None]]] = {}
     # Leaves no adapter can go on, with why, for the error of a module that names one.
     unusable: dict[str, str] = {}
@@ -438,12 +509,14 @@ def _attach(
                 "'kernel' is known to be (in, out)); pass apply_fn= (and args=)"
             )
             continue
-        linears = _linears(path, kernel.shape, kernel.layout)
+        linears = _linears(path, kernel.shape, kernel.layout, flat)
         if isinstance(linears, str):
             unusable[path] = _not_linear(kernel.shape, kernel.layout, linears)
             continue
         for layer, i in linears:
-            candidates.setdefault(namer(layer), []).append((path, i))
+            name = namer(layer)
+            if name is not None:  # a ModuleMap's rules need not name every kernel
+                candidates.setdefault(name, []).append((path, i))
     unusable.update({path: f"{shape}: {why}" for path, (shape, why) in others.items()})
     if config is not None and config["init_lora_weights"] is False:
         # PEFT gives every module its config targets an adapter; one the file has no tensors for
@@ -482,6 +555,12 @@ def _attach(
                 f"(kernel {shape}, {layout.describe(shape)}; torch weight ({d_out}, {d_in})): "
                 f"lora_A {a_shape} needs (r, {d_in}) and lora_B {b_shape} needs ({d_out}, r)"
             )
+        if adapter.magnitude is not None and (len(layout.in_axes) > 1 or len(layout.out_axes) > 1):
+            raise ValueError(
+                f"{source}: the adapter of '{name}' is DoRA and its base kernel '{path}' (kernel "
+                f"{shape}, {layout.describe(shape)}) has several in or out axes; flattening a "
+                "DoRA magnitude over them is not verified against PEFT"
+            )
         if adapter.magnitude is not None and tuple(np.shape(adapter.magnitude)) != (d_out,):
             raise ValueError(
                 f"{source}: the DoRA magnitude of '{name}' has shape "
@@ -491,13 +570,21 @@ def _attach(
             )
         placed.setdefault(path, {})[i] = (name, adapter)
 
+    def ab(t: TorchAdapter, path: str) -> tuple[np.ndarray, np.ndarray]:
+        # lora_a (*in, r) and lora_b (r, *out) in the layout's axis order.
+        shape, layout = kernels[path].shape, kernels[path].layout
+        a, b = np.asarray(t.lora_A).T, np.asarray(t.lora_B).T
+        if len(layout.in_axes) > 1 or len(layout.out_axes) > 1:
+            return _unflat_ab(a, b, shape, layout)
+        return a, b
+
     arrays: dict[str, tuple[Any, Any, float, Any]] = {}
     for path, by_index in placed.items():
         if None in by_index:
             _, t = by_index[None]
-            arrays[path] = (t.lora_A.T, t.lora_B.T, float(t.scale), t.magnitude)
+            arrays[path] = (*ab(t, path), float(t.scale), t.magnitude)
             continue
-        layers = _linears(path, kernels[path].shape, kernels[path].layout)
+        layers = _linears(path, kernels[path].shape, kernels[path].layout, flat)
         missing = [namer(layer) for layer, i in layers if i not in by_index]
         if missing:
             raise ValueError(
@@ -521,9 +608,10 @@ def _attach(
             )
         # lora_a is (batch, in, r), lora_b (batch, r, out) and a DoRA magnitude (batch, out)
         # wherever the stack axis sits.
+        pairs = [ab(t, path) for t in stack]
         arrays[path] = (
-            np.stack([t.lora_A.T for t in stack]),
-            np.stack([t.lora_B.T for t in stack]),
+            np.stack([a for a, _ in pairs]),
+            np.stack([b for _, b in pairs]),
             scales.pop(),
             np.stack([t.magnitude for t in stack]) if doras == {True} else None,
         )
@@ -645,7 +733,13 @@ def full_to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, n
         if isinstance(param, str):
             raise ValueError(f"cannot export the leaf trained whole '{path}' to PEFT: {param}")
         name, transposed = param
-        key = f"{namer(layer)}.{name}"
+        module = namer(layer)
+        if module is None:
+            raise ValueError(
+                f"cannot export the leaf trained whole '{path}' to PEFT: module_names names no "
+                f"torch module for its layer '{layer}'"
+            )
+        key = f"{module}.{name}"
         if key in out:
             raise ValueError(f"two leaves trained whole map to the torch parameter '{key}'")
         out[key] = np.ascontiguousarray(value.T if transposed else value)
@@ -669,6 +763,8 @@ def _attach_full(
         try:
             module = namer(layer)
         except Exception:  # a user's module_names may not know this leaf: not a torch module
+            continue
+        if module is None:  # a ModuleMap names no torch module for this layer
             continue
         if not _saved(entries, module) or not hasattr(leaf, "shape") and not is_lora(leaf):
             continue
@@ -1465,7 +1561,7 @@ def load(
     adapters, config = _read(directory)
     init = config["init_lora_weights"]
     kernels, others = find_kernels(tree, apply_fn, args, kwargs, layouts)
-    loaded = _attach(tree, adapters, _namer(module_names), str(directory / WEIGHTS_FILE),
+    loaded = _attach(tree, adapters, module_names, str(directory / WEIGHTS_FILE),
                      kernels, others, config)
     loaded = _attach_full(loaded, config, _namer(module_names), directory)
     if init not in RESIDUAL_INITS:

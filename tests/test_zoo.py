@@ -1,0 +1,302 @@
+"""Module names as data (minilora_jax.io.zoo) and the Tunix -> PEFT -> transformers recipes.
+
+The fast tests check the map rule and the exact reshape of multi-axis kernels with numpy
+oracles. The slow ones build a tiny random Hugging Face model (nothing is downloaded), load it
+with Tunix's own safetensors loader, and compare our adapters with PEFT's on the torch model,
+both ways; they are skipped when tunix is not installed (the `zoo` extra).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from toy_models import randomize_b
+
+import minilora_jax as mlj
+import minilora_jax.io.peft as mpeft
+from minilora_jax.io.zoo import TUNIX_LLAMA3, TUNIX_QWEN3, ModuleMap, check
+
+# --------------------------------------------------------------------------------------------
+# The rule
+# --------------------------------------------------------------------------------------------
+
+# Per-head kernels stored three ways: q-like (D, N, H), o-like (N, H, D), and heads stored in
+# the other order (H, N, D), whose torch features are still the stored axes row-major.
+T, D, N, H = 3, 6, 2, 4
+
+
+def _heads(p, x):
+    q = jnp.einsum("td,dnh->tnh", x, p["layers"]["0"]["q"]["w"])
+    o = jnp.einsum("tnh,nhd->td", q, p["layers"]["0"]["o"]["w"])
+    return jnp.einsum("tnh,hnd->td", q, p["layers"]["0"]["r"]["w"]) + o
+
+
+def _heads_base():
+    k = jax.random.split(jax.random.key(0), 3)
+    return {"layers": {"0": {
+        "q": {"w": jax.random.normal(k[0], (D, N, H))},
+        "o": {"w": jax.random.normal(k[1], (N, H, D))},
+        "r": {"w": jax.random.normal(k[2], (H, N, D))},
+    }}}
+
+
+HEADS = ModuleMap("toy heads", {"layers/{i}/{p}": "model.layers.{i}.{p}"}, flatten=True)
+X = jax.random.normal(jax.random.key(9), (T, D))
+
+
+def _adapted_heads():
+    base = _heads_base()
+    p = mlj.init(base, jax.random.key(1), rank=2, alpha=3, targets=mlj.all_kernels,
+                 apply_fn=_heads, args=(X,))
+    return base, randomize_b(p, jax.random.key(2))
+
+
+def test_flattened_export_is_torch_linear_over_stored_axes():
+    # Oracle: the torch Linear whose weight is the kernel reshaped (features = stored axes,
+    # row-major), plus PEFT's s * B A on the same flattened features, computes what wrap does.
+    base, p = _adapted_heads()
+    t = mpeft.to_torch(p, module_names=HEADS)
+    assert sorted(t) == ["model.layers.0.o", "model.layers.0.q", "model.layers.0.r"]
+    W = {k: np.asarray(v["w"]) for k, v in base["layers"]["0"].items()}
+    x = np.asarray(X, np.float64)
+
+    def linear(name, x_flat, w_flat):
+        a = t[f"model.layers.0.{name}"]
+        return x_flat @ w_flat + a.scale * (x_flat @ a.lora_A.T) @ a.lora_B.T
+
+    q = linear("q", x, W["q"].reshape(D, N * H)).reshape(T, N, H)
+    o = linear("o", q.reshape(T, N * H), W["o"].reshape(N * H, D))
+    # r stores (H, N, D): its torch input features are (h, n) row-major.
+    r = linear("r", q.transpose(0, 2, 1).reshape(T, H * N), W["r"].reshape(H * N, D))
+    np.testing.assert_allclose(np.asarray(mlj.wrap(_heads)(p, X)), o + r, rtol=1e-5, atol=1e-5)
+
+
+def test_flattened_round_trip_is_exact(tmp_path):
+    base, p = _adapted_heads()
+    mlj.peft.save(tmp_path, p, module_names=HEADS)
+    back = mlj.peft.load(tmp_path, base, module_names=HEADS, apply_fn=_heads, args=(X,))
+    for path in ("q", "o", "r"):
+        ours, theirs = p["layers"]["0"][path]["w"], back["layers"]["0"][path]["w"]
+        np.testing.assert_array_equal(ours.lora_a, theirs.lora_a)
+        np.testing.assert_array_equal(ours.lora_b, theirs.lora_b)
+        assert ours.layout == theirs.layout and ours.scale == theirs.scale
+
+
+def test_check_verifies_names_and_reshape_against_the_torch_weights():
+    base = _heads_base()
+    torch_weights = {
+        "model.layers.0.q.weight": np.asarray(base["layers"]["0"]["q"]["w"]).reshape(D, -1).T,
+        "model.layers.0.o.weight": np.asarray(base["layers"]["0"]["o"]["w"]).reshape(-1, D).T,
+        "model.layers.0.r.weight": np.asarray(base["layers"]["0"]["r"]["w"]).reshape(-1, D).T,
+    }
+    assert check(HEADS, base, torch_weights, apply_fn=_heads, args=(X,)) == [
+        "model.layers.0.o", "model.layers.0.q", "model.layers.0.r"]
+    # r's heads in the (n, h) order instead: the wrong axis order is caught.
+    r = np.asarray(base["layers"]["0"]["r"]["w"]).transpose(1, 0, 2).reshape(-1, D).T
+    with pytest.raises(ValueError, match=r"'layers/0/r/w' flattened differs from "
+                       r"'model.layers.0.r.weight'"):
+        check(HEADS, base, {**torch_weights, "model.layers.0.r.weight": r},
+              apply_fn=_heads, args=(X,))
+    with pytest.raises(ValueError, match=r"'model.layers.0.o', but it is not a kernel .*apply_fn="):
+        check(HEADS, base, torch_weights)  # einsum kernels' layouts come from the program
+    with pytest.raises(ValueError, match=r"the Hugging Face weights have no "
+                       r"'model.layers.0.o.weight'"):
+        check(HEADS, base, {}, apply_fn=_heads, args=(X,))
+
+
+def test_unnamed_adapted_kernel_is_refused_naming_path_and_rules():
+    _, p = _adapted_heads()
+    only_q = ModuleMap("q only", {"layers/{i}/q": "model.layers.{i}.q"}, flatten=True)
+    with pytest.raises(ValueError, match=r"'layers/0/o/w' has no torch module name: no rule of "
+                       r"q only \(layers/\{i\}/q\) matches its layer 'layers/0/o'"):
+        mpeft.to_torch(p, module_names=only_q)
+
+
+def test_two_kernels_named_the_same_are_refused_naming_both():
+    _, p = _adapted_heads()
+    # A rule that drops a placeholder is refused when made, so collide two by hand.
+    clash = ModuleMap("clash", {"layers/{i}/q": "model.q.{i}", "layers/{i}/o": "model.proj.{i}",
+                                "layers/{i}/r": "model.proj.{i}"}, flatten=True)
+    with pytest.raises(ValueError, match=r"'layers/0/r' and 'layers/0/o' both map to torch "
+                       r"module 'model.proj.0'"):
+        mpeft.to_torch(p, module_names=clash)
+
+
+def test_a_map_is_checked_when_made():
+    with pytest.raises(ValueError, match=r"placeholders \['i'\] of the pattern are not in"):
+        ModuleMap("m", {"layers/{i}/{p}": "model.{p}"})
+    with pytest.raises(ValueError, match=r"placeholders \['j'\] of the name are not in the"):
+        ModuleMap("m", {"layers/{i}": "model.{i}.{j}"})
+    both = ModuleMap("m", {"layers/{i}/q": "a.{i}", "layers/0/{p}": "b.{p}"})
+    with pytest.raises(ValueError, match=r"layer 'layers/0/q' matches both rules"):
+        both("layers/0/q")
+
+
+def test_multi_axis_kernels_need_a_flattening_map():
+    _, p = _adapted_heads()
+    plain = ModuleMap("plain", {"layers/{i}/{p}": "model.layers.{i}.{p}"})
+    for names in (plain, None):
+        with pytest.raises(ValueError, match="ModuleMap with flatten=True"):
+            mpeft.to_torch(p, module_names=names)
+
+
+def test_dora_on_a_flattened_kernel_is_refused_both_ways(tmp_path):
+    base = _heads_base()
+    p = mlj.init(base, jax.random.key(1), rank=2, targets=mlj.all_kernels, dora=True,
+                 apply_fn=_heads, args=(X,))
+    with pytest.raises(ValueError, match=r"DoRA adapter at 'layers/0/[oqr]/w'.*not verified"):
+        mpeft.to_torch(p, module_names=HEADS)
+    t = mpeft.TorchAdapter(np.ones((2, D), np.float32), np.ones((N * H, 2), np.float32), 1.0,
+                           np.ones((N * H,), np.float32))
+    with pytest.raises(ValueError, match=r"'model.layers.0.q' is DoRA and its base kernel "
+                       r"'layers/0/q/w'.*not verified against PEFT"):
+        mpeft.from_torch(base, {"model.layers.0.q": t}, module_names=HEADS, apply_fn=_heads,
+                         args=(X,))
+
+
+# --------------------------------------------------------------------------------------------
+# Tunix recipes, against PEFT on the transformers model
+# --------------------------------------------------------------------------------------------
+
+# Tunix's apply_rope ignores the config's rope_theta and always uses 1e6, so the HF twin uses it.
+ROPE = 1_000_000
+SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+             rms_norm_eps=1e-6, tie_word_embeddings=False)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPT = np.array([[3, 17, 42, 5, 77, 9]])
+
+
+def _family(name):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tunix", reason="tunix is not installed (the zoo extra; with "
+                        "constraints/newest.txt: pip install --no-deps -r "
+                        "constraints/zoo-nodeps.txt)")
+    tcfg = dict(num_layers=2, vocab_size=96, embed_dim=32, hidden_dim=48, num_heads=4,
+                head_dim=8, num_kv_heads=2, rope_theta=ROPE, norm_eps=1e-6)
+    if name == "qwen3":
+        from tunix.models.qwen3 import model, params
+        hf_config = transformers.Qwen3Config(**SMALL, rope_theta=ROPE)
+        config = model.ModelConfig(**tcfg, use_tied_embedding=False)
+        return hf_config, config, params, TUNIX_QWEN3
+    from tunix.models.llama3 import model, params
+    hf_config = transformers.LlamaConfig(**SMALL, rope_theta=ROPE)
+    return hf_config, model.ModelConfig(**tcfg), params, TUNIX_LLAMA3
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama3"])
+def zoo(request, tmp_path_factory):
+    """(HF checkpoint dir, state, forward, map) of a tiny random model, tunix-loaded."""
+    torch = pytest.importorskip("torch")
+    from flax import nnx
+    from transformers import AutoModelForCausalLM
+
+    hf_config, config, params_lib, module_map = _family(request.param)
+    torch.manual_seed(0)
+    hf_dir = tmp_path_factory.mktemp(request.param)
+    AutoModelForCausalLM.from_config(hf_config).save_pretrained(hf_dir)
+    graphdef, state = nnx.split(params_lib.create_model_from_safe_tensors(str(hf_dir), config))
+
+    def forward(state, tokens):
+        t = tokens.shape[1]
+        positions = jnp.arange(t)[None]
+        mask = jnp.tril(jnp.ones((1, t, t), bool))
+        return nnx.merge(graphdef, state)(tokens, positions, None, mask)[0]
+
+    return hf_dir, state, forward, module_map
+
+
+def _greedy(logits_fn, prompt, steps=8):
+    # One fixed-length buffer (one compile): causal attention keeps the zeros after position
+    # `at` from reaching the logits read there.
+    tokens = np.zeros((prompt.shape[0], prompt.shape[1] + steps), prompt.dtype)
+    tokens[:, : prompt.shape[1]] = prompt
+    for at in range(prompt.shape[1], tokens.shape[1]):
+        tokens[:, at] = np.asarray(logits_fn(tokens))[:, at - 1].argmax(-1)
+    return tokens[:, prompt.shape[1]:]
+
+
+def _torch_logits(model):
+    import torch
+
+    def run(tokens):
+        with torch.no_grad():
+            return model(torch.as_tensor(tokens)).logits.numpy()
+
+    return run
+
+
+def _close(ours, theirs):
+    # Within 1e-4 relative to the logits' scale.
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4 * np.abs(theirs).max())
+
+
+def _lora_count(peft_model):
+    return sum(1 for _, m in peft_model.named_modules() if hasattr(m, "lora_A")
+               and "default" in getattr(m, "lora_A", {}))
+
+
+@pytest.mark.slow
+def test_tunix_base_and_map_match_the_checkpoint(zoo):
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, state, forward, module_map = zoo
+    names = check(module_map, state, hf_dir, apply_fn=forward, args=(jnp.asarray(PROMPT),))
+    assert len(names) == 7 * 2
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    _close(np.asarray(forward(state, jnp.asarray(PROMPT))), _torch_logits(hf)(PROMPT))
+
+
+@pytest.mark.slow
+def test_tunix_adapter_runs_in_peft_like_in_jax(zoo, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, state, forward, module_map = zoo
+    params = mlj.init(state, jax.random.key(0), rank=4, alpha=8, targets=TARGETS,
+                      apply_fn=forward, args=(jnp.asarray(PROMPT),))
+    params = randomize_b(params, jax.random.key(1), std=0.3)
+    mlj.peft.save(tmp_path, params, module_names=module_map)
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    plain = _torch_logits(hf)(PROMPT)
+    peft_model = PeftModel.from_pretrained(hf, str(tmp_path)).eval()
+    theirs = _torch_logits(peft_model)
+    wrapped = jax.jit(mlj.wrap(forward))
+    ours = lambda tokens: np.asarray(wrapped(params, jnp.asarray(tokens)))  # noqa: E731
+    _close(ours(PROMPT), theirs(PROMPT))
+    assert np.abs(theirs(PROMPT) - plain).max() > 1e-2 * np.abs(plain).max()  # adapters act
+    np.testing.assert_array_equal(_greedy(ours, PROMPT), _greedy(theirs, PROMPT))
+    assert _lora_count(peft_model) == len(mlj.summary(params).adapters) == 7 * 2
+
+
+@pytest.mark.slow
+def test_peft_adapter_loads_onto_tunix_with_peft_logits(zoo, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, state, forward, module_map = zoo
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    plain = _torch_logits(hf)(PROMPT)
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=6, target_modules=TARGETS, init_lora_weights=False,
+                        rank_pattern={"o_proj": 2})
+    peft_model = get_peft_model(hf, config).eval()
+    with torch.no_grad():  # random A and B, moderate so float32 noise stays small
+        for name, weight in peft_model.named_parameters():
+            if "lora_B" in name:
+                weight.mul_(0.3)
+    peft_model.save_pretrained(str(tmp_path))
+    theirs = _torch_logits(peft_model)
+    assert np.abs(theirs(PROMPT) - plain).max() > 1e-2 * np.abs(plain).max()
+
+    params = mlj.peft.load(tmp_path, state, module_names=module_map, apply_fn=forward,
+                           args=(jnp.asarray(PROMPT),))
+    wrapped = jax.jit(mlj.wrap(forward))
+    ours = lambda tokens: np.asarray(wrapped(params, jnp.asarray(tokens)))  # noqa: E731
+    _close(ours(PROMPT), theirs(PROMPT))
+    np.testing.assert_array_equal(_greedy(ours, PROMPT), _greedy(theirs, PROMPT))
+    infos = mlj.summary(params).adapters
+    assert len(infos) == _lora_count(peft_model) == 7 * 2
+    assert {i.rank for i in infos if "o_proj" in i.path} == {2}
