@@ -28,6 +28,13 @@ $(VENV)/.installed-%: pyproject.toml constraints/newest.txt | $(PY)
 	$(PY) -m pip install -q -c constraints/newest.txt -e ".[$*]"
 	touch $@
 
+# dev also gets the JAX model zoo that tests/test_zoo.py loads, without its unneeded requirements
+# (constraints/zoo-nodeps.txt says why).
+$(VENV)/.installed-dev: pyproject.toml constraints/newest.txt constraints/zoo-nodeps.txt | $(PY)
+	$(PY) -m pip install -q -c constraints/newest.txt -e ".[dev]"
+	$(PY) -m pip install -q --no-deps -r constraints/zoo-nodeps.txt
+	touch $@
+
 $(MIN_PY):
 	$(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_PY) -m pip install -q --upgrade pip
