@@ -383,7 +383,7 @@ def concatenate(interp, eqn, values, in_views, scope, key):
     if scope is None:
         src = _derive(interp, scope, parents, None)
         return _program._bind(eqn, values), [dataclasses.replace(first, src=src)]
-    arrays = [_arrays(scope, v) for v in in_views]
+    arrays = [None if v is None else _arrays(scope, v) for v in in_views]
     ref = next(a for a in arrays if a is not None)
     why = None
     if any(a is not None and a.scales is not None for a in arrays):
