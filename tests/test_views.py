@@ -163,29 +163,45 @@ def test_init_reads_the_layer_axis_of_an_indexed_stack():
     assert {lp[k].layout for k in "qkv"} == {mlj.Layout.dense()}
 
 
-def test_dora_through_a_slice_of_out_axes():
-    fn, shapes, _ = CASES["jnp.split fused qkv"]
-    params = {"w": jax.random.normal(jax.random.key(1), shapes["w"]) / 2}
-    lp = mlj.init(params, jax.random.key(7), rank=RANK, targets="w", dora=True, apply_fn=fn,
-                  args=(X,))
+@pytest.mark.parametrize("case", ["jnp.split fused qkv", "reshape splitting an out axis",
+                                  "concatenate out axes", "w[i] traced in fori_loop"])
+def test_dora_through_views_of_out_and_batch_axes(case):
+    fn, shapes, *_ = CASES[case]
+    params = {k: jax.random.normal(jax.random.key(i + 1), s) / 2
+              for i, (k, s) in enumerate(shapes.items())}
+    lp = mlj.init(params, jax.random.key(7), rank=RANK, targets=tuple(shapes), dora=True,
+                  apply_fn=fn, args=(X,))
     lp = randomize_b(lp, jax.random.key(8))
     y = mlj.wrap(fn)(lp, X)
     chex.assert_trees_all_close(y, fn(mlj.merge(lp), X), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(y, fn(params, X), atol=1e-3)
 
 
-def test_each_bank_row_through_a_split_kernel_is_that_adapter_alone():
-    fn, shapes, _ = CASES["jnp.split fused qkv"]
+def test_dora_through_a_slice_of_in_axes_is_refused():
+    # DoRA's norm is over all of the kernel's in axes; a slice of them would need another one.
+    fn = CASES["slice of in axes"][0]
+    w = jax.random.normal(jax.random.key(1), (6, 5))
+    lp = mlj.init({"w": w}, jax.random.key(2), rank=RANK, targets="w", dora=True,
+                  apply_fn=lambda p, x: jnp.ones((3, 6)) @ p["w"], args=(X,))
+    with pytest.raises(mlj.AdapterNotAppliedError, match="'slice' of in axis 0 of a DoRA"):
+        mlj.wrap(fn)(lp, X)
+
+
+@pytest.mark.parametrize("case", ["jnp.split fused qkv", "reshape splitting an out axis"])
+def test_each_bank_row_through_a_view_is_that_adapter_alone(case):
+    fn, shapes, *_ = CASES[case]
     params = {"w": jax.random.normal(jax.random.key(1), shapes["w"]) / 2}
     trees = [randomize_b(mlj.init(params, jax.random.key(10 + i), rank=2 + i, targets="w",
                                   apply_fn=fn, args=(X,)), jax.random.key(20 + i))
              for i in range(3)]
     bank = mlj.bank.stack(trees)
-    xs = jax.random.normal(jax.random.key(3), (4, 1, D))
+    xs = jax.random.normal(jax.random.key(3), (4, D))
     ids = jnp.array([2, 0, -1, 1])
-    got = jax.jit(mlj.wrap(fn))(bank, xs, adapter_ids=ids)
-    for e, i in enumerate(ids.tolist()):
-        want = fn(params if i < 0 else mlj.merge(trees[i]), xs[e])
-        chex.assert_trees_all_close(got[e], want, rtol=1e-5, atol=1e-6)
+    for method in ("gather", "one_hot"):
+        got = jax.jit(mlj.wrap(fn, method=method))(bank, xs, adapter_ids=ids)
+        for e, i in enumerate(ids.tolist()):
+            want = fn(params if i < 0 else mlj.merge(trees[i]), xs[e : e + 1])[0]
+            chex.assert_trees_all_close(got[e], want, rtol=1e-5, atol=1e-6)
 
 
 # -- models: a fused QKV kernel split in the call ------------------------------------------
