@@ -426,7 +426,9 @@ def concatenate(interp, eqn, values, in_views, scope, key):
                for a, at, r, size in zip(arrays, offsets, ranks, sizes, strict=True)]
         if k in labels:
             return jnp.concatenate(got, axis=labels.index(k))
-        return sum(got[1:], got[0])
+        # Each block holds one operand's components: the sum places them side by side.
+        live = [g for g, a in zip(got, arrays, strict=True) if a is not None]
+        return sum(live[1:], live[0])
 
     magnitude = None
     if ref.magnitude is not None:
