@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minilora_jax import _jax
+from minilora_jax import _jax, _views
 from minilora_jax._tree import flatten
 from minilora_jax.lora import Layout, is_adapter, is_bank, is_full
 
@@ -161,7 +161,8 @@ class Interpreter:
         method: str = "auto",
         example_ids: Any = None,
     ):
-        self.names = names
+        # A list of our own: views of a kernel add derived kernels to it (`_views._derive`).
+        self.names = list(names)
         self.arrays = arrays
         self.records = {i: Record() for i in range(len(names))}
         self.dropout = dropout
@@ -845,9 +846,15 @@ def _barrier_rule(interp, eqn, values, in_views, scope, key):
 _RULES: dict[str, Callable[..., Any]] = {
     **{name: _rearranging(lambda eqn, view: view) for name in _PASS_THROUGH},
     "transpose": _rearranging(_transpose),
-    "reshape": _rearranging(_reshape),
+    "reshape": _views.reshape,
     "broadcast_in_dim": _rearranging(_broadcast_in_dim),
-    "squeeze": _rearranging(_squeeze),
+    "squeeze": _views.squeeze,
+    "slice": _views.RULES["slice"],
+    "split": _views.RULES["split"],
+    "dynamic_slice": _views.RULES["dynamic_slice"],
+    "gather": _views.RULES["gather"],
+    "rev": _views.RULES["rev"],
+    "concatenate": _views.concatenate,
     "optimization_barrier": _barrier_rule,
     "dot_general": _dot_rule,
     **{name: _inline_rule for name in _INLINE},

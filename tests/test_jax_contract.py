@@ -54,6 +54,19 @@ CASES = {
     "broadcast_in_dim": (lambda w, x: jnp.broadcast_to(w[0], (1, 3, 2)).sum(), {"broadcast_in_dim"},
                          {"shape", "broadcast_dimensions"}),
     "squeeze": (lambda w, x: jnp.squeeze(w[:1], 0).sum(), {"squeeze"}, {"dimensions"}),
+    # minilora_jax._views: kernels used through views.
+    "slice": (lambda w, x: x @ w[:, :2, 0], {"slice"},
+              {"start_indices", "limit_indices", "strides"}),
+    "split": (lambda w, x: jnp.split(w, 2, 0)[0].sum(), {"split"}, {"axis", "sizes"}),
+    "dynamic_slice": (lambda w, x: jax.lax.dynamic_index_in_dim(w, x[0, 0].astype(int), 0,
+                                                                False).sum(),
+                      {"dynamic_slice"}, {"slice_sizes"}),
+    "gather": (lambda w, x: jnp.take(w, x[0, 0].astype(int), axis=0).sum(), {"gather"},
+               {"dimension_numbers", "slice_sizes", "mode", "fill_value", "indices_are_sorted",
+                "unique_indices"}),
+    "rev": (lambda w, x: w[::-1].sum(), {"rev"}, {"dimensions"}),
+    "concatenate": (lambda w, x: jnp.concatenate([w, w], -1).sum(), {"concatenate"},
+                    {"dimension"}),
     "jit": (lambda w, x: jax.jit(lambda a, b: b @ a.reshape(4, 6))(w, x), _INLINE, {"jaxpr"}),
     "checkpoint": (lambda w, x: jax.checkpoint(lambda a, b: b @ a.reshape(4, 6))(w, x), _REMAT,
                    {"jaxpr", "prevent_cse", "policy"}),
@@ -75,6 +88,16 @@ def test_the_params_each_rule_reads_are_there(case):
     assert not missing, (
         f"JAX {jax.__version__}: '{eqn.primitive.name}' no longer has params {sorted(missing)}; "
         "minilora_jax.program reads them")
+
+
+def test_gather_dimension_numbers_have_the_fields_views_read():
+    eqn = _one(CASES["gather"][0], (W, X), {"gather"})
+    numbers = eqn.params["dimension_numbers"]
+    for field in ("offset_dims", "collapsed_slice_dims", "start_index_map",
+                  "operand_batching_dims"):
+        assert hasattr(numbers, field), f"JAX {jax.__version__}: GatherDimensionNumbers.{field}"
+    jax.lax.GatherDimensionNumbers(offset_dims=(0,), collapsed_slice_dims=(0,),
+                                   start_index_map=(0,))
 
 
 def test_the_jaxpr_types_are_found():
