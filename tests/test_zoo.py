@@ -14,7 +14,7 @@ from toy_models import randomize_b
 
 import minilora_jax as mlj
 import minilora_jax.io.peft as mpeft
-from minilora_jax.io.zoo import TUNIX_LLAMA3, TUNIX_QWEN3, ModuleMap, check
+from minilora_jax.io.zoo import TUNIX_LLAMA3, TUNIX_QWEN3, Fused, ModuleMap, check
 
 # --------------------------------------------------------------------------------------------
 # The rule
@@ -152,6 +152,173 @@ def test_dora_on_a_flattened_kernel_is_refused_both_ways(tmp_path):
                        r"'layers/0/q/w'.*not verified against PEFT"):
         mpeft.from_torch(base, {"model.layers.0.q": t}, module_names=HEADS, apply_fn=_heads,
                          args=(X,))
+
+
+# --------------------------------------------------------------------------------------------
+# Fused kernels: one kernel, several torch modules (Gemma's qkv_einsum)
+# --------------------------------------------------------------------------------------------
+
+# q, k and v stacked on axis 0 of one (3, N, D, H) kernel, as Tunix's Gemma 3 stores them.
+FUSED = ModuleMap("toy fused", {
+    "layers/{i}/qkv": Fused(("m.{i}.q", "m.{i}.k", "m.{i}.v"), axis=0),
+    "layers/{i}/o": "m.{i}.o",
+}, flatten=True)
+QKV = ("q", "k", "v")
+
+
+def _fused(p, x):
+    q, k, v = jnp.einsum("td,sndh->stnh", x, p["layers"]["0"]["qkv"]["w"])
+    return jnp.einsum("tnh,nhd->td", q * k + v, p["layers"]["0"]["o"]["w"])
+
+
+def _fused_base():
+    k = jax.random.split(jax.random.key(3), 2)
+    return {"layers": {"0": {"qkv": {"w": jax.random.normal(k[0], (3, N, D, H))},
+                             "o": {"w": jax.random.normal(k[1], (N, H, D))}}}}
+
+
+def _torch_oracle(base, t):
+    """What the torch model with separate q/k/v Linears and PEFT's adapters computes."""
+    x = np.asarray(X, np.float64)
+    w = np.asarray(base["layers"]["0"]["qkv"]["w"], np.float64)
+
+    def linear(name, x_flat, w_flat):
+        out = x_flat @ w_flat
+        if name in t:
+            a = t[name]
+            out = out + a.scale * (x_flat @ np.asarray(a.lora_A, np.float64).T) @ np.asarray(
+                a.lora_B, np.float64).T
+        return out
+
+    # Tunix's loader: torch weight (N*H, D) -> (D, N, H) -> (N, D, H); so flat (D, N*H).
+    q, k, v = (linear(f"m.0.{n}", x, w[s].transpose(1, 0, 2).reshape(D, N * H)).reshape(T, N, H)
+               for s, n in enumerate(QKV))
+    wo = np.asarray(base["layers"]["0"]["o"]["w"], np.float64).reshape(N * H, D)
+    return linear("m.0.o", (q * k + v).reshape(T, N * H), wo)
+
+
+def _fused_adapted(layouts=None):
+    base = _fused_base()
+    p = mlj.init(base, jax.random.key(4), rank=2, alpha=3, targets=mlj.all_kernels,
+                 apply_fn=_fused, args=(X,), layouts=layouts)
+    return base, randomize_b(p, jax.random.key(5))
+
+
+def _torch_adapter(key, rank, scale, d_in=D, d_out=N * H):
+    ka, kb = jax.random.split(jax.random.key(key))
+    return mpeft.TorchAdapter(np.asarray(jax.random.normal(ka, (rank, d_in))),
+                              np.asarray(0.5 * jax.random.normal(kb, (d_out, rank))), scale)
+
+
+def test_joint_adapter_on_a_fused_kernel_is_modules_sharing_lora_a():
+    # The program reads the fused axis as an out axis: one joint adapter, B over (3, N, H).
+    base, p = _fused_adapted()
+    node = p["layers"]["0"]["qkv"]["w"]
+    assert node.layout == mlj.Layout((2,), (0, 1, 3)) and node.lora_b.shape == (2, 3, N, H)
+    t = mpeft.to_torch(p, module_names=FUSED)
+    assert sorted(t) == ["m.0.k", "m.0.o", "m.0.q", "m.0.v"]
+    for s, n in enumerate(QKV):
+        np.testing.assert_array_equal(t[f"m.0.{n}"].lora_A, np.asarray(node.lora_a).T)
+        np.testing.assert_array_equal(t[f"m.0.{n}"].lora_B,
+                                      np.asarray(node.lora_b)[:, s].reshape(2, N * H).T)
+        assert t[f"m.0.{n}"].scale == node.scale
+    np.testing.assert_allclose(np.asarray(mlj.wrap(_fused)(p, X)), _torch_oracle(base, t),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_peft_modules_load_onto_a_fused_kernel_as_one_joint_adapter(tmp_path):
+    # Different A per module, different ranks, scales 2, 1, 2 (alpha 4 with ranks 2, 4, 2):
+    # one adapter of rank 8, block-structured B, scale 2 with k's ratio 1/2 taken into B.
+    base = _fused_base()
+    t = {"m.0.q": _torch_adapter(1, 2, 2.0), "m.0.k": _torch_adapter(2, 4, 1.0),
+         "m.0.v": _torch_adapter(3, 2, 2.0), "m.0.o": _torch_adapter(4, 3, 0.5, N * H, D)}
+    p = mpeft.from_torch(base, t, module_names=FUSED, apply_fn=_fused, args=(X,))
+    node = p["layers"]["0"]["qkv"]["w"]
+    assert node.rank == 8 and node.scale == 2.0 and node.lora_b.shape == (8, 3, N, H)
+    b = np.asarray(node.lora_b)
+    assert not b[2:, 0].any() and not b[:2, 1].any() and not b[6:, 1].any() and not b[:6, 2].any()
+    np.testing.assert_allclose(np.asarray(mlj.wrap(_fused)(p, X)), _torch_oracle(base, t),
+                               rtol=1e-5, atol=1e-4)
+    # Saved again: the block structure gives each module back its own rank and A, exactly.
+    mlj.peft.save(tmp_path, p, module_names=FUSED)
+    back = mlj.peft.read(tmp_path)
+    assert sorted(back) == sorted(t)
+    for name, ours in back.items():
+        np.testing.assert_array_equal(ours.lora_A, t[name].lora_A)
+        # k's B is B / 2 at scale 2: the same product, bit for bit (a power of two).
+        np.testing.assert_array_equal(ours.scale * ours.lora_B, t[name].scale * t[name].lora_B)
+    # A module the file leaves out is a zero block, and is left out again when saved.
+    qv = {k: v for k, v in t.items() if k != "m.0.k"}
+    p = mpeft.from_torch(base, qv, module_names=FUSED, apply_fn=_fused, args=(X,))
+    np.testing.assert_allclose(np.asarray(mlj.wrap(_fused)(p, X)), _torch_oracle(base, qv),
+                               rtol=1e-5, atol=1e-4)
+    assert sorted(mpeft.to_torch(p, module_names=FUSED)) == ["m.0.o", "m.0.q", "m.0.v"]
+
+
+def test_fused_axis_declared_batch_is_one_adapter_per_module(tmp_path):
+    # layouts= reads axis 0 as a batch axis: each module its own A and B, one to one.
+    layouts = {"qkv": mlj.Layout((2,), (1, 3), (0,))}
+    base, p = _fused_adapted(layouts)
+    node = p["layers"]["0"]["qkv"]["w"]
+    assert node.lora_a.shape == (3, D, 2) and node.lora_b.shape == (3, 2, N, H)
+    t = mpeft.to_torch(p, module_names=FUSED)
+    for s, n in enumerate(QKV):
+        np.testing.assert_array_equal(t[f"m.0.{n}"].lora_A, np.asarray(node.lora_a)[s].T)
+    np.testing.assert_allclose(np.asarray(mlj.wrap(_fused)(p, X)), _torch_oracle(base, t),
+                               rtol=1e-5, atol=1e-4)
+    mlj.peft.save(tmp_path, p, module_names=FUSED)
+    back = mlj.peft.load(tmp_path, base, module_names=FUSED, apply_fn=_fused, args=(X,),
+                         layouts=layouts)["layers"]["0"]["qkv"]["w"]
+    np.testing.assert_array_equal(back.lora_a, node.lora_a)
+    np.testing.assert_array_equal(back.lora_b, node.lora_b)
+    assert back.layout == node.layout and back.scale == node.scale
+
+
+def test_unexact_fused_requests_are_refused_naming_the_modules():
+    base = _fused_base()
+    t = {"m.0.q": _torch_adapter(1, 2, 1.5), "m.0.k": _torch_adapter(2, 2, 0.5),
+         "m.0.v": _torch_adapter(3, 2, 1.5)}
+    # Scales 1.5 and 0.5: one joint scale would need lora_B times 1/3, which rounds.
+    with pytest.raises(ValueError, match=r"modules 'm.0.q' \(scale 1.5\) and 'm.0.k' \(scale "
+                       r"0.5\) are one fused kernel 'layers/0/qkv/w'.*not a power of two"):
+        mpeft.from_torch(base, t, module_names=FUSED, apply_fn=_fused, args=(X,))
+    # Per-module adapters on a batch axis share one rank and scale, and need every module.
+    batch = {"qkv": mlj.Layout((2,), (1, 3), (0,))}
+    for odd in ({**t, "m.0.k": _torch_adapter(2, 2, 1.5), "m.0.v": _torch_adapter(3, 4, 1.5)},
+                {"m.0.q": t["m.0.q"]}):
+        with pytest.raises(ValueError, match=r"modules \['m.0.q', 'm.0.k', 'm.0.v'\] are the "
+                           r"slices of kernel 'layers/0/qkv/w' along its batch axis 0"):
+            mpeft.from_torch(base, odd, module_names=FUSED, apply_fn=_fused, args=(X,),
+                             layouts=batch)
+    # A rule whose axis does not hold its modules, or is an in axis of the kernel.
+    _, p = _fused_adapted()
+    two = ModuleMap("two", {"layers/{i}/qkv": Fused(("m.{i}.k", "m.{i}.v"), axis=0),
+                            "layers/{i}/o": "m.{i}.o"}, flatten=True)
+    with pytest.raises(ValueError, match=r"fuses 2 modules \(m.0.k, m.0.v\) along its axis 0, "
+                       r"but the kernel has 3 there"):
+        mpeft.to_torch(p, module_names=two)
+    on_in = ModuleMap("in", {"layers/{i}/qkv": Fused(tuple(f"m.{{i}}.{j}" for j in range(D)),
+                                                     axis=2), "layers/{i}/o": "m.{i}.o"},
+                      flatten=True)
+    with pytest.raises(ValueError, match=r"which the program reads as an in axis"):
+        mpeft.to_torch(p, module_names=on_in)
+    with pytest.raises(ValueError, match=r"a Fused rule names two or more different modules"):
+        ModuleMap("m", {"l/{i}": Fused(("a.{i}", "a.{i}"))})
+
+
+def test_check_compares_each_fused_slice_with_its_module():
+    base = _fused_base()
+    w = np.asarray(base["layers"]["0"]["qkv"]["w"])
+    torch_weights = {f"m.0.{n}.weight": w[s].transpose(1, 0, 2).reshape(D, N * H).T
+                     for s, n in enumerate(QKV)}
+    torch_weights["m.0.o.weight"] = np.asarray(base["layers"]["0"]["o"]["w"]).reshape(-1, D).T
+    assert check(FUSED, base, torch_weights, apply_fn=_fused, args=(X,)) == [
+        "m.0.k", "m.0.o", "m.0.q", "m.0.v"]
+    swapped = {**torch_weights, "m.0.k.weight": torch_weights["m.0.v.weight"],
+               "m.0.v.weight": torch_weights["m.0.k.weight"]}
+    with pytest.raises(ValueError, match=r"'layers/0/qkv/w' slice 1 on axis 0 flattened differs "
+                       r"from 'm.0.k.weight'"):
+        check(FUSED, base, swapped, apply_fn=_fused, args=(X,))
 
 
 # --------------------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ from minilora_jax.io._safetensors import (
 )
 from minilora_jax.io._safetensors import read_safetensors as read_safetensors
 from minilora_jax.io._safetensors import tensor_digest as tensor_digest
-from minilora_jax.io.zoo import ModuleMap
+from minilora_jax.io.zoo import Fused, ModuleMap
 from minilora_jax.lora import Full, Layout, Lora, is_bank, is_full, is_lora, refuse_residual
 from minilora_jax.pissa import RESIDUAL_INITS, residual_base
 
@@ -289,6 +289,95 @@ def _linears(
     return [("/".join([*parts[:at], f"layers_{i}", *parts[at + 1 :]]), i) for i in range(count)]
 
 
+class _Module(NamedTuple):
+    """One torch Linear a kernel holds: its name (None where a `ModuleMap` names none), the
+    layer path it was named from, its layer in an ``nn.scan`` stack and its slice along a
+    `Fused` axis (None where there is none)."""
+
+    name: str | None
+    layer: str
+    index: int | None
+    fused: int | None
+
+
+class _Split(NamedTuple):
+    """How a kernel is torch Linears: its modules, the `Fused` kernel axis (or None), and one
+    module's slice of the kernel: its layout and shape (the kernel's, less the fused axis)."""
+
+    modules: list[_Module]
+    axis: int | None
+    part: Layout
+    part_shape: tuple[int, ...]
+
+
+def _drop_axis(layout: Layout, axis: int) -> Layout:
+    """``layout`` without kernel axis ``axis``, the axes after it renumbered."""
+    keep = lambda axes: tuple(a - (a > axis) for a in axes if a != axis)  # noqa: E731
+    return Layout(keep(layout.in_axes), keep(layout.out_axes), keep(layout.batch_axes))
+
+
+def _split(path: str, shape: tuple[int, ...], layout: Layout, namer: Callable[[str], Any],
+           flatten: bool) -> _Split | str:
+    """The torch Linears the kernel at ``path`` holds (`_linears`, or a `Fused` rule's slices),
+    or why it holds none."""
+    layer = _layer_path(path)
+    rule = namer(layer) if isinstance(namer, ModuleMap) else None
+    if not isinstance(rule, Fused):
+        linears = _linears(path, shape, layout, flatten)
+        if isinstance(linears, str):
+            return linears
+        modules = [_Module(namer(name), name, i, None) for name, i in linears]
+        if any(isinstance(m.name, Fused) for m in modules):
+            return "it is an nn.scan stack of fused kernels, which is not supported"
+        return _Split(modules, None, layout, tuple(shape))
+    axis, count = rule.axis, len(rule.names)
+    names = ", ".join(rule.names)
+    if axis >= len(shape) or shape[axis] != count:
+        return (f"the rule fuses {count} modules ({names}) along its axis {axis}, but the "
+                f"kernel has {'no such axis' if axis >= len(shape) else shape[axis]} there")
+    if axis in layout.in_axes:
+        return (f"the rule fuses {names} along its axis {axis}, which the program reads as an "
+                "in axis: the modules' outputs would be summed, which separate torch modules "
+                "do not do")
+    if len(layout.batch_axes) > (axis in layout.batch_axes):
+        return (f"the rule fuses {names} along its axis {axis}, and the kernel has other batch "
+                "axes as well (an nn.scan stack of fused kernels), which is not supported")
+    if layout.out_axes == (axis,):
+        return (f"the rule fuses {names} along its axis {axis}, the kernel's only out axis, so "
+                "each module would have one output feature")
+    part = _drop_axis(layout, axis)
+    if not flatten and (len(part.in_axes) != 1 or len(part.out_axes) != 1):
+        return ("each fused module's slice has several in or out axes; pass a ModuleMap with "
+                "flatten=True")
+    modules = [_Module(name, layer, None, j) for j, name in enumerate(rule.names)]
+    return _Split(modules, axis, part, tuple(n for k, n in enumerate(shape) if k != axis))
+
+
+def _module_ab(a: np.ndarray, b: np.ndarray, layout: Layout, split: _Split,
+               module: _Module) -> tuple[np.ndarray, np.ndarray]:
+    """One module's ``(d_in, r)`` and ``(r, d_out)`` from a node's ``lora_a``/``lora_b``."""
+    if module.index is not None:
+        a, b = a[module.index], b[module.index]
+    if split.axis in layout.out_axes:  # one joint adapter: the module's slice of lora_b
+        b = np.take(b, module.fused, axis=1 + layout.out_axes.index(split.axis))
+    elif split.axis is not None:  # the only batch axis: one adapter per slice
+        a, b = a[module.fused], b[module.fused]
+    if len(split.part.in_axes) > 1 or len(split.part.out_axes) > 1:
+        return _flat_ab(a, b, split.part)
+    return a, b
+
+
+def _compact(pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]
+                                                                  | None] | None:
+    """The modules of a joint adapter each with only its own rank components, when ``lora_b``
+    is block-structured (every component nonzero in one module's slice only; a module with
+    none has no adapter, None), else None. Exact: the dropped terms are products with zeros."""
+    used = np.stack([np.any(b != 0, axis=1) for _, b in pairs])  # (modules, r)
+    if not np.all(used.sum(axis=0) == 1):
+        return None
+    return [(a[:, k], b[k]) if k.any() else None for (a, b), k in zip(pairs, used, strict=True)]
+
+
 def _order(axes: tuple[int, ...]) -> list[int]:
     # Positions, within ``axes`` (the layout's order, which lora_a/lora_b follow), of the kernel
     # axes in stored order: torch's flattened feature index is row-major in stored order.
@@ -391,14 +480,14 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
         )
     for path, node in found:
         shape = _kernel_shape(path, node)
-        linears = _linears(path, shape, node.layout, flat)
-        if isinstance(linears, str):
+        split = _split(path, shape, node.layout, namer, flat)
+        if isinstance(split, str):
             raise ValueError(
                 f"cannot export the adapter at '{path}' to PEFT "
-                + _not_linear(shape, node.layout, linears)
+                + _not_linear(shape, node.layout, split)
             )
         multi = len(node.layout.in_axes) > 1 or len(node.layout.out_axes) > 1
-        if multi and node.magnitude is not None:
+        if (multi or split.axis is not None) and node.magnitude is not None:
             raise ValueError(
                 f"cannot export the DoRA adapter at '{path}' to PEFT "
                 + _not_linear(shape, node.layout, "flattening a DoRA magnitude over several "
@@ -406,8 +495,11 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
             )
         a, b = np.asarray(node.lora_a), np.asarray(node.lora_b)
         m = None if node.magnitude is None else np.asarray(node.magnitude)
-        for layer, i in linears:
-            name = namer(layer)
+        pairs = [_module_ab(a, b, node.layout, split, mod) for mod in split.modules]
+        if split.axis in node.layout.out_axes:
+            pairs = _compact(pairs) or pairs
+        for mod, pair in zip(split.modules, pairs, strict=True):
+            name, layer, i = mod.name, mod.layer, mod.index
             if name is None:
                 raise ValueError(
                     f"the adapter at '{path}' has no torch module name: no rule of "
@@ -419,9 +511,9 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
                     f"'{layer}' and '{origin[name]}' both map to torch module '{name}'"
                 )
             origin[name] = layer
-            sa, sb = (a, b) if i is None else (a[i], b[i])
-            if multi:
-                sa, sb = _flat_ab(sa, sb, node.layout)
+            if pair is None:  # a zero block of a joint adapter: PEFT needs no module for it
+                continue
+            sa, sb = pair
             sm = None if m is None else np.ascontiguousarray(m if i is None else m[i])
             out[name] = TorchAdapter(
                 np.ascontiguousarray(sa.T), np.ascontiguousarray(sb.T), float(node.scale), sm
@@ -500,6 +592,7 @@ def _attach(
     namer = _namer(module_names)
     flat = _flattens(module_names)
     candidates: dict[str, list[tuple[str, int | None]]] = {}
+    splits: dict[str, _Split] = {}
     # Leaves no adapter can go on, with why, for the error of a module that names one.
     unusable: dict[str, str] = {}
     for path, kernel in kernels.items():
@@ -509,14 +602,15 @@ def _attach(
                 "'kernel' is known to be (in, out)); pass apply_fn= (and args=)"
             )
             continue
-        linears = _linears(path, kernel.shape, kernel.layout, flat)
-        if isinstance(linears, str):
-            unusable[path] = _not_linear(kernel.shape, kernel.layout, linears)
+        split = _split(path, kernel.shape, kernel.layout, namer, flat)
+        if isinstance(split, str):
+            unusable[path] = _not_linear(kernel.shape, kernel.layout, split)
             continue
-        for layer, i in linears:
-            name = namer(layer)
-            if name is not None:  # a ModuleMap's rules need not name every kernel
-                candidates.setdefault(name, []).append((path, i))
+        splits[path] = split
+        for mod in split.modules:
+            if mod.name is not None:  # a ModuleMap's rules need not name every kernel
+                key = mod.index if split.axis is None else mod.fused
+                candidates.setdefault(mod.name, []).append((path, key))
     unusable.update({path: f"{shape}: {why}" for path, (shape, why) in others.items()})
     if config is not None and config["init_lora_weights"] is False:
         # PEFT gives every module its config targets an adapter; one the file has no tensors for
@@ -539,7 +633,7 @@ def _attach(
             paths = [p for p, _ in candidates[name]]
             raise ValueError(f"{source}: module '{name}' is the name of several layers: {paths}")
         path, i = candidates[name][0]
-        shape, layout = kernels[path].shape, kernels[path].layout
+        shape, layout = splits[path].part_shape, splits[path].part
         d_in, d_out = layout.d_in(shape), layout.d_out(shape)
         a_shape, b_shape = tuple(adapter.lora_A.shape), tuple(adapter.lora_B.shape)
         fits = (
@@ -555,11 +649,12 @@ def _attach(
                 f"(kernel {shape}, {layout.describe(shape)}; torch weight ({d_out}, {d_in})): "
                 f"lora_A {a_shape} needs (r, {d_in}) and lora_B {b_shape} needs ({d_out}, r)"
             )
-        if adapter.magnitude is not None and (len(layout.in_axes) > 1 or len(layout.out_axes) > 1):
+        if adapter.magnitude is not None and (len(layout.in_axes) > 1 or len(layout.out_axes) > 1
+                                              or splits[path].axis is not None):
             raise ValueError(
                 f"{source}: the adapter of '{name}' is DoRA and its base kernel '{path}' (kernel "
-                f"{shape}, {layout.describe(shape)}) has several in or out axes; flattening a "
-                "DoRA magnitude over them is not verified against PEFT"
+                f"{shape}, {layout.describe(shape)}) has several in or out axes or is fused; "
+                "flattening or fusing a DoRA magnitude is not verified against PEFT"
             )
         if adapter.magnitude is not None and tuple(np.shape(adapter.magnitude)) != (d_out,):
             raise ValueError(
@@ -571,8 +666,9 @@ def _attach(
         placed.setdefault(path, {})[i] = (name, adapter)
 
     def ab(t: TorchAdapter, path: str) -> tuple[np.ndarray, np.ndarray]:
-        # lora_a (*in, r) and lora_b (r, *out) in the layout's axis order.
-        shape, layout = kernels[path].shape, kernels[path].layout
+        # lora_a (*in, r) and lora_b (r, *out) in the layout's axis order (one module's slice's
+        # for a fused kernel).
+        shape, layout = splits[path].part_shape, splits[path].part
         a, b = np.asarray(t.lora_A).T, np.asarray(t.lora_B).T
         if len(layout.in_axes) > 1 or len(layout.out_axes) > 1:
             return _unflat_ab(a, b, shape, layout)
@@ -580,6 +676,10 @@ def _attach(
 
     arrays: dict[str, tuple[Any, Any, float, Any]] = {}
     for path, by_index in placed.items():
+        if splits[path].axis is not None:
+            arrays[path] = _fused_arrays(source, path, kernels[path].layout, splits[path],
+                                         by_index, lambda t, p=path: ab(t, p))
+            continue
         if None in by_index:
             _, t = by_index[None]
             arrays[path] = (*ab(t, path), float(t.scale), t.magnitude)
@@ -630,6 +730,67 @@ def _attach(
         node.check(path)
         leaves[index[path]] = node
     return jax.tree.unflatten(treedef, leaves)
+
+
+def _fused_arrays(
+    source: str,
+    path: str,
+    layout: Layout,
+    split: _Split,
+    by_slice: Mapping[int, tuple[str, TorchAdapter]],
+    ab: Callable[[TorchAdapter], tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray, float, None]:
+    """``(lora_a, lora_b, scale, None)`` of the fused kernel at ``path`` from its modules'
+    adapters (see `minilora_jax.zoo`): a joint adapter of the summed rank with block-structured
+    ``lora_b`` when the fused axis is an out axis, one adapter per slice when it is a batch
+    axis."""
+    names = [m.name for m in split.modules]
+    present = sorted(by_slice.items())
+    if split.axis not in layout.out_axes:  # a batch axis: one adapter per slice
+        ranks = {t.lora_A.shape[0] for _, (_, t) in present}
+        scales = {float(t.scale) for _, (_, t) in present}
+        if len(present) != len(names) or len(ranks) > 1 or len(scales) > 1:
+            raise ValueError(
+                f"{source}: modules {names} are the slices of kernel '{path}' along its batch "
+                f"axis {split.axis}, which needs an adapter on every one with one rank and scale;"
+                f" the file has {[n for _, (n, _) in present]} with ranks {sorted(ranks)} and "
+                f"scales {sorted(scales)} (read that axis as an out axis, the program's own "
+                "layout, to load them as one joint adapter)"
+            )
+        pairs = [ab(t) for _, (_, t) in present]
+        return (np.stack([a for a, _ in pairs]), np.stack([b for _, b in pairs]), scales.pop(),
+                None)
+    scale = float(present[0][1][1].scale)
+    blocks = []
+    for j, (name, t) in present:
+        a, b = ab(t)
+        ratio = float(t.scale) / scale
+        if ratio != 1.0:
+            # A power of two only moves the exponent: exact unless it over- or underflows.
+            scaled = b * np.asarray(ratio, b.dtype)
+            if (math.frexp(ratio)[0] != 0.5 or not np.all(np.isfinite(scaled))
+                    or not np.array_equal(scaled / np.asarray(ratio, b.dtype), b)):
+                raise ValueError(
+                    f"{source}: modules '{present[0][1][0]}' (scale {scale}) and '{name}' (scale "
+                    f"{float(t.scale)}) are one fused kernel '{path}', whose joint adapter has one"
+                    f" scale; their ratio {ratio} is not a power of two, so taking it into "
+                    "lora_B would round it: refused (give the modules one lora_alpha / r)"
+                )
+            b = scaled
+        blocks.append((j, a, b))
+    rank = sum(a.shape[-1] for _, a, _ in blocks)
+    k = layout.out_axes.index(split.axis)
+    lora_a = np.concatenate([a for _, a, _ in blocks], axis=-1)
+    dtype = np.result_type(*(b.dtype for _, _, b in blocks))
+    _, _, outs = layout.sizes(split.part_shape[:split.axis] + (len(names),)
+                              + split.part_shape[split.axis:])
+    lora_b = np.zeros((rank, *outs), dtype)
+    view = np.moveaxis(lora_b, 1 + k, 1)  # (rank, slice, *the slice's out axes)
+    at = 0
+    for j, _, b in blocks:
+        view[at:at + b.shape[0], j] = b
+        at += b.shape[0]
+    return lora_a, lora_b, scale, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -734,10 +895,11 @@ def full_to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, n
             raise ValueError(f"cannot export the leaf trained whole '{path}' to PEFT: {param}")
         name, transposed = param
         module = namer(layer)
-        if module is None:
+        if module is None or isinstance(module, Fused):
             raise ValueError(
                 f"cannot export the leaf trained whole '{path}' to PEFT: module_names names no "
                 f"torch module for its layer '{layer}'"
+                + (" (it is a fused kernel of several modules)" if module is not None else "")
             )
         key = f"{module}.{name}"
         if key in out:
@@ -764,7 +926,7 @@ def _attach_full(
             module = namer(layer)
         except Exception:  # a user's module_names may not know this leaf: not a torch module
             continue
-        if module is None:  # a ModuleMap names no torch module for this layer
+        if module is None or isinstance(module, Fused):  # no one torch module for this layer
             continue
         if not _saved(entries, module) or not hasattr(leaf, "shape") and not is_lora(leaf):
             continue
@@ -817,7 +979,7 @@ def _missing(
             named = namer(_layer_path(path))
         except Exception:  # a user's module_names may not know this leaf; only the message suffers
             continue
-        if named == name:
+        if named == name or isinstance(named, Fused) and name in named.names:
             return f"{source}: module '{name}' is '{path}' in the base, which cannot take it: {why}"
     text = (
         f"{source}: module '{name}' is not in the base (no kernel maps to that name); modules in "

@@ -33,8 +33,31 @@ The rule, checked when the map is made and when it is used:
   together, against the Hugging Face checkpoint the zoo loaded. Without ``flatten`` such
   kernels are refused, as they are for a plain ``module_names``.
 
+* A value may be a `Fused` instead of one name: the kernel holds several torch modules stacked
+  along one of its axes (Tunix's Gemma 3 ``qkv_einsum`` ``(3, N, D, H)`` is the HF
+  ``q_proj``/``k_proj``/``v_proj`` stacked along axis 0), module ``j`` being the kernel's slice
+  ``j`` on that axis, flattened as above. What an adapter on it is depends on how the program
+  reads that axis (its `minilora_jax.Layout`):
+
+  - an *out* axis (Tunix's Gemma 3 as it runs): one joint adapter, ``lora_a`` ``(*in, r)`` and
+    ``lora_b`` ``(r, N, ...)``. Module ``j`` computes ``W_j x + s B_j A x``, so it is exactly a
+    PEFT adapter with the shared ``lora_A`` and ``lora_B`` the slice ``j`` of ``lora_b``.
+    Loading, PEFT's modules (each its own ``lora_A``, rank ``r_j``) are exactly one joint
+    adapter of rank ``sum r_j``: ``lora_a`` their ``lora_A``s concatenated along the rank,
+    ``lora_b`` block-structured (the block of module ``j`` in slice ``j``, zero elsewhere). A
+    module the file leaves out is a zero block. Modules whose scales differ by a power of two
+    (PEFT's ``alpha / r`` with ``rank_pattern``) take the ratio into ``lora_b``, which is exact
+    in floating point; other differing scales are refused, naming the modules. Saving writes
+    the block structure back when ``lora_b`` has it (every rank component nonzero in one slice
+    only), so a PEFT adapter round-trips to its own ranks; otherwise every module gets the
+    shared ``lora_A`` at the joint rank (still exact).
+  - a *batch* axis (declared with ``layouts=``, `minilora_jax.Layout.batched_outs`): one adapter
+    per slice, each its own module, one to one; loading needs every module, with one rank and
+    one scale (a batch axis shares them), else it is refused, naming the modules.
+  - an *in* axis is refused: the modules' outputs would be summed, which no separate modules do.
+
 The maps shipped here are tested against the real packages in ``tests/test_zoo.py``:
-`TUNIX_QWEN3`, `TUNIX_LLAMA3`.
+`TUNIX_QWEN3`, `TUNIX_LLAMA3`, `TUNIX_GEMMA3`.
 """
 
 from __future__ import annotations
@@ -42,11 +65,31 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class Fused(NamedTuple):
+    """Several torch modules stored as one kernel, stacked along kernel axis ``axis``.
+
+    In a `ModuleMap` rule the names are templates; called on a path, the map gives them filled.
+
+    Attributes:
+      names: the torch module names, in the order of their slices along ``axis``.
+      axis: the kernel axis (as the kernel stores it) the modules are stacked along.
+
+    Example:
+      >>> qkv = ModuleMap("toy", {"l/{i}/qkv": Fused(("m.{i}.q", "m.{i}.k", "m.{i}.v"), axis=0)},
+      ...                 flatten=True)
+      >>> qkv("l/2/qkv")
+      Fused(names=('m.2.q', 'm.2.k', 'm.2.v'), axis=0)
+    """
+
+    names: tuple[str, ...]
+    axis: int = 0
 
 
 class ModuleMap:
@@ -73,36 +116,55 @@ class ModuleMap:
       ValueError: toy: rule 'blocks/{i}/{p}' -> 'model.h.{p}': placeholders ['i'] of the ...
     """
 
-    def __init__(self, family: str, rules: Mapping[str, str], *, flatten: bool = False):
+    def __init__(self, family: str, rules: Mapping[str, str | Fused], *,
+                 flatten: bool = False):
         self.family = family
         self.flatten = bool(flatten)
-        self.rules: dict[str, str] = dict(rules)
-        self._compiled: list[tuple[str, re.Pattern[str], str]] = []
+        self.rules: dict[str, str | Fused] = dict(rules)
+        self._compiled: list[tuple[str, re.Pattern[str], str | Fused]] = []
         for pattern, template in self.rules.items():
             where = f"{family}: rule {pattern!r} -> {template!r}"
-            if not isinstance(pattern, str) or not pattern or not isinstance(template, str):
+            if not isinstance(pattern, str) or not pattern:
                 raise ValueError(f"{where}: a rule is a non-empty pattern string -> a name string")
+            if isinstance(template, Fused):
+                template = Fused(tuple(template.names), template.axis)
+                self.rules[pattern] = template
+                if (len(template.names) < 2 or len(set(template.names)) != len(template.names)
+                        or not isinstance(template.axis, int) or template.axis < 0):
+                    raise ValueError(
+                        f"{where}: a Fused rule names two or more different modules and a "
+                        "kernel axis >= 0"
+                    )
+                templates = list(template.names)
+            elif isinstance(template, str):
+                templates = [template]
+            else:
+                raise ValueError(f"{where}: a rule's name is a string or a Fused")
             keys = _PLACEHOLDER.findall(pattern)
-            used = _PLACEHOLDER.findall(template)
             if len(set(keys)) != len(keys):
                 raise ValueError(f"{where}: a placeholder appears twice in the pattern")
-            if unused := sorted(set(keys) - set(used)):
-                raise ValueError(
-                    f"{where}: placeholders {unused} of the pattern are not in the name, so "
-                    "every layer it matches would get the same name"
-                )
-            if unknown := sorted(set(used) - set(keys)):
-                raise ValueError(
-                    f"{where}: placeholders {unknown} of the name are not in the pattern"
-                )
+            for name in templates:
+                used = _PLACEHOLDER.findall(name) if isinstance(name, str) else None
+                if used is None or not name:
+                    raise ValueError(f"{where}: a module name is a non-empty string")
+                if unused := sorted(set(keys) - set(used)):
+                    raise ValueError(
+                        f"{where}: placeholders {unused} of the pattern are not in the name, so "
+                        "every layer it matches would get the same name"
+                    )
+                if unknown := sorted(set(used) - set(keys)):
+                    raise ValueError(
+                        f"{where}: placeholders {unknown} of the name are not in the pattern"
+                    )
             regex = "".join(
                 f"(?P<{piece}>[^/]+)" if k % 2 else re.escape(piece)
                 for k, piece in enumerate(_PLACEHOLDER.split(pattern))
             )
             self._compiled.append((pattern, re.compile(regex), template))
 
-    def __call__(self, path: str) -> str | None:
-        """The torch module name of layer path ``path``, or None if no rule matches it."""
+    def __call__(self, path: str) -> str | Fused | None:
+        """The torch module name of layer path ``path`` (a `Fused` of names for a fused kernel),
+        or None if no rule matches it."""
         hits = [(p, m, t) for p, rx, t in self._compiled if (m := rx.fullmatch(path))]
         if len(hits) > 1:
             raise ValueError(
@@ -112,7 +174,10 @@ class ModuleMap:
         if not hits:
             return None
         _, match, template = hits[0]
-        return _PLACEHOLDER.sub(lambda g: match.group(g.group(1)), template)
+        fill = lambda name: _PLACEHOLDER.sub(lambda g: match.group(g.group(1)), name)  # noqa: E731
+        if isinstance(template, Fused):
+            return Fused(tuple(fill(n) for n in template.names), template.axis)
+        return fill(template)
 
     def __repr__(self) -> str:
         return f"ModuleMap({self.family!r}, {self.rules!r}, flatten={self.flatten})"
@@ -138,6 +203,27 @@ TUNIX_LLAMA3 = ModuleMap(
     "tunix Llama 3",
     {
         "layers/{i}/attn/{proj}": "model.layers.{i}.self_attn.{proj}",
+        "layers/{i}/mlp/{proj}": "model.layers.{i}.mlp.{proj}",
+    },
+    flatten=True,
+)
+
+
+#: Tunix's Gemma 3 (``tunix.models.gemma3``): attention ``Einsum`` kernels ``w``, q/k/v fused as
+#: ``qkv_einsum`` ``(3, N, D, H)`` when ``num_heads == num_kv_heads``, else ``q_einsum``
+#: ``(N, D, H)`` and ``kv_einsum`` ``(2, K, D, H)`` (Tunix's loader stacks the HF weights, each
+#: transposed and reshaped, along axis 0); ``attn_vec_einsum`` ``(N, H, D)`` is ``o_proj``; the
+#: MLP's ``nnx.Linear`` kernels are separate, as in HF.
+TUNIX_GEMMA3 = ModuleMap(
+    "tunix Gemma 3",
+    {
+        "layers/{i}/attn/qkv_einsum": Fused(
+            ("model.layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.k_proj",
+             "model.layers.{i}.self_attn.v_proj"), axis=0),
+        "layers/{i}/attn/q_einsum": "model.layers.{i}.self_attn.q_proj",
+        "layers/{i}/attn/kv_einsum": Fused(
+            ("model.layers.{i}.self_attn.k_proj", "model.layers.{i}.self_attn.v_proj"), axis=0),
+        "layers/{i}/attn/attn_vec_einsum": "model.layers.{i}.self_attn.o_proj",
         "layers/{i}/mlp/{proj}": "model.layers.{i}.mlp.{proj}",
     },
     flatten=True,
@@ -170,14 +256,14 @@ def check(module_map: ModuleMap, tree: Any, hf_weights: Mapping[str, Any] | str 
         kernel of ``tree``.
     """
     from minilora_jax.adapters import find_kernels
-    from minilora_jax.io.peft import _flat_kernel, _layer_path
+    from minilora_jax.io.peft import _flat_kernel, _layer_path, _split
 
     weights = _hf_weights(hf_weights)
     kernels, others = find_kernels(tree, apply_fn, args, kwargs, None)
     for path, (shape, why) in sorted(others.items()):
         if (name := module_map(_layer_path(path))) is not None:
             raise ValueError(
-                f"{module_map.family}: '{path}' {shape} is named '{name}', but it is not a "
+                f"{module_map.family}: '{path}' {shape} is named {name!r}, but it is not a "
                 f"kernel minilora_jax can read: {why}"
             )
     from minilora_jax._tree import flatten
@@ -185,35 +271,46 @@ def check(module_map: ModuleMap, tree: Any, hf_weights: Mapping[str, Any] | str 
     values = dict(zip(*flatten(tree)[:2], strict=True))
     checked = []
     for path, kernel in sorted(kernels.items()):
-        name = module_map(_layer_path(path))
-        if name is None:
+        rule = module_map(_layer_path(path))
+        if rule is None:
             continue
-        if kernel.layout is None or kernel.layout.batch_axes:
+        if kernel.layout is None:
             raise ValueError(
-                f"{module_map.family}: '{path}' {kernel.shape} is named '{name}', but "
-                + ("its layout is unknown: pass apply_fn= and args=" if kernel.layout is None
-                   else "it is a stack of kernels (batch axes), which check does not compare")
+                f"{module_map.family}: '{path}' {kernel.shape} is named {rule!r}, but its layout "
+                "is unknown: pass apply_fn= and args="
             )
-        key = f"{name}.weight"
-        if key not in weights:
+        split = _split(path, kernel.shape, kernel.layout, module_map, module_map.flatten)
+        if isinstance(split, str) or any(m.index is not None for m in split.modules):
             raise ValueError(
-                f"{module_map.family}: '{path}' is named '{name}', but the Hugging Face weights "
-                f"have no '{key}'"
+                f"{module_map.family}: '{path}' {kernel.shape} is named {rule!r}, but "
+                + (split if isinstance(split, str) else
+                   "it is a stack of kernels (batch axes), which check does not compare")
             )
-        ours = _flat_kernel(np.asarray(values[path]), kernel.layout)
-        theirs = np.asarray(weights[key], dtype=np.float32).T
-        if ours.shape != theirs.shape:
-            raise ValueError(
-                f"{module_map.family}: '{path}' flattens to (in, out) {ours.shape}, but "
-                f"'{key}' transposed is {theirs.shape}"
-            )
-        diff = float(np.max(np.abs(ours.astype(np.float32) - theirs)))
-        if diff > atol:
-            raise ValueError(
-                f"{module_map.family}: '{path}' flattened differs from '{key}' transposed by "
-                f"up to {diff:g} (allowed {atol:g}): the name or the axis order is wrong"
-            )
-        checked.append(name)
+        value = np.asarray(values[path])
+        for m in split.modules:
+            key = f"{m.name}.weight"
+            if key not in weights:
+                raise ValueError(
+                    f"{module_map.family}: '{path}' is named '{m.name}', but the Hugging Face "
+                    f"weights have no '{key}'"
+                )
+            part = value if m.fused is None else np.take(value, m.fused, axis=split.axis)
+            ours = _flat_kernel(part, split.part)
+            theirs = np.asarray(weights[key], dtype=np.float32).T
+            where = f"'{path}'" + ("" if m.fused is None else f" slice {m.fused} on axis "
+                                                               f"{split.axis}")
+            if ours.shape != theirs.shape:
+                raise ValueError(
+                    f"{module_map.family}: {where} flattens to (in, out) {ours.shape}, but "
+                    f"'{key}' transposed is {theirs.shape}"
+                )
+            diff = float(np.max(np.abs(ours.astype(np.float32) - theirs)))
+            if diff > atol:
+                raise ValueError(
+                    f"{module_map.family}: {where} flattened differs from '{key}' transposed "
+                    f"by up to {diff:g} (allowed {atol:g}): the name or the axis order is wrong"
+                )
+            checked.append(m.name)
     if not checked:
         raise ValueError(f"{module_map.describe()} names no kernel of the tree")
     return sorted(checked)
