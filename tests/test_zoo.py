@@ -14,7 +14,7 @@ from toy_models import randomize_b
 
 import minilora_jax as mlj
 import minilora_jax.io.peft as mpeft
-from minilora_jax.io.zoo import TUNIX_LLAMA3, TUNIX_QWEN3, Fused, ModuleMap, check
+from minilora_jax.io.zoo import TUNIX_GEMMA3, TUNIX_LLAMA3, TUNIX_QWEN3, Fused, ModuleMap, check
 
 # --------------------------------------------------------------------------------------------
 # The rule
@@ -334,6 +334,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 PROMPT = np.array([[3, 17, 42, 5, 77, 9]])
 
 
+GEMMA_TARGETS = ["qkv_einsum", "q_einsum", "kv_einsum", "attn_vec_einsum", "gate_proj",
+                 "up_proj", "down_proj"]
+
+
 def _family(name):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("tunix", reason="tunix is not installed (the zoo extra; with "
@@ -345,24 +349,45 @@ def _family(name):
         from tunix.models.qwen3 import model, params
         hf_config = transformers.Qwen3Config(**SMALL, rope_theta=ROPE)
         config = model.ModelConfig(**tcfg, use_tied_embedding=False)
-        return hf_config, config, params, TUNIX_QWEN3
-    from tunix.models.llama3 import model, params
-    hf_config = transformers.LlamaConfig(**SMALL, rope_theta=ROPE)
-    return hf_config, model.ModelConfig(**tcfg), params, TUNIX_LLAMA3
+        return hf_config, config, params.create_model_from_safe_tensors, TUNIX_QWEN3, TARGETS
+    if name == "llama3":
+        from tunix.models.llama3 import model, params
+        hf_config = transformers.LlamaConfig(**SMALL, rope_theta=ROPE)
+        return (hf_config, model.ModelConfig(**tcfg), params.create_model_from_safe_tensors,
+                TUNIX_LLAMA3, TARGETS)
+    # Gemma 3: q/k/v fused as qkv_einsum with as many kv heads as heads, else q_einsum and
+    # kv_einsum. Tunix scales queries by head_dim**-0.5 and uses rope bases 1e4 (local) and 1e6
+    # (global); its window covers the prompt, so both models attend alike. Embeddings are tied.
+    from tunix.models.gemma3 import model, params_safetensors
+    kv_heads = 4 if name == "gemma3_mha" else 2
+    small = {**SMALL, "num_key_value_heads": kv_heads, "tie_word_embeddings": True}
+    hf_config = transformers.Gemma3TextConfig(
+        **small, query_pre_attn_scalar=8, sliding_window=64, rope_theta=ROPE,
+        rope_local_base_freq=10_000.0)
+    config = model.ModelConfig(
+        num_layers=2, num_embed=96, embed_dim=32, hidden_dim=48, num_heads=4, head_dim=8,
+        num_kv_heads=kv_heads, sliding_window_size=64, local_base_frequency=10_000,
+        global_base_frequency=ROPE, param_dtype=jnp.float32)
+
+    def load(hf_dir, config):
+        return params_safetensors.create_model_from_safe_tensors(hf_dir, config,
+                                                                 dtype=jnp.float32)
+
+    return hf_config, config, load, TUNIX_GEMMA3, GEMMA_TARGETS
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama3"])
+@pytest.fixture(scope="module", params=["qwen3", "llama3", "gemma3", "gemma3_mha"])
 def zoo(request, tmp_path_factory):
-    """(HF checkpoint dir, state, forward, map) of a tiny random model, tunix-loaded."""
+    """(HF checkpoint dir, state, forward, map, targets) of a tiny random model, tunix-loaded."""
     torch = pytest.importorskip("torch")
     from flax import nnx
     from transformers import AutoModelForCausalLM
 
-    hf_config, config, params_lib, module_map = _family(request.param)
+    hf_config, config, load, module_map, targets = _family(request.param)
     torch.manual_seed(0)
     hf_dir = tmp_path_factory.mktemp(request.param)
     AutoModelForCausalLM.from_config(hf_config).save_pretrained(hf_dir)
-    graphdef, state = nnx.split(params_lib.create_model_from_safe_tensors(str(hf_dir), config))
+    graphdef, state = nnx.split(load(str(hf_dir), config))
 
     def forward(state, tokens):
         t = tokens.shape[1]
@@ -370,7 +395,7 @@ def zoo(request, tmp_path_factory):
         mask = jnp.tril(jnp.ones((1, t, t), bool))
         return nnx.merge(graphdef, state)(tokens, positions, None, mask)[0]
 
-    return hf_dir, state, forward, module_map
+    return hf_dir, state, forward, module_map, targets
 
 
 def _greedy(logits_fn, prompt, steps=8):
@@ -407,7 +432,7 @@ def _lora_count(peft_model):
 def test_tunix_base_and_map_match_the_checkpoint(zoo):
     from transformers import AutoModelForCausalLM
 
-    hf_dir, state, forward, module_map = zoo
+    hf_dir, state, forward, module_map, _ = zoo
     names = check(module_map, state, hf_dir, apply_fn=forward, args=(jnp.asarray(PROMPT),))
     assert len(names) == 7 * 2
     hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
@@ -419,8 +444,8 @@ def test_tunix_adapter_runs_in_peft_like_in_jax(zoo, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    hf_dir, state, forward, module_map = zoo
-    params = mlj.init(state, jax.random.key(0), rank=4, alpha=8, targets=TARGETS,
+    hf_dir, state, forward, module_map, targets = zoo
+    params = mlj.init(state, jax.random.key(0), rank=4, alpha=8, targets=targets,
                       apply_fn=forward, args=(jnp.asarray(PROMPT),))
     params = randomize_b(params, jax.random.key(1), std=0.3)
     mlj.peft.save(tmp_path, params, module_names=module_map)
@@ -434,7 +459,8 @@ def test_tunix_adapter_runs_in_peft_like_in_jax(zoo, tmp_path):
     _close(ours(PROMPT), theirs(PROMPT))
     assert np.abs(theirs(PROMPT) - plain).max() > 1e-2 * np.abs(plain).max()  # adapters act
     np.testing.assert_array_equal(_greedy(ours, PROMPT), _greedy(theirs, PROMPT))
-    assert _lora_count(peft_model) == len(mlj.summary(params).adapters) == 7 * 2
+    # A fused kernel's joint adapter is one adapter here and one module per projection there.
+    assert _lora_count(peft_model) == len(mpeft.to_torch(params, module_names=module_map)) == 14
 
 
 @pytest.mark.slow
@@ -443,12 +469,14 @@ def test_peft_adapter_loads_onto_tunix_with_peft_logits(zoo, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    hf_dir, state, forward, module_map = zoo
+    hf_dir, state, forward, module_map, _ = zoo
     hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     plain = _torch_logits(hf)(PROMPT)
     torch.manual_seed(1)
+    # k_proj's rank 2 gives it scale 3 against q/v's 1.5: on Gemma's fused kernels, a joint
+    # adapter of rank 4 + 2 + 4 with k's block of B doubled (exact: a power of two).
     config = LoraConfig(r=4, lora_alpha=6, target_modules=TARGETS, init_lora_weights=False,
-                        rank_pattern={"o_proj": 2})
+                        rank_pattern={"o_proj": 2, "k_proj": 2})
     peft_model = get_peft_model(hf, config).eval()
     with torch.no_grad():  # random A and B, moderate so float32 noise stays small
         for name, weight in peft_model.named_parameters():
@@ -464,6 +492,9 @@ def test_peft_adapter_loads_onto_tunix_with_peft_logits(zoo, tmp_path):
     ours = lambda tokens: np.asarray(wrapped(params, jnp.asarray(tokens)))  # noqa: E731
     _close(ours(PROMPT), theirs(PROMPT))
     np.testing.assert_array_equal(_greedy(ours, PROMPT), _greedy(theirs, PROMPT))
-    infos = mlj.summary(params).adapters
-    assert len(infos) == _lora_count(peft_model) == 7 * 2
-    assert {i.rank for i in infos if "o_proj" in i.path} == {2}
+    # Saved again, each module has its own rank back (Gemma: the joint B's block structure).
+    ours_modules = mpeft.to_torch(params, module_names=module_map)
+    assert len(ours_modules) == _lora_count(peft_model) == 7 * 2
+    assert {n: t.lora_A.shape[0] for n, t in ours_modules.items() if "o_proj" in n
+            or "k_proj" in n} == {f"model.layers.{i}.self_attn.{m}": 2 for i in range(2)
+                                  for m in ("o_proj", "k_proj")}
