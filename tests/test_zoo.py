@@ -6,6 +6,8 @@ with Tunix's own safetensors loader, and compare our adapters with PEFT's on the
 both ways; they are skipped when tunix is not installed (the `zoo` extra).
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -274,7 +276,7 @@ def test_fused_axis_declared_batch_is_one_adapter_per_module(tmp_path):
     assert back.layout == node.layout and back.scale == node.scale
 
 
-def test_unexact_fused_requests_are_refused_naming_the_modules():
+def test_unexact_fused_requests_are_refused_naming_the_modules(tmp_path):
     base = _fused_base()
     t = {"m.0.q": _torch_adapter(1, 2, 1.5), "m.0.k": _torch_adapter(2, 2, 0.5),
          "m.0.v": _torch_adapter(3, 2, 1.5)}
@@ -304,6 +306,14 @@ def test_unexact_fused_requests_are_refused_naming_the_modules():
         mpeft.to_torch(p, module_names=on_in)
     with pytest.raises(ValueError, match=r"a Fused rule names two or more different modules"):
         ModuleMap("m", {"l/{i}": Fused(("a.{i}", "a.{i}"))})
+    # PEFT's PiSSA residual is per module: on a fused kernel it is not verified, so refused.
+    mlj.peft.write(tmp_path, {**t, "m.0.k": _torch_adapter(2, 2, 1.5)})
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config,
+                                                              "init_lora_weights": "pissa"}))
+    with pytest.raises(ValueError, match=r"'layers/0/qkv/w' fuses the modules \['m.0.q', "
+                       r"'m.0.k', 'm.0.v'\]; a fused kernel's residual is not verified"):
+        mlj.peft.load(tmp_path, base, module_names=FUSED, apply_fn=_fused, args=(X,))
 
 
 def test_check_compares_each_fused_slice_with_its_module():

@@ -1731,6 +1731,16 @@ def load(
     had = {p for p, leaf in zip(*flatten(tree)[:2], strict=True) if is_lora(leaf)}
     names, leaves, _ = flatten(loaded)
     new = [p for p, leaf in zip(names, leaves, strict=True) if is_lora(leaf) and p not in had]
+    if isinstance(module_names, ModuleMap):
+        fused = [p for p in new if isinstance(module_names(_layer_path(p)), Fused)]
+        if fused:
+            raise ValueError(
+                f"{directory / CONFIG_FILE}: 'init_lora_weights' {init!r} makes PEFT derive each "
+                f"module's residual from its own weight, but '{fused[0]}' fuses the modules "
+                f"{list(module_names(_layer_path(fused[0])).names)}; a fused kernel's residual "
+                "is not verified against PEFT: refused (convert the adapter to a plain LoRA in "
+                "PEFT first)"
+            )
     try:
         return residual_base(loaded, init, new)
     except ValueError as e:
