@@ -30,6 +30,10 @@ in axis and one out axis are exported; a ``DenseGeneral`` or attention projectio
 axes is refused, naming it, unless ``module_names`` is a `minilora_jax.zoo.ModuleMap` with
 ``flatten=True``: then its in and out axes are flattened row-major in the order the kernel
 stores them, which is how a zoo's loader (Tunix) reshapes the torch weight into the kernel.
+A `ModuleMap` rule whose value is a `minilora_jax.zoo.Fused` names several modules for one kernel
+stacked along one of its axes (Gemma's ``qkv_einsum``): a joint adapter on it is exactly those
+modules sharing ``lora_A``, and their adapters load as one joint adapter of the summed rank
+with block-structured ``lora_B`` (see `minilora_jax.zoo` for the rule and what is refused).
 One batch axis is allowed for an ``nn.scan`` layer stack (a path
 with a ``layers`` component): it is one adapter per layer, and slice ``i`` is named as the
 unrolled path ``layers_<i>/...`` would be.
@@ -446,8 +450,10 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
         module names: a callable ``path -> name``, a dict ``{path: name}`` whose missing
         paths fall back to the default, `module_name`, or a `minilora_jax.zoo.ModuleMap`
         (no fallback: an adapter on a layer it does not name is refused; with ``flatten``,
-        multi-axis kernels export as Linears over their flattened axes). Layers of an
-        ``nn.scan`` stack are given unrolled (``layers_<i>/...``).
+        multi-axis kernels export as Linears over their flattened axes; a `Fused` rule's
+        kernel exports as its modules, sharing ``lora_A`` when the fused axis is an out axis,
+        each with only its own rank components when ``lora_b`` is block-structured). Layers of
+        an ``nn.scan`` stack are given unrolled (``layers_<i>/...``).
 
     Returns:
       ``{name: TorchAdapter(lora_A (r, in), lora_B (out, r), scale, magnitude)}`` with numpy

@@ -234,10 +234,11 @@ def check(module_map: ModuleMap, tree: Any, hf_weights: Mapping[str, Any] | str 
           *, apply_fn=None, args=(), kwargs=None, atol: float = 0.0) -> list[str]:
     """Verifies ``module_map`` on ``tree`` against the Hugging Face weights the zoo loaded.
 
-    For every kernel the map names, the kernel flattened as `minilora_jax.peft` exports its
-    adapters (in and out axes row-major in stored order) must equal the torch ``<name>.weight``
-    ``(out, in)`` transposed: then names and reshape are right, and an adapter exported with
-    the map computes in torch what it computes in JAX.
+    For every kernel the map names (every slice of a `Fused` kernel along its axis), the kernel
+    flattened as `minilora_jax.peft` exports its adapters (in and out axes row-major in stored
+    order) must equal the torch ``<name>.weight`` ``(out, in)`` transposed: then names and
+    reshape are right, and an adapter exported with the map computes in torch what it computes
+    in JAX.
 
     Args:
       module_map: the map to check.
