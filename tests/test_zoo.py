@@ -1,9 +1,10 @@
 """Module names as data (minilora_jax.io.zoo) and the Tunix -> PEFT -> transformers recipes.
 
-The fast tests check the map rule and the exact reshape of multi-axis kernels with numpy
-oracles. The slow ones build a tiny random Hugging Face model (nothing is downloaded), load it
-with Tunix's own safetensors loader, and compare our adapters with PEFT's on the torch model,
-both ways; they are skipped when tunix is not installed (the `zoo` extra).
+The fast tests check the map rule, the exact reshape of multi-axis kernels and fused kernels
+(one kernel, several torch modules) with numpy oracles. The slow ones build a tiny random
+Hugging Face model (nothing is downloaded), load it with Tunix's own safetensors loader, and
+compare our adapters with PEFT's on the torch model, both ways; they are skipped when tunix is
+not installed (the `zoo` extra).
 """
 
 import json
