@@ -1,0 +1,252 @@
+"""LoRA on lookup tables (embeddings): ``emb[ids]``, ``jnp.take``, Flax/NNX ``Embed``, equinox
+``Embedding``, haiku ``Embed``, and tied tables (one table looked up and contracted as
+``x @ emb.T``).
+
+For each family, with A and B randomised: the wrapped call equals the merged model, gradients
+with respect to the adapters equal the chain rule through the merged table, no equation of the
+forward or gradient program makes a ``V x D`` array by arithmetic (only the base table and its
+transposes have that shape), and the adapter has PEFT's parameter count ``r (V + D)``. V, D and
+every activation size differ, so a ``V x D`` shape can only be the table's.
+"""
+
+import json
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from toy_models import all_eqns
+
+import minilora_jax as mlj
+
+V, D, RANK = 13, 6, 2
+IDS = jnp.array([[1, 4, 12, 0, 7], [3, 3, 9, 11, 2], [5, 6, 8, 10, 1]])  # (3, 5)
+# Equations that only move the table's entries: the one way a V x D array may be made.
+_MOVES = {"transpose", "convert_element_type", "copy", "copy_p", "jit", "pjit", "closed_call",
+          "checkpoint", "remat", "remat2", "reshape", "broadcast_in_dim"}
+
+
+def randomize(tree, key):
+    """Every adapter's A and B random (init leaves one of them zero)."""
+    nodes = [x for x in jax.tree.leaves(tree, is_leaf=mlj.is_lora) if mlj.is_lora(x)]
+    keys = iter(jax.random.split(key, 2 * len(nodes)))
+
+    def fill(x):
+        if not mlj.is_lora(x):
+            return x
+        a = 0.5 * jax.random.normal(next(keys), x.lora_a.shape, x.lora_a.dtype)
+        return x.replace(lora_a=a, lora_b=0.5 * jax.random.normal(next(keys), x.lora_b.shape))
+
+    return jax.tree.map(fill, tree, is_leaf=mlj.is_lora)
+
+
+def assert_no_table_sized_arithmetic(closed_jaxpr):
+    for eqn in all_eqns(closed_jaxpr.jaxpr):
+        for var in eqn.outvars:
+            shape = tuple(getattr(var.aval, "shape", ()))
+            if shape in {(V, D), (D, V)}:
+                assert eqn.primitive.name in _MOVES, eqn
+
+
+def check(f, params, lp, ids=IDS):
+    """wrap == merge (eager and jit), adapters matter, gradients by the chain rule, no V x D
+    arithmetic forward or backward."""
+    y = mlj.wrap(f)(lp, ids)
+    merged = f(mlj.merge(lp), ids)
+    chex.assert_trees_all_close(y, merged, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(jax.jit(mlj.wrap(f))(lp, ids), merged, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(y, f(params, ids), atol=1e-3)  # the adapters must matter
+    adapters, base = mlj.split(lp)
+    loss = lambda a: jnp.sum(jnp.sin(mlj.wrap(f)(mlj.combine(a, base), ids)))  # noqa: E731
+    oracle = lambda a: jnp.sum(jnp.sin(f(mlj.merge(mlj.combine(a, base)), ids)))  # noqa: E731
+    chex.assert_trees_all_close(jax.jit(jax.grad(loss))(adapters), jax.grad(oracle)(adapters),
+                                rtol=1e-5, atol=1e-6)
+    assert_no_table_sized_arithmetic(jax.make_jaxpr(lambda t: mlj.wrap(f)(t, ids))(lp))
+    assert_no_table_sized_arithmetic(jax.make_jaxpr(jax.grad(loss))(adapters))
+
+
+def _table(key=1, shape=(V, D)):
+    return jax.random.normal(jax.random.key(key), shape)
+
+
+def _emb_layer(p, h):
+    return jnp.tanh(h @ p["w"])
+
+
+PLAIN = {
+    "emb[ids]": lambda p, ids: _emb_layer(p, p["emb"][ids]),
+    "jnp.take(axis=0)": lambda p, ids: _emb_layer(p, jnp.take(p["emb"], ids, axis=0)),
+    "jnp.take(mode='clip')": lambda p, ids: _emb_layer(p, jnp.take(p["emb"], ids, axis=0,
+                                                                   mode="clip")),
+    "tied: emb[ids] and x @ emb.T": lambda p, ids: _emb_layer(p, p["emb"][ids]) @ p["emb"].T,
+    "tied inside lax.scan": lambda p, ids: jax.lax.scan(
+        lambda h, w: (jnp.tanh(h @ w), None), p["emb"][ids], p["ws"])[0] @ p["emb"].T,
+    "tied under jit and checkpoint": jax.jit(jax.checkpoint(
+        lambda p, ids: _emb_layer(p, p["emb"][ids]) @ p["emb"].T)),
+}
+
+
+def _plain(name):
+    params = {"emb": _table(), "w": _table(2, (D, D)) / 2, "ws": _table(3, (4, D, D)) / 2}
+    f = PLAIN[name]
+    lp = mlj.init(params, jax.random.key(7), rank=RANK, alpha=3.0, targets="^emb$",
+                  apply_fn=f, args=(IDS,))
+    return f, params, randomize(lp, jax.random.key(8))
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN))
+def test_plain_function_lookups(name):
+    f, params, lp = _plain(name)
+    node = lp["emb"]
+    assert node.layout == mlj.Layout((0,), (1,), gathered=True)
+    assert (node.lora_a.shape, node.lora_b.shape) == ((V, RANK), (RANK, D))
+    check(f, params, lp)
+
+
+def test_a_table_stored_transposed_is_gathered_along_its_vocabulary_axis():
+    f = lambda p, ids: jnp.tanh(jnp.moveaxis(jnp.take(p["embT"], ids, axis=1), 0, -1)  # noqa: E731
+                                @ p["w"])
+    params = {"embT": _table(1, (D, V)), "w": _table(2, (D, D)) / 2}
+    lp = mlj.init(params, jax.random.key(7), rank=RANK, targets="embT", apply_fn=f, args=(IDS,))
+    assert lp["embT"].layout == mlj.Layout((1,), (0,), gathered=True)
+    check(f, params, randomize(lp, jax.random.key(8)))
+
+
+def test_init_follows_peft_for_embeddings_and_counts_as_peft():
+    """PEFT's Embedding starts A at zero and draws B ~ N(0, 1), so the lookup starts unchanged;
+    its trainable count is r (V + D)."""
+    f, params, _ = _plain("emb[ids]")
+    lp = mlj.init(params, jax.random.key(7), rank=RANK, targets="^emb$", init="peft",
+                  apply_fn=f, args=(IDS,))
+    node = lp["emb"]
+    assert not np.any(node.lora_a) and np.all(node.lora_b != 0)
+    assert 0.5 < float(jnp.std(node.lora_b)) < 1.6
+    np.testing.assert_array_equal(mlj.wrap(f)(lp, IDS), f(params, IDS))
+    assert mlj.summary(lp).trainable == RANK * (V + D)
+    assert "gathered (13,) out (6,)" in str(mlj.summary(lp))
+
+
+def test_out_of_range_ids_behave_as_the_base_lookup():
+    """jnp's own semantics for ids past the table: NaN rows for take's default 'fill', clamped
+    rows for 'clip' and for emb[ids]; negative ids count from the end. The adapted rows do the
+    same as the merged table's."""
+    bad = jnp.array([[V, -1, V + 5, 0, -V]])
+    for name in ("emb[ids]", "jnp.take(axis=0)", "jnp.take(mode='clip')"):
+        f, _, lp = _plain(name)
+        y, merged = mlj.wrap(f)(lp, bad), f(mlj.merge(lp), bad)
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(merged))
+        chex.assert_trees_all_close(jnp.nan_to_num(y), jnp.nan_to_num(merged), rtol=1e-5,
+                                    atol=1e-6)
+        if name == "jnp.take(axis=0)":
+            assert np.isnan(y[0, 0]).all() and not np.isnan(y[0, 1]).any()
+
+
+def test_tied_table_has_one_record_and_merge_round_trips():
+    f, params, lp = _plain("tied: emb[ids] and x @ emb.T")
+    kernels, _ = mlj.find_kernels(params, f, (IDS,))
+    assert kernels["emb"].layout == mlj.Layout((0,), (1,), gathered=True)
+    back = mlj.unmerge(mlj.merge(lp), mlj.split(lp)[0])
+    chex.assert_trees_all_close(back["emb"].kernel, params["emb"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_gather_that_is_not_a_row_lookup_raises_naming_it():
+    f = lambda p, ids: p["emb"][ids, ids % D] @ jnp.ones((3, 5)).T  # noqa: E731
+    lp = {"emb": mlj.Lora(_table(), jnp.ones((V, RANK)), jnp.ones((RANK, D)), 1.0,
+                          mlj.Layout((0,), (1,), gathered=True))}
+    with pytest.raises(mlj.AdapterNotAppliedError, match="'gather' that is not a lookup"):
+        mlj.wrap(f)(lp, IDS)
+
+
+def test_dora_on_a_lookup_table_is_refused():
+    f, params, _ = _plain("emb[ids]")
+    with pytest.raises(ValueError, match="DoRA on embeddings is not implemented"):
+        mlj.init(params, jax.random.key(7), rank=RANK, targets="^emb$", dora=True,
+                 apply_fn=f, args=(IDS,))
+
+
+# -- families ----------------------------------------------------------------------------------
+
+
+class LinenTied(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(V, D, name="embed")
+        h = jnp.tanh(nn.Dense(D, use_bias=False, name="mix")(embed(ids)))
+        return embed.attend(h)
+
+
+class NnxTied(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(V, D, rngs=rngs)
+        self.mix = nnx.Linear(D, D, use_bias=False, rngs=rngs)
+
+    def __call__(self, ids):
+        return self.embed.attend(jnp.tanh(self.mix(self.embed(ids))))
+
+
+def test_linen_embed_tied_with_attend():
+    model = LinenTied()
+    params = model.init(jax.random.key(0), IDS)
+    f = lambda p, ids: model.apply(p, ids)  # noqa: E731
+    lp = mlj.init(params, jax.random.key(1), rank=RANK, targets=["embedding", "mix"],
+                  apply_fn=f, args=(IDS,))
+    assert lp["params"]["embed"]["embedding"].layout.gathered
+    check(f, params, randomize(lp, jax.random.key(2)))
+
+
+def test_nnx_embed_tied_with_attend():
+    graphdef, state = nnx.split(NnxTied(nnx.Rngs(0)))
+    f = lambda s, ids: nnx.merge(graphdef, s)(ids)  # noqa: E731
+    lp = mlj.init(state, jax.random.key(1), rank=RANK, targets="embedding", apply_fn=f,
+                  args=(IDS,))
+    check(f, state, randomize(lp, jax.random.key(2)))
+
+
+def test_equinox_embedding_vmapped():
+    eqx = pytest.importorskip("equinox")
+    emb = eqx.nn.Embedding(V, D, key=jax.random.key(0))
+    lin = eqx.nn.Linear(D, D, use_bias=False, key=jax.random.key(1))
+    model = (emb, lin)
+    f = lambda m, ids: jax.vmap(jax.vmap(lambda i: jnp.tanh(m[1](m[0](i)))))(ids)  # noqa: E731
+    lp = mlj.init(model, jax.random.key(1), rank=RANK, targets="^0/weight$", apply_fn=f,
+                  args=(IDS,))
+    assert lp[0].weight.layout == mlj.Layout((0,), (1,), gathered=True)
+    check(f, model, randomize(lp, jax.random.key(2)))
+
+
+def test_haiku_embed():
+    hk = pytest.importorskip("haiku")
+    net = hk.without_apply_rng(hk.transform(
+        lambda ids: jnp.tanh(hk.Linear(D, with_bias=False)(hk.Embed(V, D)(ids)))))
+    params = net.init(jax.random.key(0), IDS)
+    lp = mlj.init(params, jax.random.key(1), rank=RANK, targets="embeddings",
+                  apply_fn=net.apply, args=(IDS,))
+    check(net.apply, params, randomize(lp, jax.random.key(2)))
+
+
+def test_checkpoint_round_trip_of_an_embedding_adapter(tmp_path):
+    f, params, lp = _plain("tied: emb[ids] and x @ emb.T")
+    mlj.save_adapters(tmp_path / "ckpt", lp)
+    back = mlj.load_adapters(tmp_path / "ckpt", params)
+    assert back["emb"].layout == lp["emb"].layout
+    np.testing.assert_array_equal(mlj.wrap(f)(back, IDS), mlj.wrap(f)(lp, IDS))
+    info = json.loads((tmp_path / "ckpt" / "minilora.json").read_text())
+    assert info["format_version"] == 7
+    assert info["adapters"]["emb"]["layout"]["gathered"] is True
+
+
+def test_a_gathered_layout_in_an_older_format_is_refused(tmp_path):
+    _, params, lp = _plain("emb[ids]")
+    mlj.save_adapters(tmp_path / "ckpt", lp)
+    doc = tmp_path / "ckpt" / "minilora.json"
+    info = json.loads(doc.read_text())
+    info["format_version"] = 6
+    from minilora_jax.io import checkpoint
+
+    info["checksum"] = checkpoint._checksum(info)
+    doc.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="format_version 7 introduced"):
+        mlj.load_adapters(tmp_path / "ckpt", params)
