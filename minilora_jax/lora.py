@@ -344,6 +344,11 @@ class Lora:
                 f"lora_b (*batch, r, *out), e.g. {want_a} and {want_b}; got lora_a "
                 f"{tuple(self.lora_a.shape)} and lora_b {tuple(self.lora_b.shape)}"
             )
+        if self.magnitude is not None and self.layout.gathered:
+            raise ValueError(
+                f"{where} is DoRA on a lookup table ({self.layout}): DoRA on embeddings is not "
+                "implemented; use plain LoRA there"
+            )
         if self.magnitude is not None:
             want_m = magnitude_shape(self.layout, kernel_shape)
             got_m = tuple(getattr(self.magnitude, "shape", ()))

@@ -250,3 +250,141 @@ def test_a_gathered_layout_in_an_older_format_is_refused(tmp_path):
     doc.write_text(json.dumps(info))
     with pytest.raises(ValueError, match="format_version 7 introduced"):
         mlj.load_adapters(tmp_path / "ckpt", params)
+
+
+# -- PEFT files ----------------------------------------------------------------------------------
+
+NAMES = {"embed": "embed", "proj": "proj", "head": "head"}  # the torch twin's module names
+
+
+def twin_fn(p, ids):
+    """A torch-twin-able model: Embedding(V, D) -> Linear(D, D) -> tanh -> Linear(D, 4)."""
+    h = jnp.tanh(p["embed"]["embedding"][ids] @ p["proj"]["kernel"] + p["proj"]["bias"])
+    return h @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+def _twin_base(seed=0):
+    rng = np.random.default_rng(seed)
+    dense = lambda i, o: {"kernel": (rng.normal(size=(i, o)) / np.sqrt(i)).astype(np.float32),  # noqa: E731
+                          "bias": (0.1 * rng.normal(size=o)).astype(np.float32)}
+    return {"embed": {"embedding": rng.normal(size=(V, D)).astype(np.float32)},
+            "proj": dense(D, D), "head": dense(D, 4)}
+
+
+def _twin_trained(base, train_full="head"):
+    params = mlj.init(base, jax.random.key(1), rank=RANK, alpha=3.0, targets=["embed", "proj"],
+                      train_full=train_full, apply_fn=twin_fn, args=(IDS,))
+    params = randomize(params, jax.random.key(2))
+    move = lambda x: mlj.Full(x.value + 0.3) if mlj.is_full(x) else x  # noqa: E731
+    return jax.tree.map(move, params, is_leaf=mlj.is_full)
+
+
+def test_peft_files_name_embedding_adapters_as_peft_and_round_trip(tmp_path):
+    base = _twin_base()
+    params = _twin_trained(base)
+    mlj.peft.save(tmp_path, params, module_names=NAMES)
+    tensors = mlj.peft.read_safetensors(tmp_path / "adapter_model.safetensors")
+    assert sorted(tensors) == sorted(
+        ["base_model.model.embed.lora_embedding_A", "base_model.model.embed.lora_embedding_B",
+         "base_model.model.proj.lora_A.weight", "base_model.model.proj.lora_B.weight",
+         "base_model.model.head.weight", "base_model.model.head.bias"])
+    node = params["embed"]["embedding"]
+    np.testing.assert_array_equal(tensors["base_model.model.embed.lora_embedding_A"],
+                                  np.asarray(node.lora_a).T)  # (r, V)
+    np.testing.assert_array_equal(tensors["base_model.model.embed.lora_embedding_B"],
+                                  np.asarray(node.lora_b).T)  # (D, r)
+    loaded = mlj.peft.load(tmp_path, base, module_names=NAMES, apply_fn=twin_fn, args=(IDS,))
+    assert loaded["embed"]["embedding"].layout.gathered
+    np.testing.assert_array_equal(mlj.wrap(twin_fn)(loaded, IDS), mlj.wrap(twin_fn)(params, IDS))
+    # The leaf must be a lookup table: read as a contraction, the embedding module is refused.
+    def as_dense(p, ids):  # the same model, its lookup written as a one-hot contraction
+        h = jax.nn.one_hot(ids, V) @ p["embed"]["embedding"] @ p["proj"]["kernel"]
+        return jnp.tanh(h + p["proj"]["bias"]) @ p["head"]["kernel"] + p["head"]["bias"]
+
+    with pytest.raises(ValueError, match=r"'embed' is an Embedding's .* contracted by the"):
+        mlj.peft.load(tmp_path, base, module_names=NAMES, apply_fn=as_dense, args=(IDS,))
+    with pytest.raises(ValueError, match="MiniMind's LoRA files hold Linear adapters only"):
+        only = mlj.init(base, jax.random.key(0), rank=RANK, targets="embed", apply_fn=twin_fn,
+                        args=(IDS,))
+        mlj.minimind.save_minimind_lora(tmp_path / "m.safetensors", only)
+
+
+def test_peft_dora_on_an_embedding_is_refused(tmp_path):
+    base = _twin_base()
+    mlj.peft.save(tmp_path, _twin_trained(base, train_full=None), module_names=NAMES)
+    file = tmp_path / "adapter_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "use_dora": True}))
+    with pytest.raises(ValueError, match="DoRA on embeddings is not implemented"):
+        mlj.peft.load(tmp_path, base, module_names=NAMES, apply_fn=twin_fn, args=(IDS,))
+    # and on the way out (init makes none, but a node can be built by hand)
+    node = mlj.Lora(jnp.ones((V, D)), jnp.ones((V, RANK)), jnp.ones((RANK, D)), 1.0,
+                    mlj.Layout((0,), (1,), gathered=True), magnitude=jnp.ones(D))
+    with pytest.raises(ValueError, match="DoRA on embeddings is not implemented"):
+        mlj.peft.to_torch({"embed": {"embedding": node}})
+
+
+def _torch_twin(base):
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class Twin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.proj, self.head = nn.Embedding(V, D), nn.Linear(D, D), nn.Linear(D, 4)
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.proj(self.embed(ids))))
+
+    twin = Twin()
+    state = {"embed.weight": torch.from_numpy(base["embed"]["embedding"])}
+    for m in ("proj", "head"):
+        state[f"{m}.weight"] = torch.from_numpy(np.array(base[m]["kernel"].T))
+        state[f"{m}.bias"] = torch.from_numpy(base[m]["bias"])
+    twin.load_state_dict(state)
+    return twin.eval()
+
+
+def _torch_out(model):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(np.array(IDS))).numpy()
+
+
+@pytest.mark.slow
+def test_peft_saved_embedding_adapters_load_with_peft_logits(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    base = _twin_base()
+    twin = _torch_twin(base)
+    np.testing.assert_allclose(_torch_out(twin), twin_fn(base, IDS), rtol=1e-4, atol=1e-5)
+    config = peft.LoraConfig(r=RANK, lora_alpha=3, target_modules=["embed", "proj"],
+                             modules_to_save=["head"])
+    torch.manual_seed(0)
+    model = peft.get_peft_model(twin, config).eval()
+    with torch.no_grad():  # A of the embedding starts at zero and B of the Linear: move both
+        for name, weight in model.named_parameters():
+            if "lora_embedding_A" in name or "lora_B" in name or "modules_to_save" in name:
+                weight.add_(0.3 * torch.randn_like(weight))
+    model.save_pretrained(str(tmp_path))
+    expected = _torch_out(model)
+    loaded = mlj.peft.load(tmp_path, base, module_names=NAMES, apply_fn=twin_fn, args=(IDS,))
+    assert loaded["embed"]["embedding"].layout.gathered
+    ours = np.asarray(mlj.wrap(twin_fn)(loaded, IDS))
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
+    assert np.abs(ours - _torch_out(_torch_twin(base))).max() > 1e-2  # the adapters matter
+
+
+@pytest.mark.slow
+def test_our_embedding_adapters_load_in_peft_with_our_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = _twin_base()
+    params = _twin_trained(base)
+    mlj.peft.save(tmp_path, params, module_names=NAMES)
+    model = peft.PeftModel.from_pretrained(_torch_twin(base), str(tmp_path)).eval()
+    got = _torch_out(model)
+    np.testing.assert_allclose(got, np.asarray(mlj.wrap(twin_fn)(params, IDS)), rtol=1e-4,
+                               atol=1e-5)
+    assert np.abs(got - _torch_out(_torch_twin(base))).max() > 1e-2
+    assert type(model.base_model.model.embed).__name__ == "Embedding"  # PEFT's LoRA Embedding
+    assert model.base_model.model.embed.lora_embedding_A["default"].shape == (RANK, V)
