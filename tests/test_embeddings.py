@@ -84,6 +84,9 @@ PLAIN = {
     "tied: emb[ids] and x @ emb.T": lambda p, ids: _emb_layer(p, p["emb"][ids]) @ p["emb"].T,
     "tied inside lax.scan": lambda p, ids: jax.lax.scan(
         lambda h, w: (jnp.tanh(h @ w), None), p["emb"][ids], p["ws"])[0] @ p["emb"].T,
+    "lookup inside a lax.scan body": lambda p, ids: jax.lax.scan(
+        lambda c, i: (jnp.tanh(c + p["emb"][i]), _emb_layer(p, p["emb"][i] + c)),
+        jnp.zeros((3, D)), ids.T)[1],
     "tied under jit and checkpoint": jax.jit(jax.checkpoint(
         lambda p, ids: _emb_layer(p, p["emb"][ids]) @ p["emb"].T)),
 }
@@ -388,3 +391,48 @@ def test_our_embedding_adapters_load_in_peft_with_our_logits(tmp_path):
     assert np.abs(got - _torch_out(_torch_twin(base))).max() > 1e-2
     assert type(model.base_model.model.embed).__name__ == "Embedding"  # PEFT's LoRA Embedding
     assert model.base_model.model.embed.lora_embedding_A["default"].shape == (RANK, V)
+
+
+@pytest.mark.slow  # compiles a training step (about 25 s on one core)
+def test_recipe_lora_on_embeddings_with_the_lm_head_trained_whole():
+    """The README recipe: LoRA on the embedding table and a Dense layer, the LM head trained
+    whole (PEFT's modules_to_save), a few optax steps."""
+    optax = pytest.importorskip("optax")
+
+    class TinyLM(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            h = nn.Embed(100, 32, name="embed")(ids)
+            h = h + nn.Dense(32, name="mix")(nn.gelu(h))
+            return nn.Dense(100, name="lm_head")(h)
+
+    model = TinyLM()
+    ids = jax.random.randint(jax.random.key(5), (4, 9), 0, 100)
+    params = model.init(jax.random.key(0), ids)
+    apply = lambda p, ids: model.apply(p, ids)  # noqa: E731
+    lora = mlj.init(params, jax.random.key(1), rank=4, targets=["embedding", "mix"],
+                    train_full="lm_head", apply_fn=apply, args=(ids,))
+    assert lora["params"]["embed"]["embedding"].layout.gathered
+    adapters, base = mlj.split(lora)
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(adapters)
+
+    @jax.jit
+    def step(adapters, opt_state):
+        def loss_fn(a):
+            logits = mlj.wrap(apply)(mlj.combine(a, base), ids[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(adapters)
+        updates, opt_state = tx.update(grads, opt_state, adapters)
+        return optax.apply_updates(adapters, updates), opt_state, loss
+
+    losses = []
+    for _ in range(5):
+        adapters, opt_state, loss = step(adapters, opt_state)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    trained = mlj.combine(adapters, base)
+    assert np.any(trained["params"]["embed"]["embedding"].lora_a != 0)  # A left zero init
+    chex.assert_trees_all_close(mlj.wrap(apply)(trained, ids), apply(mlj.merge(trained), ids),
+                                rtol=1e-5, atol=1e-5)
