@@ -436,3 +436,9 @@ def test_recipe_lora_on_embeddings_with_the_lm_head_trained_whole():
     assert np.any(trained["params"]["embed"]["embedding"].lora_a != 0)  # A left zero init
     chex.assert_trees_all_close(mlj.wrap(apply)(trained, ids), apply(mlj.merge(trained), ids),
                                 rtol=1e-5, atol=1e-5)
+
+
+def test_a_bank_of_embedding_adapters_is_refused_when_stacked():
+    _, _, lp = _plain("tied: emb[ids] and x @ emb.T")
+    with pytest.raises(ValueError, match="adapter banks on embeddings are not implemented"):
+        mlj.bank.stack([lp, lp])
