@@ -103,7 +103,11 @@ a lookup table (``emb[ids]``, ``nn.Embed``: `minilora_jax.Layout.gathered`, read
 ``apply_fn``), whose ``lora_a`` ``(V, r)`` and ``lora_b`` ``(r, D)`` are the two tensors
 transposed, as for a Linear; `TorchAdapter.embedding` says which kind a module is, and a module
 whose kind differs from its leaf's is refused. DoRA on an Embedding (PEFT has it) is refused
-both ways, naming the module.
+both ways, naming the module. A *tied* table (looked up and also contracted as ``x @ emb.T``):
+`minilora_jax.wrap` applies its one adapter at both uses (as `minilora_jax.merge` does), while
+PEFT applies an Embedding's adapter at the lookup only, unless the LM head is also targeted with
+``ensure_weight_tying`` (which this module does not write or read yet); the files carry the
+Embedding's adapter, so a tied model's logits in PEFT match ours only for the lookup's share.
 
 Tensors other than ``lora_A.weight``/``lora_B.weight`` and ``lora_embedding_A``/``_B`` pairs,
 DoRA's ``lora_magnitude_vector`` and the parameters of ``modules_to_save`` modules (biases) are
