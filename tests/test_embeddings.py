@@ -391,6 +391,10 @@ def test_our_embedding_adapters_load_in_peft_with_our_logits(tmp_path):
     assert np.abs(got - _torch_out(_torch_twin(base))).max() > 1e-2
     assert type(model.base_model.model.embed).__name__ == "Embedding"  # PEFT's LoRA Embedding
     assert model.base_model.model.embed.lora_embedding_A["default"].shape == (RANK, V)
+    # The same trainable count for the Embedding's adapter as PEFT's: r (V + D).
+    peft_count = sum(w.numel() for n, w in model.named_parameters() if "lora_embedding" in n)
+    node = params["embed"]["embedding"]
+    assert peft_count == node.lora_a.size + node.lora_b.size == RANK * (V + D)
 
 
 @pytest.mark.slow  # compiles a training step (about 25 s on one core)
