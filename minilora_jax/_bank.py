@@ -92,6 +92,12 @@ def stack(trees: Sequence[Any]) -> Any:
             out.append(base)
             continue
         first = next(iter(adapters.values()))
+        if first.layout.gathered:
+            raise ValueError(
+                f"the adapter at '{path}' is on a lookup table (an embedding, {first.layout}); "
+                "adapter banks on embeddings are not implemented: leave it out of the trees "
+                "stacked (or merge it into the base first)"
+            )
         for i, node in adapters.items():
             if node.kernel is None:
                 raise ValueError(

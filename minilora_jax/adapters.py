@@ -124,11 +124,11 @@ def find_kernels(
         elif record.other:
             uses = ", ".join(sorted(set(record.other)))
             others[path] = (shape, f"the program uses it in {uses}, which an adapter cannot follow")
-        elif len(record.layouts) > 1:
+        elif record.layout() is not None:
+            kernels[path] = Kernel(shape, leaf.dtype, record.layout())
+        elif record.layouts:
             ways = "; ".join(str(lay) for lay in sorted(record.layouts, key=str))
             others[path] = (shape, f"the program contracts it in more than one way: {ways}")
-        elif record.layouts:
-            kernels[path] = Kernel(shape, leaf.dtype, next(iter(record.layouts)))
         else:
             others[path] = (shape, "the program never contracts it with an input")
     if layouts is not None:
@@ -309,7 +309,9 @@ def init(
       exclude: kernels to leave alone, same forms as ``targets``.
       init: ``"minimind"`` (A ~ N(0, 0.02²)), ``"peft"`` (A ~ U(±1/sqrt(d_in)), as PyTorch's
         kaiming-uniform with a=sqrt(5)), ``"gaussian"`` (A ~ N(0, 1/r²)), or a callable
-        ``(key, shape, dtype) -> array``. B is always zero.
+        ``(key, shape, dtype) -> array``. B is always zero, except on a lookup table (an
+        embedding, `Layout.gathered`), where as in PEFT's ``Embedding`` A is zero and B is
+        drawn: N(0, 1) for ``"peft"`` and ``"gaussian"``, the given initializer otherwise.
       rslora: use the rank-stabilised scale ``alpha / sqrt(r)``.
       dora: make DoRA adapters (Liu et al., 2024, PEFT's ``use_dora``): each node also gets a
         trainable ``magnitude`` ``(*batch, *out)`` in ``dtype``, initialised to the kernel's
@@ -432,6 +434,26 @@ def init(
             raise ValueError(f"alpha {a!r} for '{path}' must be a finite number")
         scale = float(a) / math.sqrt(r) if rslora else float(a) / r
         a_shape, b_shape = layout.a_shape(shape, r), layout.b_shape(shape, r)
+        if layout.gathered:
+            # PEFT's Embedding: A zero, B drawn (N(0, 1) for "peft" and "gaussian", as PEFT
+            # does for every init_lora_weights), so the lookup starts unchanged.
+            if dora:
+                raise ValueError(
+                    f"init(dora=True): '{path}' {shape} is a lookup table ({layout}); DoRA on "
+                    "embeddings is not implemented: exclude it (exclude=) or use plain LoRA"
+                )
+            spec = init if init not in ("peft", "gaussian") else (
+                lambda key, shape, dtype: jax.random.normal(key, shape, dtype))
+            lora_b = _initializer(spec, r, d_in)(keys[path], b_shape, dtype)
+            if tuple(lora_b.shape) != b_shape:
+                raise ValueError(
+                    f"init for '{path}' returned shape {tuple(lora_b.shape)}, expected {b_shape}"
+                )
+            node = Lora(leaf, jnp.zeros(a_shape, dtype), jnp.asarray(lora_b, dtype), scale,
+                        layout)
+            node.check(path)
+            leaves[index[path]] = node
+            continue
         lora_a = _initializer(init, r, d_in)(keys[path], a_shape, dtype)
         if tuple(lora_a.shape) != a_shape:
             raise ValueError(

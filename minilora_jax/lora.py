@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Layout:
     """Which kernel axes are input, output and batch axes.
 
@@ -44,6 +44,14 @@ class Layout:
       in_axes: axes contracted with the layer's input, in the order the kernel stores them.
       out_axes: axes that appear in the layer's output.
       batch_axes: axes that index separate matrices (stacked layers, heads, experts).
+      gathered: the kernel is a lookup table (an embedding): the program gathers rows of it
+        along its one in axis (the vocabulary, ``V``) instead of contracting that axis, and the
+        out axes (``D``) are the looked-up row. A lookup of id ``v`` is the contraction of a
+        one-hot ``v`` with the table, so the adapter is the same ``lora_a (*batch, V, r)``,
+        ``lora_b (*batch, r, *D)`` as for a contraction; only ``init`` (PEFT's embedding init)
+        and the PEFT files (``lora_embedding_A``/``_B``) treat it differently. A tied table
+        may also be contracted over ``D`` (``x @ emb.T``): that use reads the same adapter with
+        the roles of A and B swapped (`Layout.agrees`).
 
     Example:
       >>> Layout.dense()  # Flax's (in, out) kernel
@@ -55,8 +63,21 @@ class Layout:
     in_axes: tuple[int, ...]
     out_axes: tuple[int, ...]
     batch_axes: tuple[int, ...] = ()
+    gathered: bool = False
+
+    def __repr__(self) -> str:
+        text = (f"Layout(in_axes={self.in_axes!r}, out_axes={self.out_axes!r}, "
+                f"batch_axes={self.batch_axes!r}")
+        return text + (", gathered=True)" if self.gathered else ")")
 
     def __post_init__(self) -> None:
+        if not isinstance(self.gathered, bool):
+            raise TypeError(f"Layout.gathered must be a bool, got {self.gathered!r}")
+        if self.gathered and len(self.in_axes) != 1:
+            raise ValueError(
+                f"a gathered Layout (a lookup table) has exactly one in axis, the one the program "
+                f"gathers along: {self}"
+            )
         for name in ("in_axes", "out_axes", "batch_axes"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or not all(
@@ -104,8 +125,35 @@ class Layout:
 
     def describe(self, shape: tuple[int, ...]) -> str:
         batch, ins, outs = self.sizes(shape)
-        text = f"in {ins} out {outs}"
+        text = f"{'gathered' if self.gathered else 'in'} {ins} out {outs}"
         return text + (f" batch {batch}" if batch else "")
+
+    def contracted(self) -> Layout:
+        """The same axes as a contraction (``gathered`` False): how ``onehot(ids) @ table``
+        reads a lookup table."""
+        return dataclasses.replace(self, gathered=False)
+
+    def swapped(self) -> Layout:
+        """In and out axes exchanged, as a contraction: how ``x @ table.T`` (a tied LM head)
+        reads a lookup table ``(V, D)``: ``D`` contracted, ``V`` produced."""
+        return Layout(self.out_axes, self.in_axes, self.batch_axes)
+
+    def agrees(self, read: Layout) -> str | None:
+        """How a program's use ``read`` of a kernel with this (gathered) layout applies its
+        adapter: ``"same"`` (the lookup itself, or a contraction over the vocabulary axis),
+        ``"swapped"`` (a contraction over the out axes: the tied LM head, ``x @ emb.T``), or
+        None when the two disagree.
+
+        Example:
+          >>> emb = Layout((0,), (1,), gathered=True)  # a (V, D) table
+          >>> emb.agrees(Layout((1,), (0,))), emb.agrees(emb), emb.agrees(Layout((0, 1), (2,)))
+          ('swapped', 'same', None)
+        """
+        if read == self or (self.gathered and read == self.contracted()):
+            return "same"
+        if self.gathered and read == self.swapped():
+            return "swapped"
+        return None
 
     def batched_outs(self, read: Layout) -> tuple[int, ...] | None:
         """The axes this (declared) layout holds as batch axes where ``read``, the way a
@@ -133,21 +181,30 @@ class Layout:
             return None
         return extra
 
-    def to_json(self) -> dict[str, list[int]]:
-        return {
+    def to_json(self) -> dict[str, Any]:
+        """``{"in", "out", "batch"}`` lists, and ``"gathered": true`` for a lookup table only
+        (so a contraction's layout reads as it always has)."""
+        data: dict[str, Any] = {
             "in": list(self.in_axes),
             "out": list(self.out_axes),
             "batch": list(self.batch_axes),
         }
+        if self.gathered:
+            data["gathered"] = True
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> Layout:
-        if not isinstance(data, dict) or set(data) != {"in", "out", "batch"}:
+        keys = {"in", "out", "batch"}
+        if not isinstance(data, dict) or not keys <= set(data) <= keys | {"gathered"} or (
+                "gathered" in data and data["gathered"] is not True):
             raise ValueError(
-                f"a layout is {{'in': [...], 'out': [...], 'batch': [...]}}, got {data!r}"
+                f"a layout is {{'in': [...], 'out': [...], 'batch': [...]}} (and 'gathered': "
+                f"true for a lookup table), got {data!r}"
             )
         try:
-            return cls(tuple(data["in"]), tuple(data["out"]), tuple(data["batch"]))
+            return cls(tuple(data["in"]), tuple(data["out"]), tuple(data["batch"]),
+                       gathered="gathered" in data)
         except TypeError as e:
             raise ValueError(str(e)) from e
 
@@ -286,6 +343,11 @@ class Lora:
                 f"({self.layout.describe(kernel_shape)}): it needs lora_a (*batch, *in, r) and "
                 f"lora_b (*batch, r, *out), e.g. {want_a} and {want_b}; got lora_a "
                 f"{tuple(self.lora_a.shape)} and lora_b {tuple(self.lora_b.shape)}"
+            )
+        if self.magnitude is not None and self.layout.gathered:
+            raise ValueError(
+                f"{where} is DoRA on a lookup table ({self.layout}): DoRA on embeddings is not "
+                "implemented; use plain LoRA there"
             )
         if self.magnitude is not None:
             want_m = magnitude_shape(self.layout, kernel_shape)

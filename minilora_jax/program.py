@@ -13,7 +13,9 @@ so ``kernel + A @ B`` is never formed, forward or backward.
 
 Only public JAX APIs are used: ``jax.make_jaxpr``, ``jax.core.eval_jaxpr`` for the untouched
 parts of the program, the ``jax.extend.core`` types, and ``jax.lax`` / ``jax.checkpoint`` to
-rebuild control flow. A kernel used by any other operation (an embedding lookup, an elementwise
+rebuild control flow. A lookup of whole rows (``emb[ids]``, an embedding) is followed too: the
+table's layout records the gathered axis (`Layout.gathered`) and ``wrap`` adds the rows of the
+low-rank update (`minilora_jax._lookup`). A kernel used by any other operation (an elementwise
 product, a custom-gradient function, a loop carry) is reported, never guessed at.
 """
 
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minilora_jax import _jax, _views
+from minilora_jax import _jax, _lookup, _views
 from minilora_jax._tree import flatten
 from minilora_jax.lora import Layout, is_adapter, is_bank, is_full
 
@@ -93,6 +95,20 @@ class Record:
 
     layouts: set[Layout] = dataclasses.field(default_factory=set)
     other: list[str] = dataclasses.field(default_factory=list)
+
+    def layout(self) -> Layout | None:
+        """The one layout every use agrees on; None if there is no use or they disagree.
+
+        A lookup table used by a lookup and by contractions (a tied embedding: ``emb[ids]``
+        and ``x @ emb.T``) has one record: the lookup's layout, which every contraction must
+        read as it does or with in and out swapped (`Layout.agrees`).
+        """
+        if len(self.layouts) == 1:
+            return next(iter(self.layouts))
+        gathered = [lay for lay in self.layouts if lay.gathered]
+        if len(gathered) == 1 and all(gathered[0].agrees(lay) for lay in self.layouts):
+            return gathered[0]
+        return None
 
 
 class RoutingError(ValueError):
@@ -292,6 +308,22 @@ class Interpreter:
             return base
         arrays = scope[view.src]
         dora = arrays.magnitude is not None
+        if arrays.layout.gathered:
+            # A lookup table contracted too (tied embeddings): over its vocabulary axis the
+            # adapter applies as it is; over its out axes (``x @ emb.T``) as ``(x B^T) A^T``:
+            # the factors swap roles. Never DoRA or a bank (init and bank refuse those).
+            how = arrays.layout.agrees(layout)
+            if how is None or arrays.scales is not None or dora:
+                raise LayoutMismatchError(
+                    f"the program contracts the lookup table at '{self.names[view.src]}' as "
+                    f"{layout}, but its adapter was made for {arrays.layout}; a table's "
+                    "contractions must be over its vocabulary axis or over all its out axes "
+                    "(x @ emb.T), with a plain LoRA adapter"
+                )
+            if how == "swapped":
+                arrays = dataclasses.replace(arrays, a=arrays.b, b=arrays.a,
+                                             a_labels=arrays.b_labels, b_labels=arrays.a_labels)
+            arrays = dataclasses.replace(arrays, layout=layout)
         # Out axes the adapter holds as batch axes (a declared per-layer layout of a vmapped
         # stack): its low-rank term is block-diagonal along them (`_low_rank`).
         extra = () if layout == arrays.layout else arrays.layout.batched_outs(layout)
@@ -852,7 +884,7 @@ _RULES: dict[str, Callable[..., Any]] = {
     "slice": _views.RULES["slice"],
     "split": _views.RULES["split"],
     "dynamic_slice": _views.RULES["dynamic_slice"],
-    "gather": _views.RULES["gather"],
+    "gather": _lookup.gather,
     "rev": _views.RULES["rev"],
     "concatenate": _views.concatenate,
     "optimization_barrier": _barrier_rule,

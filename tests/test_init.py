@@ -263,7 +263,8 @@ def test_multi_axis_kernels_are_no_longer_read_as_stacks():
 
 def test_targets_naming_a_leaf_that_cannot_be_adapted_say_why():
     tree = {"w": jnp.ones((4, 4)), "embed": jnp.ones((10, 4))}
-    f = lambda t, tok: t["embed"][tok] @ t["w"]  # noqa: E731
+    # Entries picked along both axes (a row lookup, t["embed"][tok], is followed: an embedding).
+    f = lambda t, tok: (t["embed"][tok, tok % 4][:, None] * jnp.ones(4)) @ t["w"]  # noqa: E731
     with pytest.raises(ValueError, match=r"'w' \(4, 4\): its layout cannot be read"):
         mlj.init(tree, jax.random.key(0), targets="w")
     with pytest.raises(ValueError, match=r"'embed' \(10, 4\): the program uses it in 'gather'"):

@@ -198,7 +198,9 @@ def test_layer_pattern_on_stacked_nnx_blocks_skips_their_biases():
 
 def test_a_pattern_matching_only_unadaptable_leaves_of_layers_says_why():
     tree = {"embed": {"table": jnp.ones((10, 4))}, "w": {"kernel": jnp.ones((4, 4))}}
-    f = lambda t, tok: t["embed"]["table"][tok] @ t["w"]["kernel"]  # noqa: E731
+    # Entries picked along both axes: no row lookup (t["embed"]["table"][tok] is followed).
+    f = lambda t, tok: (t["embed"]["table"][tok, tok % 4][:, None]  # noqa: E731
+                        * jnp.ones(4)) @ t["w"]["kernel"]
     with pytest.raises(ValueError, match=r"pattern 'embed' matches layers but none.*"
                                          r"'embed/table' \(10, 4\): the program uses it in"):
         mlj.init(tree, jax.random.key(0), targets=["w", "embed"], apply_fn=f,

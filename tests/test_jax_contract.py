@@ -64,6 +64,10 @@ CASES = {
     "gather": (lambda w, x: jnp.take(w, x[0, 0].astype(int), axis=0).sum(), {"gather"},
                {"dimension_numbers", "slice_sizes", "mode", "fill_value", "indices_are_sorted",
                 "unique_indices"}),
+    # minilora_jax._lookup: rows of a table looked up by many ids (an embedding).
+    "gather rows": (lambda w, x: w[(x[:, :2] > 0).astype(int)].sum(), {"gather"},
+                    {"dimension_numbers", "slice_sizes", "mode", "fill_value",
+                     "indices_are_sorted", "unique_indices"}),
     "rev": (lambda w, x: w[::-1].sum(), {"rev"}, {"dimensions"}),
     "concatenate": (lambda w, x: jnp.concatenate([w, w], -1).sum(), {"concatenate"},
                     {"dimension"}),

@@ -71,6 +71,12 @@ under ``full/``, an orbax tree keyed by the leaf paths' components. `load_adapte
 back as a `minilora_jax.Full` node in the place of the base's leaf of that shape and dtype,
 after checking its hash (a flipped byte is refused).
 
+Format version 7 (written only where needed: a tree with an adapter on a lookup table, an
+embedding) has the same fields; such a record's ``layout`` also holds ``"gathered": true``
+(`minilora_jax.Layout.to_json`), and ``"full"``/``"full_sha256"`` are there only when the
+tree has leaves trained whole. A reader of version 6 or older refuses the file by its version
+instead of misreading the layout; files of versions 1-6 load as before.
+
 Saving is atomic: everything is written to a temporary directory beside ``DIR`` and renamed into
 place, so a save that fails or is killed part-way leaves the previous checkpoint readable. A
 training loop keeps ``ROOT/<step>`` directories with `save_step` and resumes from
@@ -148,7 +154,9 @@ FORMAT = "minilora_jax.adapters"
 FORMAT_VERSION = 4
 # Leaves trained whole (init's train_full=, minilora_jax.Full) need version 6.
 FULL_FORMAT_VERSION = 6
-NEWEST_FORMAT_VERSION = 6  # the newest version this module reads (and writes, where needed)
+# Adapters on lookup tables (embeddings: a layout with "gathered": true) need version 7.
+GATHERED_FORMAT_VERSION = 7
+NEWEST_FORMAT_VERSION = 7  # the newest version this module reads (and writes, where needed)
 ARRAYS_DIR = "adapters"
 FULL_DIR = "full"  # the values of the leaves trained whole (format 6), an orbax tree
 _FULL_KEYS = {"full", "full_sha256"}  # format 6's document fields for them
@@ -173,6 +181,7 @@ _RECORD_KEYS[4] = _RECORD_KEYS[3]
 # Format 5 adds "arrays" and "quantized", and an entry for each array beyond lora_a/lora_b.
 _RECORD_KEYS[5] = _RECORD_KEYS[4] | {"arrays", "quantized", "residual"}
 _RECORD_KEYS[6] = _RECORD_KEYS[5]
+_RECORD_KEYS[7] = _RECORD_KEYS[6]
 _QUANTIZED_KEYS = {"kind", "block_size"}
 _SEAL_KEYS = {"save_id", "arrays_sha256", "base_values_sha256", "checksum"}
 _HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -283,7 +292,9 @@ def save_adapters(
     # Plain LoRA on plain kernels stays in format 4, which older readers read.
     full = _full_leaves(names, leaves)
     version = (
-        FULL_FORMAT_VERSION
+        GATHERED_FORMAT_VERSION
+        if any(is_lora(leaf) and leaf.layout.gathered for leaf in leaves)
+        else FULL_FORMAT_VERSION
         if full
         else 5
         if any(
@@ -1286,6 +1297,9 @@ def _validate(file: FilePath, info: Any) -> dict[str, Any]:
             layout = Layout.from_json(rec["layout"])
         except (ValueError, TypeError) as e:
             raise bad(f"{where}['layout']: {e}") from e
+        if layout.gathered and version < GATHERED_FORMAT_VERSION:
+            raise bad(f"{where}['layout'] is a lookup table's ('gathered'), which format_version "
+                      f"{GATHERED_FORMAT_VERSION} introduced; this file says {version}")
         rec = {**rec, "layout": layout.to_json()}
         node = _abstract_node(rec)
         try:
@@ -1309,8 +1323,9 @@ def _validate(file: FilePath, info: Any) -> dict[str, Any]:
         _validate_state(info["state"], bad)
     if version >= 4:
         _validate_hashes(info, bad)
-    if version >= FULL_FORMAT_VERSION:
-        _validate_full(info, records, bad)
+    if version == FULL_FORMAT_VERSION or (version > FULL_FORMAT_VERSION and
+                                          _FULL_KEYS & set(info)):
+        _validate_full(info, records, bad)  # 'full' is optional from version 7 on
     return {**info, "metadata": info.get("metadata", {}), "adapters": records}
 
 

@@ -215,6 +215,12 @@ def write_minimind_lora(
         raise ValueError("no adapters to write")
     tensors = {}
     for name, t in adapters.items():
+        if getattr(t, "embedding", False):
+            raise ValueError(
+                f"adapter '{name}' is on an embedding (a lookup table), and MiniMind's LoRA "
+                "files hold Linear adapters only; merge it (minilora_jax.merge) or save it as a "
+                "PEFT directory (minilora_jax.peft.save)"
+            )
         if getattr(t, "magnitude", None) is not None:
             raise ValueError(
                 f"adapter '{name}' is a DoRA adapter (it has a magnitude vector), which MiniMind's "

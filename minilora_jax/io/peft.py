@@ -100,9 +100,22 @@ field of PEFT 0.21's ``LoraConfig``; a field not in it is refused as unknown. In
   ``base_model_name_or_path``, ``revision``, ``inference_mode``, ``lora_dropout``,
   ``megatron_core``, ``qalora_group_size``, ``runtime_config``).
 
-Tensors other than ``lora_A.weight``/``lora_B.weight`` pairs, DoRA's
-``lora_magnitude_vector`` and the parameters of ``modules_to_save`` modules (biases, embedding
-adapters) are refused, naming the tensor.
+Embeddings: a torch ``nn.Embedding`` ``<name>`` has ``base_model.model.<name>.lora_embedding_A``
+``(r, V)`` and ``...lora_embedding_B`` ``(D, r)`` instead (no ``.weight``: PEFT 0.21 keeps them as
+parameters, not layers), the delta of its ``(V, D)`` weight being ``s (B A)^T``. Its JAX twin is
+a lookup table (``emb[ids]``, ``nn.Embed``: `minilora_jax.Layout.gathered`, read from
+``apply_fn``), whose ``lora_a`` ``(V, r)`` and ``lora_b`` ``(r, D)`` are the two tensors
+transposed, as for a Linear; `TorchAdapter.embedding` says which kind a module is, and a module
+whose kind differs from its leaf's is refused. DoRA on an Embedding (PEFT has it) is refused
+both ways, naming the module. A *tied* table (looked up and also contracted as ``x @ emb.T``):
+`minilora_jax.wrap` applies its one adapter at both uses (as `minilora_jax.merge` does), while
+PEFT applies an Embedding's adapter at the lookup only, unless the LM head is also targeted with
+``ensure_weight_tying`` (which this module does not write or read yet); the files carry the
+Embedding's adapter, so a tied model's logits in PEFT match ours only for the lookup's share.
+
+Tensors other than ``lora_A.weight``/``lora_B.weight`` and ``lora_embedding_A``/``_B`` pairs,
+DoRA's ``lora_magnitude_vector`` and the parameters of ``modules_to_save`` modules (biases) are
+refused, naming the tensor.
 
 Modules trained whole (PEFT's ``modules_to_save``, our `minilora_jax.Full` leaves from
 ``init(..., train_full=...)``): PEFT 0.21 saves every parameter of such a module under
@@ -183,6 +196,11 @@ class TorchAdapter(NamedTuple):
       scale: the factor ``s`` of ``y = W x + s B A x``.
       magnitude: DoRA's ``lora_magnitude_vector`` ``(out,)``, or None for plain LoRA; then
         ``y = (m / ||W + s B A||_row) (W x + s B A x)``.
+      embedding: the adapter of a torch ``nn.Embedding`` (PEFT's ``lora_embedding_A`` ``(r, V)``
+        and ``lora_embedding_B`` ``(D, r)``: ``in`` is the vocabulary ``V``, ``out`` the
+        features ``D``; the rows of ``W + s (B A)^T`` are looked up). Its JAX kernel is a
+        lookup table (`minilora_jax.Layout.gathered`), and ``lora_A = lora_a.T``,
+        ``lora_B = lora_b.T`` as for a Linear.
     """
 
     # Named as in torch and PEFT, to keep the (r, in) / (out, r) layout in mind.
@@ -190,6 +208,7 @@ class TorchAdapter(NamedTuple):
     lora_B: np.ndarray
     scale: float
     magnitude: np.ndarray | None = None
+    embedding: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,6 +512,12 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
                 + _not_linear(shape, node.layout, split)
             )
         multi = len(node.layout.in_axes) > 1 or len(node.layout.out_axes) > 1
+        if node.layout.gathered and (multi or node.magnitude is not None):
+            raise ValueError(
+                f"cannot export the adapter at '{path}' to PEFT "
+                + _not_linear(shape, node.layout, "a torch Embedding has one vocabulary axis and "
+                              "one feature axis, and DoRA on embeddings is not implemented here")
+            )
         if (multi or split.axis is not None) and node.magnitude is not None:
             raise ValueError(
                 f"cannot export the DoRA adapter at '{path}' to PEFT "
@@ -522,7 +547,8 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
             sa, sb = pair
             sm = None if m is None else np.ascontiguousarray(m if i is None else m[i])
             out[name] = TorchAdapter(
-                np.ascontiguousarray(sa.T), np.ascontiguousarray(sb.T), float(node.scale), sm
+                np.ascontiguousarray(sa.T), np.ascontiguousarray(sb.T), float(node.scale), sm,
+                node.layout.gathered,
             )
     return out
 
@@ -668,6 +694,16 @@ def _attach(
                 f"{tuple(np.shape(adapter.magnitude))}, but its base kernel '{path}' (kernel "
                 f"{shape}, {layout.describe(shape)}) has {d_out} output features: it needs "
                 f"({d_out},)"
+            )
+        if bool(adapter.embedding) != layout.gathered:
+            what = ("an Embedding's (lora_embedding_A/B)" if adapter.embedding else
+                    "a Linear's (lora_A/B)")
+            raise ValueError(
+                f"{source}: the adapter of '{name}' is {what}, but its base kernel '{path}' "
+                f"(kernel {shape}, {layout.describe(shape)}) is "
+                + ("contracted by the program, not looked up" if adapter.embedding else
+                   "a lookup table (an embedding)")
+                + "; the module and the leaf do not match (check module_names and apply_fn)"
             )
         placed.setdefault(path, {})[i] = (name, adapter)
 
@@ -1429,7 +1465,8 @@ def _read(directory: str | os.PathLike) -> tuple[dict[str, TorchAdapter], Any]:
     halves: dict[str, dict[str, np.ndarray]] = {}
     full: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
-        m = re.fullmatch(r"(.+)\.(?:(lora_A|lora_B)\.weight|(lora_magnitude_vector))", key)
+        m = re.fullmatch(r"(.+)\.(?:(lora_A|lora_B)\.weight|(lora_magnitude_vector)|"
+                         r"(lora_embedding_A|lora_embedding_B))", key)
         if m is None and key.startswith(KEY_PREFIX) and _saved_module(config, key) is not None:
             full[key[len(KEY_PREFIX):]] = value
             continue
@@ -1438,9 +1475,11 @@ def _read(directory: str | os.PathLike) -> tuple[dict[str, TorchAdapter], Any]:
                 f"{weights}: unexpected tensor '{key}' {value.shape}; a LoRA adapter holds only "
                 f"'{KEY_PREFIX}<module>.lora_A.weight' and '.lora_B.weight' (and DoRA's "
                 "'.lora_magnitude_vector'), and the parameters of the modules its config's "
-                "'modules_to_save' names; bias and embedding adapters are not supported"
+                "'modules_to_save' names, or an Embedding's '.lora_embedding_A' and "
+                "'.lora_embedding_B'; bias adapters are not supported"
             )
-        halves.setdefault(m.group(1)[len(KEY_PREFIX) :], {})[m.group(2) or m.group(3)] = value
+        half = m.group(2) or m.group(3) or m.group(4)
+        halves.setdefault(m.group(1)[len(KEY_PREFIX) :], {})[half] = value
     if not halves:
         raise ValueError(f"{weights} holds no LoRA tensors")
 
@@ -1456,10 +1495,25 @@ def _read(directory: str | os.PathLike) -> tuple[dict[str, TorchAdapter], Any]:
                 f"tensors ('{stem}.lora_A.weight'); PEFT would ignore them, so the two models "
                 "would differ: refused"
             )
-        for half in ("lora_A", "lora_B"):
+        embedding = "lora_embedding_A" in pair or "lora_embedding_B" in pair
+        if embedding and ("lora_A" in pair or "lora_B" in pair):
+            raise ValueError(
+                f"{weights}: module '{name}' has both a Linear's ('.lora_A.weight') and an "
+                "Embedding's ('.lora_embedding_A') adapter tensors; a module is one or the other"
+            )
+        if embedding and dora:
+            raise ValueError(
+                f"{config_file}: 'use_dora' is true and module '{name}' is an Embedding "
+                f"('{stem}.lora_embedding_A'): DoRA on embeddings is not implemented here "
+                "(refused rather than loaded as plain LoRA)"
+            )
+        halves_named = (("lora_embedding_A", "lora_embedding_A"),
+                        ("lora_embedding_B", "lora_embedding_B")) if embedding else (
+                            ("lora_A", "lora_A.weight"), ("lora_B", "lora_B.weight"))
+        for half, key_tail in halves_named:
             if half not in pair:
-                raise ValueError(f"{weights}: '{stem}.{half}.weight' is missing")
-        a, b = pair["lora_A"], pair["lora_B"]
+                raise ValueError(f"{weights}: '{stem}.{key_tail}' is missing")
+        a, b = pair[halves_named[0][0]], pair[halves_named[1][0]]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise ValueError(
                 f"{weights}: '{stem}.lora_A.weight' {a.shape} and '.lora_B.weight' {b.shape} "
@@ -1493,7 +1547,8 @@ def _read(directory: str | os.PathLike) -> tuple[dict[str, TorchAdapter], Any]:
                 f"but {config_file} gives '{name}' rank {rank}"
             )
         alpha = _pattern_value(config["alpha_pattern"], name, config["lora_alpha"])
-        out[name] = TorchAdapter(a, b, _scale(alpha, rank, config["use_rslora"]), magnitude)
+        out[name] = TorchAdapter(a, b, _scale(alpha, rank, config["use_rslora"]), magnitude,
+                                 embedding)
     _check_scales(weights, config_file, metadata, out)
     return out, {**config, "full": full}
 
@@ -1576,8 +1631,13 @@ def write(
                 f"adapter '{name}': lora_A {a.shape} and lora_B {b.shape} must be (r, in) and "
                 "(out, r) with the same r"
             )
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a)
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b)
+        if t.embedding and t.magnitude is not None:
+            raise ValueError(f"adapter '{name}': DoRA on an Embedding is not implemented here")
+        # PEFT saves an Embedding's factors as parameters (no '.weight'), a Linear's as layers.
+        a_key, b_key = (("lora_embedding_A", "lora_embedding_B") if t.embedding else
+                        ("lora_A.weight", "lora_B.weight"))
+        tensors[f"{KEY_PREFIX}{name}.{a_key}"] = np.ascontiguousarray(a)
+        tensors[f"{KEY_PREFIX}{name}.{b_key}"] = np.ascontiguousarray(b)
         if t.magnitude is not None:
             m = np.asarray(t.magnitude)
             if m.shape != (b.shape[0],):
