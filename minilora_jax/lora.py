@@ -44,6 +44,12 @@ class Layout:
       in_axes: axes contracted with the layer's input, in the order the kernel stores them.
       out_axes: axes that appear in the layer's output.
       batch_axes: axes that index separate matrices (stacked layers, heads, experts).
+      spatial_axes: for a convolution filter, the in axes its window slides over, in the
+        order of the convolution's spatial dimensions; the filter's one other in axis is its
+        input features. Empty for every other kernel.
+      groups: a convolution's ``feature_group_count`` (the filter holds ``in / groups``
+        input features).
+      dilation: a convolution's filter dilation per spatial axis; empty when it is all ones.
 
     Example:
       >>> Layout.dense()  # Flax's (in, out) kernel
@@ -55,14 +61,33 @@ class Layout:
     in_axes: tuple[int, ...]
     out_axes: tuple[int, ...]
     batch_axes: tuple[int, ...] = ()
+    spatial_axes: tuple[int, ...] = ()
+    groups: int = 1
+    dilation: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("in_axes", "out_axes", "batch_axes"):
+        for name in ("in_axes", "out_axes", "batch_axes", "spatial_axes", "dilation"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
             ):
                 raise TypeError(f"Layout.{name} must be a tuple of axis indices, got {value!r}")
+        conv = (self.spatial_axes, self.groups, self.dilation)
+        if not isinstance(self.groups, int) or isinstance(self.groups, bool) or self.groups < 1:
+            raise TypeError(f"Layout.groups must be a positive int, got {self.groups!r}")
+        if conv != ((), 1, ()) and (
+            not self.spatial_axes
+            or not set(self.spatial_axes) < set(self.in_axes)
+            or len(set(self.spatial_axes)) != len(self.spatial_axes)
+            or len(self.in_axes) != len(self.spatial_axes) + 1
+            or (self.dilation and (len(self.dilation) != len(self.spatial_axes)
+                                   or min(self.dilation) < 1 or set(self.dilation) == {1}))
+        ):
+            raise ValueError(
+                "a convolution's layout has spatial_axes, all of them in axes but one (the "
+                "input features), and a dilation of one entry (>= 1, not all 1) per spatial axis "
+                f"or none: {self}"
+            )
         every = self.in_axes + self.out_axes + self.batch_axes
         if not self.in_axes or not self.out_axes:
             raise ValueError(f"a Layout needs at least one in axis and one out axis: {self}")
@@ -71,6 +96,18 @@ class Layout:
                 f"in_axes, out_axes and batch_axes must split the axes 0..n-1 between them, "
                 f"each once: {self}"
             )
+
+    def __repr__(self) -> str:
+        conv = "".join(f", {name}={getattr(self, name)!r}" for name, default in
+                       (("spatial_axes", ()), ("groups", 1), ("dilation", ()))
+                       if getattr(self, name) != default)
+        return (f"Layout(in_axes={self.in_axes!r}, out_axes={self.out_axes!r}, "
+                f"batch_axes={self.batch_axes!r}{conv})")
+
+    @property
+    def is_conv(self) -> bool:
+        """Whether the kernel is a convolution filter (the program convolves with it)."""
+        return bool(self.spatial_axes)
 
     @classmethod
     def dense(cls, stacked: int = 0) -> Layout:
@@ -133,21 +170,30 @@ class Layout:
             return None
         return extra
 
-    def to_json(self) -> dict[str, list[int]]:
-        return {
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "in": list(self.in_axes),
             "out": list(self.out_axes),
             "batch": list(self.batch_axes),
         }
+        if self.is_conv:  # only filters carry these, so other layouts read as before
+            out.update(spatial=list(self.spatial_axes), groups=self.groups,
+                       dilation=list(self.dilation))
+        return out
 
     @classmethod
     def from_json(cls, data: Any) -> Layout:
-        if not isinstance(data, dict) or set(data) != {"in", "out", "batch"}:
+        plain, conv = {"in", "out", "batch"}, {"spatial", "groups", "dilation"}
+        if not isinstance(data, dict) or set(data) not in (plain, plain | conv):
             raise ValueError(
-                f"a layout is {{'in': [...], 'out': [...], 'batch': [...]}}, got {data!r}"
+                f"a layout is {{'in': [...], 'out': [...], 'batch': [...]}} (and, for a "
+                f"convolution filter, 'spatial', 'groups' and 'dilation'), got {data!r}"
             )
         try:
-            return cls(tuple(data["in"]), tuple(data["out"]), tuple(data["batch"]))
+            if set(data) == plain:
+                return cls(tuple(data["in"]), tuple(data["out"]), tuple(data["batch"]))
+            return cls(tuple(data["in"]), tuple(data["out"]), tuple(data["batch"]),
+                       tuple(data["spatial"]), data["groups"], tuple(data["dilation"]))
         except TypeError as e:
             raise ValueError(str(e)) from e
 
