@@ -193,3 +193,128 @@ def test_a_filter_s_adapter_saves_and_loads_with_its_layout(tmp_path):
     (node,) = _nodes(back).values()
     assert node.layout == next(iter(_nodes(lp).values())).layout
     chex.assert_trees_all_equal(mlj.wrap(fn)(back, x), mlj.wrap(fn)(lp, x))
+
+
+# --------------------------------------------------------------------------------------------
+# PEFT, both ways: a torch net with Conv2d, Conv1d and Linear layers under LoRA, and its head
+# in modules_to_save, against a JAX twin that keeps Flax's filter layout (HWIO, WIO).
+# --------------------------------------------------------------------------------------------
+
+NAMES = {"c2": "c2", "c1": "c1", "l": "l", "head": "head"}
+XT = np.random.default_rng(0).normal(size=(5, 3, 8, 8)).astype(np.float32)  # NCHW, as torch
+
+
+def net(p, x):
+    x = jnp.moveaxis(x, 1, -1)  # NCHW -> NHWC
+    h = lax.conv_general_dilated(x, p["c2"]["kernel"], (2, 2), ((1, 1), (1, 1)),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jnp.tanh(h + p["c2"]["bias"])  # (N, 4, 4, 6)
+    h = h.reshape(h.shape[0], 16, 6)
+    h = lax.conv_general_dilated(h, p["c1"]["kernel"], (1,), ((1, 1),),
+                                 dimension_numbers=("NWC", "WIO", "NWC"))
+    h = jnp.tanh(h + p["c1"]["bias"]).mean(1)  # (N, 5)
+    h = jnp.tanh(h @ p["l"]["kernel"] + p["l"]["bias"])
+    return h @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+def _net_base():
+    rng = np.random.default_rng(1)
+    shapes = {"c2": (3, 3, 3, 6), "c1": (3, 6, 5), "l": (5, 7), "head": (7, 3)}
+    return {k: {"kernel": (rng.normal(size=s) / np.sqrt(math.prod(s[:-1]))).astype(np.float32),
+                "bias": (0.1 * rng.normal(size=s[-1])).astype(np.float32)}
+            for k, s in shapes.items()}
+
+
+def _torch_net(base):
+    torch = pytest.importorskip("torch")
+    tnn = torch.nn
+
+    class Net(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c2 = tnn.Conv2d(3, 6, 3, stride=2, padding=1)
+            self.c1 = tnn.Conv1d(6, 5, 3, padding=1)
+            self.l, self.head = tnn.Linear(5, 7), tnn.Linear(7, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.c2(x)).flatten(2)  # (N, 6, 16)
+            h = torch.tanh(self.c1(h)).mean(-1)
+            return self.head(torch.tanh(self.l(h)))
+
+    model = Net()
+    # Flax's (*window, in, out) filters are torch's (out, in, *window) transposed.
+    to_torch = lambda k: np.transpose(k, (k.ndim - 1, k.ndim - 2, *range(k.ndim - 2)))  # noqa: E731
+    model.load_state_dict({f"{m}.{'weight' if k == 'kernel' else 'bias'}":
+                           torch.from_numpy(np.ascontiguousarray(to_torch(v) if k == "kernel"
+                                                                 else v))
+                           for m, leaves in base.items() for k, v in leaves.items()})
+    return model.eval()
+
+
+def _run_torch(model):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(XT)).numpy()
+
+
+@pytest.mark.slow
+def test_peft_conv_and_linear_adapters_load_here_with_peft_s_logits(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    base = _net_base()
+    twin = _torch_net(base)
+    np.testing.assert_allclose(_run_torch(twin), net(base, XT), rtol=1e-4, atol=1e-5)
+    config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["c2", "c1", "l"],
+                             modules_to_save=["head"])
+    torch.manual_seed(0)
+    model = peft.get_peft_model(twin, config).eval()
+    with torch.no_grad():  # B is zero at PEFT's init: give every adapter and the head an effect
+        for name, weight in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                weight.add_(0.3 * torch.randn_like(weight))
+    model.save_pretrained(str(tmp_path))
+    expected = _run_torch(model)
+    assert np.abs(expected - _run_torch(_torch_net(base))).max() > 1e-2
+
+    loaded = mlj.peft.load(tmp_path, base, module_names=NAMES, apply_fn=net, args=(XT,))
+    assert mlj.is_full(loaded["head"]["kernel"])
+    assert loaded["c2"]["kernel"].layout.spatial_axes == (0, 1)
+    # PEFT's adapter counts: r * (in * window + out) per filter, r * (in + out) per Linear.
+    counts = {k: loaded[k]["kernel"].lora_a.size + loaded[k]["kernel"].lora_b.size
+              for k in ("c2", "c1", "l")}
+    peft_counts = {k: sum(w.numel() for n, w in model.named_parameters()
+                          if f".{k}.lora_" in n) for k in counts}
+    assert counts == peft_counts
+    np.testing.assert_allclose(np.asarray(mlj.wrap(net)(loaded, XT)), expected, rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(net(mlj.merge(loaded), XT)), expected, rtol=1e-4,
+                               atol=1e-5)
+
+
+@pytest.mark.slow
+def test_our_conv_adapters_load_in_peft_with_our_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = _net_base()
+    params = mlj.init(base, jax.random.key(3), rank=2, alpha=5.0, targets=["c2", "c1", "l"],
+                      train_full="head", apply_fn=net, args=(XT,))
+    params = randomize_b(params, jax.random.key(4), std=0.3)
+    params = jax.tree.map(lambda x: mlj.Full(x.value * 1.5) if mlj.is_full(x) else x, params,
+                          is_leaf=mlj.is_full)
+    mlj.peft.save(tmp_path, params, module_names=NAMES)
+    model = peft.PeftModel.from_pretrained(_torch_net(base), str(tmp_path)).eval()
+    got = _run_torch(model)
+    ours = np.asarray(mlj.wrap(net)(params, XT))
+    np.testing.assert_allclose(got, ours, rtol=1e-4, atol=1e-5)
+    assert np.abs(got - _run_torch(_torch_net(base))).max() > 1e-2
+
+
+def test_peft_export_of_a_grouped_or_dilated_filter_is_refused_saying_why(tmp_path):
+    for name, why in [("equinox Conv1d groups, stride, dilation", "grouped convolution"),
+                      ("linen Conv 2-D dilation, explicit padding", "dilated convolution")]:
+        fn, tree, x = CASES[name]()
+        lp = _adapted(fn, tree, x)
+        with pytest.raises(ValueError, match=f"cannot export the adapter at .*{why}.*not the "
+                                             "same model"):
+            mlj.peft.save(tmp_path / "out", lp)
+        assert not (tmp_path / "out").exists()

@@ -268,7 +268,11 @@ def _linears(
     With one batch axis as well, under a ``layers`` path component, it is an ``nn.scan`` stack
     of them, named unrolled: ``layers/q/kernel`` -> ``layers_0/q``, ``layers_1/q``...
     """
-    if not flatten and (len(layout.in_axes) != 1 or len(layout.out_axes) != 1):
+    if layout.is_conv:
+        why = _conv_why(layout)
+        if why:
+            return why
+    elif not flatten and (len(layout.in_axes) != 1 or len(layout.out_axes) != 1):
         return (
             "a torch Linear has one in axis and one out axis, and this kernel has several "
             "(a DenseGeneral or per-head attention projection?); leave it out of the adapters "
@@ -324,6 +328,67 @@ def _unflat_ab(
     a = np.transpose(a, [*np.argsort(ia), len(ia)])
     b = np.transpose(b, [0, *(int(k) + 1 for k in np.argsort(ob))])
     return a, b
+
+
+def _conv_why(layout: Layout) -> str:
+    """Why a convolution filter's adapter is not PEFT's conv LoRA, or '' when it is.
+
+    PEFT's ``Conv1d/2d/3d`` LoRA is ``lora_A``, a convolution from ``in`` to ``r`` features with
+    the layer's kernel size, stride and padding but no dilation and no groups, then ``lora_B``,
+    a 1x1 convolution from ``r`` to ``out`` with the layer's groups. That is the low-rank update
+    ``conv(x, W + s A B)`` of `minilora_jax.wrap` only for an ungrouped, undilated filter: with
+    groups PEFT's A reads every input feature (no update of the grouped filter does), with
+    dilation its A's window is not the layer's.
+    """
+    if len(layout.out_axes) != 1:
+        return "a torch convolution has one output-feature axis, and this filter has several"
+    if layout.groups != 1:
+        return (f"it is a grouped convolution (groups={layout.groups}), where PEFT's lora_A "
+                "reads every input feature: not a low-rank update of the filter, so not the "
+                "same model")
+    if layout.dilation:
+        return (f"it is a dilated convolution (dilation {layout.dilation}), and PEFT's lora_A "
+                "convolves without the layer's dilation: not the same model")
+    return ""
+
+
+def _conv_to_torch(a: np.ndarray, b: np.ndarray, layout: Layout) -> tuple[np.ndarray, ...]:
+    """An unbatched filter's ``lora_a`` ``(*in, r)`` and ``lora_b`` ``(r, out)`` as PEFT's conv
+    weights: ``lora_A`` ``(r, in, *window)``, ``lora_B`` ``(out, r, 1, ...)``."""
+    ins = list(layout.in_axes)
+    (feature,) = [k for k, axis in enumerate(ins) if axis not in layout.spatial_axes]
+    window = [ins.index(axis) for axis in layout.spatial_axes]
+    big_a = np.transpose(a, [a.ndim - 1, feature, *window])
+    big_b = b.T.reshape(b.shape[1], b.shape[0], *(1,) * len(window))
+    return np.ascontiguousarray(big_a), np.ascontiguousarray(big_b)
+
+
+def _conv_from_torch(big_a: np.ndarray, big_b: np.ndarray,
+                     layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of `_conv_to_torch`."""
+    ins = list(layout.in_axes)
+    (feature,) = [k for k, axis in enumerate(ins) if axis not in layout.spatial_axes]
+    order = [0] * len(ins)  # axis k of big_a (after r) goes to position order[k] of lora_a
+    for k, pos in enumerate([feature, *(ins.index(axis) for axis in layout.spatial_axes)]):
+        order[pos] = k + 1
+    a = np.transpose(big_a, [*order, 0])
+    b = big_b.reshape(big_b.shape[0], big_b.shape[1]).T
+    return a, b
+
+
+def _conv_shapes(shape: tuple[int, ...], layout: Layout) -> tuple[tuple[int, ...], ...]:
+    """``(lora_A without r, lora_B without r)`` torch shapes of a filter of ``shape``."""
+    ins = list(layout.in_axes)
+    (feature,) = [axis for axis in ins if axis not in layout.spatial_axes]
+    window = tuple(shape[axis] for axis in layout.spatial_axes)
+    return (shape[feature], *window), (layout.d_out(shape), *(1,) * len(window))
+
+
+def _torch_pair(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``lora_A``, ``lora_B`` are a Linear's ``(r, in)``, ``(out, r)`` or a 1-3-D
+    convolution's ``(r, in, *window)``, ``(out, r, 1, ...)``, with the same ``r``."""
+    return (2 <= a.ndim <= 5 and b.ndim == a.ndim and a.shape[0] == b.shape[1]
+            and all(n == 1 for n in b.shape[2:]))
 
 
 def _not_linear(shape: tuple[int, ...], layout: Layout, why: str) -> str:
@@ -397,7 +462,13 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
                 f"cannot export the adapter at '{path}' to PEFT "
                 + _not_linear(shape, node.layout, linears)
             )
-        multi = len(node.layout.in_axes) > 1 or len(node.layout.out_axes) > 1
+        conv = node.layout.is_conv
+        multi = not conv and (len(node.layout.in_axes) > 1 or len(node.layout.out_axes) > 1)
+        if conv and node.magnitude is not None:
+            raise ValueError(
+                f"cannot export the DoRA adapter at '{path}' to PEFT: it is on a convolution "
+                "filter, where minilora_jax does not implement DoRA"
+            )
         if multi and node.magnitude is not None:
             raise ValueError(
                 f"cannot export the DoRA adapter at '{path}' to PEFT "
@@ -420,6 +491,9 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
                 )
             origin[name] = layer
             sa, sb = (a, b) if i is None else (a[i], b[i])
+            if conv:
+                out[name] = TorchAdapter(*_conv_to_torch(sa, sb, node.layout), float(node.scale))
+                continue
             if multi:
                 sa, sb = _flat_ab(sa, sb, node.layout)
             sm = None if m is None else np.ascontiguousarray(m if i is None else m[i])
@@ -542,6 +616,23 @@ def _attach(
         shape, layout = kernels[path].shape, kernels[path].layout
         d_in, d_out = layout.d_in(shape), layout.d_out(shape)
         a_shape, b_shape = tuple(adapter.lora_A.shape), tuple(adapter.lora_B.shape)
+        if layout.is_conv:
+            need_a, need_b = _conv_shapes(shape, layout)
+            if a_shape[1:] != need_a or b_shape[:1] + b_shape[2:] != need_b or (
+                    a_shape[0] != b_shape[1]):
+                raise ValueError(
+                    f"{source}: the adapter of '{name}' does not fit its base filter '{path}' "
+                    f"(kernel {shape}, {layout.describe(shape)}): lora_A {a_shape} needs "
+                    f"(r, {', '.join(map(str, need_a))}) and lora_B {b_shape} needs "
+                    f"({need_b[0]}, r, {', '.join(map(str, need_b[1:]))})"
+                )
+            if adapter.magnitude is not None:
+                raise ValueError(
+                    f"{source}: the adapter of '{name}' is DoRA on the convolution filter "
+                    f"'{path}', where minilora_jax does not implement DoRA"
+                )
+            placed.setdefault(path, {})[i] = (name, adapter)
+            continue
         fits = (
             len(a_shape) == 2
             and len(b_shape) == 2
@@ -573,6 +664,8 @@ def _attach(
     def ab(t: TorchAdapter, path: str) -> tuple[np.ndarray, np.ndarray]:
         # lora_a (*in, r) and lora_b (r, *out) in the layout's axis order.
         shape, layout = kernels[path].shape, kernels[path].layout
+        if layout.is_conv:
+            return _conv_from_torch(np.asarray(t.lora_A), np.asarray(t.lora_B), layout)
         a, b = np.asarray(t.lora_A).T, np.asarray(t.lora_B).T
         if len(layout.in_axes) > 1 or len(layout.out_axes) > 1:
             return _unflat_ab(a, b, shape, layout)
@@ -1292,10 +1385,11 @@ def _read(directory: str | os.PathLike) -> tuple[dict[str, TorchAdapter], Any]:
             if half not in pair:
                 raise ValueError(f"{weights}: '{stem}.{half}.weight' is missing")
         a, b = pair["lora_A"], pair["lora_B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        if not _torch_pair(a, b):
             raise ValueError(
                 f"{weights}: '{stem}.lora_A.weight' {a.shape} and '.lora_B.weight' {b.shape} "
-                "must be (r, in) and (out, r) with the same r"
+                "must be (r, in) and (out, r), or a convolution's (r, in, *window) and "
+                "(out, r, 1, ...), with the same r"
             )
         magnitude = pair.get("lora_magnitude_vector")
         if dora and magnitude is None:
@@ -1403,10 +1497,11 @@ def write(
     tensors = {}
     for name, t in adapters.items():
         a, b = np.asarray(t.lora_A), np.asarray(t.lora_B)
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        if not _torch_pair(a, b):
             raise ValueError(
                 f"adapter '{name}': lora_A {a.shape} and lora_B {b.shape} must be (r, in) and "
-                "(out, r) with the same r"
+                "(out, r), or a convolution's (r, in, *window) and (out, r, 1, ...), with the "
+                "same r"
             )
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a)
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b)
