@@ -52,6 +52,12 @@ class Layout:
         and the PEFT files (``lora_embedding_A``/``_B``) treat it differently. A tied table
         may also be contracted over ``D`` (``x @ emb.T``): that use reads the same adapter with
         the roles of A and B swapped (`Layout.agrees`).
+      spatial_axes: for a convolution filter, the in axes its window slides over, in the
+        order of the convolution's spatial dimensions; the filter's one other in axis is its
+        input features. Empty for every other kernel.
+      groups: a convolution's ``feature_group_count`` (the filter holds ``in / groups``
+        input features).
+      dilation: a convolution's filter dilation per spatial axis; empty when it is all ones.
 
     Example:
       >>> Layout.dense()  # Flax's (in, out) kernel
@@ -64,11 +70,16 @@ class Layout:
     out_axes: tuple[int, ...]
     batch_axes: tuple[int, ...] = ()
     gathered: bool = False
+    spatial_axes: tuple[int, ...] = ()
+    groups: int = 1
+    dilation: tuple[int, ...] = ()
 
     def __repr__(self) -> str:
-        text = (f"Layout(in_axes={self.in_axes!r}, out_axes={self.out_axes!r}, "
-                f"batch_axes={self.batch_axes!r}")
-        return text + (", gathered=True)" if self.gathered else ")")
+        extra = "".join(f", {name}={getattr(self, name)!r}" for name, default in
+                        (("gathered", False), ("spatial_axes", ()), ("groups", 1),
+                         ("dilation", ())) if getattr(self, name) != default)
+        return (f"Layout(in_axes={self.in_axes!r}, out_axes={self.out_axes!r}, "
+                f"batch_axes={self.batch_axes!r}{extra})")
 
     def __post_init__(self) -> None:
         if not isinstance(self.gathered, bool):
@@ -78,12 +89,28 @@ class Layout:
                 f"a gathered Layout (a lookup table) has exactly one in axis, the one the program "
                 f"gathers along: {self}"
             )
-        for name in ("in_axes", "out_axes", "batch_axes"):
+        for name in ("in_axes", "out_axes", "batch_axes", "spatial_axes", "dilation"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
             ):
                 raise TypeError(f"Layout.{name} must be a tuple of axis indices, got {value!r}")
+        conv = (self.spatial_axes, self.groups, self.dilation)
+        if not isinstance(self.groups, int) or isinstance(self.groups, bool) or self.groups < 1:
+            raise TypeError(f"Layout.groups must be a positive int, got {self.groups!r}")
+        if conv != ((), 1, ()) and (
+            not self.spatial_axes
+            or not set(self.spatial_axes) < set(self.in_axes)
+            or len(set(self.spatial_axes)) != len(self.spatial_axes)
+            or len(self.in_axes) != len(self.spatial_axes) + 1
+            or (self.dilation and (len(self.dilation) != len(self.spatial_axes)
+                                   or min(self.dilation) < 1 or set(self.dilation) == {1}))
+        ):
+            raise ValueError(
+                "a convolution's layout has spatial_axes, all of them in axes but one (the "
+                "input features), and a dilation of one entry (>= 1, not all 1) per spatial axis "
+                f"or none: {self}"
+            )
         every = self.in_axes + self.out_axes + self.batch_axes
         if not self.in_axes or not self.out_axes:
             raise ValueError(f"a Layout needs at least one in axis and one out axis: {self}")
@@ -92,6 +119,11 @@ class Layout:
                 f"in_axes, out_axes and batch_axes must split the axes 0..n-1 between them, "
                 f"each once: {self}"
             )
+
+    @property
+    def is_conv(self) -> bool:
+        """Whether the kernel is a convolution filter (the program convolves with it)."""
+        return bool(self.spatial_axes)
 
     @classmethod
     def dense(cls, stacked: int = 0) -> Layout:
@@ -182,8 +214,9 @@ class Layout:
         return extra
 
     def to_json(self) -> dict[str, Any]:
-        """``{"in", "out", "batch"}`` lists, and ``"gathered": true`` for a lookup table only
-        (so a contraction's layout reads as it always has)."""
+        """``{"in", "out", "batch"}`` lists, with ``"gathered": true`` for a lookup table and
+        ``"spatial"``, ``"groups"``, ``"dilation"`` for a convolution filter only (so a
+        contraction's layout reads as it always has)."""
         data: dict[str, Any] = {
             "in": list(self.in_axes),
             "out": list(self.out_axes),
@@ -191,20 +224,27 @@ class Layout:
         }
         if self.gathered:
             data["gathered"] = True
+        if self.is_conv:
+            data.update(spatial=list(self.spatial_axes), groups=self.groups,
+                        dilation=list(self.dilation))
         return data
 
     @classmethod
     def from_json(cls, data: Any) -> Layout:
-        keys = {"in", "out", "batch"}
-        if not isinstance(data, dict) or not keys <= set(data) <= keys | {"gathered"} or (
+        plain, conv = {"in", "out", "batch"}, {"spatial", "groups", "dilation"}
+        if not isinstance(data, dict) or set(data) - {"gathered"} not in (plain, plain | conv) or (
                 "gathered" in data and data["gathered"] is not True):
             raise ValueError(
                 f"a layout is {{'in': [...], 'out': [...], 'batch': [...]}} (and 'gathered': "
-                f"true for a lookup table), got {data!r}"
+                f"true for a lookup table; 'spatial', 'groups' and 'dilation' for a convolution "
+                f"filter), got {data!r}"
             )
         try:
+            conv_fields = {} if "spatial" not in data else dict(
+                spatial_axes=tuple(data["spatial"]), groups=data["groups"],
+                dilation=tuple(data["dilation"]))
             return cls(tuple(data["in"]), tuple(data["out"]), tuple(data["batch"]),
-                       gathered="gathered" in data)
+                       gathered="gathered" in data, **conv_fields)
         except TypeError as e:
             raise ValueError(str(e)) from e
 

@@ -369,6 +369,92 @@ class Interpreter:
                 return base + (factor - 1) * base_low + factor * low_rank.astype(base.dtype)
         return base + low_rank.astype(base.dtype)
 
+    def _conv(self, eqn, values, in_views, scope, key):
+        """A convolution whose filter is a kernel view: the kernel's layout has the filter's
+        input-feature and spatial axes as *in* axes, its output-feature axis as *out*; the
+        low-rank term is the same convolution with A as the filter (r output features), then
+        B over those r features: ``conv(x, W + s A B) = conv(x, W) + s conv(x, A) B`` exactly,
+        since a convolution is linear in its filter. With ``feature_group_count = G`` the
+        filter holds ``in / G`` input features: A is applied to each group of the input (one
+        grouped convolution with A repeated G times), and output feature ``o`` of group ``g``
+        takes ``conv(x_g, A) B[:, o]``, which is the grouped convolution with ``W + s A B``."""
+        p = eqn.params
+        base = _bind(eqn, values)[0]
+        lhs_view, view = in_views
+        if lhs_view is not None:
+            self.other(lhs_view, "'conv_general_dilated' as the convolved input, not the filter")
+            if view is not None:
+                self.other(view, "'conv_general_dilated' with another kernel")
+            return base
+        dn = p["dimension_numbers"]
+        o_dim, i_dim, *spatial = (int(d) for d in dn.rhs_spec)
+        groups = view.groups
+        if p["batch_group_count"] != 1:
+            self.other(view, "'conv_general_dilated' with batch_group_count > 1")
+            return base
+        ins = tuple(sorted(a for j in (i_dim, *spatial) for a in groups[j]))
+        outs = tuple(sorted(groups[o_dim]))
+        if len(groups[i_dim]) != 1 or any(len(groups[j]) > 1 for j in spatial) or not outs:
+            self.other(view, "'conv_general_dilated' with a filter axis that is not one axis "
+                             "of the kernel")
+            return base
+        # Spatial axes the kernel holds (a unit axis inserted by the program is none of its).
+        held = [k for k, j in enumerate(spatial) if groups[j]]
+        dilation = tuple(int(p["rhs_dilation"][k]) for k in held)
+        conv = {} if not held else dict(
+            spatial_axes=tuple(groups[spatial[k]][0] for k in held),
+            groups=int(p["feature_group_count"]),
+            dilation=() if set(dilation) <= {1} else dilation)
+        layout = Layout(ins, outs, tuple(sorted(view.sliced)), **conv)
+        self.records[view.src].layouts.add(layout)
+        if self.arrays is None:
+            return base
+        arrays = scope[view.src]
+        name = self.names[view.src]
+        if arrays.magnitude is not None or arrays.scales is not None:
+            raise NotImplementedError(
+                f"the kernel at '{name}' is a convolution filter: "
+                + ("DoRA" if arrays.magnitude is not None else "an adapter bank")
+                + " is not supported on convolutions; use a plain LoRA adapter there"
+            )
+        if layout != arrays.layout:
+            raise LayoutMismatchError(
+                f"the program convolves with the kernel at '{name}' as {layout}, but its adapter "
+                f"was made for {arrays.layout}; re-create the adapter with "
+                "minilora_jax.init(..., apply_fn=...) for this program"
+            )
+        x = values[0]
+        dtype = jnp.result_type(x.dtype, values[1].dtype)
+        if key is not None and self.dropout > 0.0:
+            x = self._dropped(x, key)
+        g = int(p["feature_group_count"])
+        with jax.named_scope(f"lora[{name}]"):
+            a = _arrange(arrays.a, arrays.a_labels,
+                         [("r",) if j == o_dim else groups[j] for j in range(len(groups))])
+            if g > 1:
+                a = jnp.concatenate([a] * g, axis=o_dim)
+            xa = jax.lax.conv_general_dilated(
+                x.astype(dtype), a.astype(dtype), p["window_strides"], p["padding"],
+                lhs_dilation=p["lhs_dilation"], rhs_dilation=p["rhs_dilation"],
+                dimension_numbers=dn, feature_group_count=g, precision=p["precision"],
+                preferred_element_type=p["preferred_element_type"])
+            feature = int(dn.out_spec[1])
+            xa = jnp.moveaxis(xa, feature, -1)
+            if arrays.scale != 1.0:
+                xa = (xa * jnp.asarray(arrays.scale, xa.dtype)).astype(dtype)
+            r = arrays.a.shape[-1]
+            b = _arrange(arrays.b, arrays.b_labels, [("r",), groups[o_dim]]).astype(dtype)
+            if g == 1:
+                low = jnp.tensordot(xa.astype(dtype), b, axes=1,
+                                    precision=p["precision"])
+            else:
+                xg = jnp.reshape(xa, (*xa.shape[:-1], g, r)).astype(dtype)
+                bg = jnp.reshape(b, (r, g, b.shape[1] // g))
+                low = jnp.einsum("...gr,rgk->...gk", xg, bg, precision=p["precision"])
+                low = jnp.reshape(low, (*low.shape[:-2], b.shape[1]))
+            low = jnp.moveaxis(low, -1, feature)
+        return base + low.astype(base.dtype)
+
     def _dropped(self, x, key):
         """Inverted dropout of ``x`` with the next key, as `_low_rank` applies it."""
         keep = jax.random.bernoulli(self._next_key(key), 1.0 - self.dropout, x.shape)
@@ -854,6 +940,10 @@ def _dot_rule(interp, eqn, values, in_views, scope, key):
     return [interp._dot(eqn, values, in_views, scope, key)], [None]
 
 
+def _conv_rule(interp, eqn, values, in_views, scope, key):
+    return [interp._conv(eqn, values, in_views, scope, key)], [None]
+
+
 def _inline_rule(interp, eqn, values, in_views, scope, key):
     sub = eqn.params.get("jaxpr")
     if sub is None:
@@ -889,6 +979,7 @@ _RULES: dict[str, Callable[..., Any]] = {
     "concatenate": _views.concatenate,
     "optimization_barrier": _barrier_rule,
     "dot_general": _dot_rule,
+    "conv_general_dilated": _conv_rule,
     **{name: _inline_rule for name in _INLINE},
     **{name: _control(Interpreter._remat) for name in _REMAT},
     "scan": _control(Interpreter._scan),

@@ -72,7 +72,8 @@ back as a `minilora_jax.Full` node in the place of the base's leaf of that shape
 after checking its hash (a flipped byte is refused).
 
 Format version 7 (written only where needed: a tree with an adapter on a lookup table, an
-embedding) has the same fields; such a record's ``layout`` also holds ``"gathered": true``
+embedding, or on a convolution filter) has the same fields; such a record's ``layout`` also
+holds ``"gathered": true``, or a filter's ``"spatial"``, ``"groups"`` and ``"dilation"``
 (`minilora_jax.Layout.to_json`), and ``"full"``/``"full_sha256"`` are there only when the
 tree has leaves trained whole. A reader of version 6 or older refuses the file by its version
 instead of misreading the layout; files of versions 1-6 load as before.
@@ -154,7 +155,8 @@ FORMAT = "minilora_jax.adapters"
 FORMAT_VERSION = 4
 # Leaves trained whole (init's train_full=, minilora_jax.Full) need version 6.
 FULL_FORMAT_VERSION = 6
-# Adapters on lookup tables (embeddings: a layout with "gathered": true) need version 7.
+# Adapters on lookup tables (embeddings: a layout with "gathered": true) or convolution filters
+# (a layout with "spatial", "groups", "dilation") need version 7.
 GATHERED_FORMAT_VERSION = 7
 NEWEST_FORMAT_VERSION = 7  # the newest version this module reads (and writes, where needed)
 ARRAYS_DIR = "adapters"
@@ -293,7 +295,7 @@ def save_adapters(
     full = _full_leaves(names, leaves)
     version = (
         GATHERED_FORMAT_VERSION
-        if any(is_lora(leaf) and leaf.layout.gathered for leaf in leaves)
+        if any(is_lora(leaf) and (leaf.layout.gathered or leaf.layout.is_conv) for leaf in leaves)
         else FULL_FORMAT_VERSION
         if full
         else 5
@@ -1297,8 +1299,9 @@ def _validate(file: FilePath, info: Any) -> dict[str, Any]:
             layout = Layout.from_json(rec["layout"])
         except (ValueError, TypeError) as e:
             raise bad(f"{where}['layout']: {e}") from e
-        if layout.gathered and version < GATHERED_FORMAT_VERSION:
-            raise bad(f"{where}['layout'] is a lookup table's ('gathered'), which format_version "
+        if (layout.gathered or layout.is_conv) and version < GATHERED_FORMAT_VERSION:
+            what = "a lookup table's ('gathered')" if layout.gathered else "a convolution filter's"
+            raise bad(f"{where}['layout'] is {what}, which format_version "
                       f"{GATHERED_FORMAT_VERSION} introduced; this file says {version}")
         rec = {**rec, "layout": layout.to_json()}
         node = _abstract_node(rec)

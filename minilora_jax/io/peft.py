@@ -291,7 +291,11 @@ def _linears(
     With one batch axis as well, under a ``layers`` path component, it is an ``nn.scan`` stack
     of them, named unrolled: ``layers/q/kernel`` -> ``layers_0/q``, ``layers_1/q``...
     """
-    if not flatten and (len(layout.in_axes) != 1 or len(layout.out_axes) != 1):
+    if layout.is_conv:
+        why = _conv_why(layout)
+        if why:
+            return why
+    elif not flatten and (len(layout.in_axes) != 1 or len(layout.out_axes) != 1):
         return (
             "a torch Linear has one in axis and one out axis, and this kernel has several "
             "(a DenseGeneral or per-head attention projection?); leave it out of the adapters "
@@ -355,6 +359,8 @@ def _split(path: str, shape: tuple[int, ...], layout: Layout, namer: Callable[[s
         return _Split(modules, None, layout, tuple(shape))
     axis, count = rule.axis, len(rule.names)
     names = ", ".join(rule.names)
+    if layout.is_conv:
+        return f"the rule fuses {names} in a convolution filter, which is not supported"
     if axis >= len(shape) or shape[axis] != count:
         return (f"the rule fuses {count} modules ({names}) along its axis {axis}, but the "
                 f"kernel has {'no such axis' if axis >= len(shape) else shape[axis]} there")
@@ -385,7 +391,7 @@ def _module_ab(a: np.ndarray, b: np.ndarray, layout: Layout, split: _Split,
         b = np.take(b, module.fused, axis=1 + layout.out_axes.index(split.axis))
     elif split.axis is not None:  # the only batch axis: one adapter per slice
         a, b = a[module.fused], b[module.fused]
-    if len(split.part.in_axes) > 1 or len(split.part.out_axes) > 1:
+    if not split.part.is_conv and (len(split.part.in_axes) > 1 or len(split.part.out_axes) > 1):
         return _flat_ab(a, b, split.part)
     return a, b
 
@@ -436,6 +442,67 @@ def _unflat_ab(
     a = np.transpose(a, [*np.argsort(ia), len(ia)])
     b = np.transpose(b, [0, *(int(k) + 1 for k in np.argsort(ob))])
     return a, b
+
+
+def _conv_why(layout: Layout) -> str:
+    """Why a convolution filter's adapter is not PEFT's conv LoRA, or '' when it is.
+
+    PEFT's ``Conv1d/2d/3d`` LoRA is ``lora_A``, a convolution from ``in`` to ``r`` features with
+    the layer's kernel size, stride and padding but no dilation and no groups, then ``lora_B``,
+    a 1x1 convolution from ``r`` to ``out`` with the layer's groups. That is the low-rank update
+    ``conv(x, W + s A B)`` of `minilora_jax.wrap` only for an ungrouped, undilated filter: with
+    groups PEFT's A reads every input feature (no update of the grouped filter does), with
+    dilation its A's window is not the layer's.
+    """
+    if len(layout.out_axes) != 1:
+        return "a torch convolution has one output-feature axis, and this filter has several"
+    if layout.groups != 1:
+        return (f"it is a grouped convolution (groups={layout.groups}), where PEFT's lora_A "
+                "reads every input feature: not a low-rank update of the filter, so not the "
+                "same model")
+    if layout.dilation:
+        return (f"it is a dilated convolution (dilation {layout.dilation}), and PEFT's lora_A "
+                "convolves without the layer's dilation: not the same model")
+    return ""
+
+
+def _conv_to_torch(a: np.ndarray, b: np.ndarray, layout: Layout) -> tuple[np.ndarray, ...]:
+    """An unbatched filter's ``lora_a`` ``(*in, r)`` and ``lora_b`` ``(r, out)`` as PEFT's conv
+    weights: ``lora_A`` ``(r, in, *window)``, ``lora_B`` ``(out, r, 1, ...)``."""
+    ins = list(layout.in_axes)
+    (feature,) = [k for k, axis in enumerate(ins) if axis not in layout.spatial_axes]
+    window = [ins.index(axis) for axis in layout.spatial_axes]
+    big_a = np.transpose(a, [a.ndim - 1, feature, *window])
+    big_b = b.T.reshape(b.shape[1], b.shape[0], *(1,) * len(window))
+    return np.ascontiguousarray(big_a), np.ascontiguousarray(big_b)
+
+
+def _conv_from_torch(big_a: np.ndarray, big_b: np.ndarray,
+                     layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of `_conv_to_torch`."""
+    ins = list(layout.in_axes)
+    (feature,) = [k for k, axis in enumerate(ins) if axis not in layout.spatial_axes]
+    order = [0] * len(ins)  # axis k of big_a (after r) goes to position order[k] of lora_a
+    for k, pos in enumerate([feature, *(ins.index(axis) for axis in layout.spatial_axes)]):
+        order[pos] = k + 1
+    a = np.transpose(big_a, [*order, 0])
+    b = big_b.reshape(big_b.shape[0], big_b.shape[1]).T
+    return a, b
+
+
+def _conv_shapes(shape: tuple[int, ...], layout: Layout) -> tuple[tuple[int, ...], ...]:
+    """``(lora_A without r, lora_B without r)`` torch shapes of a filter of ``shape``."""
+    ins = list(layout.in_axes)
+    (feature,) = [axis for axis in ins if axis not in layout.spatial_axes]
+    window = tuple(shape[axis] for axis in layout.spatial_axes)
+    return (shape[feature], *window), (layout.d_out(shape), *(1,) * len(window))
+
+
+def _torch_pair(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``lora_A``, ``lora_B`` are a Linear's ``(r, in)``, ``(out, r)`` or a 1-3-D
+    convolution's ``(r, in, *window)``, ``(out, r, 1, ...)``, with the same ``r``."""
+    return (2 <= a.ndim <= 5 and b.ndim == a.ndim and a.shape[0] == b.shape[1]
+            and all(n == 1 for n in b.shape[2:]))
 
 
 def _not_linear(shape: tuple[int, ...], layout: Layout, why: str) -> str:
@@ -511,12 +578,18 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
                 f"cannot export the adapter at '{path}' to PEFT "
                 + _not_linear(shape, node.layout, split)
             )
-        multi = len(node.layout.in_axes) > 1 or len(node.layout.out_axes) > 1
+        conv = node.layout.is_conv
+        multi = not conv and (len(node.layout.in_axes) > 1 or len(node.layout.out_axes) > 1)
         if node.layout.gathered and (multi or node.magnitude is not None):
             raise ValueError(
                 f"cannot export the adapter at '{path}' to PEFT "
                 + _not_linear(shape, node.layout, "a torch Embedding has one vocabulary axis and "
                               "one feature axis, and DoRA on embeddings is not implemented here")
+            )
+        if conv and node.magnitude is not None:
+            raise ValueError(
+                f"cannot export the DoRA adapter at '{path}' to PEFT: it is on a convolution "
+                "filter, where minilora_jax does not implement DoRA"
             )
         if (multi or split.axis is not None) and node.magnitude is not None:
             raise ValueError(
@@ -545,6 +618,9 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
             if pair is None:  # a zero block of a joint adapter: PEFT needs no module for it
                 continue
             sa, sb = pair
+            if conv:
+                out[name] = TorchAdapter(*_conv_to_torch(sa, sb, node.layout), float(node.scale))
+                continue
             sm = None if m is None else np.ascontiguousarray(m if i is None else m[i])
             out[name] = TorchAdapter(
                 np.ascontiguousarray(sa.T), np.ascontiguousarray(sb.T), float(node.scale), sm,
@@ -668,6 +744,23 @@ def _attach(
         shape, layout = splits[path].part_shape, splits[path].part
         d_in, d_out = layout.d_in(shape), layout.d_out(shape)
         a_shape, b_shape = tuple(adapter.lora_A.shape), tuple(adapter.lora_B.shape)
+        if layout.is_conv:
+            need_a, need_b = _conv_shapes(shape, layout)
+            if a_shape[1:] != need_a or b_shape[:1] + b_shape[2:] != need_b or (
+                    a_shape[0] != b_shape[1]):
+                raise ValueError(
+                    f"{source}: the adapter of '{name}' does not fit its base filter '{path}' "
+                    f"(kernel {shape}, {layout.describe(shape)}): lora_A {a_shape} needs "
+                    f"(r, {', '.join(map(str, need_a))}) and lora_B {b_shape} needs "
+                    f"({need_b[0]}, r, {', '.join(map(str, need_b[1:]))})"
+                )
+            if adapter.magnitude is not None:
+                raise ValueError(
+                    f"{source}: the adapter of '{name}' is DoRA on the convolution filter "
+                    f"'{path}', where minilora_jax does not implement DoRA"
+                )
+            placed.setdefault(path, {})[i] = (name, adapter)
+            continue
         fits = (
             len(a_shape) == 2
             and len(b_shape) == 2
@@ -711,6 +804,8 @@ def _attach(
         # lora_a (*in, r) and lora_b (r, *out) in the layout's axis order (one module's slice's
         # for a fused kernel).
         shape, layout = splits[path].part_shape, splits[path].part
+        if layout.is_conv:
+            return _conv_from_torch(np.asarray(t.lora_A), np.asarray(t.lora_B), layout)
         a, b = np.asarray(t.lora_A).T, np.asarray(t.lora_B).T
         if len(layout.in_axes) > 1 or len(layout.out_axes) > 1:
             return _unflat_ab(a, b, shape, layout)
@@ -1514,10 +1609,11 @@ def _read(directory: str | os.PathLike) -> tuple[dict[str, TorchAdapter], Any]:
             if half not in pair:
                 raise ValueError(f"{weights}: '{stem}.{key_tail}' is missing")
         a, b = pair[halves_named[0][0]], pair[halves_named[1][0]]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        if not _torch_pair(a, b) or (embedding and a.ndim != 2):
             raise ValueError(
                 f"{weights}: '{stem}.lora_A.weight' {a.shape} and '.lora_B.weight' {b.shape} "
-                "must be (r, in) and (out, r) with the same r"
+                "must be (r, in) and (out, r), or a convolution's (r, in, *window) and "
+                "(out, r, 1, ...), with the same r"
             )
         magnitude = pair.get("lora_magnitude_vector")
         if dora and magnitude is None:
@@ -1626,10 +1722,11 @@ def write(
     tensors = {}
     for name, t in adapters.items():
         a, b = np.asarray(t.lora_A), np.asarray(t.lora_B)
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        if not _torch_pair(a, b):
             raise ValueError(
                 f"adapter '{name}': lora_A {a.shape} and lora_B {b.shape} must be (r, in) and "
-                "(out, r) with the same r"
+                "(out, r), or a convolution's (r, in, *window) and (out, r, 1, ...), with the "
+                "same r"
             )
         if t.embedding and t.magnitude is not None:
             raise ValueError(f"adapter '{name}': DoRA on an Embedding is not implemented here")
