@@ -52,6 +52,9 @@ class Layout:
         and the PEFT files (``lora_embedding_A``/``_B``) treat it differently. A tied table
         may also be contracted over ``D`` (``x @ emb.T``): that use reads the same adapter with
         the roles of A and B swapped (`Layout.agrees`).
+      tied: a lookup table the program also contracts over its out axes (``x @ emb.T``, a
+        tied LM head): the adapter acts at both uses. Read from the program; PEFT's
+        Embedding adapter acts at the lookup only, so `minilora_jax.peft` refuses such tables.
       spatial_axes: for a convolution filter, the in axes its window slides over, in the
         order of the convolution's spatial dimensions; the filter's one other in axis is its
         input features. Empty for every other kernel.
@@ -70,20 +73,24 @@ class Layout:
     out_axes: tuple[int, ...]
     batch_axes: tuple[int, ...] = ()
     gathered: bool = False
+    tied: bool = False
     spatial_axes: tuple[int, ...] = ()
     groups: int = 1
     dilation: tuple[int, ...] = ()
 
     def __repr__(self) -> str:
         extra = "".join(f", {name}={getattr(self, name)!r}" for name, default in
-                        (("gathered", False), ("spatial_axes", ()), ("groups", 1),
+                        (("gathered", False), ("tied", False), ("spatial_axes", ()), ("groups", 1),
                          ("dilation", ())) if getattr(self, name) != default)
         return (f"Layout(in_axes={self.in_axes!r}, out_axes={self.out_axes!r}, "
                 f"batch_axes={self.batch_axes!r}{extra})")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.gathered, bool):
-            raise TypeError(f"Layout.gathered must be a bool, got {self.gathered!r}")
+        if not isinstance(self.gathered, bool) or not isinstance(self.tied, bool):
+            raise TypeError(f"Layout.gathered and Layout.tied must be bools, got "
+                            f"{self.gathered!r}, {self.tied!r}")
+        if self.tied and not self.gathered:
+            raise ValueError(f"a tied Layout is a lookup table's (gathered=True): {self}")
         if self.gathered and len(self.in_axes) != 1:
             raise ValueError(
                 f"a gathered Layout (a lookup table) has exactly one in axis, the one the program "
@@ -163,7 +170,7 @@ class Layout:
     def contracted(self) -> Layout:
         """The same axes as a contraction (``gathered`` False): how ``onehot(ids) @ table``
         reads a lookup table."""
-        return dataclasses.replace(self, gathered=False)
+        return dataclasses.replace(self, gathered=False, tied=False)
 
     def swapped(self) -> Layout:
         """In and out axes exchanged, as a contraction: how ``x @ table.T`` (a tied LM head)
@@ -224,6 +231,8 @@ class Layout:
         }
         if self.gathered:
             data["gathered"] = True
+        if self.tied:
+            data["tied"] = True
         if self.is_conv:
             data.update(spatial=list(self.spatial_axes), groups=self.groups,
                         dilation=list(self.dilation))
@@ -232,8 +241,9 @@ class Layout:
     @classmethod
     def from_json(cls, data: Any) -> Layout:
         plain, conv = {"in", "out", "batch"}, {"spatial", "groups", "dilation"}
-        if not isinstance(data, dict) or set(data) - {"gathered"} not in (plain, plain | conv) or (
-                "gathered" in data and data["gathered"] is not True):
+        if not isinstance(data, dict) or set(data) - {"gathered", "tied"} not in (
+                plain, plain | conv) or any(k in data and data[k] is not True
+                                            for k in ("gathered", "tied")):
             raise ValueError(
                 f"a layout is {{'in': [...], 'out': [...], 'batch': [...]}} (and 'gathered': "
                 f"true for a lookup table; 'spatial', 'groups' and 'dilation' for a convolution "
@@ -244,7 +254,7 @@ class Layout:
                 spatial_axes=tuple(data["spatial"]), groups=data["groups"],
                 dilation=tuple(data["dilation"]))
             return cls(tuple(data["in"]), tuple(data["out"]), tuple(data["batch"]),
-                       gathered="gathered" in data, **conv_fields)
+                       gathered="gathered" in data, tied="tied" in data, **conv_fields)
         except TypeError as e:
             raise ValueError(str(e)) from e
 

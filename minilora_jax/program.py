@@ -107,7 +107,8 @@ class Record:
             return next(iter(self.layouts))
         gathered = [lay for lay in self.layouts if lay.gathered]
         if len(gathered) == 1 and all(gathered[0].agrees(lay) for lay in self.layouts):
-            return gathered[0]
+            tied = any(gathered[0].agrees(lay) == "swapped" for lay in self.layouts)
+            return dataclasses.replace(gathered[0], tied=tied)
         return None
 
 

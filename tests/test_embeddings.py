@@ -104,7 +104,7 @@ def _plain(name):
 def test_plain_function_lookups(name):
     f, params, lp = _plain(name)
     node = lp["emb"]
-    assert node.layout == mlj.Layout((0,), (1,), gathered=True)
+    assert node.layout == mlj.Layout((0,), (1,), gathered=True, tied=name.startswith("tied"))
     assert (node.lora_a.shape, node.lora_b.shape) == ((V, RANK), (RANK, D))
     check(f, params, lp)
 
@@ -150,9 +150,27 @@ def test_out_of_range_ids_behave_as_the_base_lookup():
 def test_tied_table_has_one_record_and_merge_round_trips():
     f, params, lp = _plain("tied: emb[ids] and x @ emb.T")
     kernels, _ = mlj.find_kernels(params, f, (IDS,))
-    assert kernels["emb"].layout == mlj.Layout((0,), (1,), gathered=True)
+    assert kernels["emb"].layout == mlj.Layout((0,), (1,), gathered=True, tied=True)
     back = mlj.unmerge(mlj.merge(lp), mlj.split(lp)[0])
     chex.assert_trees_all_close(back["emb"].kernel, params["emb"], rtol=1e-5, atol=1e-5)
+    assert mlj.Layout.from_json(lp["emb"].layout.to_json()) == lp["emb"].layout
+
+
+def test_a_tied_table_s_adapter_is_refused_by_peft_files_both_ways(tmp_path):
+    """PEFT applies an Embedding's adapter at the lookup only; ours acts at the tied head too."""
+    f, params, lp = _plain("tied: emb[ids] and x @ emb.T")
+    with pytest.raises(ValueError, match="cannot export the adapter at 'emb' to PEFT: the "
+                                         "table is tied .* the two models would differ"):
+        mlj.peft.save(tmp_path / "tied", lp)
+    assert not (tmp_path / "tied").exists()
+    untied = lambda p, ids: _emb_layer(p, p["emb"][ids])  # noqa: E731
+    lp_untied = mlj.init(params, jax.random.key(3), rank=RANK, targets="emb", apply_fn=untied,
+                         args=(IDS,))
+    assert not lp_untied["emb"].layout.tied
+    mlj.peft.save(tmp_path / "untied", randomize(lp_untied, jax.random.key(4)))
+    with pytest.raises(ValueError, match="cannot load the adapter of .* onto 'emb': the table "
+                                         "is tied"):
+        mlj.peft.load(tmp_path / "untied", params, apply_fn=f, args=(IDS,))
 
 
 def test_a_gather_that_is_not_a_row_lookup_raises_naming_it():

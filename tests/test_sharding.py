@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = ROOT / "experiments" / "train_sharded.py"
 IN_CHILD = os.environ.get("MINILORA_SHARDING_CHILD") == "1"
-CHILD_TIMEOUT_S = 300
+CHILD_TIMEOUT_S = 900  # minutes on a loaded 2-core machine; ~2 on an idle one
 WORKER_TIMEOUT_S = 180
 
 # A small MiniMind; every split axis divides by up to 8 devices.

@@ -124,7 +124,7 @@ def test_script_runs_every_variant_from_the_same_start(tmp_path):
         [sys.executable, str(SCRIPT), f"--steps={steps}", "--batch=2", "--layers=1",
          "--pretrain-steps=1", "--seq-len=16", f"--cache={tmp_path / 'cache'}", f"--out={out}",
          "--max-new-tokens=4"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        capture_output=True, text=True, timeout=600, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(out.read_text())

@@ -498,6 +498,12 @@ def _conv_shapes(shape: tuple[int, ...], layout: Layout) -> tuple[tuple[int, ...
     return (shape[feature], *window), (layout.d_out(shape), *(1,) * len(window))
 
 
+_TIED = ("the table is tied (the program also contracts it as x @ table.T, a tied LM head), "
+         "where one adapter acts at both uses, but PEFT applies an Embedding's adapter at the "
+         "lookup only: the two models would differ; untie the head, or leave the table out of "
+         "the adapters")
+
+
 def _torch_pair(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether ``lora_A``, ``lora_B`` are a Linear's ``(r, in)``, ``(out, r)`` or a 1-3-D
     convolution's ``(r, in, *window)``, ``(out, r, 1, ...)``, with the same ``r``."""
@@ -580,6 +586,8 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
             )
         conv = node.layout.is_conv
         multi = not conv and (len(node.layout.in_axes) > 1 or len(node.layout.out_axes) > 1)
+        if node.layout.tied:
+            raise ValueError(f"cannot export the adapter at '{path}' to PEFT: " + _TIED)
         if node.layout.gathered and (multi or node.magnitude is not None):
             raise ValueError(
                 f"cannot export the adapter at '{path}' to PEFT "
@@ -788,6 +796,9 @@ def _attach(
                 f"{shape}, {layout.describe(shape)}) has {d_out} output features: it needs "
                 f"({d_out},)"
             )
+        if layout.tied:
+            raise ValueError(f"{source}: cannot load the adapter of '{name}' onto '{path}': "
+                             + _TIED)
         if bool(adapter.embedding) != layout.gathered:
             what = ("an Embedding's (lora_embedding_A/B)" if adapter.embedding else
                     "a Linear's (lora_A/B)")
