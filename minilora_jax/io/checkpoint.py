@@ -116,6 +116,7 @@ from jax.sharding import NamedSharding, Sharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from minilora_jax._tree import flatten, is_variables, key_name, path_str
+from minilora_jax.io import _seal
 from minilora_jax.io._files import (
     METADATA_FILE,
     _clean_leftovers,
@@ -148,7 +149,9 @@ FORMAT = "minilora_jax.adapters"
 FORMAT_VERSION = 4
 # Leaves trained whole (init's train_full=, minilora_jax.Full) need version 6.
 FULL_FORMAT_VERSION = 6
-NEWEST_FORMAT_VERSION = 6  # the newest version this module reads (and writes, where needed)
+# Saves by several processes (jax.process_count() > 1): hashes may be per block.
+SPLIT_FORMAT_VERSION = 7
+NEWEST_FORMAT_VERSION = 7  # the newest version this module reads (and writes, where needed)
 ARRAYS_DIR = "adapters"
 FULL_DIR = "full"  # the values of the leaves trained whole (format 6), an orbax tree
 _FULL_KEYS = {"full", "full_sha256"}  # format 6's document fields for them
@@ -173,6 +176,7 @@ _RECORD_KEYS[4] = _RECORD_KEYS[3]
 # Format 5 adds "arrays" and "quantized", and an entry for each array beyond lora_a/lora_b.
 _RECORD_KEYS[5] = _RECORD_KEYS[4] | {"arrays", "quantized", "residual"}
 _RECORD_KEYS[6] = _RECORD_KEYS[5]
+_RECORD_KEYS[7] = _RECORD_KEYS[6]
 _QUANTIZED_KEYS = {"kind", "block_size"}
 _SEAL_KEYS = {"save_id", "arrays_sha256", "base_values_sha256", "checksum"}
 _HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -293,10 +297,9 @@ def save_adapters(
         )
         else FORMAT_VERSION
     )
-    records: dict[str, dict[str, Any]] = {}
-    arrays: dict[str, Any] = {}
-    array_hashes: dict[str, dict[str, str | None]] = {}
-    base_hashes: dict[str, str | None] = {}
+    if jax.process_count() > 1:
+        version = SPLIT_FORMAT_VERSION  # its hashes may be per block (see the docstring)
+    nodes: dict[str, Lora] = {}
     for path, leaf in zip(names, leaves, strict=True):
         if not is_lora(leaf):
             continue
@@ -307,45 +310,72 @@ def save_adapters(
                 "minilora_jax.combine(adapters, base)"
             )
         leaf.check(path)
-        if path in records:
+        if path in nodes:
             raise ValueError(f"two adapters have the leaf path '{path}'; a checkpoint keys by it")
-        records[path] = _record(leaf, version)
-        stored = {key: getattr(leaf, key) for key in _node_arrays(leaf)}
-        array_hashes[path] = {key: _sha256(x) for key, x in stored.items()}
-        base_hashes[path] = _kernel_sha256(leaf.kernel) if base_values else None
-        if leaf.residual is not None and base_hashes[path] is None:
-            raise ValueError(
-                f"the adapter at '{path}' sits on a {leaf.residual} residual kernel; a load must "
-                "check it gets that kernel back, so save it with base_values=True and concrete "
-                "kernels (or convert it with minilora_jax.pissa.to_lora first)"
-            )
-        _put(arrays, _parts(path), stored)
-    if not records:
+        nodes[path] = leaf
+    if not nodes:
         raise ValueError(
             "the tree holds no adapters (no minilora_jax.Lora nodes): nothing to save. Add "
             "adapters with minilora_jax.init, or save the whole tree with orbax directly."
         )
     target_dir = _local(directory)
     entries, state_arrays = _flatten_state(state) if state is not None else (None, {})
+    for path in full:
+        if path in nodes:
+            raise ValueError(f"'{path}' holds both an adapter and a leaf trained whole")
+    # Every stored array, in one list: made global where host-local (several processes), then
+    # sealed, with the base kernels, in one collective call.
+    stored = [(("adapter", path, key), getattr(node, key))
+              for path, node in nodes.items() for key in _node_arrays(node)]
+    stored += [(("full", path, None), value) for path, value in full.items()]
+    stored += [(("state", i, None), state_arrays[str(i)]) for i in range(len(state_arrays))]
+    values = _seal.globalize(
+        [x for _, x in stored], [_stored_name(where, entries) for where, _ in stored]
+    )
+    kernels = [node.kernel for node in nodes.values()] if base_values else []
+    plain = [k for k in kernels if not _is_quantized(k)]
+    seals = _seal.seal([*values, *plain])
+    by_where = dict(zip([where for where, _ in stored], seals, strict=False))
+    plain_seals = iter(seals[len(values):])
+    base_hashes = {
+        path: None if not base_values
+        else _kernel_sha256(node.kernel) if _is_quantized(node.kernel)
+        else next(plain_seals)
+        for path, node in nodes.items()
+    }
+    records: dict[str, dict[str, Any]] = {}
+    arrays: dict[str, Any] = {}
+    array_hashes: dict[str, dict[str, Any]] = {}
+    placed = dict(zip([where for where, _ in stored], values, strict=True))
+    for path, node in nodes.items():
+        if node.residual is not None and base_hashes[path] is None:
+            raise ValueError(
+                f"the adapter at '{path}' sits on a {node.residual} residual kernel; a load must "
+                "check it gets that kernel back, so save it with base_values=True and concrete "
+                "kernels (or convert it with minilora_jax.pissa.to_lora first)"
+            )
+        records[path] = _record(node, version)
+        keys = _node_arrays(node)
+        array_hashes[path] = {key: by_where[("adapter", path, key)] for key in keys}
+        _put(arrays, _parts(path), {key: placed[("adapter", path, key)] for key in keys})
+    full = {path: placed[("full", path, None)] for path in full}
+    state_arrays = {str(i): placed[("state", i, None)] for i in range(len(state_arrays))}
 
     state_fields = {}
     if entries is not None:
         state_fields = {
             "state": entries,
-            "state_sha256": [_sha256(state_arrays[str(i)]) for i in range(len(entries))],
+            "state_sha256": [by_where[("state", i, None)] for i in range(len(entries))],
         }
     if metadata is not None and not isinstance(metadata, Mapping):
         raise ValueError(
             f"metadata must be a mapping (a JSON object), got {type(metadata).__name__}"
         )
-    for path in full:
-        if path in records:
-            raise ValueError(f"'{path}' holds both an adapter and a leaf trained whole")
     full_fields = {}
     if full:
         full_fields = {
             "full": {path: _entry(value) for path, value in full.items()},
-            "full_sha256": {path: _sha256(value) for path, value in full.items()},
+            "full_sha256": {path: by_where[("full", path, None)] for path in full},
         }
     document = {
         "format": FORMAT,
@@ -513,6 +543,7 @@ def _load_document(
 
     where = f"checkpoint {directory}"
     nodes: dict[str, Lora] = {}
+    base_checks: list[tuple[str, Any, Any]] = []  # (path, kernel, recorded seal)
     for name, rec in records.items():
         recorded = _shape_dtype(rec["kernel"])
         if name not in index:
@@ -550,7 +581,8 @@ def _load_document(
         nodes[name] = node
         # A PiSSA/OLoRA adapter means nothing on another kernel than its residual: always check.
         if check_base_values or rec.get("residual") is not None:
-            _check_base_values(directory, info, name, leaf, rec)
+            base_checks.append((name, leaf, _check_base_values(directory, info, name, leaf, rec)))
+    _compare_base_values(directory, base_checks)
 
     def with_nodes(found: Mapping[str, Lora]) -> Any:
         out = list(leaves)
@@ -562,39 +594,60 @@ def _load_document(
     state_plan = None if state is None else _plan_state(directory, info.get("state"), state)
     arrays = _read_arrays(directory / ARRAYS_DIR, records, info["format_version"], placement)
     hashes = info.get("arrays_sha256", {})
+    # (directory part, what, array, recorded seal): checked together, after every read.
+    checks: list[tuple[str, str, Any, Any]] = []
     loaded = {}
     for name, node in nodes.items():
         for key in _node_arrays(node):
-            _verify(directory, ARRAYS_DIR, f"{key} at '{name}'",
-                    arrays[name][key], hashes.get(name, {}).get(key))  # fmt: skip
+            checks.append((ARRAYS_DIR, f"{key} at '{name}'", arrays[name][key],
+                           hashes.get(name, {}).get(key)))  # fmt: skip
         node = node.replace(**arrays[name])
         node.check(name)
         loaded[name] = node
     if "full" in info:
-        loaded.update(_load_full(directory, info, names, leaves, index, shardings))
+        loaded.update(_load_full(directory, info, names, leaves, index, shardings, checks))
     tree = with_nodes(loaded)
-    if state_plan is None:
-        return tree
-    restored = _read_state(directory / STATE_DIR, *state_plan)
-    state_hashes = info.get("state_sha256")
-    if state_hashes is not None:
-        for (name, entry), leaf in zip(state_plan[1], jax.tree.leaves(restored), strict=True):
-            data = jax.random.key_data(leaf) if "key_impl" in entry else leaf
-            _verify(directory, STATE_DIR, f"the state leaf at {entry['path']}",
-                    data, state_hashes[int(name)])  # fmt: skip
-    return tree, restored
+    restored = None
+    if state_plan is not None:
+        restored = _read_state(directory / STATE_DIR, *state_plan)
+        state_hashes = info.get("state_sha256")
+        if state_hashes is not None:
+            for (name, entry), leaf in zip(state_plan[1], jax.tree.leaves(restored), strict=True):
+                data = jax.random.key_data(leaf) if "key_impl" in entry else leaf
+                checks.append((STATE_DIR, f"the state leaf at {entry['path']}", data,
+                               state_hashes[int(name)]))  # fmt: skip
+    _verify(directory, checks)
+    return tree if state_plan is None else (tree, restored)
 
 
-def _verify(directory: FilePath, where: str, what: str, array: Any, want: str | None) -> None:
-    """Refuses ``array`` if its SHA-256 is recorded (``want``) and differs."""
-    if want is None:
-        return
-    have = _sha256(array)
-    if have is not None and have != want:
+def _verify(directory: FilePath, checks: list[tuple[str, str, Any, Any]]) -> None:
+    """Refuses the first array whose bytes do not match its recorded seal (`_seal.check`);
+    collective in a multi-process job, so every process refuses the same one."""
+    good = _seal.check([array for _, _, array, _ in checks], [want for *_, want in checks])
+    for (where, what, array, want), ok in zip(checks, good, strict=True):
+        if ok:
+            continue
+        have = _sha256(array) if isinstance(want, str) else None
+        if have is not None:
+            differs = f"has {have}, but {directory / METADATA_FILE} records {want}"
+        else:
+            count = 1 if isinstance(want, str) else len(want["blocks"])
+            differs = (f"does not match the SHA-256 of its {count} block(s) that "
+                       f"{directory / METADATA_FILE} records")
         raise ValueError(
-            f"{directory / where}: {what} has {have}, but {directory / METADATA_FILE} records "
-            f"{want}; the array data was modified or corrupted"
+            f"{directory / where}: {what} {differs}; the array data was modified or corrupted"
         )
+
+
+def _stored_name(where: tuple[str, Any, Any], entries: list[dict[str, Any]] | None) -> str:
+    """How messages name a stored array: ``("adapter", path, key)``, ``("full", path, None)``
+    or ``("state", i, None)``."""
+    kind, path, key = where
+    if kind == "adapter":
+        return f"{key} at '{path}'"
+    if kind == "full":
+        return f"the leaf trained whole at '{path}'"
+    return f"the state leaf at {entries[path]['path'] if entries else path}"
 
 
 def _full_leaves(names: list[str], leaves: list[Any]) -> dict[str, Any]:
@@ -617,10 +670,12 @@ def _load_full(
     leaves: list[Any],
     index: Mapping[str, int],
     shardings: Any,
+    checks: list[tuple[str, str, Any, Any]],
 ) -> dict[str, Full]:
     """The leaves trained whole of a format-6 checkpoint, as `Full` nodes by path: each in the
     place of a plain base leaf of its shape and dtype, placed where that leaf is (or on
-    ``shardings`` if it is one `Sharding`), its bytes checked against ``full_sha256``."""
+    ``shardings`` if it is one `Sharding`); their bytes, to check against ``full_sha256``, are
+    added to ``checks``."""
     where = f"checkpoint {directory}"
     target: dict[str, Any] = {}
     for name, entry in info["full"].items():
@@ -663,8 +718,8 @@ def _load_full(
         value = restored
         for key in _parts(name):
             value = value[key]
-        _verify(directory, FULL_DIR, f"the leaf trained whole at '{name}'", value,
-                info["full_sha256"][name])
+        checks.append((FULL_DIR, f"the leaf trained whole at '{name}'", value,
+                       info["full_sha256"][name]))
         out[name] = Full(value)
     return out
 
@@ -700,11 +755,8 @@ def _validate_full(
             jnp.dtype(entry["dtype"])
         except TypeError as e:
             raise bad(f"{where}['dtype'] {entry['dtype']!r} is not a dtype") from e
-        value = hashes[name]
-        if value is not None and not (isinstance(value, str) and _HASH.fullmatch(value)):
-            raise bad(
-                f"full_sha256['{name}'] is {value!r}, expected 'sha256:<64 hex digits>' or null"
-            )
+        _check_hash(hashes[name], f"full_sha256['{name}']", entry["shape"],
+                    info["format_version"], bad)
 
 
 def _check_base_values(
@@ -724,28 +776,53 @@ def _check_base_values(
         )
     recorded = info.get("base_values_sha256", {}).get(name)
     if recorded is None:
-        why = (
-            f"format {info['format_version']} records no kernel values"
-            if info["format_version"] < 4
-            else "it was saved from an abstract kernel, or with base_values=False"
-        )
+        if info["format_version"] < 4:
+            why = f"format {info['format_version']} records no kernel values"
+        else:
+            why = "it was saved with base_values=False, or from an abstract or traced kernel"
+            if saved_on is not None and info["format_version"] >= SPLIT_FORMAT_VERSION:
+                why += (", or from a quantized kernel split over several processes (whose codes "
+                        "and scales are not hashed)")
         raise ValueError(
             f"check_base_values: checkpoint {directory} has no hash of the values of the kernel "
             f"at '{name}' ({why}); load it without check_base_values"
         )
-    have = _kernel_sha256(kernel)
+    concrete = isinstance(kernel, (jax.Array, np.ndarray)) and not isinstance(
+        kernel, jax.core.Tracer
+    )
+    if saved_on is None and concrete:
+        return recorded  # compared with the others, in `_compare_base_values`
+    have = _kernel_sha256(kernel) if saved_on is not None else None
     if have is None:
         raise ValueError(
             f"check_base_values: the base kernel at '{name}' is a {type(kernel).__name__}, not "
-            "a concrete, fully addressable array (or Quantized kernel of such arrays), so its "
+            "a concrete array (or a Quantized kernel of fully addressable arrays), so its "
             "values cannot be compared"
         )
     if have != recorded:
-        raise ValueError(
-            f"check_base_values: the base kernel at '{name}' holds other values ({have}) than "
-            f"the kernel the adapters in {directory} were saved with ({recorded}): another "
-            "fine-tune of the same architecture? Load onto the base they were trained on"
-        )
+        raise _other_values(directory, name, f"({have}) ")
+    return None
+
+
+def _other_values(directory: FilePath, name: str, have: str) -> ValueError:
+    return ValueError(
+        f"check_base_values: the base kernel at '{name}' holds other values {have}than the "
+        f"kernel the adapters in {directory} were saved with: another fine-tune of the same "
+        "architecture? Load onto the base they were trained on"
+    )
+
+
+def _compare_base_values(directory: FilePath, checks: list[tuple[str, Any, Any]]) -> None:
+    """Refuses the first base kernel whose values differ from its recorded seal; collective in
+    a multi-process job (a kernel split over the processes is hashed where its blocks are)."""
+    checks = [(name, kernel, want) for name, kernel, want in checks if want is not None]
+    if not checks:  # the same in every process: the same checkpoint and arguments
+        return
+    good = _seal.check([kernel for _, kernel, _ in checks], [want for *_, want in checks])
+    for (name, kernel, want), ok in zip(checks, good, strict=True):
+        if not ok:
+            have = _sha256(kernel) if isinstance(want, str) else None
+            raise _other_values(directory, name, f"({have}) " if have else "")
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
@@ -1309,16 +1386,57 @@ def _validate(file: FilePath, info: Any) -> dict[str, Any]:
         _validate_state(info["state"], bad)
     if version >= 4:
         _validate_hashes(info, bad)
-    if version >= FULL_FORMAT_VERSION:
+    if version == FULL_FORMAT_VERSION or (version > FULL_FORMAT_VERSION and "full" in info):
         _validate_full(info, records, bad)
+    elif "full_sha256" in info:
+        raise bad("'full_sha256' without 'full'")
     return {**info, "metadata": info.get("metadata", {}), "adapters": records}
 
 
-def _validate_hashes(info: Mapping[str, Any], bad: Callable[[str], ValueError]) -> None:
-    def check(value: Any, where: str) -> None:
-        if value is not None and not (isinstance(value, str) and _HASH.fullmatch(value)):
-            raise bad(f"{where} is {value!r}, expected 'sha256:<64 hex digits>' or null")
+def _check_hash(
+    value: Any, where: str, shape: list[int], version: int, bad: Callable[[str], ValueError]
+) -> None:
+    """A recorded hash: null, ``sha256:<hex>``, or (format 7) block hashes tiling ``shape``."""
+    if value is None or (isinstance(value, str) and _HASH.fullmatch(value)):
+        return
+    if version < SPLIT_FORMAT_VERSION or not isinstance(value, dict):
+        also = " or {'blocks': [...]}" if version >= SPLIT_FORMAT_VERSION else ""
+        raise bad(f"{where} is {value!r}, expected 'sha256:<64 hex digits>'{also} or null")
+    blocks = value.get("blocks")
+    if set(value) != {"blocks"} or not isinstance(blocks, list) or not blocks:
+        raise bad(f"{where} must be {{'blocks': [{{'index', 'sha256'}}, ...]}}, got {value!r}")
+    boxes = []
+    for i, block in enumerate(blocks):
+        index = block.get("index") if isinstance(block, dict) else None
+        if (
+            not isinstance(block, dict)
+            or set(block) != {"index", "sha256"}
+            or not isinstance(block["sha256"], str)
+            or not _HASH.fullmatch(block["sha256"])
+            or not isinstance(index, list)
+            or len(index) != len(shape)
+            or not all(
+                isinstance(b, list) and len(b) == 2 and all(_is_int(n) for n in b)
+                and 0 <= b[0] <= b[1] <= size
+                for b, size in zip(index, shape, strict=True)
+            )
+        ):
+            raise bad(
+                f"{where}['blocks'][{i}] must be {{'index': [[start, stop] per axis of "
+                f"{shape}], 'sha256': 'sha256:<64 hex digits>'}}, got {block!r}"
+            )
+        boxes.append(index)
+    # The blocks must tile the array: pairwise disjoint, their sizes adding up to its size.
+    for i, a in enumerate(boxes):
+        for j in range(i):
+            if all(x0 < y1 and y0 < x1 for (x0, x1), (y0, y1) in zip(a, boxes[j], strict=True)):
+                raise bad(f"{where}: blocks {j} and {i} overlap")
+    if sum(_seal.volume(box) for box in boxes) != math.prod(shape):
+        raise bad(f"{where}: the blocks do not cover the {shape} array")
 
+
+def _validate_hashes(info: Mapping[str, Any], bad: Callable[[str], ValueError]) -> None:
+    version = info["format_version"]
     records = info["adapters"]
     names = set(records)
     for field in ("arrays_sha256", "base_values_sha256"):
@@ -1329,15 +1447,20 @@ def _validate_hashes(info: Mapping[str, Any], bad: Callable[[str], ValueError]) 
         if not isinstance(pair, dict) or set(pair) != set(stored):
             raise bad(f"arrays_sha256['{name}'] must have the fields {list(stored)}")
         for key in stored:
-            check(pair[key], f"arrays_sha256['{name}']['{key}']")
+            _check_hash(pair[key], f"arrays_sha256['{name}']['{key}']",
+                        records[name][key]["shape"], version, bad)  # fmt: skip
     for name, value in info["base_values_sha256"].items():
-        check(value, f"base_values_sha256['{name}']")
+        # A quantized kernel's hash covers its codes and scales: never per block (so checked
+        # as format 4's, one hash or null).
+        quantized = records[name].get("quantized") is not None
+        _check_hash(value, f"base_values_sha256['{name}']", records[name]["kernel"]["shape"],
+                    FORMAT_VERSION if quantized else version, bad)  # fmt: skip
     if "state" in info:
         hashes = info.get("state_sha256")
         if not isinstance(hashes, list) or len(hashes) != len(info["state"]):
             raise bad("'state_sha256' must be a list with one entry per state leaf")
         for i, value in enumerate(hashes):
-            check(value, f"state_sha256[{i}]")
+            _check_hash(value, f"state_sha256[{i}]", info["state"][i]["shape"], version, bad)
 
 
 def _validate_quantized(value: Any, where: str, bad: Callable[[str], ValueError]) -> None:
