@@ -45,11 +45,12 @@ being saved), ``base_values_sha256`` (``{leaf path: ...}``: the SHA-256 of the b
 values, for ``load_adapters(..., check_base_values=True)``), ``state_sha256`` beside
 ``state`` (one per state leaf), and ``checksum``: the SHA-256 of the canonical JSON (sorted
 keys, no spaces) of the whole document but ``checksum`` itself. A hash is ``null`` where it
-could not be computed: an abstract kernel (``jax.ShapeDtypeStruct``), or an array that is not
-fully addressable in a multi-process job. `read_metadata` refuses a document whose checksum does
-not match (an edited scale, a flipped bit); `load_adapters` refuses arrays whose bytes do not
-match their hash. Versions 1-3 have none of these and load unsealed: nothing tells an edited
-version-3 file from a genuine one, beyond its ``base_fingerprint``.
+could not be computed: an abstract kernel (``jax.ShapeDtypeStruct``) or one traced inside a
+jit (and, format 7, a quantized kernel split over several processes). `read_metadata`
+refuses a document whose checksum does not match (an edited scale, a flipped bit);
+`load_adapters` refuses arrays whose bytes do not match their hash. Versions 1-3 have none
+of these and load unsealed: nothing tells an edited version-3 file from a genuine one,
+beyond its ``base_fingerprint``.
 
 Format version 5 (written only where needed: a checkpoint of plain LoRA adapters on plain
 kernels is still written as version 4, so that readers of version 4 read it) stores
@@ -71,6 +72,19 @@ under ``full/``, an orbax tree keyed by the leaf paths' components. `load_adapte
 back as a `minilora_jax.Full` node in the place of the base's leaf of that shape and dtype,
 after checking its hash (a flipped byte is refused).
 
+Format 7 (written by every save of a multi-process job, ``jax.process_count() > 1``) differs
+from format 6 in two points: ``full``/``full_sha256`` are present only with leaves trained
+whole, and a hash (in ``arrays_sha256``, ``state_sha256``, ``full_sha256`` and, for plain
+kernels, ``base_values_sha256``) may be ``{"blocks": [{"index": [[start, stop], ...],
+"sha256": ...}, ...]}``: one SHA-256 per distinct shard of the array as it was saved, over
+that block's bytes in C order. The blocks tile the array, so every stored byte is under one
+hash; each process hashes the blocks it owns and process 0 records them all (nothing is
+gathered). A load hashes the recorded blocks from the arrays it read, whatever mesh or device
+it reads onto (see `minilora_jax.io._seal`), so a flipped byte is refused there too. An
+array replicated over all processes is recorded with one plain hash, as in format 4.
+Host-local arrays (``jnp.asarray(step)`` on one device of each process, NumPy arrays) are
+saved once, replicated, after checking that every process holds the same bytes.
+
 Saving is atomic: everything is written to a temporary directory beside ``DIR`` and renamed into
 place, so a save that fails or is killed part-way leaves the previous checkpoint readable. A
 training loop keeps ``ROOT/<step>`` directories with `save_step` and resumes from
@@ -88,8 +102,10 @@ renames the set-aside checkpoint back. `lock_run` guards a training loop's check
 against a second run. Locks need ``fcntl`` (POSIX) and a filesystem where ``flock`` works.
 
 In a multi-process JAX job every process calls `save_adapters` / `save_step` on the same
-directory of a filesystem they all share: each writes the shards it holds, process 0 the JSON
-and the renames. Paths are local (or shared-filesystem) paths; URLs such as ``gs://`` are refused.
+directory of a filesystem they all share: each writes and hashes the shards it holds, process
+0 the JSON (with every process's hashes) and the renames. Every process must also call
+`load_adapters` together: the hash checks are collective. Paths are local (or
+shared-filesystem) paths; URLs such as ``gs://`` are refused.
 """
 
 from __future__ import annotations
@@ -126,6 +142,7 @@ from minilora_jax.io._files import (
     _locked,
     _recover,
     _replace_directory,
+    _shared_int,
     _sync,
 )
 
@@ -457,8 +474,9 @@ def load_adapters(
 
     A save of ``directory`` by another process during the load is never mixed into it: the
     result is one complete save (the load retries, the last time under the writers' lock), or
-    `CheckpointChangedError`. Format 4 arrays are checked against their SHA-256 after the read
-    (where they are fully addressable); formats 1-3 carry no hashes and are not.
+    `CheckpointChangedError`. Format 4-7 arrays are checked against their SHA-256 after the
+    read, onto whatever placement they were read (format 7: block by block, in a
+    multi-process load collectively); formats 1-3 carry no hashes and are not.
 
     Returns:
       ``base_tree`` with a `minilora_jax.Lora` node in the place of each adapted kernel (the
@@ -1028,7 +1046,9 @@ def latest_step(root: str | os.PathLike) -> int | None:
 
     Step directories are those `save_step` writes, ``root/<step>`` holding ``minilora.json``;
     other files are ignored. What killed saves left is recovered first, where no save holds its
-    lock: a step set aside by a save killed between its two renames is back in place.
+    lock: a step set aside by a save killed between its two renames is back in place. In a
+    multi-process job every process must call it: process 0 looks and every process gets its
+    answer, so all resume from the same step.
 
     Example:
       >>> import tempfile
@@ -1036,8 +1056,13 @@ def latest_step(root: str | os.PathLike) -> int | None:
       (None, None)
     """
     root = _local(root)
-    _recover_steps(root)
-    return max(_steps(root), default=None)
+    found = None
+    if jax.process_index() == 0:
+        _recover_steps(root)
+        found = max(_steps(root), default=None)
+    if jax.process_count() > 1:
+        found = _shared_int(found)
+    return found
 
 
 def _steps(root: FilePath) -> list[int]:
