@@ -102,7 +102,8 @@ def _allgather(rows: np.ndarray) -> np.ndarray:
 def seal(arrays: Sequence[Any]) -> list[Any]:
     """The seal of each array (None where it has no values here: abstract, traced).
 
-    Collective in a multi-process job: every process must call it with the same arrays.
+    Collective where some array is split over several processes: every process must then
+    call it with the same arrays (as it must to save them).
     """
     out: list[Any] = [None] * len(arrays)
     blocks: list[tuple[int, Box]] = []  # (array position, box), over all split arrays
@@ -112,7 +113,7 @@ def seal(arrays: Sequence[Any]) -> list[Any]:
             out[i] = _text(_digest(values))
         elif _is_split(x):
             blocks.extend((i, box) for box in _boxes(x))
-    if jax.process_count() == 1:
+    if not blocks:  # nothing split over processes: no collective (the same in every process)
         return out
     # Row k: [1 if this process hashed block k, *its 32-byte digest].
     rows = np.zeros((max(len(blocks), 1), 33), np.uint8)
@@ -195,8 +196,9 @@ def globalize(arrays: Sequence[Any], names: Sequence[str]) -> list[Any]:
 def check(arrays: Sequence[Any], seals: Sequence[Any]) -> list[bool]:
     """Whether each loaded array matches its seal (True where the seal is None).
 
-    Collective in a multi-process job: every process must call it with the same seals (and
-    arrays of the same global shapes and shardings).
+    Collective where some array is split over several processes (as reading it was): every
+    process must then call it with the same seals and arrays of the same global shardings.
+    Arrays all on this process's devices are checked here alone.
     """
     ok = [True] * len(arrays)
     pending: list[tuple[int, Box, bytes]] = []  # blocks of split arrays: (array, box, digest)
@@ -217,7 +219,9 @@ def check(arrays: Sequence[Any], seals: Sequence[Any]) -> list[bool]:
             ok[i] = all(_digest(values[_slices(box)]) == digest for box, digest in blocks)
         else:
             pending.extend((i, box, digest) for box, digest in blocks)
-    if jax.process_count() == 1:
+    if not pending:
+        # Every array is all here (read onto this process's devices): no collective, so a
+        # process may load on its own. Arrays split over processes are loaded by all of them.
         return ok
     # Verdict per pending block: 0 not held whole here, 1 matches, 2 differs.
     verdicts = np.zeros(max(len(pending), 1), np.uint8)

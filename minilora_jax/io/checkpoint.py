@@ -103,8 +103,9 @@ against a second run. Locks need ``fcntl`` (POSIX) and a filesystem where ``floc
 
 In a multi-process JAX job every process calls `save_adapters` / `save_step` on the same
 directory of a filesystem they all share: each writes and hashes the shards it holds, process
-0 the JSON (with every process's hashes) and the renames. Every process must also call
-`load_adapters` together: the hash checks are collective. Paths are local (or
+0 the JSON (with every process's hashes) and the renames. A load onto a mesh that spans
+several processes is made by all of them together (so is its hash check); a process may load
+on its own onto its own devices. Paths are local (or
 shared-filesystem) paths; URLs such as ``gs://`` are refused.
 """
 
