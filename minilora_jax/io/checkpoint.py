@@ -244,7 +244,10 @@ def save_adapters(
         adapters were made: ``{"init": {"rank": 8, "targets": "q_proj|o_proj"}, "step": 100}``.
       state: any pytree of arrays to keep with the adapters: an optax state, a step counter
         (``jnp.asarray(step)``), a typed PRNG key (stored as ``jax.random.key_data``), a loss
-        history. Its structure is not stored; `load_adapters` takes it from a target.
+        history. Its structure is not stored; `load_adapters` takes it from a target. In a
+        multi-process job a host-local leaf (``jnp.asarray(step)`` on each process's own
+        device, a NumPy array) is saved once, replicated, if every process holds the same
+        bytes; otherwise the save is refused, naming the leaf.
       base_values: also record the SHA-256 of each adapted kernel's values (where the kernel
         is a concrete array; of a quantized kernel, its codes and scales), so that
         ``load_adapters(..., check_base_values=True)`` can refuse another fine-tune of the same
@@ -259,7 +262,8 @@ def save_adapters(
 
     Raises:
       ValueError: if ``tree`` holds no adapters, an adapter has no kernel or does not fit it,
-        ``metadata`` is not JSON-serialisable, a leaf of ``state`` is not an array, or
+        ``metadata`` is not JSON-serialisable, a leaf of ``state`` is not an array (or, in a
+        multi-process job, a host-local array holding different values in the processes), or
         ``directory`` is a URL.
       FileExistsError: if ``directory`` exists and is not a minilora checkpoint.
 
