@@ -67,6 +67,7 @@ def test_check_hashes_each_block_of_a_placed_array():
         _digest(x), None]
 
 
+@pytest.mark.slow  # orbax
 def test_a_format_7_checkpoint_with_block_hashes_loads(saved):
     path, node = saved
 
@@ -83,6 +84,7 @@ def test_a_format_7_checkpoint_with_block_hashes_loads(saved):
         mlj.load_adapters(path, tuned, check_base_values=True)
 
 
+@pytest.mark.slow  # orbax
 def test_a_block_that_differs_is_refused(saved):
     path, node = saved
     other = np.asarray(node.lora_b).copy()
@@ -95,6 +97,7 @@ def test_a_block_that_differs_is_refused(saved):
         mlj.load_adapters(path, BASE)
 
 
+@pytest.mark.slow  # orbax
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -119,6 +122,7 @@ def test_block_lists_that_do_not_tile_the_array_are_refused(saved, change, messa
         mlj.read_metadata(path)
 
 
+@pytest.mark.slow  # orbax
 def test_block_hashes_need_format_7(saved):
     path, node = saved
     file = path / "minilora.json"
