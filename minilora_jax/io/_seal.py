@@ -85,7 +85,7 @@ def _host_values(x: Any) -> np.ndarray | None:
 
 def _is_split(x: Any) -> bool:
     """Whether ``x`` is a concrete array some of whose shards live in other processes."""
-    return isinstance(x, jax.Array) and not x.is_fully_addressable and not _is_tracer(x)
+    return isinstance(x, jax.Array) and not _is_tracer(x) and not x.is_fully_addressable
 
 
 def _is_tracer(x: Any) -> bool:
