@@ -12,6 +12,12 @@ Examples::
     python experiments/train_sharded.py --mesh 2x4 --data shakespeare --steps 20
     python experiments/train_sharded.py --steps 5 --save runs/sharded/ckpt
     python experiments/train_sharded.py --restore runs/sharded/ckpt --cpu-devices 4 --mesh 2x2
+    python experiments/train_sharded.py --steps 20 --checkpoints runs/sharded/steps --every 5
+
+With ``--checkpoints ROOT`` the run keeps `minilora_jax.save_step` checkpoints (adapters, Adam
+state, the step) every ``--every`` steps and, started again with the same arguments after a
+kill, resumes from the newest complete one (`minilora_jax.latest_step`) until ``--steps``
+steps are done: the same adapters as a run that was never stopped.
 """
 
 from __future__ import annotations
@@ -56,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--save", type=Path, help="write adapters + optimizer state here (shared by all processes)"
     )
     p.add_argument("--restore", type=Path, help="start from a --save directory (any mesh)")
+    p.add_argument(
+        "--checkpoints", type=Path,
+        help="keep step checkpoints here and resume from the newest (--steps is then the total)",
+    )
+    p.add_argument("--every", type=int, default=1, help="steps between --checkpoints saves")
     p.add_argument("--json", type=Path, help="write losses and sizes here")
     p.add_argument(
         "--cpu-devices",
@@ -129,6 +140,22 @@ def main(argv: list[str] | None = None) -> dict:
         )
     }
     start = 0
+    resume = None
+    if args.checkpoints is not None:
+        if args.restore is not None:
+            raise SystemExit("--checkpoints resumes by itself; give --restore or --checkpoints")
+        if args.every < 1:
+            raise SystemExit(f"--every must be a positive number of steps, got {args.every}")
+        found = mlj.latest_step(args.checkpoints)  # every process: all get process 0's answer
+        if found is not None:
+            resume = args.checkpoints / str(found)
+            saved = mlj.read_metadata(resume)["metadata"]
+            if saved["settings"] != settings:
+                raise SystemExit(
+                    f"{resume} was written by a run with other settings ({saved['settings']}); "
+                    f"this one has {settings}. Give another --checkpoints directory"
+                )
+            start, total = saved["step"], saved["total_steps"]
     if args.restore is not None:
         saved = mlj.read_metadata(args.restore / STATE_DIR)["metadata"]
         start, total = saved["step"], saved["total_steps"]
@@ -138,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         if settings[name] is not None:
             overrides[name] = settings[name]
     config = MiniMindConfig.named(settings["config"], **overrides)
-    if args.restore is None:
+    if args.restore is None and resume is None:
         total = args.steps
 
     mesh = mesh_from_arg(args.mesh)
@@ -153,11 +180,14 @@ def main(argv: list[str] | None = None) -> dict:
         lr=settings["lr"],
         total_steps=max(total, 1),
         seed=settings["seed"],
-        init_adapters=args.restore is None,
+        init_adapters=args.restore is None and resume is None,
     )
     if args.restore is not None:
         sharded.restore_state(args.restore / STATE_DIR, run)
         say(f"restored step {start} from {args.restore}")
+    if resume is not None:
+        sharded.restore_state(resume, run)
+        say(f"resumed at step {start} from {resume}")
 
     sizes = {
         "base": sharded.device_bytes(run.base),
@@ -174,13 +204,27 @@ def main(argv: list[str] | None = None) -> dict:
 
     make = sharded.random_batches if settings["data"] == "random" else sharded.shakespeare_batches
     shape = (config.vocab_size, settings["batch"], settings["seq_len"], settings["seed"])
-    losses = sharded.train(run, make(*shape, start=start), args.steps, say)
+    stream = make(*shape, start=start)
+    if args.checkpoints is None:
+        losses = sharded.train(run, stream, args.steps, say)
+    else:
+        losses, step = [], start
+        while step < total:
+            todo = min(args.every - step % args.every, total - step)
+            losses += sharded.train(run, stream, todo, say)
+            step += todo
+            record = {"step": step, "total_steps": total, "settings": settings}
+            params = mlj.combine(run.adapters, run.base)
+            mlj.save_step(args.checkpoints, step, params, metadata=record,
+                          state={"opt_state": run.opt_state})  # fmt: skip
+            say(f"saved step {step} to {args.checkpoints}")
     eval_rows = next(make(*shape[:3], settings["seed"] + 1000))  # fresh draws, same source
     eval_loss = sharded.evaluate(run, eval_rows)
-    say(f"eval loss {eval_loss:.6f} after step {start + args.steps}")
+    done = total if args.checkpoints is not None else start + args.steps
+    say(f"eval loss {eval_loss:.6f} after step {done}")
 
     if args.save is not None:
-        record = {"step": start + args.steps, "total_steps": total, "settings": settings}
+        record = {"step": done, "total_steps": total, "settings": settings}
         sharded.save_state(args.save / STATE_DIR, run, metadata=record)
         say(f"saved to {args.save}")
 

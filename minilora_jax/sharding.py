@@ -5,13 +5,20 @@ axis, as the kernel's `minilora_jax.Layout` names them, so that ``x @ lora_a @ l
 no more communication than ``x @ kernel`` does. With ``e[k]`` the kernel's spec entry for its
 axis ``k``:
 
-* ``lora_a`` ``(*batch, *in, r)`` gets ``(e[batch...], e[in...], None)``;
-* ``lora_b`` ``(*batch, r, *out)`` gets ``(e[batch...], None, e[out...])``;
-* the rank axis ``r`` is replicated: it is small and every shard needs all of it;
+* ``lora_a`` ``(*batch, *in, r)`` gets ``(e[batch...], e[in...], e[out...])``;
+* ``lora_b`` ``(*batch, r, *out)`` gets ``(e[batch...], e[in...], e[out...])``;
+* so the rank axis ``r`` of each half is split over the mesh axes of the kernel's *other*
+  side, those that the half does not already use, as far as ``r`` divides by their sizes
+  (axes of size 1 are left out). Each half then costs ``1/n`` per device on a mesh of ``n``
+  devices that the kernel is split over, and so do its optimizer moments. The mesh sizes must
+  be known for this (a ``NamedSharding``, or ``mesh=``), and the axes must be ``Auto`` ones
+  (JAX's ``Explicit`` axes refuse a contraction over a rank axis split two ways, so there it
+  stays replicated); with bare ``PartitionSpec`` s the rank axis is replicated;
 * DoRA's ``magnitude`` ``(*batch, *out)`` gets ``(e[batch...], e[out...])``.
 
-For a Flax ``(in, out)`` kernel partitioned ``P("fsdp", "tp")`` that is ``lora_a: P("fsdp",
-None)`` and ``lora_b: P(None, "tp")``; for a torch-style ``(out, in)`` weight partitioned
+For a Flax ``(in, out)`` kernel partitioned ``P("fsdp", "tp")`` on a 4 x 2 mesh and rank 8
+that is ``lora_a: P("fsdp", "tp")`` and ``lora_b: P("fsdp", "tp")`` (``P("fsdp", None)`` and
+``P(None, "tp")`` without mesh sizes); for a torch-style ``(out, in)`` weight partitioned
 ``P("tp", "fsdp")`` it is the same. `shardings` computes this from shapes and shardings alone
 (no forward pass, no arrays needed), `init_sharded` creates adapters directly in place so that
 a base too big for one device is never gathered onto one, and `optimizer_shardings` carries the
@@ -38,9 +45,11 @@ def shardings(tree: Any, base_shardings: Any, *, mesh: jax.sharding.Mesh | None 
     Each `minilora_jax.Lora` node becomes ``Lora(kernel=..., lora_a=..., lora_b=...)`` with the
     node's own scale and layout, holding shardings: the kernel's entry of ``base_shardings``
     (``None`` where the node has no kernel, as in the adapters half of `minilora_jax.split`),
-    ``lora_a`` ``(*batch, *in, r)`` with the kernel's partitioning of its batch and in axes and
-    a replicated rank axis, ``lora_b`` ``(*batch, r, *out)`` with the partitioning of its batch
-    and out axes. Which kernel axis is which is read from the node's layout, so an ``(out, in)``
+    ``lora_a`` ``(*batch, *in, r)`` with the kernel's partitioning of its batch and in axes,
+    ``lora_b`` ``(*batch, r, *out)`` with the partitioning of its batch and out axes, and the
+    rank axis of each split over the mesh axes of the kernel's other side where the rank
+    divides by them and the mesh is known (see the module docstring).
+    Which kernel axis is which is read from the node's layout, so an ``(out, in)``
     kernel or a layer axis in the middle is handled. Every other leaf gets its entry of
     ``base_shardings``. Only shapes are looked at, so ``tree`` may hold arrays or
     ``jax.ShapeDtypeStruct`` s (from ``jax.eval_shape``).
@@ -350,8 +359,13 @@ def _lora_shardings(node: Lora, kernel: Any, path: str, mesh: Any) -> Lora:
     _check_rank(spec, layout.ndim, path)
     e = (*spec, *([None] * (layout.ndim - len(spec))))
     batch = [e[k] for k in layout.batch_axes]
-    lora_a = PartitionSpec(*batch, *(e[k] for k in layout.in_axes), None)
-    lora_b = PartitionSpec(*batch, None, *(e[k] for k in layout.out_axes))
+    ins = [e[k] for k in layout.in_axes]
+    outs = [e[k] for k in layout.out_axes]
+    sizes = _mesh_sizes(kernel, mesh)
+    rank = node.rank if hasattr(node.lora_a, "shape") else None
+    # The rank axis takes the mesh axes the other half's kernel side is split over.
+    lora_a = PartitionSpec(*batch, *ins, _rank_entry(outs, [*batch, *ins], sizes, rank))
+    lora_b = PartitionSpec(*batch, _rank_entry(ins, [*batch, *outs], sizes, rank), *outs)
     # DoRA's magnitude (*batch, *out) is sharded as the kernel's batch and out axes.
     magnitude = PartitionSpec(*batch, *(e[k] for k in layout.out_axes))
     if isinstance(kernel, NamedSharding):
@@ -360,6 +374,53 @@ def _lora_shardings(node: Lora, kernel: Any, path: str, mesh: Any) -> Lora:
         place = lambda s: _bind(s, mesh)  # noqa: E731
     return node.replace(kernel=kernel_out, lora_a=place(lora_a), lora_b=place(lora_b),
                         magnitude=None if node.magnitude is None else place(magnitude))
+
+
+def _mesh_sizes(kernel: Any, mesh: Any) -> dict[str, int] | None:
+    """``{axis name: size}`` of the mesh a kernel's sharding lives on, for its axes the rank
+    may be split over; None if unknown (a bare ``PartitionSpec`` without ``mesh=``).
+
+    Only ``Auto`` axes: on ``Explicit`` ones JAX refuses ``(x @ lora_a) @ lora_b`` whose rank
+    axis is split differently in the two halves (it would need a reshard in the program)."""
+    found = kernel.mesh if isinstance(kernel, NamedSharding) else mesh
+    if found is None:
+        return None
+    types = getattr(found, "axis_types", None) or ()
+    auto = getattr(getattr(jax.sharding, "AxisType", None), "Auto", None)
+    explicit = {name for name, kind in zip(found.axis_names, types, strict=False)
+                if auto is not None and kind != auto}  # fmt: skip
+    return {name: size for name, size in dict(found.shape).items() if name not in explicit}
+
+
+def _axis_names(entries: list[Any]) -> list[str]:
+    """The mesh axis names of spec entries (each None, a name, or a tuple of names)."""
+    names = []
+    for entry in entries:
+        if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+            continue
+        names.extend(entry if isinstance(entry, tuple) else (entry,))
+    return names
+
+
+def _rank_entry(
+    other: list[Any], used: list[Any], sizes: dict[str, int] | None, rank: int | None
+) -> Any:
+    """The spec entry of an adapter half's rank axis: the mesh axes of ``other`` (the kernel's
+    axes the half does not have) not in ``used``, taken in order while their product divides
+    ``rank``; axes of size 1 are skipped. None (replicated) without mesh sizes or a rank."""
+    if sizes is None or rank is None:
+        return None
+    taken, product = [], 1
+    busy = set(_axis_names(used))
+    for name in _axis_names(other):
+        size = sizes.get(name, 1)
+        if name in busy or name in taken or size == 1 or rank % (product * size):
+            continue
+        taken.append(name)
+        product *= size
+    if not taken:
+        return None
+    return taken[0] if len(taken) == 1 else tuple(taken)
 
 
 def _bind(entry: Any, mesh: Any) -> Any:

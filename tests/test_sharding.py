@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -47,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = ROOT / "experiments" / "train_sharded.py"
 IN_CHILD = os.environ.get("MINILORA_SHARDING_CHILD") == "1"
-CHILD_TIMEOUT_S = 900  # minutes on a loaded 2-core machine; ~2 on an idle one
+CHILD_TIMEOUT_S = 900  # minutes on a loaded 2-core machine; ~3 on an idle one
 WORKER_TIMEOUT_S = 180
 
 # A small MiniMind; every split axis divides by up to 8 devices.
@@ -454,10 +455,12 @@ def _host_base() -> dict:
 
 
 def _expected_specs(path: str, lead: tuple) -> tuple[P, P, P]:
-    """MiniMind's (kernel, lora_a, lora_b) specs; ``lead`` is the scan layout's layer axis."""
+    """MiniMind's (kernel, lora_a, lora_b) specs on the 4x2 mesh at rank 4; ``lead`` is the scan
+    layout's layer axis. Each half's rank axis takes the mesh axis of the kernel's other side,
+    so A and B are split over all 8 devices."""
     if path.split("/")[-2] in ("o_proj", "down_proj"):  # row-parallel: in over tp, out over fsdp
-        return P(*lead, "tp", "fsdp"), P(*lead, "tp", None), P(*lead, None, "fsdp")
-    return P(*lead, "fsdp", "tp"), P(*lead, "fsdp", None), P(*lead, None, "tp")
+        return P(*lead, "tp", "fsdp"), P(*lead, "tp", "fsdp"), P(*lead, "tp", "fsdp")
+    return P(*lead, "fsdp", "tp"), P(*lead, "fsdp", "tp"), P(*lead, "fsdp", "tp")
 
 
 @pytest.mark.slow
@@ -529,10 +532,13 @@ def test_adapters_and_optimizer_state_have_the_derived_shardings():
         assert b.sharding.is_equivalent_to(derived[path].lora_b, b.ndim), path
         assert mu[path].lora_a.sharding.is_equivalent_to(a.sharding, a.ndim), path
         assert mu[path].lora_b.sharding.is_equivalent_to(b.sharding, b.ndim), path
-        # lora_a's d_in (axis 1) is split like the kernel's: each shard holds d_in / 4 (or / 2).
+        # lora_a's d_in (axis 1) is split like the kernel's: each shard holds d_in / 4 (or / 2),
+        # and its rank axis over the other mesh axis: 1/8 of lora_a per device.
         layers, d_in, r = a.shape
-        rows = d_in // run.mesh.shape[want_a[1]]
-        assert all(s.data.shape == (layers, rows, r) for s in a.addressable_shards), path
+        rows, cols = d_in // run.mesh.shape[want_a[1]], r // run.mesh.shape[want_a[2]]
+        assert all(s.data.shape == (layers, rows, cols) for s in a.addressable_shards), path
+        assert all(s.data.size * 8 == a.size for s in a.addressable_shards), path
+        assert all(s.data.size * 8 == b.size for s in b.addressable_shards), path
     # Shapes only: the unrolled layout, all four layers, no arrays made.
     config = tiny_config().replace(scan_layers=False)
     model = MiniMind(config)
@@ -546,6 +552,50 @@ def test_adapters_and_optimizer_state_have_the_derived_shardings():
     for path, node in out.items():
         want = _expected_specs(path, ())
         assert (node.kernel.spec, node.lora_a.spec, node.lora_b.spec) == want, path
+
+
+@pytest.mark.slow
+@on_eight_devices
+def test_adapter_and_adam_bytes_per_device_are_one_eighth_on_a_4x2_mesh():
+    """experiments/sharding_bytes.py's numbers: A, B and their Adam moments split over all 8
+    devices (the rank axis of each half over the kernel's other mesh axis); with the rank axis
+    replicated, as before, each device held 3/8 of them."""
+    import sharding_bytes
+
+    now = sharding_bytes.measure(4, 2, rank=8, width=64, layers=2)
+    assert now["ratio"] <= 1.1, now
+    assert now["max_per_device"] - now["total_bytes"] // 8 <= 8, now  # Adam's count, replicated
+    before = sharding_bytes.measure(4, 2, rank=8, width=64, layers=2, replicate_rank=True)
+    assert before["ratio"] == pytest.approx(3.0, rel=1e-3), before
+    # A rank the other axis does not divide stays replicated: never a sharding that cannot fit.
+    odd = sharding_bytes.measure(4, 2, rank=3, width=64, layers=2)
+    assert odd["specs"] == before["specs"], odd
+
+
+@pytest.mark.slow
+@on_eight_devices
+def test_train_sharded_resumes_from_its_step_checkpoints():
+    """experiments/train_sharded.py --checkpoints: a run that lost its last checkpoint (killed
+    before it was written) resumes from the one before and ends with the very same adapters
+    and Adam state as a run never stopped."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import train_sharded
+
+    flags = [*_flags(**{**SETTINGS, "steps": 4}), "--every=2", "--mesh=2x2", "--scan-layers"]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "steps"
+        whole = train_sharded.main([*flags, f"--checkpoints={root}"])
+        shutil.move(root / "4", Path(tmp) / "whole")
+        resumed = train_sharded.main([*flags, f"--checkpoints={root}"])
+        assert len(whole["losses"]) == 4 and resumed["losses"] == whole["losses"][2:]
+        assert resumed["eval_loss"] == whole["eval_loss"]
+        assert sorted(p.name for p in root.iterdir()) == ["2", "4"]
+        # One process wrote both: each array's recorded SHA-256 is of its whole bytes.
+        got, want = mlj.read_metadata(root / "4"), mlj.read_metadata(Path(tmp) / "whole")
+        assert len(want["state"]) > 1 and got["metadata"]["step"] == 4
+        assert got["arrays_sha256"] == want["arrays_sha256"]
+        assert got["state_sha256"] == want["state_sha256"]  # Adam's moments and count
+        assert all(h is not None for h in want["state_sha256"])
 
 
 @pytest.mark.slow
@@ -654,8 +704,8 @@ def test_library_checkpoint_with_state_restores_onto_other_meshes():
                     assert len({sh.device for sh in x.addressable_shards}) == fsdp * tp
             node = restored["q"]["kernel"]
             assert len({sh.data.shape for sh in node.lora_a.addressable_shards}) == 1
-            if fsdp > 1:
-                assert node.lora_a.addressable_shards[0].data.shape == (16 // fsdp, 2)
+            if fsdp > 1:  # in over fsdp, the rank (2) over tp
+                assert node.lora_a.addressable_shards[0].data.shape == (16 // fsdp, 2 // tp)
             for a, b in zip(jax.tree.leaves((restored, got["opt_state"])),
                             jax.tree.leaves(saved), strict=True):  # fmt: skip
                 np.testing.assert_array_equal(np.asarray(a), b)

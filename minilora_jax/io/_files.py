@@ -299,6 +299,15 @@ def _shared_token() -> str:
     return token.tobytes().hex()
 
 
+def _shared_int(value: int | None) -> int | None:
+    """Process 0's ``value`` (a non-negative int or None), in every process of a job."""
+    from jax.experimental import multihost_utils
+
+    mine = np.asarray([-1 if value is None else value], np.int32)
+    got = int(np.asarray(multihost_utils.broadcast_one_to_all(mine))[0])
+    return None if got < 0 else got
+
+
 def _sync(name: str) -> None:
     """A barrier across the processes of a multi-process job; nothing in a single process."""
     if jax.process_count() > 1:

@@ -45,11 +45,12 @@ being saved), ``base_values_sha256`` (``{leaf path: ...}``: the SHA-256 of the b
 values, for ``load_adapters(..., check_base_values=True)``), ``state_sha256`` beside
 ``state`` (one per state leaf), and ``checksum``: the SHA-256 of the canonical JSON (sorted
 keys, no spaces) of the whole document but ``checksum`` itself. A hash is ``null`` where it
-could not be computed: an abstract kernel (``jax.ShapeDtypeStruct``), or an array that is not
-fully addressable in a multi-process job. `read_metadata` refuses a document whose checksum does
-not match (an edited scale, a flipped bit); `load_adapters` refuses arrays whose bytes do not
-match their hash. Versions 1-3 have none of these and load unsealed: nothing tells an edited
-version-3 file from a genuine one, beyond its ``base_fingerprint``.
+could not be computed: an abstract kernel (``jax.ShapeDtypeStruct``) or one traced inside a
+jit (and, format 7, a quantized kernel split over several processes). `read_metadata`
+refuses a document whose checksum does not match (an edited scale, a flipped bit);
+`load_adapters` refuses arrays whose bytes do not match their hash. Versions 1-3 have none
+of these and load unsealed: nothing tells an edited version-3 file from a genuine one,
+beyond its ``base_fingerprint``.
 
 Format version 5 (written only where needed: a checkpoint of plain LoRA adapters on plain
 kernels is still written as version 4, so that readers of version 4 read it) stores
@@ -71,12 +72,27 @@ under ``full/``, an orbax tree keyed by the leaf paths' components. `load_adapte
 back as a `minilora_jax.Full` node in the place of the base's leaf of that shape and dtype,
 after checking its hash (a flipped byte is refused).
 
-Format version 7 (written only where needed: a tree with an adapter on a lookup table, an
-embedding, or on a convolution filter) has the same fields; such a record's ``layout`` also
-holds ``"gathered": true``, or a filter's ``"spatial"``, ``"groups"`` and ``"dilation"``
-(`minilora_jax.Layout.to_json`), and ``"full"``/``"full_sha256"`` are there only when the
-tree has leaves trained whole. A reader of version 6 or older refuses the file by its version
-instead of misreading the layout; files of versions 1-6 load as before.
+Format 7 is written only where needed: by every save of a multi-process job
+(``jax.process_count() > 1``), and for a tree with an adapter on a lookup table (an embedding)
+or a convolution filter. It differs from format 6 in these points:
+
+* ``full``/``full_sha256`` are present only with leaves trained whole;
+* a record's ``layout`` may also hold ``"gathered": true`` (and ``"tied": true``) for a lookup
+  table, or a filter's ``"spatial"``, ``"groups"`` and ``"dilation"``
+  (`minilora_jax.Layout.to_json`); a reader of version 6 or older refuses the file by its
+  version instead of misreading the layout;
+* a hash (in ``arrays_sha256``, ``state_sha256``, ``full_sha256`` and, for plain kernels,
+  ``base_values_sha256``) may be ``{"blocks": [{"index": [[start, stop], ...], "sha256": ...},
+  ...]}``: one SHA-256 per distinct shard of the array as it was saved, over that block's bytes
+  in C order. The blocks tile the array, so every stored byte is under one hash; each process
+  hashes the blocks it owns and process 0 records them all (nothing is gathered). A load hashes
+  the recorded blocks from the arrays it read, whatever mesh or device it reads onto (see
+  `minilora_jax.io._seal`), so a flipped byte is refused there too. An array replicated over
+  all processes is recorded with one plain hash, as in format 4. Host-local arrays
+  (``jnp.asarray(step)`` on one device of each process, NumPy arrays) are saved once,
+  replicated, after checking that every process holds the same bytes.
+
+Files of versions 1-6 load as before.
 
 Saving is atomic: everything is written to a temporary directory beside ``DIR`` and renamed into
 place, so a save that fails or is killed part-way leaves the previous checkpoint readable. A
@@ -95,8 +111,11 @@ renames the set-aside checkpoint back. `lock_run` guards a training loop's check
 against a second run. Locks need ``fcntl`` (POSIX) and a filesystem where ``flock`` works.
 
 In a multi-process JAX job every process calls `save_adapters` / `save_step` on the same
-directory of a filesystem they all share: each writes the shards it holds, process 0 the JSON
-and the renames. Paths are local (or shared-filesystem) paths; URLs such as ``gs://`` are refused.
+directory of a filesystem they all share: each writes and hashes the shards it holds, process
+0 the JSON (with every process's hashes) and the renames. A load onto a mesh that spans
+several processes is made by all of them together (so is its hash check); a process may load
+on its own onto its own devices. Paths are local (or
+shared-filesystem) paths; URLs such as ``gs://`` are refused.
 """
 
 from __future__ import annotations
@@ -123,6 +142,7 @@ from jax.sharding import NamedSharding, Sharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from minilora_jax._tree import flatten, is_variables, key_name, path_str
+from minilora_jax.io import _seal
 from minilora_jax.io._files import (
     METADATA_FILE,
     _clean_leftovers,
@@ -132,6 +152,7 @@ from minilora_jax.io._files import (
     _locked,
     _recover,
     _replace_directory,
+    _shared_int,
     _sync,
 )
 
@@ -155,9 +176,10 @@ FORMAT = "minilora_jax.adapters"
 FORMAT_VERSION = 4
 # Leaves trained whole (init's train_full=, minilora_jax.Full) need version 6.
 FULL_FORMAT_VERSION = 6
-# Adapters on lookup tables (embeddings: a layout with "gathered": true) or convolution filters
-# (a layout with "spatial", "groups", "dilation") need version 7.
-GATHERED_FORMAT_VERSION = 7
+# Format 7: adapters on lookup tables (a layout with "gathered": true) or convolution filters
+# (a layout with "spatial", "groups", "dilation"), and saves by several processes
+# (jax.process_count() > 1), whose hashes may be per block.
+GATHERED_FORMAT_VERSION = SPLIT_FORMAT_VERSION = 7
 NEWEST_FORMAT_VERSION = 7  # the newest version this module reads (and writes, where needed)
 ARRAYS_DIR = "adapters"
 FULL_DIR = "full"  # the values of the leaves trained whole (format 6), an orbax tree
@@ -233,7 +255,10 @@ def save_adapters(
         adapters were made: ``{"init": {"rank": 8, "targets": "q_proj|o_proj"}, "step": 100}``.
       state: any pytree of arrays to keep with the adapters: an optax state, a step counter
         (``jnp.asarray(step)``), a typed PRNG key (stored as ``jax.random.key_data``), a loss
-        history. Its structure is not stored; `load_adapters` takes it from a target.
+        history. Its structure is not stored; `load_adapters` takes it from a target. In a
+        multi-process job a host-local leaf (``jnp.asarray(step)`` on each process's own
+        device, a NumPy array) is saved once, replicated, if every process holds the same
+        bytes; otherwise the save is refused, naming the leaf.
       base_values: also record the SHA-256 of each adapted kernel's values (where the kernel
         is a concrete array; of a quantized kernel, its codes and scales), so that
         ``load_adapters(..., check_base_values=True)`` can refuse another fine-tune of the same
@@ -248,7 +273,8 @@ def save_adapters(
 
     Raises:
       ValueError: if ``tree`` holds no adapters, an adapter has no kernel or does not fit it,
-        ``metadata`` is not JSON-serialisable, a leaf of ``state`` is not an array, or
+        ``metadata`` is not JSON-serialisable, a leaf of ``state`` is not an array (or, in a
+        multi-process job, a host-local array holding different values in the processes), or
         ``directory`` is a URL.
       FileExistsError: if ``directory`` exists and is not a minilora checkpoint.
 
@@ -306,10 +332,9 @@ def save_adapters(
         )
         else FORMAT_VERSION
     )
-    records: dict[str, dict[str, Any]] = {}
-    arrays: dict[str, Any] = {}
-    array_hashes: dict[str, dict[str, str | None]] = {}
-    base_hashes: dict[str, str | None] = {}
+    if jax.process_count() > 1:
+        version = SPLIT_FORMAT_VERSION  # its hashes may be per block (see the docstring)
+    nodes: dict[str, Lora] = {}
     for path, leaf in zip(names, leaves, strict=True):
         if not is_lora(leaf):
             continue
@@ -320,45 +345,72 @@ def save_adapters(
                 "minilora_jax.combine(adapters, base)"
             )
         leaf.check(path)
-        if path in records:
+        if path in nodes:
             raise ValueError(f"two adapters have the leaf path '{path}'; a checkpoint keys by it")
-        records[path] = _record(leaf, version)
-        stored = {key: getattr(leaf, key) for key in _node_arrays(leaf)}
-        array_hashes[path] = {key: _sha256(x) for key, x in stored.items()}
-        base_hashes[path] = _kernel_sha256(leaf.kernel) if base_values else None
-        if leaf.residual is not None and base_hashes[path] is None:
-            raise ValueError(
-                f"the adapter at '{path}' sits on a {leaf.residual} residual kernel; a load must "
-                "check it gets that kernel back, so save it with base_values=True and concrete "
-                "kernels (or convert it with minilora_jax.pissa.to_lora first)"
-            )
-        _put(arrays, _parts(path), stored)
-    if not records:
+        nodes[path] = leaf
+    if not nodes:
         raise ValueError(
             "the tree holds no adapters (no minilora_jax.Lora nodes): nothing to save. Add "
             "adapters with minilora_jax.init, or save the whole tree with orbax directly."
         )
     target_dir = _local(directory)
     entries, state_arrays = _flatten_state(state) if state is not None else (None, {})
+    for path in full:
+        if path in nodes:
+            raise ValueError(f"'{path}' holds both an adapter and a leaf trained whole")
+    # Every stored array, in one list: made global where host-local (several processes), then
+    # sealed, with the base kernels, in one collective call.
+    stored = [(("adapter", path, key), getattr(node, key))
+              for path, node in nodes.items() for key in _node_arrays(node)]
+    stored += [(("full", path, None), value) for path, value in full.items()]
+    stored += [(("state", i, None), state_arrays[str(i)]) for i in range(len(state_arrays))]
+    values = _seal.globalize(
+        [x for _, x in stored], [_stored_name(where, entries) for where, _ in stored]
+    )
+    kernels = [node.kernel for node in nodes.values()] if base_values else []
+    plain = [k for k in kernels if not _is_quantized(k)]
+    seals = _seal.seal([*values, *plain])
+    by_where = dict(zip([where for where, _ in stored], seals, strict=False))
+    plain_seals = iter(seals[len(values):])
+    base_hashes = {
+        path: None if not base_values
+        else _kernel_sha256(node.kernel) if _is_quantized(node.kernel)
+        else next(plain_seals)
+        for path, node in nodes.items()
+    }
+    records: dict[str, dict[str, Any]] = {}
+    arrays: dict[str, Any] = {}
+    array_hashes: dict[str, dict[str, Any]] = {}
+    placed = dict(zip([where for where, _ in stored], values, strict=True))
+    for path, node in nodes.items():
+        if node.residual is not None and base_hashes[path] is None:
+            raise ValueError(
+                f"the adapter at '{path}' sits on a {node.residual} residual kernel; a load must "
+                "check it gets that kernel back, so save it with base_values=True and concrete "
+                "kernels (or convert it with minilora_jax.pissa.to_lora first)"
+            )
+        records[path] = _record(node, version)
+        keys = _node_arrays(node)
+        array_hashes[path] = {key: by_where[("adapter", path, key)] for key in keys}
+        _put(arrays, _parts(path), {key: placed[("adapter", path, key)] for key in keys})
+    full = {path: placed[("full", path, None)] for path in full}
+    state_arrays = {str(i): placed[("state", i, None)] for i in range(len(state_arrays))}
 
     state_fields = {}
     if entries is not None:
         state_fields = {
             "state": entries,
-            "state_sha256": [_sha256(state_arrays[str(i)]) for i in range(len(entries))],
+            "state_sha256": [by_where[("state", i, None)] for i in range(len(entries))],
         }
     if metadata is not None and not isinstance(metadata, Mapping):
         raise ValueError(
             f"metadata must be a mapping (a JSON object), got {type(metadata).__name__}"
         )
-    for path in full:
-        if path in records:
-            raise ValueError(f"'{path}' holds both an adapter and a leaf trained whole")
     full_fields = {}
     if full:
         full_fields = {
             "full": {path: _entry(value) for path, value in full.items()},
-            "full_sha256": {path: _sha256(value) for path, value in full.items()},
+            "full_sha256": {path: by_where[("full", path, None)] for path in full},
         }
     document = {
         "format": FORMAT,
@@ -440,8 +492,9 @@ def load_adapters(
 
     A save of ``directory`` by another process during the load is never mixed into it: the
     result is one complete save (the load retries, the last time under the writers' lock), or
-    `CheckpointChangedError`. Format 4 arrays are checked against their SHA-256 after the read
-    (where they are fully addressable); formats 1-3 carry no hashes and are not.
+    `CheckpointChangedError`. Format 4-7 arrays are checked against their SHA-256 after the
+    read, onto whatever placement they were read (format 7: block by block, in a
+    multi-process load collectively); formats 1-3 carry no hashes and are not.
 
     Returns:
       ``base_tree`` with a `minilora_jax.Lora` node in the place of each adapted kernel (the
@@ -526,6 +579,7 @@ def _load_document(
 
     where = f"checkpoint {directory}"
     nodes: dict[str, Lora] = {}
+    base_checks: list[tuple[str, Any, Any]] = []  # (path, kernel, recorded seal)
     for name, rec in records.items():
         recorded = _shape_dtype(rec["kernel"])
         if name not in index:
@@ -563,7 +617,8 @@ def _load_document(
         nodes[name] = node
         # A PiSSA/OLoRA adapter means nothing on another kernel than its residual: always check.
         if check_base_values or rec.get("residual") is not None:
-            _check_base_values(directory, info, name, leaf, rec)
+            base_checks.append((name, leaf, _check_base_values(directory, info, name, leaf, rec)))
+    _compare_base_values(directory, base_checks)
 
     def with_nodes(found: Mapping[str, Lora]) -> Any:
         out = list(leaves)
@@ -575,39 +630,60 @@ def _load_document(
     state_plan = None if state is None else _plan_state(directory, info.get("state"), state)
     arrays = _read_arrays(directory / ARRAYS_DIR, records, info["format_version"], placement)
     hashes = info.get("arrays_sha256", {})
+    # (directory part, what, array, recorded seal): checked together, after every read.
+    checks: list[tuple[str, str, Any, Any]] = []
     loaded = {}
     for name, node in nodes.items():
         for key in _node_arrays(node):
-            _verify(directory, ARRAYS_DIR, f"{key} at '{name}'",
-                    arrays[name][key], hashes.get(name, {}).get(key))  # fmt: skip
+            checks.append((ARRAYS_DIR, f"{key} at '{name}'", arrays[name][key],
+                           hashes.get(name, {}).get(key)))  # fmt: skip
         node = node.replace(**arrays[name])
         node.check(name)
         loaded[name] = node
     if "full" in info:
-        loaded.update(_load_full(directory, info, names, leaves, index, shardings))
+        loaded.update(_load_full(directory, info, names, leaves, index, shardings, checks))
     tree = with_nodes(loaded)
-    if state_plan is None:
-        return tree
-    restored = _read_state(directory / STATE_DIR, *state_plan)
-    state_hashes = info.get("state_sha256")
-    if state_hashes is not None:
-        for (name, entry), leaf in zip(state_plan[1], jax.tree.leaves(restored), strict=True):
-            data = jax.random.key_data(leaf) if "key_impl" in entry else leaf
-            _verify(directory, STATE_DIR, f"the state leaf at {entry['path']}",
-                    data, state_hashes[int(name)])  # fmt: skip
-    return tree, restored
+    restored = None
+    if state_plan is not None:
+        restored = _read_state(directory / STATE_DIR, *state_plan)
+        state_hashes = info.get("state_sha256")
+        if state_hashes is not None:
+            for (name, entry), leaf in zip(state_plan[1], jax.tree.leaves(restored), strict=True):
+                data = jax.random.key_data(leaf) if "key_impl" in entry else leaf
+                checks.append((STATE_DIR, f"the state leaf at {entry['path']}", data,
+                               state_hashes[int(name)]))  # fmt: skip
+    _verify(directory, checks)
+    return tree if state_plan is None else (tree, restored)
 
 
-def _verify(directory: FilePath, where: str, what: str, array: Any, want: str | None) -> None:
-    """Refuses ``array`` if its SHA-256 is recorded (``want``) and differs."""
-    if want is None:
-        return
-    have = _sha256(array)
-    if have is not None and have != want:
+def _verify(directory: FilePath, checks: list[tuple[str, str, Any, Any]]) -> None:
+    """Refuses the first array whose bytes do not match its recorded seal (`_seal.check`);
+    collective in a multi-process job, so every process refuses the same one."""
+    good = _seal.check([array for _, _, array, _ in checks], [want for *_, want in checks])
+    for (where, what, array, want), ok in zip(checks, good, strict=True):
+        if ok:
+            continue
+        have = _sha256(array) if isinstance(want, str) else None
+        if have is not None:
+            differs = f"has {have}, but {directory / METADATA_FILE} records {want}"
+        else:
+            count = 1 if isinstance(want, str) else len(want["blocks"])
+            differs = (f"does not match the SHA-256 of its {count} block(s) that "
+                       f"{directory / METADATA_FILE} records")
         raise ValueError(
-            f"{directory / where}: {what} has {have}, but {directory / METADATA_FILE} records "
-            f"{want}; the array data was modified or corrupted"
+            f"{directory / where}: {what} {differs}; the array data was modified or corrupted"
         )
+
+
+def _stored_name(where: tuple[str, Any, Any], entries: list[dict[str, Any]] | None) -> str:
+    """How messages name a stored array: ``("adapter", path, key)``, ``("full", path, None)``
+    or ``("state", i, None)``."""
+    kind, path, key = where
+    if kind == "adapter":
+        return f"{key} at '{path}'"
+    if kind == "full":
+        return f"the leaf trained whole at '{path}'"
+    return f"the state leaf at {entries[path]['path'] if entries else path}"
 
 
 def _full_leaves(names: list[str], leaves: list[Any]) -> dict[str, Any]:
@@ -630,10 +706,12 @@ def _load_full(
     leaves: list[Any],
     index: Mapping[str, int],
     shardings: Any,
+    checks: list[tuple[str, str, Any, Any]],
 ) -> dict[str, Full]:
     """The leaves trained whole of a format-6 checkpoint, as `Full` nodes by path: each in the
     place of a plain base leaf of its shape and dtype, placed where that leaf is (or on
-    ``shardings`` if it is one `Sharding`), its bytes checked against ``full_sha256``."""
+    ``shardings`` if it is one `Sharding`); their bytes, to check against ``full_sha256``, are
+    added to ``checks``."""
     where = f"checkpoint {directory}"
     target: dict[str, Any] = {}
     for name, entry in info["full"].items():
@@ -676,8 +754,8 @@ def _load_full(
         value = restored
         for key in _parts(name):
             value = value[key]
-        _verify(directory, FULL_DIR, f"the leaf trained whole at '{name}'", value,
-                info["full_sha256"][name])
+        checks.append((FULL_DIR, f"the leaf trained whole at '{name}'", value,
+                       info["full_sha256"][name]))
         out[name] = Full(value)
     return out
 
@@ -713,11 +791,8 @@ def _validate_full(
             jnp.dtype(entry["dtype"])
         except TypeError as e:
             raise bad(f"{where}['dtype'] {entry['dtype']!r} is not a dtype") from e
-        value = hashes[name]
-        if value is not None and not (isinstance(value, str) and _HASH.fullmatch(value)):
-            raise bad(
-                f"full_sha256['{name}'] is {value!r}, expected 'sha256:<64 hex digits>' or null"
-            )
+        _check_hash(hashes[name], f"full_sha256['{name}']", entry["shape"],
+                    info["format_version"], bad)
 
 
 def _check_base_values(
@@ -737,28 +812,53 @@ def _check_base_values(
         )
     recorded = info.get("base_values_sha256", {}).get(name)
     if recorded is None:
-        why = (
-            f"format {info['format_version']} records no kernel values"
-            if info["format_version"] < 4
-            else "it was saved from an abstract kernel, or with base_values=False"
-        )
+        if info["format_version"] < 4:
+            why = f"format {info['format_version']} records no kernel values"
+        else:
+            why = "it was saved with base_values=False, or from an abstract or traced kernel"
+            if saved_on is not None and info["format_version"] >= SPLIT_FORMAT_VERSION:
+                why += (", or from a quantized kernel split over several processes (whose codes "
+                        "and scales are not hashed)")
         raise ValueError(
             f"check_base_values: checkpoint {directory} has no hash of the values of the kernel "
             f"at '{name}' ({why}); load it without check_base_values"
         )
-    have = _kernel_sha256(kernel)
+    concrete = isinstance(kernel, (jax.Array, np.ndarray)) and not isinstance(
+        kernel, jax.core.Tracer
+    )
+    if saved_on is None and concrete:
+        return recorded  # compared with the others, in `_compare_base_values`
+    have = _kernel_sha256(kernel) if saved_on is not None else None
     if have is None:
         raise ValueError(
             f"check_base_values: the base kernel at '{name}' is a {type(kernel).__name__}, not "
-            "a concrete, fully addressable array (or Quantized kernel of such arrays), so its "
+            "a concrete array (or a Quantized kernel of fully addressable arrays), so its "
             "values cannot be compared"
         )
     if have != recorded:
-        raise ValueError(
-            f"check_base_values: the base kernel at '{name}' holds other values ({have}) than "
-            f"the kernel the adapters in {directory} were saved with ({recorded}): another "
-            "fine-tune of the same architecture? Load onto the base they were trained on"
-        )
+        raise _other_values(directory, name, f"({have}) ")
+    return None
+
+
+def _other_values(directory: FilePath, name: str, have: str) -> ValueError:
+    return ValueError(
+        f"check_base_values: the base kernel at '{name}' holds other values {have}than the "
+        f"kernel the adapters in {directory} were saved with: another fine-tune of the same "
+        "architecture? Load onto the base they were trained on"
+    )
+
+
+def _compare_base_values(directory: FilePath, checks: list[tuple[str, Any, Any]]) -> None:
+    """Refuses the first base kernel whose values differ from its recorded seal; collective in
+    a multi-process job (a kernel split over the processes is hashed where its blocks are)."""
+    checks = [(name, kernel, want) for name, kernel, want in checks if want is not None]
+    if not checks:  # the same in every process: the same checkpoint and arguments
+        return
+    good = _seal.check([kernel for _, kernel, _ in checks], [want for *_, want in checks])
+    for (name, kernel, want), ok in zip(checks, good, strict=True):
+        if not ok:
+            have = _sha256(kernel) if isinstance(want, str) else None
+            raise _other_values(directory, name, f"({have}) " if have else "")
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
@@ -964,7 +1064,9 @@ def latest_step(root: str | os.PathLike) -> int | None:
 
     Step directories are those `save_step` writes, ``root/<step>`` holding ``minilora.json``;
     other files are ignored. What killed saves left is recovered first, where no save holds its
-    lock: a step set aside by a save killed between its two renames is back in place.
+    lock: a step set aside by a save killed between its two renames is back in place. In a
+    multi-process job every process must call it: process 0 looks and every process gets its
+    answer, so all resume from the same step.
 
     Example:
       >>> import tempfile
@@ -972,8 +1074,13 @@ def latest_step(root: str | os.PathLike) -> int | None:
       (None, None)
     """
     root = _local(root)
-    _recover_steps(root)
-    return max(_steps(root), default=None)
+    found = None
+    if jax.process_index() == 0:
+        _recover_steps(root)
+        found = max(_steps(root), default=None)
+    if jax.process_count() > 1:
+        found = _shared_int(found)
+    return found
 
 
 def _steps(root: FilePath) -> list[int]:
@@ -1326,17 +1433,57 @@ def _validate(file: FilePath, info: Any) -> dict[str, Any]:
         _validate_state(info["state"], bad)
     if version >= 4:
         _validate_hashes(info, bad)
-    if version == FULL_FORMAT_VERSION or (version > FULL_FORMAT_VERSION and
-                                          _FULL_KEYS & set(info)):
+    if version == FULL_FORMAT_VERSION or (version > FULL_FORMAT_VERSION and "full" in info):
         _validate_full(info, records, bad)  # 'full' is optional from version 7 on
+    elif "full_sha256" in info:
+        raise bad("'full_sha256' without 'full'")
     return {**info, "metadata": info.get("metadata", {}), "adapters": records}
 
 
-def _validate_hashes(info: Mapping[str, Any], bad: Callable[[str], ValueError]) -> None:
-    def check(value: Any, where: str) -> None:
-        if value is not None and not (isinstance(value, str) and _HASH.fullmatch(value)):
-            raise bad(f"{where} is {value!r}, expected 'sha256:<64 hex digits>' or null")
+def _check_hash(
+    value: Any, where: str, shape: list[int], version: int, bad: Callable[[str], ValueError]
+) -> None:
+    """A recorded hash: null, ``sha256:<hex>``, or (format 7) block hashes tiling ``shape``."""
+    if value is None or (isinstance(value, str) and _HASH.fullmatch(value)):
+        return
+    if version < SPLIT_FORMAT_VERSION or not isinstance(value, dict):
+        also = " or {'blocks': [...]}" if version >= SPLIT_FORMAT_VERSION else ""
+        raise bad(f"{where} is {value!r}, expected 'sha256:<64 hex digits>'{also} or null")
+    blocks = value.get("blocks")
+    if set(value) != {"blocks"} or not isinstance(blocks, list) or not blocks:
+        raise bad(f"{where} must be {{'blocks': [{{'index', 'sha256'}}, ...]}}, got {value!r}")
+    boxes = []
+    for i, block in enumerate(blocks):
+        index = block.get("index") if isinstance(block, dict) else None
+        if (
+            not isinstance(block, dict)
+            or set(block) != {"index", "sha256"}
+            or not isinstance(block["sha256"], str)
+            or not _HASH.fullmatch(block["sha256"])
+            or not isinstance(index, list)
+            or len(index) != len(shape)
+            or not all(
+                isinstance(b, list) and len(b) == 2 and all(_is_int(n) for n in b)
+                and 0 <= b[0] <= b[1] <= size
+                for b, size in zip(index, shape, strict=True)
+            )
+        ):
+            raise bad(
+                f"{where}['blocks'][{i}] must be {{'index': [[start, stop] per axis of "
+                f"{shape}], 'sha256': 'sha256:<64 hex digits>'}}, got {block!r}"
+            )
+        boxes.append(index)
+    # The blocks must tile the array: pairwise disjoint, their sizes adding up to its size.
+    for i, a in enumerate(boxes):
+        for j in range(i):
+            if all(x0 < y1 and y0 < x1 for (x0, x1), (y0, y1) in zip(a, boxes[j], strict=True)):
+                raise bad(f"{where}: blocks {j} and {i} overlap")
+    if sum(_seal.volume(box) for box in boxes) != math.prod(shape):
+        raise bad(f"{where}: the blocks do not cover the {shape} array")
 
+
+def _validate_hashes(info: Mapping[str, Any], bad: Callable[[str], ValueError]) -> None:
+    version = info["format_version"]
     records = info["adapters"]
     names = set(records)
     for field in ("arrays_sha256", "base_values_sha256"):
@@ -1347,15 +1494,20 @@ def _validate_hashes(info: Mapping[str, Any], bad: Callable[[str], ValueError]) 
         if not isinstance(pair, dict) or set(pair) != set(stored):
             raise bad(f"arrays_sha256['{name}'] must have the fields {list(stored)}")
         for key in stored:
-            check(pair[key], f"arrays_sha256['{name}']['{key}']")
+            _check_hash(pair[key], f"arrays_sha256['{name}']['{key}']",
+                        records[name][key]["shape"], version, bad)  # fmt: skip
     for name, value in info["base_values_sha256"].items():
-        check(value, f"base_values_sha256['{name}']")
+        # A quantized kernel's hash covers its codes and scales: never per block (so checked
+        # as format 4's, one hash or null).
+        quantized = records[name].get("quantized") is not None
+        _check_hash(value, f"base_values_sha256['{name}']", records[name]["kernel"]["shape"],
+                    FORMAT_VERSION if quantized else version, bad)  # fmt: skip
     if "state" in info:
         hashes = info.get("state_sha256")
         if not isinstance(hashes, list) or len(hashes) != len(info["state"]):
             raise bad("'state_sha256' must be a list with one entry per state leaf")
         for i, value in enumerate(hashes):
-            check(value, f"state_sha256[{i}]")
+            _check_hash(value, f"state_sha256[{i}]", info["state"][i]["shape"], version, bad)
 
 
 def _validate_quantized(value: Any, where: str, bad: Callable[[str], ValueError]) -> None:
