@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from bench import banks, dora, interceptor, nnx_model, qlora, report, run, workload
+from bench import banks, dora, interceptor, layers, nnx_model, qlora, report, run, workload
 from minimind_jax.model import MiniMind, MiniMindConfig
 
 import minilora_jax as mlj
@@ -50,7 +50,7 @@ def toy_options(**changes):
 
 def test_suite_runs_and_reports(tmp_path):
     # The bank and QLoRA parts have their own smoke test below.
-    results = run.run(toy_options(), skip=("banks", "dora", "qlora"))
+    results = run.run(toy_options(), skip=("banks", "dora", "qlora", "layers"))
     assert {
         "machine",
         "settings",
@@ -71,7 +71,9 @@ def test_suite_runs_and_reports(tmp_path):
     # Only the peers left out of this run have no value; the interceptor rows are all there.
     assert missing == {"step: PEFT LoRA / ours", "step: qwix LoRA / ours", "step: NNX LoRA / ours",
                        *banks.TARGETS, "QLoRA: NF4 base-kernel bytes / bf16",
-                       "DoRA step FLOPs / LoRA step", "DoRA step time / LoRA step"}
+                       "DoRA step FLOPs / LoRA step", "DoRA step time / LoRA step",
+                       "conv net forward FLOPs, wrapped / merged, over the formula",
+                       "tied-embedding LM forward FLOPs, wrapped / merged, over the formula"}
     rows = {row["metric"]: row for row in results["targets"]}
     assert all(isinstance(rows[m]["met"], bool) for m in ACCEPTANCE)
     # The same adapters through either path: the same function, hence the same matmuls.
@@ -172,3 +174,10 @@ def test_nnx_peer_computes_the_same_network():
 def test_docstring_examples(module):
     failed, attempted = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert attempted > 0 and failed == 0
+
+
+def test_conv_and_tied_embedding_flops_are_the_adapters_own_work():
+    r = layers.run()
+    for name in ("conv", "tied_embedding"):
+        assert r[name]["ratio"] > 1.01  # the adapters do cost something
+        assert abs(r[name]["over_predicted"] - 1) < 0.02, r[name]  # and nothing kernel-sized

@@ -32,6 +32,7 @@ from bench import (
     dora,
     hlo,
     interceptor,
+    layers,
     lorax_probe,
     nnx_lora,
     ours,
@@ -77,6 +78,10 @@ TARGETS = {
     "QLoRA: NF4 base-kernel bytes / bf16": ("<=", 0.3),
     "DoRA step FLOPs / LoRA step": ("<=", 1.2),
     "DoRA step time / LoRA step": ("<=", 1.2),
+    # Other layer kinds (issue 20): the wrapped forward does the adapters' own work by formula
+    # (`bench.layers`) and nothing kernel-sized.
+    "conv net forward FLOPs, wrapped / merged, over the formula": ("<=", 1.02),
+    "tied-embedding LM forward FLOPs, wrapped / merged, over the formula": ("<=", 1.02),
 }
 
 # Peers that bring their own compiled programs: `contenders(setup) -> Contender`.
@@ -153,6 +158,11 @@ def check_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     if "dora" in results:
         found["DoRA step FLOPs / LoRA step"] = {"ratio": results["dora"]["flop_ratio"]}
         found["DoRA step time / LoRA step"] = {"ratio": results["dora"]["time_ratio"]}
+    if "layers" in results:
+        found["conv net forward FLOPs, wrapped / merged, over the formula"] = {
+            "ratio": results["layers"]["conv"]["over_predicted"]}
+        found["tied-embedding LM forward FLOPs, wrapped / merged, over the formula"] = {
+            "ratio": results["layers"]["tied_embedding"]["over_predicted"]}
     if "qlora" in results:
         found["QLoRA: NF4 base-kernel bytes / bf16"] = {
             "ratio": results["qlora"]["nf4_kernel_ratio"]}
@@ -266,6 +276,10 @@ def run(options: Options, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     if "qlora" not in skip:
         log("QLoRA: compiled memory of a LoRA step, bf16 vs NF4 base ...")
         results["qlora"] = qlora.run(o)
+    if "layers" not in skip:
+        log("conv net and tied embedding: forward FLOPs wrapped / merged ...")
+        results["layers"] = layers.run(o)
+        layers.print_report(results["layers"])
     results["targets"] = check_targets(results)
     results["elapsed_s"] = time.perf_counter() - started
     return results
@@ -294,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--skip", default="", help="comma-separated peers to leave out (interceptor, peft, "
-        "qwix, nnx), or 'banks' / 'dora' / 'qlora' for those measurements"
+        "qwix, nnx), or 'banks' / 'dora' / 'qlora' / 'layers' for those measurements"
     )
     parser.add_argument(
         "--banks-only", action="store_true",
