@@ -4,8 +4,8 @@ axis=0)``, Flax/NNX ``Embed``, equinox ``Embedding``, haiku ``Embed``): the ``ga
 
 Looking up row ``v`` of a table ``W (V, D)`` is contracting a one-hot ``v`` with it, so the
 adapted rows are ``W[ids] + scale * A[ids] @ B``: the same gather on ``A (V, r)`` (same indices,
-same mode and fill value, so an out-of-range id does with the adapter exactly what it does
-with the table), then a ``(..., r) x (r, D)`` product. ``V x D`` is never formed, forward or
+same mode, an out-of-range id filled with zeros: its row is the table's fill alone, as in the
+merged table), then a ``(..., r) x (r, D)`` product. ``V x D`` is never formed, forward or
 backward (the gradient of ``A`` is a scatter-add of ``r``-wide rows). As in PEFT's
 ``Embedding``, the lookup has no LoRA dropout.
 
@@ -88,7 +88,7 @@ def gather(interp, eqn, values, in_views, scope, key):
     if arrays.magnitude is not None:
         return _views._declined(interp, eqn, values, in_views,
                                 "'gather' (a lookup) of a DoRA kernel")
-    if arrays.layout.contracted() != layout.contracted():
+    if not arrays.layout.gathered or arrays.layout.contracted() != layout.contracted():
         raise _program.LayoutMismatchError(
             f"the program looks up rows of the kernel at '{interp.names[view.src]}' as {layout}, "
             f"but its adapter was made for {arrays.layout}; re-create the adapter with "
@@ -108,7 +108,7 @@ def gather(interp, eqn, values, in_views, scope, key):
         numbers = jax.lax.GatherDimensionNumbers(offset_dims=(nid,), collapsed_slice_dims=(0,),
                                                  start_index_map=(0,))
         rows = jax.lax.gather(a, ids, numbers, (1, a.shape[1]), mode=p["mode"],
-                              fill_value=p["fill_value"],
+                              fill_value=0,  # out of range: no adapter term (the base has the fill)
                               indices_are_sorted=p["indices_are_sorted"],
                               unique_indices=p["unique_indices"])  # (*ids, r)
         if arrays.scale != 1.0:

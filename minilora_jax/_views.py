@@ -209,7 +209,7 @@ def _gather_ops(eqn, values, shape):
             offset_dims=tuple(range(x.ndim - collapse)),
             collapsed_slice_dims=(ax,) if collapse else (), start_index_map=(ax,))
         got = jax.lax.gather(x, indices, numbers, slice_sizes, mode=p["mode"],
-                             fill_value=p["fill_value"],
+                             fill_value=0,  # out of range: no adapter term (the base has the fill)
                              indices_are_sorted=p["indices_are_sorted"],
                              unique_indices=p["unique_indices"])
         # Keep the axis (size 1) so `_select` drops it the same way for every factor.
@@ -297,7 +297,8 @@ def reshape(interp, eqn, values, in_views, scope, key):
         translate = _translate_split(view, holds)
         src = _derive(interp, scope, [view.src], None, translate,
                       f"'reshape' from {old_shape} to {new_shape} whose split axes are used "
-                      "in different roles")
+                      "in different roles, or by a lookup or a convolution (not followed "
+                      "through a split)")
         ndim = len(new_shape)
         return _program._bind(eqn, values), [_program.View(src, tuple((n,) for n in range(ndim)))]
     roles = {n: role_of(axes, arrays.a_labels.__contains__, arrays.b_labels.__contains__)
@@ -343,6 +344,8 @@ def _translate_split(view, holds):
     get two roles)."""
 
     def translate(layout):
+        if layout.gathered or layout.is_conv:
+            return None  # a table's or a filter's axes after a split: not followed
         roles: dict[int, str] = {k: "batch" for k in view.sliced}
         for role, axes in (("in", layout.in_axes), ("out", layout.out_axes),
                            ("batch", layout.batch_axes)):

@@ -159,6 +159,14 @@ def _declared(path: str, kernel: Kernel, declared: Any, from_program: bool) -> L
             f"{kernel.shape}"
         )
     read = kernel.layout
+    how = lambda lay: (lay.gathered, lay.tied, lay.spatial_axes, lay.groups, lay.dilation)  # noqa: E731
+    if read is not None and from_program and how(declared) != how(read):
+        raise ValueError(
+            f"layouts: {declared} for '{path}' {kernel.shape} contradicts the program, which "
+            f"uses it as {read}: whether a kernel is a lookup table (gathered, tied) or a "
+            "convolution filter (spatial_axes, groups, dilation) is read from the program, "
+            "not declared"
+        )
     if read is not None and from_program and declared.batched_outs(read) is None:
         raise ValueError(
             f"layouts: {declared} for '{path}' {kernel.shape} contradicts the program, which "

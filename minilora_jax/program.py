@@ -321,6 +321,13 @@ class Interpreter:
                     "contractions must be over its vocabulary axis or over all its out axes "
                     "(x @ emb.T), with a plain LoRA adapter"
                 )
+            if how == "swapped" and not arrays.layout.tied:
+                raise LayoutMismatchError(
+                    f"the program also contracts the lookup table at '{self.names[view.src]}' "
+                    "as x @ table.T (a tied head), but its adapter was made for an untied table "
+                    f"({arrays.layout}): re-create it with minilora_jax.init(..., apply_fn=) for "
+                    "this program, so that its layout says the table is tied"
+                )
             if how == "swapped":
                 arrays = dataclasses.replace(arrays, a=arrays.b, b=arrays.a,
                                              a_labels=arrays.b_labels, b_labels=arrays.a_labels)

@@ -320,3 +320,12 @@ def test_peft_export_of_a_grouped_or_dilated_filter_is_refused_saying_why(tmp_pa
                                              "same model"):
             mlj.peft.save(tmp_path / "out", lp)
         assert not (tmp_path / "out").exists()
+
+
+def test_a_filter_stored_flat_and_split_by_a_reshape_is_refused_at_init():
+    dn = ("NHWC", "HWIO", "NHWC")
+    f = lambda p, x: lax.conv_general_dilated(x, p["w"].reshape(3, 3, 4, 6), (1, 1), "SAME",  # noqa: E731
+                                              dimension_numbers=dn)
+    w = jax.random.normal(jax.random.key(0), (36, 6))
+    with pytest.raises(ValueError, match="by a lookup or a convolution"):
+        mlj.init({"w": w}, jax.random.key(1), rank=RANK, targets="w", apply_fn=f, args=(X2,))

@@ -464,3 +464,48 @@ def test_a_bank_of_embedding_adapters_is_refused_when_stacked():
     _, _, lp = _plain("tied: emb[ids] and x @ emb.T")
     with pytest.raises(ValueError, match="adapter banks on embeddings are not implemented"):
         mlj.bank.stack([lp, lp])
+
+
+def test_a_fill_value_reaches_the_output_as_in_the_merged_table():
+    """Out-of-range ids under mode='fill' give the fill itself: the adapter's rows are filled
+    with zeros, whatever the fill value (found by the adversarial pass: it was fill + s A B)."""
+    ids = jnp.array([[1, 4, V + 3], [0, V, 2]])
+    params = {"emb": _table()}
+    for fill in (5.0, -2.5):
+        f = lambda p, ids, fill=fill: jnp.take(p["emb"], ids, axis=0, mode="fill",  # noqa: E731
+                                                fill_value=fill)
+        lp = randomize(mlj.init(params, jax.random.key(7), rank=RANK, targets="emb",
+                                apply_fn=f, args=(ids,)), jax.random.key(8))
+        y = mlj.wrap(f)(lp, ids)
+        chex.assert_trees_all_close(y, f(mlj.merge(lp), ids), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(y[0, 2], jnp.full((D,), fill))
+    # The same for one layer of a stacked kernel picked out of range.
+    stack = jax.random.normal(jax.random.key(3), (5, D, D))
+    g = lambda p, x: x @ jnp.take(p["s"], 7, axis=0, mode="fill", fill_value=5.0)  # noqa: E731
+    x = jax.random.normal(jax.random.key(4), (3, D))
+    lp = randomize(mlj.init({"s": stack}, jax.random.key(7), rank=RANK, targets="s",
+                            layouts={"s": mlj.Layout((1,), (2,), (0,))}, apply_fn=g,
+                            args=(x,)), jax.random.key(8))
+    chex.assert_trees_all_close(mlj.wrap(g)(lp, x), g(mlj.merge(lp), x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_untied_adapter_in_a_tied_program_is_refused():
+    """The tied flag is what PEFT files rely on, so a program may not use an untied table's
+    adapter as a tied head."""
+    tied = PLAIN["tied: emb[ids] and x @ emb.T"]
+    params = {"emb": _table(), "w": _table(2, (D, D)) / 2, "ws": _table(3, (4, D, D)) / 2}
+    untied = lambda p, ids: _emb_layer(p, p["emb"][ids])  # noqa: E731
+    lp = mlj.init(params, jax.random.key(3), rank=RANK, targets="^emb$", apply_fn=untied,
+                  args=(IDS,))
+    with pytest.raises(mlj.program.LayoutMismatchError, match="untied table"):
+        mlj.wrap(tied)(lp, IDS)
+    with pytest.raises(ValueError, match="contradicts the program"):
+        mlj.init(params, jax.random.key(3), rank=RANK, targets="^emb$", apply_fn=tied,
+                 args=(IDS,), layouts={"^emb$": mlj.Layout((0,), (1,), gathered=True)})
+
+
+def test_a_table_split_by_a_reshape_before_its_lookup_is_refused_at_init():
+    f = lambda p, ids: p["emb"].reshape(V, 2, 3)[ids].sum(-1)  # noqa: E731
+    with pytest.raises(ValueError, match="by a lookup or a convolution"):
+        mlj.init({"emb": _table()}, jax.random.key(3), rank=RANK, targets="emb", apply_fn=f,
+                 args=(IDS,))
