@@ -1534,15 +1534,10 @@ def _checksum(document: Mapping[str, Any]) -> str:
 
 def _sha256(x: Any) -> str | None:
     """SHA-256 of an array's bytes (C order); None if it is abstract or not all here."""
-    if isinstance(x, jax.Array):
-        if not x.is_fully_addressable:
-            return None
-    elif not isinstance(x, (np.ndarray, np.generic)):
+    values = _seal._host_values(x)
+    if values is None:
         return None
-    try:
-        data = np.ascontiguousarray(np.asarray(x)).reshape(-1)
-    except jax.errors.TracerArrayConversionError:  # saved from inside a jit: no values
-        return None
+    data = np.ascontiguousarray(values).reshape(-1)
     return "sha256:" + hashlib.sha256(data.view(np.uint8)).hexdigest()
 
 
