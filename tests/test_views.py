@@ -130,8 +130,10 @@ def _check(f, params, lp, x=X, eager=False):
     adapters, base = mlj.split(lp)
     loss = lambda a: jnp.sum(jnp.sin(mlj.wrap(f)(mlj.combine(a, base), x)))  # noqa: E731
     merged = lambda a: jnp.sum(jnp.sin(f(mlj.merge(mlj.combine(a, base)), x)))  # noqa: E731
+    # Gradients are sums over every output of products up to ~4 in size: two summation orders
+    # differ by a few float32 ulps of those terms (2e-6 seen), far below any wrong adapter.
     chex.assert_trees_all_close(jax.jit(jax.grad(loss))(adapters),
-                                jax.jit(jax.grad(merged))(adapters), rtol=1e-5, atol=1e-6)
+                                jax.jit(jax.grad(merged))(adapters), rtol=1e-5, atol=1e-5)
     assert_no_kernel_shaped_dot(jax.make_jaxpr(jax.grad(loss))(adapters))
 
 
