@@ -14,15 +14,13 @@ import numpy as np
 import optax
 
 from minilora_jax._tree import flatten
+from minilora_jax._variants import require
 from minilora_jax.lora import (
     Bank,
     Lora,
     is_adapter,
     is_bank,
     is_lora,
-    refuse_dora,
-    refuse_full,
-    refuse_residual,
 )
 
 
@@ -66,9 +64,7 @@ def stack(trees: Sequence[Any]) -> Any:
         raise ValueError("stack takes a non-empty list of adapter trees (minilora_jax.init's)")
     flat = [flatten(t) for t in trees]
     for n, leaves, _ in flat:
-        refuse_dora(n, leaves, "bank.stack")
-        refuse_full(n, leaves, "bank.stack")
-        refuse_residual(n, leaves, "bank.stack")
+        require("stack", zip(n, leaves, strict=True), "bank.stack")
     names, _, treedef = flat[0]
     for i, (n, _, _) in enumerate(flat[1:], start=1):
         if n != names:
@@ -119,33 +115,37 @@ def stack(trees: Sequence[Any]) -> Any:
                     f"trees[{i}] has a different kernel at '{path}' from the other adapters: "
                     "stack adapters of one base"
                 )
-        r = max(node.rank for node in adapters.values())
-        dtype = jnp.result_type(*[node.lora_a.dtype for node in adapters.values()])
-        a_shape = first.layout.a_shape(tuple(kernel.shape), r)
-        b_shape = first.layout.b_shape(tuple(kernel.shape), r)
-        a_list, b_list, scales, ranks = [], [], [], []
-        for i in range(len(trees)):
-            node = adapters.get(i)
-            if node is None:
-                a_list.append(jnp.zeros(a_shape, dtype))
-                b_list.append(jnp.zeros(b_shape, dtype))
-                scales.append(0.0)
-                ranks.append(0)
-                continue
-            pad = r - node.rank
-            a_list.append(jnp.pad(node.lora_a.astype(dtype), [(0, 0)] * (len(a_shape) - 1)
-                                  + [(0, pad)]))
-            nb = len(first.layout.batch_axes)
-            b_pad = [(0, 0)] * len(b_shape)
-            b_pad[nb] = (0, pad)
-            b_list.append(jnp.pad(node.lora_b.astype(dtype), b_pad))
-            scales.append(float(node.scale))
-            ranks.append(node.rank)
-        out.append(
-            Bank(kernel, jnp.stack(a_list), jnp.stack(b_list), jnp.asarray(scales, jnp.float32),
-                 jnp.asarray(ranks, jnp.int32), first.layout)
-        )
+        out.append(_padded_bank(kernel, first.layout, adapters, len(trees)))
     return jax.tree.unflatten(treedef, out)
+
+
+def _padded_bank(kernel: Any, layout: Any, adapters: dict[int, Lora], count: int) -> Bank:
+    """The `Bank` of ``count`` adapters on ``kernel``: ``adapters[i]`` for the trees that adapt
+    it, rank 0 (zeros, scale 0) for the others, every rank padded with zeros to the largest."""
+    r = max(node.rank for node in adapters.values())
+    dtype = jnp.result_type(*[node.lora_a.dtype for node in adapters.values()])
+    a_shape = layout.a_shape(tuple(kernel.shape), r)
+    b_shape = layout.b_shape(tuple(kernel.shape), r)
+    a_list, b_list, scales, ranks = [], [], [], []
+    for i in range(count):
+        node = adapters.get(i)
+        if node is None:
+            a_list.append(jnp.zeros(a_shape, dtype))
+            b_list.append(jnp.zeros(b_shape, dtype))
+            scales.append(0.0)
+            ranks.append(0)
+            continue
+        pad = r - node.rank
+        a_list.append(jnp.pad(node.lora_a.astype(dtype), [(0, 0)] * (len(a_shape) - 1)
+                              + [(0, pad)]))
+        nb = len(layout.batch_axes)
+        b_pad = [(0, 0)] * len(b_shape)
+        b_pad[nb] = (0, pad)
+        b_list.append(jnp.pad(node.lora_b.astype(dtype), b_pad))
+        scales.append(float(node.scale))
+        ranks.append(node.rank)
+    return Bank(kernel, jnp.stack(a_list), jnp.stack(b_list), jnp.asarray(scales, jnp.float32),
+                jnp.asarray(ranks, jnp.int32), layout)
 
 
 def size(tree: Any) -> int:

@@ -78,7 +78,7 @@ def gather(interp, eqn, values, in_views, scope, key):
                                 "'gather' of rows that hold no other kernel axis")
     layout = Layout((row,), outs, tuple(sorted(view.sliced)), gathered=True)
     interp.records[view.src].layouts.add(layout)
-    base = _program._bind(eqn, values)[0]
+    base = _program.bind(eqn, values)[0]
     if interp.arrays is None:
         return [base], [None]
     arrays = scope[view.src]
@@ -97,11 +97,11 @@ def gather(interp, eqn, values, in_views, scope, key):
     p = eqn.params
     dtype = values[0].dtype
     with jax.named_scope(f"lora[{interp.names[view.src]}]"):
-        a = _program._arrange(arrays.a, arrays.a_labels, [(row,), ("r",)]).astype(dtype)
+        a = _program.arrange(arrays.a, arrays.a_labels, [(row,), ("r",)]).astype(dtype)
         # B's axes are the gather's offset axes: the table's other axes, and the looked-up
         # axis itself (size 1) where the gather keeps it.
         kept = () if j in p["dimension_numbers"].collapsed_slice_dims else (j,)
-        b = _program._arrange(arrays.b, arrays.b_labels, [("r",)] + [
+        b = _program.arrange(arrays.b, arrays.b_labels, [("r",)] + [
             () if i == j else view.groups[i] for i in sorted((*rest, *kept))]).astype(dtype)
         ids = values[1][..., column:column + 1]
         nid = jnp.ndim(ids) - 1

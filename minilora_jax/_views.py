@@ -76,7 +76,7 @@ def _declined(interp, eqn, values, in_views, what):
     for v in in_views:
         if v is not None:
             interp.other(v, what)
-    outs = _program._bind(eqn, values)
+    outs = _program.bind(eqn, values)
     return outs, [None] * len(outs)
 
 
@@ -149,7 +149,7 @@ def _selecting(ops_of: Callable[..., Any]) -> Callable[..., Any]:
             if isinstance(got, str):
                 return _declined(interp, eqn, values, in_views, got)
             new.append(got)
-        return _program._bind(eqn, values), new
+        return _program.bind(eqn, values), new
 
     return rule
 
@@ -229,7 +229,7 @@ def squeeze(interp, eqn, values, in_views, scope, key):
     view = in_views[0]
     new = _program._squeeze(eqn, view)
     if new is not None:
-        return _program._bind(eqn, values), [new]
+        return _program.bind(eqn, values), [new]
     dims = tuple(eqn.params["dimensions"])
     kernel = tuple(d for d in dims if view.groups[d])
     units = [d for d in dims if not view.groups[d]]
@@ -239,7 +239,7 @@ def squeeze(interp, eqn, values, in_views, scope, key):
     # The inserted unit axes among dims go too.
     keep = [j for j in range(len(view.groups)) if j not in kernel]
     groups = tuple(got.groups[i] for i, j in enumerate(keep) if j not in units)
-    return _program._bind(eqn, values), [dataclasses.replace(got, groups=groups)]
+    return _program.bind(eqn, values), [dataclasses.replace(got, groups=groups)]
 
 
 # -- reshapes that split an axis -------------------------------------------------------------
@@ -276,7 +276,7 @@ def reshape(interp, eqn, values, in_views, scope, key):
     view = in_views[0]
     new = _program._reshape(eqn, view)
     if new is not None:
-        return _program._bind(eqn, values), [new]
+        return _program.bind(eqn, values), [new]
     old_shape, new_shape = tuple(eqn.invars[0].aval.shape), tuple(eqn.params["new_sizes"])
     blocks = None if eqn.params.get("dimensions") is not None else _blocks(old_shape, new_shape)
     if blocks is None:
@@ -300,7 +300,7 @@ def reshape(interp, eqn, values, in_views, scope, key):
                       "in different roles, or by a lookup or a convolution (not followed "
                       "through a split)")
         ndim = len(new_shape)
-        return _program._bind(eqn, values), [_program.View(src, tuple((n,) for n in range(ndim)))]
+        return _program.bind(eqn, values), [_program.View(src, tuple((n,) for n in range(ndim)))]
     roles = {n: role_of(axes, arrays.a_labels.__contains__, arrays.b_labels.__contains__)
              for n, axes in holds.items()}
     pick = lambda role: tuple(n for n in sorted(roles) if roles[n] == role)  # noqa: E731
@@ -320,7 +320,7 @@ def reshape(interp, eqn, values, in_views, scope, key):
         groups = [(lbl,) for lbl in rest if lbl != "r"]
         groups += [tuple(k for o in olds for k in view.groups[o]) for olds, _ in mine]
         groups += [("r",)] if "r" in labels else []
-        x = _program._arrange(x, labels, groups)
+        x = _program.arrange(x, labels, groups)
         lead_n = len(groups) - len(mine) - ("r" in labels)
         sizes = [*x.shape[:lead_n], *(new_shape[n] for _, news in mine for n in news),
                  *x.shape[len(groups) - ("r" in labels):]]
@@ -335,7 +335,7 @@ def reshape(interp, eqn, values, in_views, scope, key):
     derived = dataclasses.replace(arrays, a=a, b=b, a_labels=a_labels, b_labels=b_labels,
                                   layout=layout, magnitude=m, m_labels=m_labels)
     src = _derive(interp, scope, [view.src], derived)
-    return (_program._bind(eqn, values),
+    return (_program.bind(eqn, values),
             [_program.View(src, tuple((n,) for n in range(len(new_shape))))])
 
 
@@ -385,7 +385,7 @@ def concatenate(interp, eqn, values, in_views, scope, key):
     parents = list(dict.fromkeys(v.src for v in parts))
     if scope is None:
         src = _derive(interp, scope, parents, None)
-        return _program._bind(eqn, values), [dataclasses.replace(first, src=src)]
+        return _program.bind(eqn, values), [dataclasses.replace(first, src=src)]
     arrays = [None if v is None else _arrays(scope, v) for v in in_views]
     ref = next(a for a in arrays if a is not None)
     why = None
@@ -439,7 +439,7 @@ def concatenate(interp, eqn, values, in_views, scope, key):
     derived = dataclasses.replace(ref, a=join("a", a_dtype, False), b=join("b", b_dtype, True),
                                   scale=1.0, magnitude=magnitude)
     src = _derive(interp, scope, parents, derived)
-    return _program._bind(eqn, values), [dataclasses.replace(first, src=src)]
+    return _program.bind(eqn, values), [dataclasses.replace(first, src=src)]
 
 
 RULES: dict[str, Callable[..., Any]] = {

@@ -9,6 +9,7 @@ tree makes unambiguous: a 2-D leaf named ``kernel`` is Flax's ``(in, out)``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minilora_jax import _dora
 from minilora_jax._tree import flatten, is_variables, path_str
 from minilora_jax.lora import Full, Layout, Lora, is_full, is_lora, is_node
 from minilora_jax.program import read_uses
@@ -371,6 +373,35 @@ def init(
       >>> lp["head"]["kernel"], lp["head"]["bias"]
       (Full((16, 3)), Full((3,)))
     """
+    _check_arguments(key, rank, alpha, rslora, dora, dtype, targets, exclude, init,
+                     rank_pattern, alpha_pattern, apply_fn, args, kwargs, layouts, tree)
+    full = _train_full(tree, train_full)
+    kernels, others = find_kernels(tree, apply_fn, args, kwargs, layouts)
+    chosen = select(kernels, others, targets, exclude)
+    if dora and layouts is not None and apply_fn is not None:
+        _dora.check_declared(chosen, kernels, find_kernels(tree, apply_fn, args, kwargs)[0])
+    both = [path for path in chosen if path in full]
+    if both:
+        raise ValueError(
+            f"'{both[0]}' is selected both for an adapter (targets=) and to be trained whole "
+            f"(train_full={train_full!r}); a leaf is one or the other: leave it out of targets "
+            "(exclude=) or of train_full"
+        )
+    names, leaves, treedef = flatten(tree)
+    index = {name: i for i, name in enumerate(names)}
+    keys = dict(zip(chosen, jax.random.split(key, len(chosen)), strict=True))
+    settings = _Settings(rank, alpha, rslora, dora, dtype, init, rank_pattern, alpha_pattern)
+    for path in chosen:
+        leaf = leaves[index[path]]
+        leaves[index[path]] = _adapter(path, leaf, kernels[path].layout, keys[path], settings)
+    for path in full:
+        leaves[index[path]] = Full(leaves[index[path]])
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _check_arguments(key, rank, alpha, rslora, dora, dtype, targets, exclude, init,
+                     rank_pattern, alpha_pattern, apply_fn, args, kwargs, layouts, tree) -> None:
+    """`init`'s argument checks, each a clear error naming the argument."""
     if not isinstance(key, jax.Array) or not _is_key(key):
         raise TypeError(f"key must be a JAX PRNG key (jax.random.key(0)), got {key!r}")
     if not _positive_int(rank):
@@ -396,91 +427,68 @@ def init(
     _check_program(apply_fn, args, kwargs)
     _check_patterns(layouts, "layouts", lambda v: isinstance(v, Layout), "a minilora_jax.Layout")
     _check_arrays(tree)
-    full = _train_full(tree, train_full)
-    kernels, others = find_kernels(tree, apply_fn, args, kwargs, layouts)
-    if dora and layouts is not None and apply_fn is not None:
-        read, _ = find_kernels(tree, apply_fn, args, kwargs)
-        for path in select(kernels, others, targets, exclude):
-            if kernels[path].layout != read[path].layout:
-                raise ValueError(
-                    f"init(dora=True): '{path}' has the declared layout {kernels[path].layout} "
-                    f"where the program reads {read[path].layout}; DoRA with a declared batch "
-                    "axis the program contracts as an out axis is not implemented"
-                )
-    chosen = select(kernels, others, targets, exclude)
-    both = [path for path in chosen if path in full]
-    if both:
-        raise ValueError(
-            f"'{both[0]}' is selected both for an adapter (targets=) and to be trained whole "
-            f"(train_full={train_full!r}); a leaf is one or the other: leave it out of targets "
-            "(exclude=) or of train_full"
-        )
-    names, leaves, treedef = flatten(tree)
-    index = {name: i for i, name in enumerate(names)}
-    keys = dict(zip(chosen, jax.random.split(key, len(chosen)), strict=True))
 
-    for path in chosen:
-        leaf = leaves[index[path]]
-        if is_lora(leaf):
-            raise ValueError(
-                f"'{path}' already has an adapter; merge or split it off before adding another"
-            )
-        layout = kernels[path].layout
-        shape = tuple(leaf.shape)
-        d_in, d_out = layout.d_in(shape), layout.d_out(shape)
-        r = pattern_value(rank_pattern, path, rank, "rank_pattern")
-        if not _positive_int(r) or r > min(d_in, d_out):
-            raise ValueError(
-                f"rank {r!r} is invalid for '{path}' with kernel shape {shape} "
-                f"({layout.describe(shape)}): it must be an integer with "
-                f"1 <= rank <= min(prod(in), prod(out)) = {min(d_in, d_out)}"
-            )
-        r = int(r)
-        a = pattern_value(alpha_pattern, path, alpha, "alpha_pattern")
-        a = r if a is None else a
-        if not _finite(a):
-            raise ValueError(f"alpha {a!r} for '{path}' must be a finite number")
-        scale = float(a) / math.sqrt(r) if rslora else float(a) / r
-        a_shape, b_shape = layout.a_shape(shape, r), layout.b_shape(shape, r)
-        if layout.gathered:
-            # PEFT's Embedding: A zero, B drawn (N(0, 1) for "peft" and "gaussian", as PEFT
-            # does for every init_lora_weights), so the lookup starts unchanged.
-            if dora:
-                raise ValueError(
-                    f"init(dora=True): '{path}' {shape} is a lookup table ({layout}); DoRA on "
-                    "embeddings is not implemented: exclude it (exclude=) or use plain LoRA"
-                )
-            spec = init if init not in ("peft", "gaussian") else (
-                lambda key, shape, dtype: jax.random.normal(key, shape, dtype))
-            lora_b = _initializer(spec, r, d_in)(keys[path], b_shape, dtype)
-            if tuple(lora_b.shape) != b_shape:
-                raise ValueError(
-                    f"init for '{path}' returned shape {tuple(lora_b.shape)}, expected {b_shape}"
-                )
-            node = Lora(leaf, jnp.zeros(a_shape, dtype), jnp.asarray(lora_b, dtype), scale,
-                        layout)
-            node.check(path)
-            leaves[index[path]] = node
-            continue
-        lora_a = _initializer(init, r, d_in)(keys[path], a_shape, dtype)
-        if tuple(lora_a.shape) != a_shape:
-            raise ValueError(
-                f"init for '{path}' returned shape {tuple(lora_a.shape)}, expected {a_shape}"
-            )
-        node = Lora(leaf, jnp.asarray(lora_a, dtype), jnp.zeros(b_shape, dtype), scale, layout)
-        node.check(path)  # the one check of what an adapter may sit on (integer kernels, ...)
-        if dora:
-            if isinstance(leaf, jax.ShapeDtypeStruct):
-                raise ValueError(
-                    f"init(dora=True) needs the values of the kernel at '{path}' (the magnitude "
-                    "starts as its column norm), but it is a jax.ShapeDtypeStruct; for shapes "
-                    "only, run init under jax.eval_shape"
-                )
-            node = node.replace(magnitude=node.column_norm().astype(dtype))
-        leaves[index[path]] = node
-    for path in full:
-        leaves[index[path]] = Full(leaves[index[path]])
-    return jax.tree.unflatten(treedef, leaves)
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """What `init` makes every adapter with."""
+
+    rank: int
+    alpha: float | None
+    rslora: bool
+    dora: bool
+    dtype: Any
+    init: InitSpec
+    rank_pattern: Mapping[str, int] | None
+    alpha_pattern: Mapping[str, float] | None
+
+
+def _adapter(path: str, leaf: Any, layout: Layout, key: jax.Array, settings: _Settings) -> Lora:
+    """The adapter `init` puts in the place of the kernel ``leaf`` at ``path``."""
+    if is_lora(leaf):
+        raise ValueError(
+            f"'{path}' already has an adapter; merge or split it off before adding another"
+        )
+    shape, dtype = tuple(leaf.shape), settings.dtype
+    d_in, d_out = layout.d_in(shape), layout.d_out(shape)
+    r = pattern_value(settings.rank_pattern, path, settings.rank, "rank_pattern")
+    if not _positive_int(r) or r > min(d_in, d_out):
+        raise ValueError(
+            f"rank {r!r} is invalid for '{path}' with kernel shape {shape} "
+            f"({layout.describe(shape)}): it must be an integer with "
+            f"1 <= rank <= min(prod(in), prod(out)) = {min(d_in, d_out)}"
+        )
+    r = int(r)
+    a = pattern_value(settings.alpha_pattern, path, settings.alpha, "alpha_pattern")
+    a = r if a is None else a
+    if not _finite(a):
+        raise ValueError(f"alpha {a!r} for '{path}' must be a finite number")
+    scale = float(a) / math.sqrt(r) if settings.rslora else float(a) / r
+    a_shape, b_shape = layout.a_shape(shape, r), layout.b_shape(shape, r)
+    if settings.dora:
+        _dora.check_init(path, leaf, layout)
+    if layout.gathered:
+        # PEFT's Embedding: A zero, B drawn (N(0, 1) for "peft" and "gaussian", as PEFT does for
+        # every init_lora_weights), so the lookup starts unchanged.
+        spec = settings.init if settings.init not in ("peft", "gaussian") else (
+            lambda key, shape, dtype: jax.random.normal(key, shape, dtype))
+        lora_a, lora_b = jnp.zeros(a_shape, dtype), _drawn(spec, r, d_in, key, b_shape, dtype,
+                                                            path)
+    else:
+        lora_a = _drawn(settings.init, r, d_in, key, a_shape, dtype, path)
+        lora_b = jnp.zeros(b_shape, dtype)
+    node = Lora(leaf, lora_a, lora_b, scale, layout)
+    node.check(path)  # the one check of what an adapter may sit on (integer kernels, ...)
+    return _dora.init_magnitude(node, dtype) if settings.dora else node
+
+
+def _drawn(spec: InitSpec, rank: int, d_in: int, key: jax.Array, shape: tuple[int, ...],
+           dtype: Any, path: str) -> jax.Array:
+    """An initial factor of ``shape`` drawn by ``spec``; raises when it has another shape."""
+    x = _initializer(spec, rank, d_in)(key, shape, dtype)
+    if tuple(x.shape) != shape:
+        raise ValueError(f"init for '{path}' returned shape {tuple(x.shape)}, expected {shape}")
+    return jnp.asarray(x, dtype)
 
 
 def _train_full(tree: Any, spec: Any) -> list[str]:

@@ -36,14 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from minilora_jax._tree import flatten
-from minilora_jax.lora import (
-    Lora,
-    is_lora,
-    refuse_banks,
-    refuse_dora,
-    refuse_full,
-    refuse_residual,
-)
+from minilora_jax._variants import require
+from minilora_jax.lora import Lora, is_lora
 
 COMBINED_SCALE = 1.0
 METHODS = ("cat", "svd", "linear")
@@ -290,10 +284,7 @@ def combine_adapters(
 
     flat = [flatten(t) for t in trees]
     for names, leaves, _ in flat:
-        refuse_banks(names, leaves, "combine_adapters")
-        refuse_dora(names, leaves, "combine_adapters")
-        refuse_residual(names, leaves, "combine_adapters")
-        refuse_full(names, leaves, "combine_adapters")
+        require("combine", zip(names, leaves, strict=True), "combine_adapters")
     paths, _, treedef = flat[0]
     for i, (other_paths, _, other_def) in enumerate(flat[1:], 1):
         if other_def != treedef or other_paths != paths:

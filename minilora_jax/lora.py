@@ -394,21 +394,11 @@ class Lora:
                 f"lora_b (*batch, r, *out), e.g. {want_a} and {want_b}; got lora_a "
                 f"{tuple(self.lora_a.shape)} and lora_b {tuple(self.lora_b.shape)}"
             )
-        if self.magnitude is not None and self.layout.gathered:
-            raise ValueError(
-                f"{where} is DoRA on a lookup table ({self.layout}): DoRA on embeddings is not "
-                "implemented; use plain LoRA there"
-            )
-        if self.magnitude is not None:
-            want_m = magnitude_shape(self.layout, kernel_shape)
-            got_m = tuple(getattr(self.magnitude, "shape", ()))
-            if got_m != want_m or not jnp.issubdtype(self.magnitude.dtype, jnp.floating):
-                raise ValueError(
-                    f"{where} is DoRA, and its magnitude must be a float array "
-                    f"(*batch, *out) = {want_m} for its kernel {kernel_shape} "
-                    f"({self.layout.describe(kernel_shape)}); got "
-                    f"{got_m} {getattr(self.magnitude, 'dtype', type(self.magnitude).__name__)}"
-                )
+        from minilora_jax import _variants
+
+        for variant in _variants.variants_of(self):
+            if variant.check is not None:
+                variant.check(self, where, kernel_shape)
 
     def delta(self) -> jax.Array:
         """``scale * lora_a @ lora_b`` in float32 at full precision, in the kernel's axis order.
@@ -432,15 +422,17 @@ class Lora:
         order = layout.batch_axes + layout.in_axes + layout.out_axes
         return self.scale * jnp.transpose(d, [order.index(k) for k in range(layout.ndim)])
 
-    def _dense_kernel(self) -> jax.Array:
+    def dense_kernel(self) -> jax.Array:
         """The kernel in float32 (a quantized kernel, one with ``dequantize``, expanded)."""
         if self.kernel is None:
             raise ValueError(
                 "this adapter has no kernel (the adapters half of minilora_jax.split); combine "
                 "it with its base first"
             )
+        from minilora_jax._variants import is_quantized
+
         kernel = self.kernel
-        if hasattr(kernel, "dequantize"):
+        if is_quantized(kernel):
             return kernel.dequantize(jnp.float32)
         return jnp.asarray(kernel).astype(jnp.float32)
 
@@ -454,13 +446,9 @@ class Lora:
           >>> node.column_norm()
           Array([2., 2., 2.], dtype=float32)
         """
-        layout = self.layout
-        full = self._dense_kernel() + self.delta()
-        squares = jnp.sum(jnp.square(full), axis=layout.in_axes)
-        kept = sorted(layout.batch_axes + layout.out_axes)  # the remaining axes, kernel order
-        squares = jnp.transpose(squares, [kept.index(k) for k in layout.batch_axes +
-                                          layout.out_axes])
-        return jnp.sqrt(squares)
+        from minilora_jax import _dora
+
+        return _dora.column_norm(self)
 
     def to_kernel_axes(self, vector: Any) -> jax.Array:
         """A ``(*batch, *out)`` array (like ``magnitude``) arranged to broadcast against the
@@ -487,11 +475,11 @@ class Lora:
           >>> float(node.merged()[0, 0])  # each column rescaled to norm 1
           0.5
         """
-        full = self._dense_kernel() + self.delta()
-        if self.magnitude is None:
-            return full
-        factor = self.magnitude.astype(jnp.float32) / self.column_norm()
-        return self.to_kernel_axes(factor) * full
+        from minilora_jax import _variants
+
+        full = self.dense_kernel() + self.delta()
+        rescale = _variants.computing(self).rescale
+        return full if rescale is None else rescale(self, full)
 
 
 def check_kernel_dtype(path: str, kernel: Any) -> None:
@@ -511,7 +499,9 @@ def check_kernel_dtype(path: str, kernel: Any) -> None:
       ...     print(str(e)[:58])
       the kernel at 'q/kernel' is int8: an adapter needs a float
     """
-    if hasattr(kernel, "dequantize") or not hasattr(kernel, "dtype"):
+    from minilora_jax._variants import is_quantized
+
+    if is_quantized(kernel) or not hasattr(kernel, "dtype"):
         return
     dtype = jnp.dtype(kernel.dtype)
     if not jnp.issubdtype(dtype, jnp.inexact):
@@ -521,17 +511,6 @@ def check_kernel_dtype(path: str, kernel: Any) -> None:
             "quantized (QLoRA) base, init the float model and store its kernels quantized with "
             "minilora_jax.quantize.quantize(tree), or exclude this leaf"
         )
-
-
-def magnitude_shape(layout: Layout, kernel_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape of a DoRA ``magnitude`` for a kernel of ``kernel_shape``: ``(*batch, *out)``.
-
-    Example:
-      >>> magnitude_shape(Layout((1,), (2,), (0,)), (3, 8, 5))
-      (3, 5)
-    """
-    batch, _, outs = layout.sizes(kernel_shape)
-    return (*batch, *outs)
 
 
 def is_lora(x: Any) -> bool:
@@ -706,63 +685,4 @@ def is_adapter(x: Any) -> bool:
     return isinstance(x, (Lora, Bank))
 
 
-def refuse_banks(names: Any, leaves: Any, what: str) -> None:
-    """Raises ValueError if any leaf is a `Bank`: ``what`` handles one adapter per kernel."""
-    for path, leaf in zip(names, leaves, strict=True):
-        if is_bank(leaf):
-            raise ValueError(
-                f"{what} takes one adapter per kernel, but '{path}' holds a bank of "
-                f"{leaf.size} adapters; pick one with minilora_jax.bank.select(tree, n) or "
-                "split the bank with minilora_jax.bank.unstack"
-            )
-
-
-def refuse_dora(names: Any, leaves: Any, what: str) -> None:
-    """Raises ValueError if any leaf is a DoRA `Lora` (one with a ``magnitude``): ``what``
-    handles plain LoRA adapters only.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> node = Lora(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), 1.0, Layout.dense(),
-      ...             magnitude=jnp.ones(2))
-      >>> try:
-      ...     refuse_dora(["w"], [node], "combine_adapters")
-      ... except ValueError as e:
-      ...     print(str(e)[:59])
-      combine_adapters takes plain LoRA adapters, but 'w' is DoRA
-    """
-    for path, leaf in zip(names, leaves, strict=True):
-        if is_lora(leaf) and leaf.magnitude is not None:
-            raise ValueError(
-                f"{what} takes plain LoRA adapters, but '{path}' is DoRA (it has a magnitude "
-                f"vector), which {what} would drop or misapply; merge it with "
-                "minilora_jax.merge first"
-            )
-
-
-def refuse_full(names: Any, leaves: Any, what: str) -> None:
-    """Raises ValueError if any leaf is a `Full` node: ``what`` handles low-rank adapters only,
-    and would drop a leaf trained whole or mix it up between adapters."""
-    for path, leaf in zip(names, leaves, strict=True):
-        if is_full(leaf):
-            raise ValueError(
-                f"{what}: '{path}' is trained whole (init's train_full=), and {what} handles "
-                "low-rank adapters only: it would drop that leaf or mix it up between adapters; "
-                "merge the tree (minilora_jax.merge) or keep such trees apart"
-            )
-
-
 RESIDUALS = (None, "pissa", "olora")
-
-
-def refuse_residual(names: Any, leaves: Any, what: str) -> None:
-    """Raises ValueError if an adapter's kernel is a PiSSA/OLoRA residual (``Lora.residual``):
-    ``what`` would write or combine the adapter as if its kernel were the original base."""
-    for path, leaf in zip(names, leaves, strict=True):
-        if isinstance(leaf, Lora) and leaf.residual is not None:
-            raise ValueError(
-                f"{what}: the adapter at '{path}' sits on a {leaf.residual} residual kernel (the "
-                f"base minus the part {leaf.residual} moved into the adapter), so on the original "
-                "base it would be wrong; convert it with minilora_jax.pissa.to_lora(trained, "
-                "initial) first (a plain LoRA of twice the rank on the original base), or merge"
-            )

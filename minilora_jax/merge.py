@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from minilora_jax._tree import flatten, is_variables, path_str
-from minilora_jax.lora import is_full, is_lora, is_node, refuse_banks
+from minilora_jax._variants import is_quantized, require
+from minilora_jax.lora import is_full, is_lora, is_node
 
 
 def _require_finite(path: str, what: str, x: Any) -> None:
@@ -20,11 +21,6 @@ def _require_finite(path: str, what: str, x: Any) -> None:
         )
     if not bool(np.all(np.isfinite(np.asarray(x, dtype=np.float32)))):
         raise ValueError(f"non-finite values (NaN or Inf) in {what} at '{path}'")
-
-
-def _is_quantized(kernel: Any) -> bool:
-    # Duck-typed as in program.py, so that this module does not import the quantisation one.
-    return hasattr(kernel, "dequantize")
 
 
 def merge(tree: Any, *, check_finite: bool = False) -> Any:
@@ -69,7 +65,7 @@ def merge(tree: Any, *, check_finite: bool = False) -> Any:
     if not isinstance(check_finite, (bool, np.bool_)):
         raise TypeError(f"check_finite must be True or False, got {check_finite!r}")
     names, leaves, treedef = flatten(tree)
-    refuse_banks(names, leaves, "merge")
+    require("merge", zip(names, leaves, strict=True), "merge")
     out = []
     for path, leaf in zip(names, leaves, strict=True):
         if is_full(leaf):  # trained whole: it is its own merged value
@@ -135,26 +131,11 @@ def unmerge(merged: Any, adapters: Any) -> Any:
 
     for what, tree in (("adapters", adapters), ("merged", merged)):
         found = jax.tree_util.tree_flatten_with_path(
-            tree, is_leaf=lambda x: is_lora(x) or _is_quantized(x)
+            tree, is_leaf=lambda x: is_lora(x) or is_quantized(x)
         )[0]
-        for key_path, leaf in found:
-            if is_lora(leaf) and leaf.magnitude is not None:
-                path = path_str(key_path, variables=is_variables(tree))
-                raise ValueError(
-                    f"unmerge: the adapter at '{path}' of {what} is DoRA: merging divided the "
-                    "kernel by ||W + delta||, a norm of the original W that the merged kernel no "
-                    "longer determines, so it cannot be undone from the merged kernel. Keep the "
-                    "base and the adapters (minilora_jax.split) rather than merging and "
-                    "unmerging"
-                )
-            if _is_quantized(leaf.kernel if is_lora(leaf) else leaf):
-                path = path_str(key_path, variables=is_variables(tree))
-                raise ValueError(
-                    f"unmerge: the kernel at '{path}' of {what} is quantized: a merged float "
-                    "kernel cannot be turned back into the same quantized codes exactly. Keep "
-                    "the quantized base and the adapters (minilora_jax.split) rather than "
-                    "merging and unmerging"
-                )
+        named = ((path_str(key_path, variables=is_variables(tree)), leaf)
+                 for key_path, leaf in found)
+        require("unmerge", named, what)
     # combine() lines the trees up and checks shapes; then each kernel loses its update.
     # A leaf trained whole is its own merged value: it goes back as the same Full node.
     adapter_half = jax.tree.map(

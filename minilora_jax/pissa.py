@@ -54,7 +54,8 @@ import jax.numpy as jnp
 
 from minilora_jax import adapters
 from minilora_jax._tree import flatten
-from minilora_jax.lora import Layout, Lora, is_lora, refuse_dora
+from minilora_jax._variants import require
+from minilora_jax.lora import Layout, Lora, is_lora
 from minilora_jax.targets import Targets, square_kernels
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -464,7 +465,7 @@ def to_lora(trained: Any, initial: Any) -> Any:
       True
     """
     names, leaves, treedef = flatten(trained)
-    refuse_dora(names, leaves, "pissa.to_lora")
+    require("convert_residual", zip(names, leaves, strict=True), "pissa.to_lora")
     first = {p: leaf for p, leaf in zip(*flatten(initial)[:2], strict=True) if is_lora(leaf)}
     seen = set()
     for i, (path, node) in enumerate(zip(names, leaves, strict=True)):

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minilora_jax import _jax, _lookup, _views
+from minilora_jax import _jax, _lookup, _variants, _views
 from minilora_jax._tree import flatten
 from minilora_jax.lora import Layout, is_adapter, is_bank, is_full
 
@@ -87,6 +87,9 @@ class Arrays:
     # DoRA's magnitude (*batch, *out) and its labels; None for plain LoRA and for banks.
     magnitude: Any = None
     m_labels: tuple[Any, ...] = ()
+    # The `minilora_jax._variants.Variant` whose ``contract`` computes this adapter's
+    # contractions (DoRA's); None for plain LoRA and for banks.
+    variant: Any = None
 
 
 @dataclasses.dataclass
@@ -112,6 +115,59 @@ class Record:
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class Dot:
+    """Where a kernel view sits in one ``dot_general``, axes numbered as the operands number
+    them: the kernel's contracted axes ``kc`` (with the input's ``xc``), its batch axes ``kb``
+    (with the input's ``xb``), its free axes ``kf`` (the output's), and whether the kernel is
+    the left operand (``dot_general`` puts the left operand's free axes first)."""
+
+    kc: tuple[int, ...]
+    xc: tuple[int, ...]
+    kb: tuple[int, ...]
+    xb: tuple[int, ...]
+    kf: tuple[int, ...]
+    kernel_lhs: bool
+
+    @classmethod
+    def of(cls, eqn: Any, kernel_lhs: bool, view: View) -> Dot:
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        kc, xc = (lc, rc) if kernel_lhs else (rc, lc)
+        kb, xb = (lb, rb) if kernel_lhs else (rb, lb)
+        kc, xc, kb, xb = (tuple(int(i) for i in d) for d in (kc, xc, kb, xb))
+        kf = tuple(j for j in range(len(view.groups)) if j not in kc and j not in kb)
+        return cls(kc, xc, kb, xb, kf, kernel_lhs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Contraction:
+    """One adapted contraction, as a variant's ``contract`` sees it (`minilora_jax._variants`):
+    the equation and its operand values, the kernel view and its adapter's arrays in scope, the
+    `Dot`, the plain output ``base`` (the equation on the kernel as it is) and the kernel's
+    path."""
+
+    eqn: Any
+    values: tuple[Any, ...]
+    view: View
+    arrays: Arrays
+    dot: Dot
+    base: Any
+    name: str
+
+    @property
+    def kernel(self) -> Any:
+        return self.values[0 if self.dot.kernel_lhs else 1]
+
+    @property
+    def x(self) -> Any:
+        return self.values[1 if self.dot.kernel_lhs else 0]
+
+    def rebind(self, x: Any) -> Any:
+        """The equation on the kernel as it is, with ``x`` as the input."""
+        k = self.kernel
+        return bind(self.eqn, [k, x] if self.dot.kernel_lhs else [x, k])[0]
+
+
 class RoutingError(ValueError):
     """A routed call's examples are not where ``routing=`` says they are."""
 
@@ -120,7 +176,7 @@ class LayoutMismatchError(ValueError):
     """The program contracts a kernel differently from what its adapter's layout records."""
 
 
-def _arrange(x: Any, labels: Sequence[Any], groups: Sequence[tuple[Any, ...]]) -> Any:
+def arrange(x: Any, labels: Sequence[Any], groups: Sequence[tuple[Any, ...]]) -> Any:
     """``x`` with its labelled axes put in the order of ``groups`` and each group merged."""
     order = [labels.index(axis) for group in groups for axis in group]
     x = jnp.transpose(x, order)
@@ -271,7 +327,7 @@ class Interpreter:
         done = None if rule is None else rule(self, eqn, values, in_views, scope, key)
         if done is not None:
             return done
-        outs = _bind(eqn, values)
+        outs = bind(eqn, values)
         for v in in_views:
             if v is not None:
                 self.other(v, f"'{eqn.primitive.name}'")
@@ -280,34 +336,36 @@ class Interpreter:
     # -- the contraction -----------------------------------------------------------------------
 
     def _dot(self, eqn, values, in_views, scope, key):
-        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-        base = _bind(eqn, values)[0]
+        base = bind(eqn, values)[0]
         lhs_view, rhs_view = in_views
         if lhs_view is not None and rhs_view is not None:
             self.other(lhs_view, "'dot_general' with another kernel")
             self.other(rhs_view, "'dot_general' with another kernel")
             return base
-        k_is_lhs = lhs_view is not None
-        view = lhs_view if k_is_lhs else rhs_view
-        k_val, x_val = (values[0], values[1]) if k_is_lhs else (values[1], values[0])
-        kc, xc = (lc, rc) if k_is_lhs else (rc, lc)
-        kb, xb = (lb, rb) if k_is_lhs else (rb, lb)
-        kc, xc, kb, xb = (tuple(int(i) for i in d) for d in (kc, xc, kb, xb))
-        kf = tuple(j for j in range(len(view.groups)) if j not in kc and j not in kb)
-        roles = {axis: "in" for j in kc for axis in view.groups[j]}
-        roles.update({axis: "out" for j in kf for axis in view.groups[j]})
-        roles.update({axis: "batch" for j in kb for axis in view.groups[j]})
+        view = lhs_view if lhs_view is not None else rhs_view
+        dot = Dot.of(eqn, lhs_view is not None, view)
+        roles = {axis: "in" for j in dot.kc for axis in view.groups[j]}
+        roles.update({axis: "out" for j in dot.kf for axis in view.groups[j]})
+        roles.update({axis: "batch" for j in dot.kb for axis in view.groups[j]})
         roles.update({axis: "batch" for axis in view.sliced})
         pick = lambda role: tuple(sorted(a for a, r in roles.items() if r == role))  # noqa: E731
         if not pick("in") or not pick("out"):
             self.other(view, "'dot_general' that leaves it no input or no output axis")
             return base
         layout = Layout(pick("in"), pick("out"), pick("batch"))
-        record = self.records[view.src]
-        record.layouts.add(layout)
+        self.records[view.src].layouts.add(layout)
         if self.arrays is None:
             return base
-        arrays = scope[view.src]
+        arrays = self._as_read(scope[view.src], layout, self.names[view.src])
+        site = Contraction(eqn, tuple(values), view, arrays, dot, base, self.names[view.src])
+        contract = arrays.variant.contract if arrays.variant is not None else None
+        if contract is not None:
+            return contract(self, site, key)
+        return base + self.low_rank_term(site, site.x, key).astype(base.dtype)
+
+    def _as_read(self, arrays: Arrays, layout: Layout, name: str) -> Arrays:
+        """The adapter's arrays for a contraction the program reads as ``layout``, or
+        LayoutMismatchError when its adapter was made for a layout that cannot follow it."""
         dora = arrays.magnitude is not None
         if arrays.layout.gathered:
             # A lookup table contracted too (tied embeddings): over its vocabulary axis the
@@ -316,66 +374,48 @@ class Interpreter:
             how = arrays.layout.agrees(layout)
             if how is None or arrays.scales is not None or dora:
                 raise LayoutMismatchError(
-                    f"the program contracts the lookup table at '{self.names[view.src]}' as "
-                    f"{layout}, but its adapter was made for {arrays.layout}; a table's "
-                    "contractions must be over its vocabulary axis or over all its out axes "
-                    "(x @ emb.T), with a plain LoRA adapter"
+                    f"the program contracts the lookup table at '{name}' as {layout}, but its "
+                    f"adapter was made for {arrays.layout}; a table's contractions must be over "
+                    "its vocabulary axis or over all its out axes (x @ emb.T), with a plain LoRA "
+                    "adapter"
                 )
             if how == "swapped" and not arrays.layout.tied:
                 raise LayoutMismatchError(
-                    f"the program also contracts the lookup table at '{self.names[view.src]}' "
-                    "as x @ table.T (a tied head), but its adapter was made for an untied table "
+                    f"the program also contracts the lookup table at '{name}' as x @ table.T (a "
+                    "tied head), but its adapter was made for an untied table "
                     f"({arrays.layout}): re-create it with minilora_jax.init(..., apply_fn=) for "
                     "this program, so that its layout says the table is tied"
                 )
             if how == "swapped":
                 arrays = dataclasses.replace(arrays, a=arrays.b, b=arrays.a,
                                              a_labels=arrays.b_labels, b_labels=arrays.a_labels)
-            arrays = dataclasses.replace(arrays, layout=layout)
+            return dataclasses.replace(arrays, layout=layout)
         # Out axes the adapter holds as batch axes (a declared per-layer layout of a vmapped
         # stack): its low-rank term is block-diagonal along them (`_low_rank`).
         extra = () if layout == arrays.layout else arrays.layout.batched_outs(layout)
         if extra is None or (extra and (dora or arrays.scales is not None)):
             raise LayoutMismatchError(
-                f"the program contracts the kernel at '{self.names[view.src]}' as {layout}, "
-                f"but its adapter was made for {arrays.layout}"
+                f"the program contracts the kernel at '{name}' as {layout}, but its adapter was "
+                f"made for {arrays.layout}"
                 + ("; a declared batch axis the program contracts as an out axis is followed "
                    "for plain LoRA adapters only, not DoRA or banks" if extra else
                    "; re-create the adapter with minilora_jax.init(..., apply_fn=...) for this "
                    "program")
             )
-        x_low, low_key = x_val, key
-        if dora and key is not None and self.dropout > 0.0:
-            # PEFT's DoRA under dropout: both the adapter and the rescaled base term see the
-            # dropped-out input (see `_dora_factor`), so draw the mask once, here.
-            x_low, low_key = self._dropped(x_val, key), None
+        return arrays
+
+    def low_rank_term(self, site: Contraction, x: Any, key: Any) -> Any:
+        """``scale * (dropout(x) A) B`` at ``site``, its axes as the dot's output's."""
         # Named after the kernel, so profiles and HLO dumps attribute the adapter's matmuls.
-        with jax.named_scope(f"lora[{self.names[view.src]}]"):
-            low_rank = self._low_rank(eqn, arrays, view, x_low, k_val.dtype, kc, xc, kb, xb, kf,
-                                      low_key)
-        if k_is_lhs:  # dot_general puts lhs free axes first: (batch, kernel free, x free)
-            nb = len(kb)
-            nx = low_rank.ndim - nb - len(kf)
+        with jax.named_scope(f"lora[{site.name}]"):
+            low_rank = self._low_rank(site, x, site.kernel.dtype, key)
+        dot = site.dot
+        if dot.kernel_lhs:  # dot_general puts lhs free axes first: (batch, kernel free, x free)
+            nb = len(dot.kb)
+            nx = low_rank.ndim - nb - len(dot.kf)
             order = [*range(nb), *range(nb + nx, low_rank.ndim), *range(nb, nb + nx)]
             low_rank = jnp.transpose(low_rank, order)
-        if dora:
-            # DoRA: (m / ||W + sAB||) (x W + s x A B), as PEFT computes it; a bias added after
-            # the contraction is not rescaled. Under dropout, PEFT's
-            # x W + (f - 1) d(x) W + f s d(x) A B with one mask d.
-            with jax.named_scope(f"dora[{self.names[view.src]}]"):
-                factor = self._dora_factor(arrays, view, k_val, kc, kb, kf)
-                # (batch, kernel free) -> the dot's output axes, x's free axes of size 1.
-                nb, nf = len(kb), len(kf)
-                ones = (1,) * (base.ndim - nb - nf)
-                lead, tail = factor.shape[:nb], factor.shape[nb:]
-                factor = jnp.reshape(factor, (*lead, *tail, *ones) if k_is_lhs
-                                     else (*lead, *ones, *tail)).astype(base.dtype)
-                if x_low is x_val:
-                    return factor * (base + low_rank.astype(base.dtype))
-                x_args = [values[0], x_low] if k_is_lhs else [x_low, values[1]]
-                base_low = _bind(eqn, x_args)[0]
-                return base + (factor - 1) * base_low + factor * low_rank.astype(base.dtype)
-        return base + low_rank.astype(base.dtype)
+        return low_rank
 
     def _conv(self, eqn, values, in_views, scope, key):
         """A convolution whose filter is a kernel view: the kernel's layout has the filter's
@@ -387,7 +427,7 @@ class Interpreter:
         grouped convolution with A repeated G times), and output feature ``o`` of group ``g``
         takes ``conv(x_g, A) B[:, o]``, which is the grouped convolution with ``W + s A B``."""
         p = eqn.params
-        base = _bind(eqn, values)[0]
+        base = bind(eqn, values)[0]
         lhs_view, view = in_views
         if lhs_view is not None:
             self.other(lhs_view, "'conv_general_dilated' as the convolved input, not the filter")
@@ -434,10 +474,10 @@ class Interpreter:
         x = values[0]
         dtype = jnp.result_type(x.dtype, values[1].dtype)
         if key is not None and self.dropout > 0.0:
-            x = self._dropped(x, key)
+            x = self.dropped(x, key)
         g = int(p["feature_group_count"])
         with jax.named_scope(f"lora[{name}]"):
-            a = _arrange(arrays.a, arrays.a_labels,
+            a = arrange(arrays.a, arrays.a_labels,
                          [("r",) if j == o_dim else groups[j] for j in range(len(groups))])
             if g > 1:
                 a = jnp.concatenate([a] * g, axis=o_dim)
@@ -451,7 +491,7 @@ class Interpreter:
             if arrays.scale != 1.0:
                 xa = (xa * jnp.asarray(arrays.scale, xa.dtype)).astype(dtype)
             r = arrays.a.shape[-1]
-            b = _arrange(arrays.b, arrays.b_labels, [("r",), groups[o_dim]]).astype(dtype)
+            b = arrange(arrays.b, arrays.b_labels, [("r",), groups[o_dim]]).astype(dtype)
             if g == 1:
                 low = jnp.tensordot(xa.astype(dtype), b, axes=1,
                                     precision=p["precision"])
@@ -463,53 +503,15 @@ class Interpreter:
             low = jnp.moveaxis(low, -1, feature)
         return base + low.astype(base.dtype)
 
-    def _dropped(self, x, key):
+    def dropped(self, x, key):
         """Inverted dropout of ``x`` with the next key, as `_low_rank` applies it."""
         keep = jax.random.bernoulli(self._next_key(key), 1.0 - self.dropout, x.shape)
         return jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
 
-    def _dora_factor(self, arrays, view, k_val, kc, kb, kf):
-        """DoRA's ``magnitude / ||W + s A B||`` as ``(batch, kernel free)`` of the dot, float32.
-
-        The norm is per output feature over the in axes and, as in PEFT and the DoRA paper
-        (section 4.3), carries no gradient (``stop_gradient``). ``W + s A B`` is never formed:
-        ``||W_o + s (AB)_o||^2 = ||W_o||^2 + 2 s (W^T A)_o . B_o + s^2 B_o^T (A^T A) B_o``, which
-        costs one ``W^T A`` (``d_in x d_out x r``, what forming ``A B`` would cost) and no
-        ``d_in x d_out`` product or intermediate beyond reading ``W``.
-        """
-        groups = view.groups
-        nb, nc = len(kb), len(kc)
-        f32 = jnp.float32
-        hi = jax.lax.Precision.HIGHEST
-        m = _arrange(arrays.magnitude, arrays.m_labels,
-                     [groups[j] for j in kb] + [groups[j] for j in kf])
-        a = _arrange(arrays.a, arrays.a_labels, [groups[j] for j in kb + kc] + [("r",)])
-        b = _arrange(arrays.b, arrays.b_labels, [groups[j] for j in kb] + [("r",)] +
-                     [groups[j] for j in kf])
-        w = jax.lax.stop_gradient(k_val)
-        a = jax.lax.stop_gradient(a)
-        b = jax.lax.stop_gradient(b).astype(f32)
-        # ||W_o||^2: the kernel's remaining axes are kb and kf in increasing order.
-        w2 = jnp.sum(jnp.square(w.astype(f32)), axis=kc)
-        rest = sorted(kb + kf)
-        w2 = jnp.transpose(w2, [rest.index(j) for j in kb + kf])
-        batch = (tuple(range(nb)), tuple(range(nb)))
-        # W^T A: (batch, kernel free, r), in the kernel's dtype, accumulated in float32.
-        wa = jax.lax.dot_general(w, a.astype(w.dtype), ((kc, tuple(range(nb, nb + nc))),
-                                 (kb, tuple(range(nb)))), precision=hi,
-                                 preferred_element_type=f32)
-        cross = jnp.sum(wa * jnp.moveaxis(b, nb, -1), axis=-1)
-        a = a.astype(f32)
-        gram = jax.lax.dot_general(a, a, ((tuple(range(nb, nb + nc)),) * 2, batch), precision=hi)
-        gb = jax.lax.dot_general(gram, b, (((nb + 1,), (nb,)), batch), precision=hi)
-        ab2 = jnp.sum(b * gb, axis=nb)
-        s = float(arrays.scale)
-        norm = jnp.sqrt(jnp.maximum(w2 + 2.0 * s * cross + (s * s) * ab2, 0.0))
-        return m.astype(f32) / jax.lax.stop_gradient(norm)
-
-    def _low_rank(self, eqn, arrays, view, x, k_dtype, kc, xc, kb, xb, kf, key):
+    def _low_rank(self, site, x, k_dtype, key):
         """``scale * (dropout(x) A) B`` with the dot's dimension numbers: (batch, x free, out)."""
-        groups = view.groups
+        arrays, groups, eqn = site.arrays, site.view.groups, site.eqn
+        kc, xc, kb, xb, kf = site.dot.kc, site.dot.xc, site.dot.kb, site.dot.xb, site.dot.kf
         dtype = jnp.result_type(x.dtype, k_dtype)
         if key is not None and self.dropout > 0.0:
             keep = jax.random.bernoulli(self._next_key(key), 1.0 - self.dropout, x.shape)
@@ -522,18 +524,16 @@ class Interpreter:
                 arrays.b_labels, ("r",)
             weights = arrays.scale
         elif self.example_ids is not None:
-            return self._leading_low_rank(arrays, view, x.astype(dtype), dtype, kc, xc, kb, xb,
-                                          kf, precision, preferred)
+            return self._leading_low_rank(site, x.astype(dtype), dtype, precision, preferred)
         else:
             rows = math.prod(x.shape[j] for j in range(x.ndim) if j not in xc and j not in xb)
             a, b, a_labels, b_labels, rank_group, weights = self._bank_factors(arrays, rows)
         if arrays.layout.batch_axes != () and any(
             axis in arrays.layout.batch_axes for j in kf for axis in groups[j]
         ):
-            return self._block_low_rank(arrays, view, x.astype(dtype), dtype, kc, xc, kb, xb,
-                                        kf, precision, preferred)
-        a = _arrange(a, a_labels, [groups[j] for j in kb + kc] + [rank_group])
-        b = _arrange(b, b_labels, [groups[j] for j in kb] + [rank_group] +
+            return self._block_low_rank(site, x.astype(dtype), dtype, precision, preferred)
+        a = arrange(a, a_labels, [groups[j] for j in kb + kc] + [rank_group])
+        b = arrange(b, b_labels, [groups[j] for j in kb] + [rank_group] +
                      [groups[j] for j in kf])
         xa = jax.lax.dot_general(
             x.astype(dtype),
@@ -555,14 +555,14 @@ class Interpreter:
             preferred_element_type=preferred,
         )
 
-    def _block_low_rank(self, arrays, view, x, dtype, kc, xc, kb, xb, kf, precision,
-                        preferred):
+    def _block_low_rank(self, site, x, dtype, precision, preferred):
         """`_low_rank` for a plain adapter whose batch axes include kernel axes this dot leaves
         free (out axes of the program, batch axes of the declared layout): for each index ``l``
         of those, ``scale * (x A_l) B_l`` lands at output position ``l``, a block-diagonal
         update, computed with the ``l`` axes as batch dimensions of the second product.
         Output axes: (batch, x free, out), as `_low_rank`."""
-        groups = view.groups
+        arrays, view, groups = site.arrays, site.view, site.view.groups
+        kc, xc, kb, xb, kf = site.dot.kc, site.dot.xc, site.dot.kb, site.dot.xb, site.dot.kf
         batch = set(arrays.layout.batch_axes)
         ke = tuple(j for j in kf if set(groups[j]) & batch)
         for j in ke:
@@ -574,8 +574,8 @@ class Interpreter:
                 )
         ko = tuple(j for j in kf if j not in ke)
         nb, ne, nc = len(kb), len(ke), len(kc)
-        a = _arrange(arrays.a, arrays.a_labels, [groups[j] for j in kb + ke + kc] + [("r",)])
-        b = _arrange(arrays.b, arrays.b_labels, [groups[j] for j in kb + ke] + [("r",)] +
+        a = arrange(arrays.a, arrays.a_labels, [groups[j] for j in kb + ke + kc] + [("r",)])
+        b = arrange(arrays.b, arrays.b_labels, [groups[j] for j in kb + ke] + [("r",)] +
                      [groups[j] for j in ko])
         xa = jax.lax.dot_general(  # (kb, x free, ke, r)
             x, a.astype(dtype), ((xc, tuple(range(nb + ne, nb + ne + nc))), (xb, tuple(range(nb)))),
@@ -591,12 +591,13 @@ class Interpreter:
         free = [nb + ke.index(j) if j in ke else nb + ne + nx + ko.index(j) for j in kf]
         return jnp.transpose(out, [*range(nb), *range(nb + ne, nb + ne + nx), *free])
 
-    def _leading_low_rank(self, arrays, view, x, dtype, kc, xc, kb, xb, kf, precision,
-                          preferred):
+    def _leading_low_rank(self, site, x, dtype, precision, preferred):
         """A bank's low-rank term for a whole batch whose examples run along the leading axis of
         this contraction's input (``routing="leading_axis"``): example ``e`` through adapter
         ``example_ids[e]``, without a vmap. Output axes: (batch, x free, out), as `_low_rank`.
         """
+        arrays, view = site.arrays, site.view
+        kc, xc, kb, xb, kf = site.dot.kc, site.dot.xc, site.dot.kb, site.dot.xb, site.dot.kf
         ids = jnp.asarray(self.example_ids, jnp.int32)
         count = int(ids.shape[0])
         if 0 in xc or 0 in xb or x.ndim == 0 or x.shape[0] != count:
@@ -614,8 +615,8 @@ class Interpreter:
         n, r = arrays.a.shape[n_axis], arrays.a.shape[-1]
         rows = math.prod(x.shape[j] for j in range(1, x.ndim) if j not in xc and j not in xb)
         if self._choose(rows, n) == "one_hot":
-            a = _arrange(arrays.a, arrays.a_labels, [groups[j] for j in kb + kc] + [("n", "r")])
-            b = _arrange(arrays.b, arrays.b_labels, [groups[j] for j in kb] + [("n", "r")] +
+            a = arrange(arrays.a, arrays.a_labels, [groups[j] for j in kb + kc] + [("n", "r")])
+            b = arrange(arrays.b, arrays.b_labels, [groups[j] for j in kb] + [("n", "r")] +
                          [groups[j] for j in kf])
             xa = jax.lax.dot_general(
                 x, a.astype(dtype), ((xc, tuple(range(nb, nb + nc))), (xb, tuple(range(nb)))),
@@ -632,9 +633,9 @@ class Interpreter:
         keep, scale, fill, safe = _gather_weights(arrays, ids, n, r)
         relabel = lambda labels: tuple("e" if lbl == "n" else lbl for lbl in labels)  # noqa: E731
         a_labels, b_labels = relabel(arrays.a_labels), relabel(arrays.b_labels)
-        a = _arrange(jnp.take(arrays.a, safe, axis=n_axis), a_labels,
+        a = arrange(jnp.take(arrays.a, safe, axis=n_axis), a_labels,
                      [("e",)] + [groups[j] for j in kb + kc] + [("r",)])
-        b = _arrange(jnp.take(arrays.b, safe, axis=arrays.b_labels.index("n")), b_labels,
+        b = arrange(jnp.take(arrays.b, safe, axis=arrays.b_labels.index("n")), b_labels,
                      [("e",)] + [groups[j] for j in kb] + [("r",)] + [groups[j] for j in kf])
         xa = jax.lax.dot_general(
             x, a.astype(dtype),
@@ -880,7 +881,7 @@ def _jaxpr(inputs: list[Any], outputs: list[Any], eqns: list[Any], effects: Any)
     return _jax.Jaxpr([], inputs, outputs, eqns, effects, debug_info=info)
 
 
-def _bind(eqn: Any, values: Sequence[Any]) -> list[Any]:
+def bind(eqn: Any, values: Sequence[Any]) -> list[Any]:
     """Evaluates one equation on ``values`` (through ``jax.core.eval_jaxpr``)."""
     env = {a: v for a, v in zip(eqn.invars, values, strict=True) if isinstance(a, _jax.Var)}
     outputs = [v for v in eqn.outvars if not _is_drop(v)]
@@ -939,7 +940,7 @@ def _rearranging(rearrange: Callable[[Any, View], View | None]) -> Callable[...,
         if len(in_views) != 1:
             return None
         new = rearrange(eqn, in_views[0])
-        return None if new is None else (_bind(eqn, values), [new])
+        return None if new is None else (bind(eqn, values), [new])
 
     return rule
 
@@ -970,7 +971,7 @@ def _control(evaluate: Callable[..., list[Any]]) -> Callable[..., Any]:
 
 def _barrier_rule(interp, eqn, values, in_views, scope, key):
     # An optimization barrier returns its operands as they are, however many there are.
-    return _bind(eqn, values), list(in_views)
+    return bind(eqn, values), list(in_views)
 
 
 _RULES: dict[str, Callable[..., Any]] = {
@@ -1047,7 +1048,7 @@ def _abstract(x: Any) -> Any:
 def _dense(kernel: Any) -> Any:
     """The kernel as an array: a quantized kernel (one with ``dequantize()``) is expanded here,
     inside the caller's trace, so the program sees a plain kernel and only the codes are stored."""
-    return kernel.dequantize() if hasattr(kernel, "dequantize") else kernel
+    return kernel.dequantize() if _variants.is_quantized(kernel) else kernel
 
 
 def _plain(leaf: Any) -> Any:
@@ -1147,6 +1148,7 @@ def apply(
             broken=broken,
             magnitude=None if is_bank(node) else node.magnitude,
             m_labels=(*lay.batch_axes, *lay.out_axes),
+            variant=None if is_bank(node) else _variants.computing(node),
         )
     interp = Interpreter(names, arrays, dropout, adapter_id, method, example_ids)
     outs, out_views = interp.run(closed.jaxpr, closed.consts, values, views, arrays, key)

@@ -9,7 +9,8 @@ from typing import Any
 import jax
 
 from minilora_jax._tree import flatten
-from minilora_jax.lora import Layout, is_full, is_lora, refuse_banks
+from minilora_jax._variants import require
+from minilora_jax.lora import Layout, is_full, is_lora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +101,7 @@ def summary(tree: Any) -> Summary:
             f"an equinox module...), got {tree!r}"
         )
     names, leaves, _ = flatten(tree)
-    refuse_banks(names, leaves, "summary")
+    require("summarize", zip(names, leaves, strict=True), "summary")
     infos = []
     trainable = 0
     full = []

@@ -24,8 +24,10 @@ from toy_models import Stack, all_eqns, randomize_b
 
 import minilora_jax as mlj
 import minilora_jax.io.peft as mpeft
+from minilora_jax._dora import magnitude_shape
 from minilora_jax._tree import flatten
-from minilora_jax.lora import Layout, Lora, magnitude_shape, refuse_dora
+from minilora_jax._variants import require
+from minilora_jax.lora import Layout, Lora
 
 X = jax.random.normal(jax.random.key(0), (2, 5, 8))
 
@@ -286,8 +288,8 @@ def test_what_cannot_hold_a_magnitude_refuses_it(tmp_path):
                                          r"is DoRA.*cannot be undone"):
         mlj.unmerge(mlj.merge(tree), adapters)
     with pytest.raises(ValueError, match=r"'dense/kernel' is DoRA .* combine_adapters"):
-        refuse_dora(["dense/kernel"], [node], "combine_adapters")
-    refuse_dora(["w"], [node.replace(magnitude=None)], "combine_adapters")  # plain LoRA passes
+        require("combine", [("dense/kernel", node)], "combine_adapters")
+    require("combine", [("w", node.replace(magnitude=None))], "combine_adapters")  # LoRA passes
     with pytest.raises(ValueError, match=r"init_sharded\(dora=True\) is not supported"):
         mlj.init_sharded({"dense": {"kernel": jnp.ones((4, 4))}}, jax.random.key(0),
                          rank=1, dora=True)

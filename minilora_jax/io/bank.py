@@ -20,6 +20,7 @@ import jax
 
 from minilora_jax._bank import select, size, stack
 from minilora_jax._tree import flatten
+from minilora_jax._variants import require
 from minilora_jax.io._files import (
     BANK_FILE,
     METADATA_FILE,
@@ -27,7 +28,6 @@ from minilora_jax.io._files import (
     _leftovers,
     _replace_directory,
 )
-from minilora_jax.lora import refuse_full
 
 # bank.json, sealed (see `save`). Version 1 (written before banks were sealed) had only
 # "format" and "names"; it is still read, unsealed, as checkpoint format 3 is.
@@ -105,7 +105,7 @@ def save(directory: str | os.PathLike, tree: Any, names: Sequence[str] | None = 
       >>> mlj.bank.load(where, p)[1]
       ['en', 'fr']
     """
-    refuse_full(*flatten(tree)[:2], "bank.save")
+    require("save_bank", zip(*flatten(tree)[:2], strict=True), "bank.save")
     count = size(tree)
     names = [f"adapter_{n}" for n in range(count)] if names is None else names
     names = _check_names(list(names) if isinstance(names, (list, tuple)) else names, count,

@@ -128,7 +128,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -142,6 +141,8 @@ from jax.sharding import NamedSharding, Sharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from minilora_jax._tree import flatten, is_variables, key_name, path_str
+from minilora_jax._variants import is_stored_quantized as _is_quantized
+from minilora_jax._variants import require
 from minilora_jax.io import _seal
 from minilora_jax.io._files import (
     METADATA_FILE,
@@ -167,7 +168,6 @@ from minilora_jax.lora import (
     is_full,
     is_lora,
     is_node,
-    refuse_banks,
 )
 
 FORMAT = "minilora_jax.adapters"
@@ -316,7 +316,7 @@ def save_adapters(
     from minilora_jax._version import __version__
 
     names, leaves, _ = flatten(tree)
-    refuse_banks(names, leaves, "save_adapters")
+    require("save", zip(names, leaves, strict=True), "save_adapters")
     # Plain LoRA on plain kernels stays in format 4, which older readers read.
     full = _full_leaves(names, leaves)
     version = (
@@ -1166,13 +1166,6 @@ def _node_arrays(node: Lora) -> tuple[str, ...]:
 def _record_arrays(rec: Mapping[str, Any]) -> tuple[str, ...]:
     """The names of the arrays stored for a (validated) record: format 5 lists them."""
     return tuple(rec.get("arrays", ARRAY_NAMES))
-
-
-def _is_quantized(x: Any) -> bool:
-    """Whether ``x`` is a `minilora_jax.quantize.Quantized` kernel (without importing qwix:
-    if that module was never imported, no such kernel exists)."""
-    module = sys.modules.get("minilora_jax.quantize")
-    return module is not None and isinstance(x, module.Quantized)
 
 
 def _quantization(kernel: Any) -> dict[str, Any] | None:

@@ -56,9 +56,10 @@ from typing import Any
 import numpy as np
 
 from minilora_jax._tree import flatten
+from minilora_jax._variants import require
 from minilora_jax.io._safetensors import read_safetensors, write_safetensors
 from minilora_jax.io.peft import ModuleNames, TorchAdapter, from_torch, to_torch
-from minilora_jax.lora import Layout, refuse_full
+from minilora_jax.lora import Layout
 
 __all__ = [
     "load_minimind_lora",
@@ -285,7 +286,8 @@ def save_minimind_lora(
       ...
       ValueError: adapter 'model.layers.0.self_attn.o_proj' has scale 2.0, but MiniMind's ...
     """
-    refuse_full(*flatten(tree)[:2], "save_minimind_lora")  # the format has no place for them
+    # The format has no place for leaves trained whole.
+    require("save_minimind", zip(*flatten(tree)[:2], strict=True), "save_minimind_lora")
     write_minimind_lora(path, to_torch(tree, module_names=module_names), fold_scale=fold_scale)
 
 

@@ -163,6 +163,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minilora_jax._tree import flatten
+from minilora_jax._variants import require
 from minilora_jax.adapters import find_kernels
 
 # Re-exported: `read_safetensors`, `write_safetensors` and `tensor_digest` are public here too.
@@ -176,7 +177,7 @@ from minilora_jax.io._safetensors import (
 from minilora_jax.io._safetensors import read_safetensors as read_safetensors
 from minilora_jax.io._safetensors import tensor_digest as tensor_digest
 from minilora_jax.io.zoo import Fused, ModuleMap
-from minilora_jax.lora import Full, Layout, Lora, is_bank, is_full, is_lora, refuse_residual
+from minilora_jax.lora import Full, Layout, Lora, is_bank, is_full, is_lora
 from minilora_jax.pissa import RESIDUAL_INITS, residual_base
 
 CONFIG_FILE = "adapter_config.json"
@@ -570,7 +571,7 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
     out: dict[str, TorchAdapter] = {}
     origin: dict[str, str] = {}
     paths, leaves, _ = flatten(tree)
-    refuse_residual(paths, leaves, "to_torch")
+    require("export_peft", zip(paths, leaves, strict=True), "to_torch")
     found = [(path, leaf) for path, leaf in zip(paths, leaves, strict=True) if is_lora(leaf)]
     if not found:
         raise ValueError(
@@ -707,9 +708,55 @@ def _attach(
     modules PEFT would adapt with random weights because the file has none for them."""
     namer = _namer(module_names)
     flat = _flattens(module_names)
+    candidates, splits, unusable = _candidates(kernels, others, namer, flat)
+    if config is not None and config["init_lora_weights"] is False:
+        # PEFT gives every module its config targets an adapter; one the file has no tensors for
+        # keeps its initial weights, random in both A and B under init_lora_weights=false.
+        unfilled = sorted(n for n in candidates if n not in adapters and _targeted(config, n)
+                          is None)
+        if unfilled:
+            raise ValueError(
+                f"{source}: the config's target_modules {config['target_modules']!r} give "
+                f"{unfilled[:4]} an adapter in PEFT, but the file has no tensors for them, and "
+                "with 'init_lora_weights' false PEFT leaves them random (A and B both nonzero): "
+                "the two models would differ; refused"
+            )
+    placed: dict[str, dict[int | None, tuple[str, TorchAdapter]]] = {}
+    for name, adapter in adapters.items():
+        if name not in candidates:
+            raise ValueError(_missing(source, name, candidates, unusable, namer))
+        if len(candidates[name]) > 1:
+            paths = [p for p, _ in candidates[name]]
+            raise ValueError(f"{source}: module '{name}' is the name of several layers: {paths}")
+        path, i = candidates[name][0]
+        _check_fits(source, name, adapter, path, splits[path])
+        placed.setdefault(path, {})[i] = (name, adapter)
+    arrays = {path: _placed_arrays(source, path, kernels[path], splits[path], by_index, flat,
+                                   namer)
+              for path, by_index in placed.items()}
+    paths, leaves, treedef = flatten(tree)
+    index = {path: k for k, path in enumerate(paths)}
+    for path, (a, b, scale, m) in arrays.items():
+        leaf = leaves[index[path]]
+        if is_lora(leaf):
+            raise ValueError(
+                f"'{path}' already holds an adapter in the base; load onto the base without "
+                "adapters (minilora_jax.split(tree)[1])"
+            )
+        node = Lora(leaf, jnp.asarray(a), jnp.asarray(b), scale, kernels[path].layout,
+                    magnitude=None if m is None else jnp.asarray(m))
+        node.check(path)
+        leaves[index[path]] = node
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _candidates(kernels: Mapping[str, Any], others: Mapping[str, tuple[tuple[int, ...], str]],
+                namer: Callable[[str], str], flat: Any) -> tuple[Any, Any, dict[str, str]]:
+    """``(candidates, splits, unusable)``: for each module name, the kernel paths (and slice)
+    it may be; each usable kernel's `_Split` into torch modules; and the leaves no adapter can
+    go on, with why (for the error of a module that names one)."""
     candidates: dict[str, list[tuple[str, int | None]]] = {}
     splits: dict[str, _Split] = {}
-    # Leaves no adapter can go on, with why, for the error of a module that names one.
     unusable: dict[str, str] = {}
     for path, kernel in kernels.items():
         if kernel.layout is None:
@@ -728,156 +775,128 @@ def _attach(
                 key = mod.index if split.axis is None else mod.fused
                 candidates.setdefault(mod.name, []).append((path, key))
     unusable.update({path: f"{shape}: {why}" for path, (shape, why) in others.items()})
-    if config is not None and config["init_lora_weights"] is False:
-        # PEFT gives every module its config targets an adapter; one the file has no tensors for
-        # keeps its initial weights, random in both A and B under init_lora_weights=false.
-        unfilled = sorted(n for n in candidates if n not in adapters and _targeted(config, n)
-                          is None)
-        if unfilled:
-            raise ValueError(
-                f"{source}: the config's target_modules {config['target_modules']!r} give "
-                f"{unfilled[:4]} an adapter in PEFT, but the file has no tensors for them, and "
-                "with 'init_lora_weights' false PEFT leaves them random (A and B both nonzero): "
-                "the two models would differ; refused"
-            )
+    return candidates, splits, unusable
 
-    placed: dict[str, dict[int | None, tuple[str, TorchAdapter]]] = {}
-    for name, adapter in adapters.items():
-        if name not in candidates:
-            raise ValueError(_missing(source, name, candidates, unusable, namer))
-        if len(candidates[name]) > 1:
-            paths = [p for p, _ in candidates[name]]
-            raise ValueError(f"{source}: module '{name}' is the name of several layers: {paths}")
-        path, i = candidates[name][0]
-        shape, layout = splits[path].part_shape, splits[path].part
-        d_in, d_out = layout.d_in(shape), layout.d_out(shape)
-        a_shape, b_shape = tuple(adapter.lora_A.shape), tuple(adapter.lora_B.shape)
-        if layout.is_conv:
-            need_a, need_b = _conv_shapes(shape, layout)
-            if a_shape[1:] != need_a or b_shape[:1] + b_shape[2:] != need_b or (
-                    a_shape[0] != b_shape[1]):
-                raise ValueError(
-                    f"{source}: the adapter of '{name}' does not fit its base filter '{path}' "
-                    f"(kernel {shape}, {layout.describe(shape)}): lora_A {a_shape} needs "
-                    f"(r, {', '.join(map(str, need_a))}) and lora_B {b_shape} needs "
-                    f"({need_b[0]}, r, {', '.join(map(str, need_b[1:]))})"
-                )
-            if adapter.magnitude is not None:
-                raise ValueError(
-                    f"{source}: the adapter of '{name}' is DoRA on the convolution filter "
-                    f"'{path}', where minilora_jax does not implement DoRA"
-                )
-            placed.setdefault(path, {})[i] = (name, adapter)
-            continue
-        fits = (
-            len(a_shape) == 2
-            and len(b_shape) == 2
-            and a_shape[1] == d_in
-            and b_shape[0] == d_out
-            and a_shape[0] == b_shape[1]
+
+def _check_fits(source: str, name: str, adapter: TorchAdapter, path: str, split: _Split) -> None:
+    """Raises ValueError unless module ``name``'s adapter fits (its part of) the kernel at
+    ``path``: the shapes, DoRA only where verified against PEFT, a Linear's tensors on a
+    contracted kernel and an Embedding's on a lookup table."""
+    shape, layout = split.part_shape, split.part
+    d_in, d_out = layout.d_in(shape), layout.d_out(shape)
+    a_shape, b_shape = tuple(adapter.lora_A.shape), tuple(adapter.lora_B.shape)
+    if layout.is_conv:
+        need_a, need_b = _conv_shapes(shape, layout)
+        if a_shape[1:] != need_a or b_shape[:1] + b_shape[2:] != need_b or (
+                a_shape[0] != b_shape[1]):
+            raise ValueError(
+                f"{source}: the adapter of '{name}' does not fit its base filter '{path}' "
+                f"(kernel {shape}, {layout.describe(shape)}): lora_A {a_shape} needs "
+                f"(r, {', '.join(map(str, need_a))}) and lora_B {b_shape} needs "
+                f"({need_b[0]}, r, {', '.join(map(str, need_b[1:]))})"
+            )
+        if adapter.magnitude is not None:
+            raise ValueError(
+                f"{source}: the adapter of '{name}' is DoRA on the convolution filter "
+                f"'{path}', where minilora_jax does not implement DoRA"
+            )
+        return
+    fits = (
+        len(a_shape) == 2
+        and len(b_shape) == 2
+        and a_shape[1] == d_in
+        and b_shape[0] == d_out
+        and a_shape[0] == b_shape[1]
+    )
+    if not fits:
+        raise ValueError(
+            f"{source}: the adapter of '{name}' does not fit its base kernel '{path}' "
+            f"(kernel {shape}, {layout.describe(shape)}; torch weight ({d_out}, {d_in})): "
+            f"lora_A {a_shape} needs (r, {d_in}) and lora_B {b_shape} needs ({d_out}, r)"
         )
-        if not fits:
-            raise ValueError(
-                f"{source}: the adapter of '{name}' does not fit its base kernel '{path}' "
-                f"(kernel {shape}, {layout.describe(shape)}; torch weight ({d_out}, {d_in})): "
-                f"lora_A {a_shape} needs (r, {d_in}) and lora_B {b_shape} needs ({d_out}, r)"
-            )
-        if adapter.magnitude is not None and (len(layout.in_axes) > 1 or len(layout.out_axes) > 1
-                                              or splits[path].axis is not None):
-            raise ValueError(
-                f"{source}: the adapter of '{name}' is DoRA and its base kernel '{path}' (kernel "
-                f"{shape}, {layout.describe(shape)}) has several in or out axes or is fused; "
-                "flattening or fusing a DoRA magnitude is not verified against PEFT"
-            )
-        if adapter.magnitude is not None and tuple(np.shape(adapter.magnitude)) != (d_out,):
-            raise ValueError(
-                f"{source}: the DoRA magnitude of '{name}' has shape "
-                f"{tuple(np.shape(adapter.magnitude))}, but its base kernel '{path}' (kernel "
-                f"{shape}, {layout.describe(shape)}) has {d_out} output features: it needs "
-                f"({d_out},)"
-            )
-        if layout.tied:
-            raise ValueError(f"{source}: cannot load the adapter of '{name}' onto '{path}': "
-                             + _TIED)
-        if bool(adapter.embedding) != layout.gathered:
-            what = ("an Embedding's (lora_embedding_A/B)" if adapter.embedding else
-                    "a Linear's (lora_A/B)")
-            raise ValueError(
-                f"{source}: the adapter of '{name}' is {what}, but its base kernel '{path}' "
-                f"(kernel {shape}, {layout.describe(shape)}) is "
-                + ("contracted by the program, not looked up" if adapter.embedding else
-                   "a lookup table (an embedding)")
-                + "; the module and the leaf do not match (check module_names and apply_fn)"
-            )
-        placed.setdefault(path, {})[i] = (name, adapter)
-
-    def ab(t: TorchAdapter, path: str) -> tuple[np.ndarray, np.ndarray]:
-        # lora_a (*in, r) and lora_b (r, *out) in the layout's axis order (one module's slice's
-        # for a fused kernel).
-        shape, layout = splits[path].part_shape, splits[path].part
-        if layout.is_conv:
-            return _conv_from_torch(np.asarray(t.lora_A), np.asarray(t.lora_B), layout)
-        a, b = np.asarray(t.lora_A).T, np.asarray(t.lora_B).T
-        if len(layout.in_axes) > 1 or len(layout.out_axes) > 1:
-            return _unflat_ab(a, b, shape, layout)
-        return a, b
-
-    arrays: dict[str, tuple[Any, Any, float, Any]] = {}
-    for path, by_index in placed.items():
-        if splits[path].axis is not None:
-            arrays[path] = _fused_arrays(source, path, kernels[path].layout, splits[path],
-                                         by_index, lambda t, p=path: ab(t, p))
-            continue
-        if None in by_index:
-            _, t = by_index[None]
-            arrays[path] = (*ab(t, path), float(t.scale), t.magnitude)
-            continue
-        layers = _linears(path, kernels[path].shape, kernels[path].layout, flat)
-        missing = [namer(layer) for layer, i in layers if i not in by_index]
-        if missing:
-            raise ValueError(
-                f"{source}: the nn.scan-stacked kernel '{path}' has {len(layers)} layers but "
-                f"{len(missing)} of them have no adapter: {missing[:6]}. A stack takes an "
-                "adapter on every layer or on none."
-            )
-        stack = [by_index[i][1] for _, i in layers]
-        ranks = {t.lora_A.shape[0] for t in stack}
-        scales = {float(t.scale) for t in stack}
-        if len(ranks) > 1 or len(scales) > 1:
-            raise ValueError(
-                f"{source}: the layers of the nn.scan-stacked kernel '{path}' differ in rank "
-                f"{sorted(ranks)} or scale {sorted(scales)}; a stack shares one rank and scale"
-            )
-        doras = {t.magnitude is not None for t in stack}
-        if len(doras) > 1:
-            raise ValueError(
-                f"{source}: some layers of the nn.scan-stacked kernel '{path}' are DoRA (have a "
-                "lora_magnitude_vector) and others are not; a stack is one or the other"
-            )
-        # lora_a is (batch, in, r), lora_b (batch, r, out) and a DoRA magnitude (batch, out)
-        # wherever the stack axis sits.
-        pairs = [ab(t, path) for t in stack]
-        arrays[path] = (
-            np.stack([a for a, _ in pairs]),
-            np.stack([b for _, b in pairs]),
-            scales.pop(),
-            np.stack([t.magnitude for t in stack]) if doras == {True} else None,
+    if adapter.magnitude is not None and (len(layout.in_axes) > 1 or len(layout.out_axes) > 1
+                                          or split.axis is not None):
+        raise ValueError(
+            f"{source}: the adapter of '{name}' is DoRA and its base kernel '{path}' (kernel "
+            f"{shape}, {layout.describe(shape)}) has several in or out axes or is fused; "
+            "flattening or fusing a DoRA magnitude is not verified against PEFT"
+        )
+    if adapter.magnitude is not None and tuple(np.shape(adapter.magnitude)) != (d_out,):
+        raise ValueError(
+            f"{source}: the DoRA magnitude of '{name}' has shape "
+            f"{tuple(np.shape(adapter.magnitude))}, but its base kernel '{path}' (kernel "
+            f"{shape}, {layout.describe(shape)}) has {d_out} output features: it needs "
+            f"({d_out},)"
+        )
+    if layout.tied:
+        raise ValueError(f"{source}: cannot load the adapter of '{name}' onto '{path}': "
+                         + _TIED)
+    if bool(adapter.embedding) != layout.gathered:
+        what = ("an Embedding's (lora_embedding_A/B)" if adapter.embedding else
+                "a Linear's (lora_A/B)")
+        raise ValueError(
+            f"{source}: the adapter of '{name}' is {what}, but its base kernel '{path}' "
+            f"(kernel {shape}, {layout.describe(shape)}) is "
+            + ("contracted by the program, not looked up" if adapter.embedding else
+               "a lookup table (an embedding)")
+            + "; the module and the leaf do not match (check module_names and apply_fn)"
         )
 
-    paths, leaves, treedef = flatten(tree)
-    index = {path: k for k, path in enumerate(paths)}
-    for path, (a, b, scale, m) in arrays.items():
-        leaf = leaves[index[path]]
-        if is_lora(leaf):
-            raise ValueError(
-                f"'{path}' already holds an adapter in the base; load onto the base without "
-                "adapters (minilora_jax.split(tree)[1])"
-            )
-        node = Lora(leaf, jnp.asarray(a), jnp.asarray(b), scale, kernels[path].layout,
-                    magnitude=None if m is None else jnp.asarray(m))
-        node.check(path)
-        leaves[index[path]] = node
-    return jax.tree.unflatten(treedef, leaves)
+
+def _torch_ab(t: TorchAdapter, split: _Split) -> tuple[np.ndarray, np.ndarray]:
+    """``lora_a (*in, r)`` and ``lora_b (r, *out)`` of a torch adapter in the layout's axis
+    order (one module's slice's for a fused kernel)."""
+    shape, layout = split.part_shape, split.part
+    if layout.is_conv:
+        return _conv_from_torch(np.asarray(t.lora_A), np.asarray(t.lora_B), layout)
+    a, b = np.asarray(t.lora_A).T, np.asarray(t.lora_B).T
+    if len(layout.in_axes) > 1 or len(layout.out_axes) > 1:
+        return _unflat_ab(a, b, shape, layout)
+    return a, b
+
+
+def _placed_arrays(source: str, path: str, kernel: Any, split: _Split,
+                   by_index: Mapping[int | None, tuple[str, TorchAdapter]], flat: Any,
+                   namer: Callable[[str], str]) -> tuple[Any, Any, float, Any]:
+    """``(lora_a, lora_b, scale, magnitude)`` of the kernel at ``path`` from the adapters placed
+    on it: one module's, a fused kernel's modules', or every layer's of a stack."""
+    if split.axis is not None:
+        return _fused_arrays(source, path, kernel.layout, split, by_index,
+                             lambda t: _torch_ab(t, split))
+    if None in by_index:
+        _, t = by_index[None]
+        return (*_torch_ab(t, split), float(t.scale), t.magnitude)
+    layers = _linears(path, kernel.shape, kernel.layout, flat)
+    missing = [namer(layer) for layer, i in layers if i not in by_index]
+    if missing:
+        raise ValueError(
+            f"{source}: the nn.scan-stacked kernel '{path}' has {len(layers)} layers but "
+            f"{len(missing)} of them have no adapter: {missing[:6]}. A stack takes an "
+            "adapter on every layer or on none."
+        )
+    stack = [by_index[i][1] for _, i in layers]
+    ranks = {t.lora_A.shape[0] for t in stack}
+    scales = {float(t.scale) for t in stack}
+    if len(ranks) > 1 or len(scales) > 1:
+        raise ValueError(
+            f"{source}: the layers of the nn.scan-stacked kernel '{path}' differ in rank "
+            f"{sorted(ranks)} or scale {sorted(scales)}; a stack shares one rank and scale"
+        )
+    doras = {t.magnitude is not None for t in stack}
+    if len(doras) > 1:
+        raise ValueError(
+            f"{source}: some layers of the nn.scan-stacked kernel '{path}' are DoRA (have a "
+            "lora_magnitude_vector) and others are not; a stack is one or the other"
+        )
+    # lora_a is (batch, in, r), lora_b (batch, r, out) and a DoRA magnitude (batch, out)
+    # wherever the stack axis sits.
+    pairs = [_torch_ab(t, split) for t in stack]
+    return (
+        np.stack([a for a, _ in pairs]),
+        np.stack([b for _, b in pairs]),
+        scales.pop(),
+        np.stack([t.magnitude for t in stack]) if doras == {True} else None,
+    )
 
 
 def _fused_arrays(
@@ -1568,6 +1587,18 @@ def _read(directory: str | os.PathLike) -> tuple[dict[str, TorchAdapter], Any]:
     config = _read_config(config_file)
     tensors, metadata = _read_safetensors(weights)
 
+    halves, full = _group_tensors(weights, config, tensors)
+    out = {name: _module_adapter(weights, config_file, config, name, pair)
+           for name, pair in sorted(halves.items())}
+    _check_scales(weights, config_file, metadata, out)
+    return out, {**config, "full": full}
+
+
+def _group_tensors(weights: FilePath, config: Mapping[str, Any], tensors: Mapping[str, Any]
+                   ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """The file's tensors as ``{module: {half: tensor}}`` (``lora_A``, ``lora_B``,
+    ``lora_magnitude_vector``, ``lora_embedding_A/B``) and the parameters of the modules
+    ``modules_to_save`` names; any other tensor is refused."""
     halves: dict[str, dict[str, np.ndarray]] = {}
     full: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
@@ -1588,76 +1619,77 @@ def _read(directory: str | os.PathLike) -> tuple[dict[str, TorchAdapter], Any]:
         halves.setdefault(m.group(1)[len(KEY_PREFIX) :], {})[half] = value
     if not halves:
         raise ValueError(f"{weights} holds no LoRA tensors")
+    return halves, full
 
-    out = {}
+
+def _module_adapter(weights: FilePath, config_file: FilePath, config: Mapping[str, Any],
+                    name: str, pair: Mapping[str, np.ndarray]) -> TorchAdapter:
+    """Module ``name``'s `TorchAdapter` from its tensors, checked against the config (which
+    modules it adapts, DoRA, rank and alpha)."""
     dora = config["use_dora"]
-    for name, pair in sorted(halves.items()):
-        stem = f"{KEY_PREFIX}{name}"
-        field = _targeted(config, name)
-        if field is not None:
-            raise ValueError(
-                f"{config_file}: '{field}' is {config[field]!r}, which leaves module '{name}' "
-                f"without an adapter when PEFT loads the directory, but {weights} holds its "
-                f"tensors ('{stem}.lora_A.weight'); PEFT would ignore them, so the two models "
-                "would differ: refused"
-            )
-        embedding = "lora_embedding_A" in pair or "lora_embedding_B" in pair
-        if embedding and ("lora_A" in pair or "lora_B" in pair):
-            raise ValueError(
-                f"{weights}: module '{name}' has both a Linear's ('.lora_A.weight') and an "
-                "Embedding's ('.lora_embedding_A') adapter tensors; a module is one or the other"
-            )
-        if embedding and dora:
-            raise ValueError(
-                f"{config_file}: 'use_dora' is true and module '{name}' is an Embedding "
-                f"('{stem}.lora_embedding_A'): DoRA on embeddings is not implemented here "
-                "(refused rather than loaded as plain LoRA)"
-            )
-        halves_named = (("lora_embedding_A", "lora_embedding_A"),
-                        ("lora_embedding_B", "lora_embedding_B")) if embedding else (
-                            ("lora_A", "lora_A.weight"), ("lora_B", "lora_B.weight"))
-        for half, key_tail in halves_named:
-            if half not in pair:
-                raise ValueError(f"{weights}: '{stem}.{key_tail}' is missing")
-        a, b = pair[halves_named[0][0]], pair[halves_named[1][0]]
-        if not _torch_pair(a, b) or (embedding and a.ndim != 2):
-            raise ValueError(
-                f"{weights}: '{stem}.lora_A.weight' {a.shape} and '.lora_B.weight' {b.shape} "
-                "must be (r, in) and (out, r), or a convolution's (r, in, *window) and "
-                "(out, r, 1, ...), with the same r"
-            )
-        magnitude = pair.get("lora_magnitude_vector")
-        if dora and magnitude is None:
-            raise ValueError(
-                f"{config_file}: 'use_dora' is True, expected false for {weights}, which holds no "
-                f"DoRA magnitude '{stem}.lora_magnitude_vector' for module '{name}' (PEFT saves "
-                "one for every module of a use_dora adapter)"
-            )
-        if not dora and magnitude is not None:
-            raise ValueError(
-                f"{weights}: tensor '{stem}.lora_magnitude_vector' is a DoRA magnitude, but "
-                f"{config_file} has 'use_dora' false (or absent), so PEFT would not use it; "
-                "refused rather than guessing which is right"
-            )
-        if magnitude is not None and (
-            magnitude.shape != (b.shape[0],) or not np.issubdtype(magnitude.dtype, np.floating)
-        ):
-            raise ValueError(
-                f"{weights}: '{stem}.lora_magnitude_vector' is {magnitude.shape} "
-                f"{magnitude.dtype}; DoRA's magnitude is a float vector (out,) = "
-                f"({b.shape[0]},), as '.lora_B.weight' {b.shape} says"
-            )
-        rank = _pattern_value(config["rank_pattern"], name, config["r"])
-        if a.shape[0] != rank:
-            raise ValueError(
-                f"{weights}: '{stem}.lora_A.weight' has rank {a.shape[0]} (shape {a.shape}) "
-                f"but {config_file} gives '{name}' rank {rank}"
-            )
-        alpha = _pattern_value(config["alpha_pattern"], name, config["lora_alpha"])
-        out[name] = TorchAdapter(a, b, _scale(alpha, rank, config["use_rslora"]), magnitude,
-                                 embedding)
-    _check_scales(weights, config_file, metadata, out)
-    return out, {**config, "full": full}
+    stem = f"{KEY_PREFIX}{name}"
+    field = _targeted(config, name)
+    if field is not None:
+        raise ValueError(
+            f"{config_file}: '{field}' is {config[field]!r}, which leaves module '{name}' "
+            f"without an adapter when PEFT loads the directory, but {weights} holds its "
+            f"tensors ('{stem}.lora_A.weight'); PEFT would ignore them, so the two models "
+            "would differ: refused"
+        )
+    embedding = "lora_embedding_A" in pair or "lora_embedding_B" in pair
+    if embedding and ("lora_A" in pair or "lora_B" in pair):
+        raise ValueError(
+            f"{weights}: module '{name}' has both a Linear's ('.lora_A.weight') and an "
+            "Embedding's ('.lora_embedding_A') adapter tensors; a module is one or the other"
+        )
+    if embedding and dora:
+        raise ValueError(
+            f"{config_file}: 'use_dora' is true and module '{name}' is an Embedding "
+            f"('{stem}.lora_embedding_A'): DoRA on embeddings is not implemented here "
+            "(refused rather than loaded as plain LoRA)"
+        )
+    halves_named = (("lora_embedding_A", "lora_embedding_A"),
+                    ("lora_embedding_B", "lora_embedding_B")) if embedding else (
+                        ("lora_A", "lora_A.weight"), ("lora_B", "lora_B.weight"))
+    for half, key_tail in halves_named:
+        if half not in pair:
+            raise ValueError(f"{weights}: '{stem}.{key_tail}' is missing")
+    a, b = pair[halves_named[0][0]], pair[halves_named[1][0]]
+    if not _torch_pair(a, b) or (embedding and a.ndim != 2):
+        raise ValueError(
+            f"{weights}: '{stem}.lora_A.weight' {a.shape} and '.lora_B.weight' {b.shape} "
+            "must be (r, in) and (out, r), or a convolution's (r, in, *window) and "
+            "(out, r, 1, ...), with the same r"
+        )
+    magnitude = pair.get("lora_magnitude_vector")
+    if dora and magnitude is None:
+        raise ValueError(
+            f"{config_file}: 'use_dora' is True, expected false for {weights}, which holds no "
+            f"DoRA magnitude '{stem}.lora_magnitude_vector' for module '{name}' (PEFT saves "
+            "one for every module of a use_dora adapter)"
+        )
+    if not dora and magnitude is not None:
+        raise ValueError(
+            f"{weights}: tensor '{stem}.lora_magnitude_vector' is a DoRA magnitude, but "
+            f"{config_file} has 'use_dora' false (or absent), so PEFT would not use it; "
+            "refused rather than guessing which is right"
+        )
+    if magnitude is not None and (
+        magnitude.shape != (b.shape[0],) or not np.issubdtype(magnitude.dtype, np.floating)
+    ):
+        raise ValueError(
+            f"{weights}: '{stem}.lora_magnitude_vector' is {magnitude.shape} "
+            f"{magnitude.dtype}; DoRA's magnitude is a float vector (out,) = "
+            f"({b.shape[0]},), as '.lora_B.weight' {b.shape} says"
+        )
+    rank = _pattern_value(config["rank_pattern"], name, config["r"])
+    if a.shape[0] != rank:
+        raise ValueError(
+            f"{weights}: '{stem}.lora_A.weight' has rank {a.shape[0]} (shape {a.shape}) "
+            f"but {config_file} gives '{name}' rank {rank}"
+        )
+    alpha = _pattern_value(config["alpha_pattern"], name, config["lora_alpha"])
+    return TorchAdapter(a, b, _scale(alpha, rank, config["use_rslora"]), magnitude, embedding)
 
 
 def _check_scales(
