@@ -12,45 +12,16 @@ Example:
   >>> merged = mlj.merge(lora_params)                            # a plain params tree again
 """
 
+from minilora_jax._adapters import find_kernels, init
+from minilora_jax._apply import AdapterNotAppliedError, wrap
+from minilora_jax._combination import combine_adapters
+from minilora_jax._lora import Bank, Full, Layout, Lora, is_bank, is_full, is_lora
+from minilora_jax._merge import merge, unmerge
+from minilora_jax._partition import combine, split
+from minilora_jax._program import LayoutMismatchError, RoutingError
+from minilora_jax._summary import AdapterInfo, Summary, summary
+from minilora_jax._targets import Kernel, LayoutUnknownError, all_kernels, square_kernels
 from minilora_jax._version import __version__
-from minilora_jax.adapters import find_kernels, init
-from minilora_jax.apply import AdapterNotAppliedError, wrap
-from minilora_jax.combination import combine_adapters
-from minilora_jax.lora import Bank, Full, Layout, Lora, is_bank, is_full, is_lora
-from minilora_jax.merge import merge, unmerge
-from minilora_jax.partition import combine, split
-from minilora_jax.program import RoutingError
-from minilora_jax.summary import AdapterInfo, Summary, summary
-from minilora_jax.targets import Kernel, LayoutUnknownError, all_kernels, square_kernels
-
-__all__ = [
-    "AdapterInfo",
-    "AdapterNotAppliedError",
-    "Bank",
-    "Full",
-    "Kernel",
-    "Layout",
-    "LayoutUnknownError",
-    "Lora",
-    "RoutingError",
-    "Summary",
-    "__version__",
-    "all_kernels",
-    "combine",
-    "combine_adapters",
-    "find_kernels",
-    "init",
-    "is_bank",
-    "is_full",
-    "is_lora",
-    "loraplus",
-    "merge",
-    "split",
-    "square_kernels",
-    "summary",
-    "unmerge",
-    "wrap",
-]
 
 # The interop modules load on first use, so `import minilora_jax` stays light.
 _LAZY = {
@@ -58,7 +29,7 @@ _LAZY = {
     "bank": ("minilora_jax.bank", None),
     "pissa": ("minilora_jax.pissa", None),
     "quantize": ("minilora_jax.quantize", None),
-    "loraplus": ("minilora_jax.optim", "loraplus"),
+    "loraplus": ("minilora_jax._optim", "loraplus"),
     "save_adapters": ("minilora_jax.io.checkpoint", "save_adapters"),
     "load_adapters": ("minilora_jax.io.checkpoint", "load_adapters"),
     "read_metadata": ("minilora_jax.io.checkpoint", "read_metadata"),
@@ -69,10 +40,26 @@ _LAZY = {
     "CheckpointChangedError": ("minilora_jax.io.checkpoint", "CheckpointChangedError"),
     "minimind": ("minilora_jax.io.minimind", None),
     "zoo": ("minilora_jax.io.zoo", None),
-    "shardings": ("minilora_jax.sharding", "shardings"),
-    "init_sharded": ("minilora_jax.sharding", "init_sharded"),
-    "optimizer_shardings": ("minilora_jax.sharding", "optimizer_shardings"),
+    "shardings": ("minilora_jax._sharding", "shardings"),
+    "init_sharded": ("minilora_jax._sharding", "init_sharded"),
+    "optimizer_shardings": ("minilora_jax._sharding", "optimizer_shardings"),
 }
+
+
+# The whole public surface: the README's API section documents every name; every other module of
+# the package is private (`_name.py`, and `minilora_jax.io`'s `_name.py`). The second half loads
+# on first use (`_LAZY`).
+__all__ = [
+    "AdapterInfo", "AdapterNotAppliedError", "Bank", "Full", "Kernel", "Layout",
+    "LayoutMismatchError", "LayoutUnknownError", "Lora", "RoutingError", "Summary",
+    "__version__", "all_kernels", "combine", "combine_adapters", "find_kernels", "init",
+    "is_bank", "is_full", "is_lora", "merge", "split", "square_kernels", "summary", "unmerge",
+    "wrap",
+    # loaded on first use
+    "CheckpointChangedError", "abstract_base", "bank", "init_sharded", "latest_step",
+    "load_adapters", "lock_run", "loraplus", "minimind", "optimizer_shardings", "peft", "pissa",
+    "quantize", "read_metadata", "save_adapters", "save_step", "shardings", "zoo",
+]
 
 
 def __getattr__(name: str):

@@ -275,8 +275,8 @@ def write_params(path: str | os.PathLike, tree: Any) -> None:
     import numpy as np
     from safetensors.numpy import save_file
 
+    from minilora_jax._lora import is_lora
     from minilora_jax._tree import key_name
-    from minilora_jax.lora import is_lora
 
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lora)
     tensors = {}

@@ -13,15 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from minilora_jax._tree import flatten
-from minilora_jax._variants import require
-from minilora_jax.lora import (
+from minilora_jax._lora import (
     Bank,
     Lora,
     is_adapter,
     is_bank,
     is_lora,
 )
+from minilora_jax._tree import flatten
+from minilora_jax._variants import require
 
 
 def _same_kernel(a: Any, b: Any) -> bool:

@@ -48,7 +48,7 @@ def magnitude_shape(layout: Any, kernel_shape: tuple[int, ...]) -> tuple[int, ..
     """The shape of a DoRA ``magnitude`` for a kernel of ``kernel_shape``: ``(*batch, *out)``.
 
     Example:
-      >>> from minilora_jax.lora import Layout
+      >>> from minilora_jax._lora import Layout
       >>> magnitude_shape(Layout((1,), (2,), (0,)), (3, 8, 5))
       (3, 5)
     """
@@ -121,15 +121,15 @@ def merged(node: Any, full: jax.Array) -> jax.Array:
 def factor(arrays: Any, groups: Any, kernel: Any, dot: Any) -> jax.Array:
     """``magnitude / ||W + s A B||`` as ``(batch, kernel free)`` of a dot, float32.
 
-    ``arrays`` are the adapter's arrays in scope (`minilora_jax.program.Arrays`), ``groups`` the
-    kernel view's axis groups, ``kernel`` the view's value, ``dot`` its `minilora_jax.program.Dot`.
+    ``arrays`` are the adapter's arrays in scope (`minilora_jax._program.Arrays`), ``groups`` the
+    kernel view's axis groups, ``kernel`` the view's value, ``dot`` its `minilora_jax._program.Dot`.
     The norm is per output feature over the in axes and, as in PEFT and the DoRA paper (section
     4.3), carries no gradient (``stop_gradient``). ``W + s A B`` is never formed:
     ``||W_o + s (AB)_o||^2 = ||W_o||^2 + 2 s (W^T A)_o . B_o + s^2 B_o^T (A^T A) B_o``, which
     costs one ``W^T A`` (``d_in x d_out x r``, what forming ``A B`` would cost) and no
     ``d_in x d_out`` product or intermediate beyond reading ``W``.
     """
-    from minilora_jax.program import arrange
+    from minilora_jax._program import arrange
 
     kc, kb, kf = dot.kc, dot.kb, dot.kf
     nb, nc = len(kb), len(kc)
@@ -162,7 +162,7 @@ def factor(arrays: Any, groups: Any, kernel: Any, dot: Any) -> jax.Array:
 
 
 def contract(interp: Any, site: Any, key: Any) -> jax.Array:
-    """The output of the contraction ``site`` (`minilora_jax.program.Contraction`) with DoRA:
+    """The output of the contraction ``site`` (`minilora_jax._program.Contraction`) with DoRA:
     ``f (x W + s x A B)``, ``f = m / ||W + s A B||`` (`factor`); a bias added after the
     contraction is not rescaled. Under dropout, PEFT's ``x W + (f - 1) d(x) W + f s d(x) A B``
     with one mask ``d``: both the adapter and the rescaled base term see the dropped-out input,

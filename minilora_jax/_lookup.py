@@ -1,6 +1,6 @@
 """Following an adapted lookup table through a row lookup (``emb[ids]``, ``jnp.take(emb, ids,
 axis=0)``, Flax/NNX ``Embed``, equinox ``Embedding``, haiku ``Embed``): the ``gather`` rule
-`minilora_jax.program` registers.
+`minilora_jax._program` registers.
 
 Looking up row ``v`` of a table ``W (V, D)`` is contracting a one-hot ``v`` with it, so the
 adapted rows are ``W[ids] + scale * A[ids] @ B``: the same gather on ``A (V, r)`` (same indices,
@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 
 # program imports this module while it is itself being imported: read its names at call time.
-from minilora_jax import _views
-from minilora_jax import program as _program
-from minilora_jax.lora import Layout
+from minilora_jax import _program, _views
+from minilora_jax._lora import Layout
 
 
 def _row_axis(eqn: Any) -> tuple[int, int] | None:
@@ -62,19 +61,19 @@ def gather(interp, eqn, values, in_views, scope, key):
     if found is None:
         if jnp.ndim(values[1]) == 1:
             return _views.RULES["gather"](interp, eqn, values, in_views, scope, key)
-        return _views._declined(
+        return _views.declined(
             interp, eqn, values, in_views,
             "'gather' that is not a lookup of whole rows along one axis (only emb[ids] and "
             "jnp.take(emb, ids, axis) are followed)")
     j, column = found
     if len(view.groups[j]) != 1:
-        return _views._declined(interp, eqn, values, in_views,
+        return _views.declined(interp, eqn, values, in_views,
                                 "'gather' of rows along merged kernel axes or a new axis")
     row = view.groups[j][0]
     rest = [i for i in range(len(view.groups)) if i != j]
     outs = tuple(sorted(k for i in rest for k in view.groups[i]))
     if not outs:
-        return _views._declined(interp, eqn, values, in_views,
+        return _views.declined(interp, eqn, values, in_views,
                                 "'gather' of rows that hold no other kernel axis")
     layout = Layout((row,), outs, tuple(sorted(view.sliced)), gathered=True)
     interp.records[view.src].layouts.add(layout)
@@ -83,10 +82,10 @@ def gather(interp, eqn, values, in_views, scope, key):
         return [base], [None]
     arrays = scope[view.src]
     if arrays.scales is not None:
-        return _views._declined(interp, eqn, values, in_views,
+        return _views.declined(interp, eqn, values, in_views,
                                 "'gather' (a lookup) of a kernel with an adapter bank")
     if arrays.magnitude is not None:
-        return _views._declined(interp, eqn, values, in_views,
+        return _views.declined(interp, eqn, values, in_views,
                                 "'gather' (a lookup) of a DoRA kernel")
     if not arrays.layout.gathered or arrays.layout.contracted() != layout.contracted():
         raise _program.LayoutMismatchError(

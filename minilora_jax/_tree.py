@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 
-from minilora_jax.lora import is_node
+from minilora_jax._lora import is_node
 
 KeyPath = tuple[Any, ...]
 
@@ -57,7 +57,7 @@ def is_variables(tree: Any) -> bool:
 
 def flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
     """``(paths, leaves, treedef)`` of ``tree``, `minilora_jax.Lora`, `minilora_jax.Bank` and
-    `minilora_jax.lora.Full` nodes kept whole as leaves.
+    `minilora_jax._lora.Full` nodes kept whole as leaves.
 
     ``jax.tree.unflatten(treedef, leaves)`` rebuilds the tree; replacing a kernel leaf by a
     `Lora` node (or back) before unflattening is how adapters are added and removed.

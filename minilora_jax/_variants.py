@@ -12,7 +12,7 @@ its own module (as `minilora_jax._dora` is for DoRA) and one entry in `VARIANTS`
 
 Example:
   >>> import jax.numpy as jnp
-  >>> from minilora_jax.lora import Layout, Lora
+  >>> from minilora_jax._lora import Layout, Lora
   >>> node = Lora(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), 1.0, Layout.dense())
   >>> [v.name for v in variants_of(node)]
   ['lora']
@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from minilora_jax import _dora
-from minilora_jax.lora import Bank, Full, Lora
+from minilora_jax._lora import Bank, Full, Lora
 
 # What an operation may need of every node it is handed. Each operation asks for one of these
 # (through `require`); each variant says which it cannot give.

@@ -1,5 +1,5 @@
 """Following an adapted kernel through views: slices, splits, concatenations, reshapes that
-split an axis, and per-layer indexing (the rules `minilora_jax.program` registers for them).
+split an axis, and per-layer indexing (the rules `minilora_jax._program` registers for them).
 
 A view is a linear map of the kernel, so the low-rank update ``s A B`` has the same view, taken
 on the factors: a slice of an out axis slices B, of an in axis slices A, of a batch axis both
@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 # program imports this module while it is itself being imported: read its names at call time.
-from minilora_jax import program as _program
-from minilora_jax.lora import Layout
+from minilora_jax import _program
+from minilora_jax._lora import Layout
 
 Op = Callable[[Any, int], Any]  # the same selection, applied to an array along one of its axes
 
@@ -71,7 +71,7 @@ def _arrays(scope: Any, view: Any) -> Any:
     return None if scope is None else scope.get(view.src)
 
 
-def _declined(interp, eqn, values, in_views, what):
+def declined(interp, eqn, values, in_views, what):
     """Records ``what`` (naming the operation) as a use the adapter cannot follow."""
     for v in in_views:
         if v is not None:
@@ -142,12 +142,12 @@ def _selecting(ops_of: Callable[..., Any]) -> Callable[..., Any]:
             return None
         per_output = ops_of(eqn, values, tuple(eqn.invars[0].aval.shape))
         if isinstance(per_output, str):
-            return _declined(interp, eqn, values, in_views, per_output)
+            return declined(interp, eqn, values, in_views, per_output)
         new = []
         for ops, dropped in per_output:
             got = _select(interp, eqn, view, scope, ops, dropped) if ops or dropped else view
             if isinstance(got, str):
-                return _declined(interp, eqn, values, in_views, got)
+                return declined(interp, eqn, values, in_views, got)
             new.append(got)
         return _program.bind(eqn, values), new
 
@@ -223,11 +223,11 @@ def _rev_ops(eqn, values, shape):
 
 
 def squeeze(interp, eqn, values, in_views, scope, key):
-    """Squeezing inserted unit axes rearranges (`program._squeeze`); squeezing a kernel axis of
+    """Squeezing inserted unit axes rearranges (`_program.squeeze_view`); squeezing a kernel axis of
     size 1 (``w[i]`` is a slice then this) keeps that one layer: its A and B, the axis now a
     batch axis the program has taken, as a ``scan`` over it would."""
     view = in_views[0]
-    new = _program._squeeze(eqn, view)
+    new = _program.squeeze_view(eqn, view)
     if new is not None:
         return _program.bind(eqn, values), [new]
     dims = tuple(eqn.params["dimensions"])
@@ -235,7 +235,7 @@ def squeeze(interp, eqn, values, in_views, scope, key):
     units = [d for d in dims if not view.groups[d]]
     got = _select(interp, eqn, view, scope, {}, kernel)
     if isinstance(got, str):
-        return _declined(interp, eqn, values, in_views, got)
+        return declined(interp, eqn, values, in_views, got)
     # The inserted unit axes among dims go too.
     keep = [j for j in range(len(view.groups)) if j not in kernel]
     groups = tuple(got.groups[i] for i, j in enumerate(keep) if j not in units)
@@ -270,17 +270,17 @@ def _blocks(old: tuple[int, ...], new: tuple[int, ...]):
 
 
 def reshape(interp, eqn, values, in_views, scope, key):
-    """A reshape that only merges axes rearranges (`program._reshape`). One that splits a
+    """A reshape that only merges axes rearranges (`_program.reshape_view`). One that splits a
     kernel axis (``w.reshape(d, h, hd)``) makes a derived kernel whose axes are the new ones,
     each with the role of the kernel axes it holds; its factors are the parent's, reshaped."""
     view = in_views[0]
-    new = _program._reshape(eqn, view)
+    new = _program.reshape_view(eqn, view)
     if new is not None:
         return _program.bind(eqn, values), [new]
     old_shape, new_shape = tuple(eqn.invars[0].aval.shape), tuple(eqn.params["new_sizes"])
     blocks = None if eqn.params.get("dimensions") is not None else _blocks(old_shape, new_shape)
     if blocks is None:
-        return _declined(interp, eqn, values, in_views,
+        return declined(interp, eqn, values, in_views,
                          f"'reshape' from {old_shape} to {new_shape} that regroups kernel axes")
     # Kernel axes held by each new axis: a block's old groups, merged or split.
     holds = {}
@@ -309,7 +309,7 @@ def reshape(interp, eqn, values, in_views, scope, key):
     except ValueError:
         layout = None
     if layout is None or None in roles.values():
-        return _declined(interp, eqn, values, in_views,
+        return declined(interp, eqn, values, in_views,
                          f"'reshape' from {old_shape} to {new_shape} that mixes in and out "
                          "kernel axes")
 
@@ -376,10 +376,10 @@ def concatenate(interp, eqn, values, in_views, scope, key):
     parts = [v for v in in_views if v is not None]
     first = parts[0]
     if any(v.groups != first.groups or v.sliced != first.sliced for v in parts):
-        return _declined(interp, eqn, values, in_views,
+        return declined(interp, eqn, values, in_views,
                          "'concatenate' of kernels whose axes are arranged differently")
     if len(first.groups[dim]) != 1:
-        return _declined(interp, eqn, values, in_views,
+        return declined(interp, eqn, values, in_views,
                          "'concatenate' along merged kernel axes or a new axis (a stack)")
     k = first.groups[dim][0]
     parents = list(dict.fromkeys(v.src for v in parts))
@@ -400,7 +400,7 @@ def concatenate(interp, eqn, values, in_views, scope, key):
     elif ref.magnitude is not None and k not in ref.b_labels:
         why = "'concatenate' of DoRA kernels along an in axis (the norm is over all in axes)"
     if why is not None:
-        return _declined(interp, eqn, values, in_views, why)
+        return declined(interp, eqn, values, in_views, why)
     ranks = [0 if a is None else a.a.shape[-1] for a in arrays]
     total, offsets = sum(ranks), [sum(ranks[:i]) for i in range(len(ranks))]
     a_dtype = jnp.result_type(*(a.a.dtype for a in arrays if a is not None))

@@ -52,11 +52,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from minilora_jax import adapters
+from minilora_jax import _adapters as adapters
+from minilora_jax._lora import Layout, Lora, is_lora
+from minilora_jax._targets import Targets, square_kernels
 from minilora_jax._tree import flatten
 from minilora_jax._variants import require
-from minilora_jax.lora import Layout, Lora, is_lora
-from minilora_jax.targets import Targets, square_kernels
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -277,7 +277,7 @@ def _check_niter(niter: Any) -> None:
 
 
 def _check_key(key: Any, what: str) -> None:
-    if not isinstance(key, jax.Array) or not adapters._is_key(key):
+    if not isinstance(key, jax.Array) or not adapters.is_key(key):
         raise TypeError(f"{what} needs a JAX PRNG key (jax.random.key(0)), got {key!r}")
 
 

@@ -66,9 +66,9 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 
+from minilora_jax._lora import is_lora
+from minilora_jax._targets import Kernel, Targets, matches
 from minilora_jax._tree import flatten
-from minilora_jax.lora import is_lora
-from minilora_jax.targets import Kernel, Targets, matches
 
 #: The 16 NF4 values, Appendix E of the QLoRA paper (the table qwix uses; checked in the tests).
 NF4_CODEBOOK = (
@@ -352,7 +352,7 @@ def quantize(
       kind: ``"nf4"`` or ``"int8"`` (see `quantize_array`).
       block_size: weights per scale (see `quantize_array`).
       targets: which adapted kernels to quantize: a pattern, a callable ``(path, Kernel) ->
-        bool`` or a list of those, with `minilora_jax.targets`' rule. None: all of them.
+        bool`` or a list of those, with `minilora_jax._targets`' rule. None: all of them.
 
     Returns:
       The same tree with `Quantized` kernels; `minilora_jax.split` puts them in the base half.

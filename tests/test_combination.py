@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from toy_models import Stack, randomize_b
 
 import minilora_jax as mlj
+from minilora_jax._combination import COMBINED_SCALE, combine_adapters
 from minilora_jax._tree import flatten
-from minilora_jax.combination import COMBINED_SCALE, combine_adapters
 
 X = jax.random.normal(jax.random.key(9), (4, 8))
 WEIGHTS = (0.7, -0.4, 1.3)

@@ -25,9 +25,9 @@ from toy_models import Stack, all_eqns, randomize_b
 import minilora_jax as mlj
 import minilora_jax.io.peft as mpeft
 from minilora_jax._dora import magnitude_shape
+from minilora_jax._lora import Layout, Lora
 from minilora_jax._tree import flatten
 from minilora_jax._variants import require
-from minilora_jax.lora import Layout, Lora
 
 X = jax.random.normal(jax.random.key(0), (2, 5, 8))
 

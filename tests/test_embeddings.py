@@ -497,7 +497,7 @@ def test_an_untied_adapter_in_a_tied_program_is_refused():
     untied = lambda p, ids: _emb_layer(p, p["emb"][ids])  # noqa: E731
     lp = mlj.init(params, jax.random.key(3), rank=RANK, targets="^emb$", apply_fn=untied,
                   args=(IDS,))
-    with pytest.raises(mlj.program.LayoutMismatchError, match="untied table"):
+    with pytest.raises(mlj.LayoutMismatchError, match="untied table"):
         mlj.wrap(tied)(lp, IDS)
     with pytest.raises(ValueError, match="contradicts the program"):
         mlj.init(params, jax.random.key(3), rank=RANK, targets="^emb$", apply_fn=tied,

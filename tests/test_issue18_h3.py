@@ -12,11 +12,11 @@ import minilora_jax as mlj
 
 def _with_random_b(tree, seed=1):
     """Every adapter's lora_b drawn at random, so a dropped adapter changes the output."""
-    leaves, treedef = jax.tree.flatten(tree, is_leaf=mlj.lora.is_lora)
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=mlj.is_lora)
     keys = iter(jax.random.split(jax.random.key(seed), len(leaves)))
     out = [
         x.replace(lora_b=jax.random.normal(next(keys), x.lora_b.shape, x.lora_b.dtype))
-        if mlj.lora.is_lora(x) else x
+        if mlj.is_lora(x) else x
         for x in leaves
     ]
     return jax.tree.unflatten(treedef, out)
@@ -75,7 +75,7 @@ def test_init_refuses_integer_kernels(dtype):
                  args=(jnp.ones((2, 8), dtype),))
     # excluding it leaves the float kernel adaptable
     lp = mlj.init(base, jax.random.key(0), rank=2, exclude="q")
-    assert mlj.lora.is_lora(lp["f"]["kernel"]) and not mlj.lora.is_lora(lp["q"]["kernel"])
+    assert mlj.is_lora(lp["f"]["kernel"]) and not mlj.is_lora(lp["q"]["kernel"])
 
 
 def test_wrap_merge_and_loaders_refuse_integer_kernels(tmp_path):
@@ -106,7 +106,7 @@ def test_quantized_kernels_are_still_adapted():
 
 def _adapted(tree):
     names, leaves, _ = mlj._tree.flatten(tree)
-    return sorted(p for p, x in zip(names, leaves, strict=True) if mlj.lora.is_lora(x))
+    return sorted(p for p, x in zip(names, leaves, strict=True) if mlj.is_lora(x))
 
 
 def _check_wrap_merge(f, lp, *args):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from minilora_jax import _jax
-from minilora_jax.program import _INLINE, _REMAT
+from minilora_jax._program import _INLINE, _REMAT
 
 
 def _eqns(fn, *args):

@@ -10,8 +10,8 @@ import pytest
 from toy_models import Stack, randomize_b
 
 import minilora_jax as mlj
+from minilora_jax._optim import adapter_labels, loraplus
 from minilora_jax._tree import flatten
-from minilora_jax.optim import adapter_labels, loraplus
 
 X = jax.random.normal(jax.random.key(5), (4, 8))
 MODEL = Stack(dim=8, hidden=12, num_layers=2)

@@ -16,8 +16,8 @@ from toy_models import randomize_b
 
 import minilora_jax as mlj
 from minilora_jax import pissa
+from minilora_jax._lora import Layout
 from minilora_jax._tree import flatten
-from minilora_jax.lora import Layout
 
 INITS = {
     "pissa": lambda tree, **kw: pissa.init_pissa(tree, **kw),

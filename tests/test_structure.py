@@ -143,3 +143,34 @@ def test_importing_the_core_loads_no_io():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PACKAGE.parent)  # this checkout's package, not an installed one
     assert out.stdout.strip() == "[]", f"importing the core loaded {out.stdout.strip()}"
+
+
+# The public modules: what `import minilora_jax` shows as namespaces (`mlj.bank`, `mlj.pissa`,
+# `mlj.quantize`) and the command line. Every other module of the core is private (`_name.py`).
+PUBLIC = {"__init__.py", "__main__.py", "bank.py", "pissa.py", "quantize.py"}
+
+
+def test_the_core_s_modules_are_private_but_the_public_namespaces():
+    named = {p.name for p in PACKAGE.glob("*.py")}
+    assert {n for n in named if not n.startswith("_")} | {"__init__.py", "__main__.py"} == PUBLIC
+    exported = set(mlj.__all__)
+    assert set(mlj._LAZY) <= exported
+    for name in exported:
+        assert getattr(mlj, name) is not None, name
+
+
+def test_no_core_module_imports_another_s_private_name():
+    """A name another module uses is that module's interface: privacy is the module's (`_name.py`),
+    so nothing spelled `_name` crosses a module boundary inside the core."""
+    found = []
+    for path in _core_modules():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("minilora_jax"):
+                found += [f"{path.name}:{node.lineno} imports {node.module}.{a.name}"
+                          for a in node.names if a.name.startswith("_") and "." in node.module
+                          and not a.name.startswith("__")]
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id.lstrip("_") in {p.stem.lstrip("_") for p in _core_modules()}
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                found.append(f"{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
+    assert not found, "\n".join(found)

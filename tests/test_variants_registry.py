@@ -11,7 +11,7 @@ import pytest
 
 import minilora_jax as mlj
 from minilora_jax import _variants
-from minilora_jax.lora import Bank, Full, Layout, Lora
+from minilora_jax._lora import Bank, Full, Layout, Lora
 
 PACKAGE = pathlib.Path(mlj.__file__).parent
 

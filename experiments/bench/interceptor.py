@@ -3,7 +3,7 @@
 Before the `minilora_jax.Lora` record, an adapted ``nn.Dense`` kept its adapter as dict entries
 beside its kernel, ``{"kernel", "lora_a", "lora_b"}``, and ``mlj.wrap`` ran the model under
 ``flax.linen.intercept_methods``: every adapted Dense's ``__call__`` returned its own output plus
-``scale * (x @ lora_a) @ lora_b`` (see ``git show f52eb1a:minilora_jax/apply.py``). Today's
+``scale * (x @ lora_a) @ lora_b`` (see ``git show f52eb1a:minilora_jax/_apply.py``). Today's
 ``mlj.wrap`` rewrites the traced program instead and works for any function; the issue asks that
 on MiniMind it cost no more than the old path. This file rebuilds the old path, from the same
 adapter values, so that both can be compiled, timed and checked against each other in one run.

@@ -43,8 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minilora_jax import Layout, Lora, is_lora
 from minilora_jax._tree import path_str
-from minilora_jax.lora import Layout, Lora, is_lora
 
 if TYPE_CHECKING:
     from minilora_jax.io.minimind import load_minimind_lora, save_minimind_lora

@@ -140,6 +140,15 @@ import numpy as np
 from jax.sharding import NamedSharding, Sharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from minilora_jax._lora import (
+    RESIDUALS,
+    Full,
+    Layout,
+    Lora,
+    is_full,
+    is_lora,
+    is_node,
+)
 from minilora_jax._tree import flatten, is_variables, key_name, path_str
 from minilora_jax._variants import is_stored_quantized as _is_quantized
 from minilora_jax._variants import require
@@ -160,15 +169,6 @@ from minilora_jax.io._files import (
 # Re-exported: `lock_run` is public (`mlj.lock_run` loads it from here); RUN_LOCK is its file.
 from minilora_jax.io._files import RUN_LOCK as RUN_LOCK
 from minilora_jax.io._files import lock_run as lock_run
-from minilora_jax.lora import (
-    RESIDUALS,
-    Full,
-    Layout,
-    Lora,
-    is_full,
-    is_lora,
-    is_node,
-)
 
 FORMAT = "minilora_jax.adapters"
 # The version a checkpoint of plain LoRA adapters on plain kernels is written in (so that

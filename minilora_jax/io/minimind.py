@@ -55,11 +55,11 @@ from typing import Any
 
 import numpy as np
 
+from minilora_jax._lora import Layout
 from minilora_jax._tree import flatten
 from minilora_jax._variants import require
 from minilora_jax.io._safetensors import read_safetensors, write_safetensors
 from minilora_jax.io.peft import ModuleNames, TorchAdapter, from_torch, to_torch
-from minilora_jax.lora import Layout
 
 __all__ = [
     "load_minimind_lora",

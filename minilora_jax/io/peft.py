@@ -162,9 +162,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minilora_jax._adapters import find_kernels
+from minilora_jax._lora import Full, Layout, Lora, is_bank, is_full, is_lora
 from minilora_jax._tree import flatten
 from minilora_jax._variants import require
-from minilora_jax.adapters import find_kernels
 
 # Re-exported: `read_safetensors`, `write_safetensors` and `tensor_digest` are public here too.
 from minilora_jax.io._safetensors import CHECKSUM_KEY as CHECKSUM_KEY
@@ -177,7 +178,6 @@ from minilora_jax.io._safetensors import (
 from minilora_jax.io._safetensors import read_safetensors as read_safetensors
 from minilora_jax.io._safetensors import tensor_digest as tensor_digest
 from minilora_jax.io.zoo import Fused, ModuleMap
-from minilora_jax.lora import Full, Layout, Lora, is_bank, is_full, is_lora
 from minilora_jax.pissa import RESIDUAL_INITS, residual_base
 
 CONFIG_FILE = "adapter_config.json"

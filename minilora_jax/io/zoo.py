@@ -256,7 +256,7 @@ def check(module_map: ModuleMap, tree: Any, hf_weights: Mapping[str, Any] | str 
         module has no weight in ``hf_weights``, or its weight differs; or if the map names no
         kernel of ``tree``.
     """
-    from minilora_jax.adapters import find_kernels
+    from minilora_jax._adapters import find_kernels
     from minilora_jax.io.peft import _flat_kernel, _layer_path, _split
 
     weights = _hf_weights(hf_weights)

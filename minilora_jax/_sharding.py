@@ -33,10 +33,10 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
+from minilora_jax._adapters import init
+from minilora_jax._lora import Full, Layout, Lora, is_full, is_lora
+from minilora_jax._partition import combine, split
 from minilora_jax._tree import flatten, is_variables, path_str
-from minilora_jax.adapters import init
-from minilora_jax.lora import Full, Layout, Lora, is_full, is_lora
-from minilora_jax.partition import combine, split
 
 
 def shardings(tree: Any, base_shardings: Any, *, mesh: jax.sharding.Mesh | None = None) -> Any:

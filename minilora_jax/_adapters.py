@@ -2,7 +2,7 @@
 
 `init` finds the kernels of any pytree (a Flax params or variables dict, an NNX state, an
 equinox module, a haiku params dict, a plain dict), selects some with a target spec
-(`minilora_jax.targets`) and puts a `minilora_jax.Lora` node in each one's place. A kernel's
+(`minilora_jax._targets`) and puts a `minilora_jax.Lora` node in each one's place. A kernel's
 layout is read from how a function uses it (``apply_fn=``), or, without one, only from what the
 tree makes unambiguous: a 2-D leaf named ``kernel`` is Flax's ``(in, out)``.
 """
@@ -20,10 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from minilora_jax import _dora
-from minilora_jax._tree import flatten, is_variables, path_str
-from minilora_jax.lora import Full, Layout, Lora, is_full, is_lora, is_node
-from minilora_jax.program import read_uses
-from minilora_jax.targets import (
+from minilora_jax._lora import Full, Layout, Lora, is_full, is_lora, is_node
+from minilora_jax._program import read_uses
+from minilora_jax._targets import (
     Kernel,
     Targets,
     compile_pattern,
@@ -32,6 +31,7 @@ from minilora_jax.targets import (
     select,
     square_kernels,
 )
+from minilora_jax._tree import flatten, is_variables, path_str
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 InitSpec = str | Initializer
@@ -72,7 +72,7 @@ def find_kernels(
     that contraction (traced abstractly: no FLOPs). Without, a leaf named ``kernel`` is one,
     with layout ``(in, out)`` if it is 2-D and unknown otherwise.
 
-    ``layouts`` (``{pattern: Layout}``, the pattern rule of `minilora_jax.targets`, first match
+    ``layouts`` (``{pattern: Layout}``, the pattern rule of `minilora_jax._targets`, first match
     wins) declares kernels' layouts: the program must agree, except that an out axis it reads
     may be declared a batch axis (`Layout.batched_outs`): a layer axis a ``vmap`` with a shared
     input turns into an out axis, declared batch, gives one adapter per layer instead of one
@@ -190,7 +190,7 @@ def _finite(value: Any) -> bool:
     )
 
 
-def _is_key(key: Any) -> bool:
+def is_key(key: Any) -> bool:
     """A new-style typed key, or a raw ``uint32[..., 2]`` key from ``jax.random.PRNGKey``."""
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         return True
@@ -315,7 +315,7 @@ def init(
       key: PRNG key for ``lora_a``.
       rank: the rank ``r``, ``1 <= r <= min(prod(in), prod(out))``.
       alpha: the LoRA alpha; ``None`` means ``alpha = r`` for each layer (scale 1, MiniMind).
-      targets: which kernels to adapt (see `minilora_jax.targets`); default: square kernels.
+      targets: which kernels to adapt (see `minilora_jax._targets`); default: square kernels.
       exclude: kernels to leave alone, same forms as ``targets``.
       init: ``"minimind"`` (A ~ N(0, 0.02²)), ``"peft"`` (A ~ U(±1/sqrt(d_in)), as PyTorch's
         kaiming-uniform with a=sqrt(5)), ``"gaussian"`` (A ~ N(0, 1/r²)), or a callable
@@ -341,7 +341,7 @@ def init(
         one adapter per layer.
       train_full: leaves to train whole beside the adapters (PEFT's ``modules_to_save``: a
         classifier head, an LM head): a pattern or a list of patterns, matched by the rule of
-        `minilora_jax.targets` (a pattern naming a layer takes all its leaves: ``"head"`` takes
+        `minilora_jax._targets` (a pattern naming a layer takes all its leaves: ``"head"`` takes
         ``head/kernel`` and ``head/bias``). Each becomes a `minilora_jax.Full` node, the
         leaf itself inside, unchanged: `minilora_jax.split` puts it in the trainable half,
         `minilora_jax.merge` returns it as trained. Every pattern must match a floating-point
@@ -402,7 +402,7 @@ def init(
 def _check_arguments(key, rank, alpha, rslora, dora, dtype, targets, exclude, init,
                      rank_pattern, alpha_pattern, apply_fn, args, kwargs, layouts, tree) -> None:
     """`init`'s argument checks, each a clear error naming the argument."""
-    if not isinstance(key, jax.Array) or not _is_key(key):
+    if not isinstance(key, jax.Array) or not is_key(key):
         raise TypeError(f"key must be a JAX PRNG key (jax.random.key(0)), got {key!r}")
     if not _positive_int(rank):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")

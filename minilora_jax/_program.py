@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from minilora_jax import _jax, _lookup, _variants, _views
+from minilora_jax._lora import Layout, is_adapter, is_bank, is_full
 from minilora_jax._tree import flatten
-from minilora_jax.lora import Layout, is_adapter, is_bank, is_full
 
 Groups = tuple[tuple[int, ...], ...]
 
@@ -901,7 +901,7 @@ def _transpose(eqn: Any, view: View) -> View | None:
     return View(view.src, tuple(view.groups[i] for i in eqn.params["permutation"]), view.sliced)
 
 
-def _reshape(eqn: Any, view: View) -> View | None:
+def reshape_view(eqn: Any, view: View) -> View | None:
     if eqn.params.get("dimensions") is not None:
         return None
     old = tuple(eqn.invars[0].aval.shape)
@@ -925,7 +925,7 @@ def _broadcast_in_dim(eqn: Any, view: View) -> View | None:
     return View(view.src, tuple(groups), view.sliced)
 
 
-def _squeeze(eqn: Any, view: View) -> View | None:
+def squeeze_view(eqn: Any, view: View) -> View | None:
     dims = tuple(eqn.params["dimensions"])
     if any(view.groups[d] for d in dims):
         return None

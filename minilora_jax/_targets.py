@@ -31,7 +31,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from minilora_jax.lora import Layout
+from minilora_jax._lora import Layout
 
 
 class Kernel(NamedTuple):

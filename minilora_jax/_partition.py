@@ -17,8 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from minilora_jax._lora import is_adapter, is_bank, is_full, is_lora, is_node
 from minilora_jax._tree import flatten, is_variables, path_str
-from minilora_jax.lora import is_adapter, is_bank, is_full, is_lora, is_node
 
 
 class _Misfit(ValueError):

@@ -11,10 +11,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from minilora_jax._lora import is_bank
+from minilora_jax._program import apply
+from minilora_jax._routing import METHODS, checked_ids, route
 from minilora_jax._tree import flatten
-from minilora_jax.lora import is_bank
-from minilora_jax.program import apply
-from minilora_jax.routing import METHODS, checked_ids, route
 
 
 class AdapterNotAppliedError(RuntimeError):

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minilora_jax._lora import is_full, is_lora, is_node
 from minilora_jax._tree import flatten, is_variables, path_str
 from minilora_jax._variants import is_quantized, require
-from minilora_jax.lora import is_full, is_lora, is_node
 
 
 def _require_finite(path: str, what: str, x: Any) -> None:
@@ -127,7 +127,7 @@ def unmerge(merged: Any, adapters: Any) -> Any:
       >>> back["dense"]["kernel"].rank
       2
     """
-    from minilora_jax.partition import combine
+    from minilora_jax._partition import combine
 
     for what, tree in (("adapters", adapters), ("merged", merged)):
         found = jax.tree_util.tree_flatten_with_path(

@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minilora_jax._lora import Lora, is_lora
 from minilora_jax._tree import flatten
 from minilora_jax._variants import require
-from minilora_jax.lora import Lora, is_lora
 
 COMBINED_SCALE = 1.0
 METHODS = ("cat", "svd", "linear")

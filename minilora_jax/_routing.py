@@ -5,7 +5,7 @@ the model with its own adapter. That is what this module does, literally: ``jax.
 examples of the model call with the bank shared, each example seeing its adapter index. The
 model's own code runs on one example at a time (with its example axis kept, as a batch of one),
 and vmap turns it back into one batched program: the base model's matmuls stay the same
-matmuls, and only the low-rank term differs per example (see `minilora_jax.program`).
+matmuls, and only the low-rank term differs per example (see `minilora_jax._program`).
 
 Which inputs carry examples, and on which axis, is said the way ``jax.vmap`` says it
 (``in_axes``, ``kwarg_axes``, ``tree_axes``, ``out_axes``): nothing is inferred from shapes.
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from minilora_jax._lora import is_adapter
 from minilora_jax._tree import path_str
-from minilora_jax.lora import is_adapter
 
 METHODS = ("auto", "gather", "one_hot")
 
@@ -90,7 +90,7 @@ def checked_ids(adapter_ids: Any, count: int | None = None) -> jax.Array:
 
     With ``count`` (the bank's ``N``), ids outside ``[-1, N)`` are refused where they are
     concrete; traced ones (under ``jit``) cannot be, so the program poisons their rows with NaN
-    (`minilora_jax.program._usable`) and `jax.experimental.checkify` reports them.
+    (`minilora_jax._program._usable`) and `jax.experimental.checkify` reports them.
     """
     ids = jnp.asarray(adapter_ids)
     if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
@@ -138,7 +138,7 @@ def route(
 ) -> tuple[Any, dict[str, list[str]]]:
     """``fn(tree, *args, **kwargs)`` with example ``i`` through adapter ``adapter_ids[i]``.
 
-    ``apply`` is `minilora_jax.program.apply`; it runs once per example under ``jax.vmap``.
+    ``apply`` is `minilora_jax._program.apply`; it runs once per example under ``jax.vmap``.
     """
     ids = checked_ids(adapter_ids)
     if method not in METHODS:

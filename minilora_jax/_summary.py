@@ -8,9 +8,9 @@ from typing import Any
 
 import jax
 
+from minilora_jax._lora import Layout, is_full, is_lora
 from minilora_jax._tree import flatten
 from minilora_jax._variants import require
-from minilora_jax.lora import Layout, is_full, is_lora
 
 
 @dataclasses.dataclass(frozen=True)
