@@ -31,7 +31,7 @@ describing the stored array (stored under ``state/`` as ``{"0": ..., "1": ...}``
 A typed PRNG key is stored as its ``jax.random.key_data`` and its entry adds ``"key_impl"``
 (``"threefry2x32"``), so it comes back as a key. The state's structure (optax's NamedTuples and
 the like) is not stored: `load_adapters` takes it from a target tree, as orbax does. A checkpoint
-without state is written as format version 2, which has no ``state``.
+without state has no ``state`` (format 2 had none).
 
 Format version 1 (minilora_jax 0.1) keyed adapters by their *layer* path (the dict holding
 ``kernel``) and had no layouts: a kernel of ``n`` axes was Flax's ``(..., in, out)`` with
@@ -52,29 +52,25 @@ refuses a document whose checksum does not match (an edited scale, a flipped bit
 of these and load unsealed: nothing tells an edited version-3 file from a genuine one,
 beyond its ``base_fingerprint``.
 
-Format version 5 (written only where needed: a checkpoint of plain LoRA adapters on plain
-kernels is still written as version 4, so that readers of version 4 read it) stores
-DoRA adapters and records adapters saved on a quantized (QLoRA) base. Each record adds
-``"arrays"``, the arrays stored for that adapter: ``["lora_a", "lora_b"]``, or for DoRA
-``["lora_a", "lora_b", "magnitude"]``, with a ``"magnitude": {"shape", "dtype"}`` entry (the
-``(*batch, *out)`` vector of `minilora_jax.Lora`) stored beside ``lora_a``/``lora_b`` and sealed
-in ``arrays_sha256`` like them; and ``"quantized"``: ``null``, or ``{"kind", "block_size"}`` of
-the `minilora_jax.quantize.Quantized` kernel the adapter was saved on. A quantized kernel is
-never stored: its record's ``kernel`` is the kernel it stands for (logical shape and dtype), and
-its ``base_values_sha256`` hashes what it stores, the codes and scales (see
-`load_adapters`' ``check_base_values``), not the dequantised values.
+Format version 5 stores DoRA adapters and records adapters saved on a quantized (QLoRA) base.
+Each record adds ``"arrays"``, the arrays stored for that adapter: ``["lora_a", "lora_b"]``, or
+for DoRA ``["lora_a", "lora_b", "magnitude"]``, with a ``"magnitude": {"shape", "dtype"}`` entry
+(the ``(*batch, *out)`` vector of `minilora_jax.Lora`) stored beside ``lora_a``/``lora_b`` and
+sealed in ``arrays_sha256`` like them; and ``"quantized"``: ``null``, or ``{"kind",
+"block_size"}`` of the `minilora_jax.quantize.Quantized` kernel the adapter was saved on. A
+quantized kernel is never stored: its record's ``kernel`` is the kernel it stands for (logical
+shape and dtype), and its ``base_values_sha256`` hashes what it stores, the codes and scales
+(see `load_adapters`' ``check_base_values``), not the dequantised values.
 
-Format version 6 (written only where needed: a tree with leaves trained whole) stores the
-leaves `minilora_jax.init`'s ``train_full=`` marks (`minilora_jax.Full` nodes, PEFT's
-``modules_to_save``) as part of the same sealed unit: ``"full"`` (``{leaf path: {"shape",
-"dtype"}}``) and ``"full_sha256"`` (``{leaf path: hash}``) in ``minilora.json``, the values
-under ``full/``, an orbax tree keyed by the leaf paths' components. `load_adapters` puts each
-back as a `minilora_jax.Full` node in the place of the base's leaf of that shape and dtype,
-after checking its hash (a flipped byte is refused).
+Format version 6 stores the leaves `minilora_jax.init`'s ``train_full=`` marks
+(`minilora_jax.Full` nodes, PEFT's ``modules_to_save``) as part of the same sealed unit:
+``"full"`` (``{leaf path: {"shape", "dtype"}}``) and ``"full_sha256"`` (``{leaf path: hash}``)
+in ``minilora.json``, the values under ``full/``, an orbax tree keyed by the leaf paths'
+components. `load_adapters` puts each back as a `minilora_jax.Full` node in the place of the
+base's leaf of that shape and dtype, after checking its hash (a flipped byte is refused).
 
-Format 7 is written only where needed: by every save of a multi-process job
-(``jax.process_count() > 1``), and for a tree with an adapter on a lookup table (an embedding)
-or a convolution filter. It differs from format 6 in these points:
+Format 7 is the one format every save writes (earlier saves wrote 4, 5 or 6 where those
+sufficed). It differs from format 6 in these points:
 
 * ``full``/``full_sha256`` are present only with leaves trained whole;
 * a record's ``layout`` may also hold ``"gathered": true`` (and ``"tied": true``) for a lookup
@@ -92,7 +88,11 @@ or a convolution filter. It differs from format 6 in these points:
   (``jnp.asarray(step)`` on one device of each process, NumPy arrays) are saved once,
   replicated, after checking that every process holds the same bytes.
 
-Files of versions 1-6 load as before.
+Files of versions 1-6 load as before: each is upgraded to the current form, one version at a
+time, before the one validator of that form checks it (`_upgrade`); what an older version
+sealed differently (format 1's fingerprint of layer paths) is checked as it was written, and a
+field or value its version did not have (a magnitude in format 4, block hashes or a table's
+layout before 7) is refused by that version.
 
 Saving is atomic: everything is written to a temporary directory beside ``DIR`` and renamed into
 place, so a save that fails or is killed part-way leaves the previous checkpoint readable. A
@@ -232,10 +232,10 @@ def save_adapters(
 
     Only ``lora_a`` and ``lora_b`` (and a DoRA adapter's ``magnitude``) are stored as arrays
     (orbax-checkpoint); ranks, scales, layouts, shapes, dtypes and the fingerprint of the base
-    go to ``directory/minilora.json``. A tree with DoRA adapters or quantized kernels
-    (`minilora_jax.quantize`, QLoRA) is written as format version 5, any other as version 4
-    (see the module docstring); a quantized kernel is recorded (its logical shape and dtype,
-    kind and block size), not stored.
+    go to ``directory/minilora.json``. Every tree is written in one format, `FORMAT_VERSION`
+    (see the module docstring), DoRA or not, on plain or quantized kernels
+    (`minilora_jax.quantize`, QLoRA); a quantized kernel is recorded (its logical shape and
+    dtype, kind and block size), not stored.
     ``state``, if given, is saved in the same directory, in the same atomic unit: a loop that
     resumes from the checkpoint gets adapters and state of the same step. An existing checkpoint
     at ``directory`` is replaced only once the new one is completely written; a directory that
@@ -291,7 +291,7 @@ def save_adapters(
       >>> sorted(p.name for p in ckpt.iterdir())
       ['adapters', 'minilora.json', 'state']
 
-      DoRA adapters keep their magnitude (format version 5):
+      DoRA adapters keep their magnitude:
 
       >>> dora = mlj.init(base, jax.random.key(0), rank=2, dora=True)
       >>> ckpt = save_adapters(ckpt, dora)
@@ -300,7 +300,7 @@ def save_adapters(
       >>> load_adapters(ckpt, base)["dense"]["kernel"].magnitude.tolist()
       [2.0, 2.0, 2.0, 2.0]
 
-      Leaves trained whole (``train_full=``) are part of the checkpoint (format version 6):
+      Leaves trained whole (``train_full=``) are part of the checkpoint:
 
       >>> base["head"] = {"kernel": jnp.ones((4, 2))}
       >>> params = mlj.init(base, jax.random.key(0), rank=2, targets="dense", train_full="head")
@@ -494,7 +494,7 @@ def load_adapters(
         and returns such a tree. Each array is read straight into its shards, so a checkpoint
         saved on one mesh restores onto another.
       check_base_values: also require each adapted kernel of ``base_tree`` to hold the very
-        values it held at save (their SHA-256, recorded by format 4 and 5 when the saved kernels
+        values it held at save (their SHA-256, recorded by format 4 on when the saved kernels
         were concrete): adapters of one fine-tune are refused on another fine-tune of the same
         architecture, which shapes alone cannot tell apart. The kernels must then be concrete
         arrays; a checkpoint without those hashes (format 1-3, or saved with
@@ -764,7 +764,7 @@ def _load_full(
     shardings: Any,
     checks: list[tuple[str, str, Any, Any]],
 ) -> dict[str, Full]:
-    """The leaves trained whole of a format-6 checkpoint, as `Full` nodes by path: each in the
+    """The leaves trained whole of a checkpoint, as `Full` nodes by path: each in the
     place of a plain base leaf of its shape and dtype, placed where that leaf is (or on
     ``shardings`` if it is one `Sharding`); their bytes, to check against ``full_sha256``, are
     added to ``checks``."""
