@@ -21,7 +21,6 @@ import minilora_jax as mlj
 from minilora_jax._tree import flatten
 from minilora_jax.io import checkpoint
 from minilora_jax.pissa import init_pissa
-from minilora_jax.quantize import quantize
 
 # orbax I/O on every test: part of make test, not of the quick loop (as tests/test_checkpoint.py).
 pytestmark = pytest.mark.slow
@@ -56,6 +55,12 @@ def _lora(base=BASE, **kwargs):
         and x.magnitude is not None else x, lp, is_leaf=mlj.is_lora)
 
 
+def _quantize(tree):
+    # The quantize extra (qwix) is missing from the oldest-versions venv (conftest.py).
+    module = pytest.importorskip("minilora_jax.quantize", reason="needs qwix (quantize extra)")
+    return module.quantize(tree, "nf4", block_size=8, targets="a")
+
+
 def _tree(kind):
     """``(adapted tree, the base it loads onto)`` of each kind of tree a checkpoint holds."""
     if kind == "lora":
@@ -63,9 +68,9 @@ def _tree(kind):
     elif kind == "dora":
         tree = _lora(dora=True)
     elif kind == "qlora":
-        tree = quantize(_lora(), "nf4", block_size=8, targets="a")
+        tree = _quantize(_lora())
     elif kind == "dora+qlora":
-        tree = quantize(_lora(dora=True), "nf4", block_size=8, targets="a")
+        tree = _quantize(_lora(dora=True))
     elif kind == "pissa":
         tree = randomize_b(init_pissa(BASE, rank=2, targets="a"), jax.random.key(6))
     elif kind == "full":
