@@ -103,7 +103,7 @@ def test_metadata_document(tmp_path):
     info_in = {"init": {"rank": 2, "alpha": 4.0, "targets": "square_kernels"}, "note": "x"}
     checkpoint.save_adapters(tmp_path, params, metadata=info_in)
     info = json.loads((tmp_path / "minilora.json").read_text())
-    assert info["format"] == "minilora_jax.adapters" and info["format_version"] == 4
+    assert info["format"] == "minilora_jax.adapters" and info["format_version"] == 7
     assert info["library_version"] == mlj.__version__
     assert info["metadata"] == info_in
     assert sorted(info["adapters"]) == SQUARE
@@ -114,9 +114,10 @@ def test_metadata_document(tmp_path):
         "kernel": {"shape": [8, 8], "dtype": "float32"},
         "lora_a": {"shape": [8, 2], "dtype": "float32"},
         "lora_b": {"shape": [2, 8], "dtype": "float32"},
+        "arrays": ["lora_a", "lora_b"], "quantized": None, "residual": None,
     }
     assert info["base_fingerprint"].startswith("sha256:")
-    # Format 4's seal: the arrays' and the kernel's bytes, and the document itself.
+    # The seal (format 4 on): the arrays' and the kernel's bytes, and the document itself.
     node = params["layers_1"]["q_proj"]["kernel"]
     digest = lambda x: "sha256:" + hashlib.sha256(np.asarray(x).tobytes()).hexdigest()  # noqa: E731
     assert info["arrays_sha256"]["layers_1/q_proj/kernel"] == {
@@ -286,7 +287,7 @@ def test_malformed_or_missing_metadata(tmp_path):
         checkpoint.load_adapters(tmp_path, base)
 
     edited(lambda d: d["adapters"][q].update(lora_c={"shape": [1], "dtype": "float32"}))
-    with pytest.raises(ValueError, match=r"has fields \[.*'lora_c'.*\]; format_version 4"):
+    with pytest.raises(ValueError, match=r"has fields \[.*'lora_c'.*\]; format_version 7"):
         checkpoint.load_adapters(tmp_path, base)
 
     edited(lambda d: d["adapters"][q]["kernel"].update(dtype="float33"))
@@ -403,9 +404,9 @@ def test_reads_format_version_1(tmp_path, scan):
     shapes_only = checkpoint.load_adapters(tmp_path, checkpoint.abstract_base(tmp_path))
     _assert_same_adapters(shapes_only, back)
 
-    # Re-saving writes format 4, with the same adapters.
+    # Re-saving writes the current format, with the same adapters.
     checkpoint.save_adapters(tmp_path / "v2", back)
-    assert checkpoint.read_metadata(tmp_path / "v2")["format_version"] == 4
+    assert checkpoint.read_metadata(tmp_path / "v2")["format_version"] == 7
     _assert_same(checkpoint.load_adapters(tmp_path / "v2", base), back)
 
     # A v1 document that was edited is refused like a v2 one.
@@ -573,7 +574,7 @@ def test_state_round_trip_is_exact(tmp_path, scan):
     assert sorted(os.listdir(path)) == ["adapters", "minilora.json", "state"]
     assert os.listdir(tmp_path) == ["ckpt"]
     info = checkpoint.read_metadata(path)
-    assert info["format_version"] == 4 and info["metadata"] == {"s": 3}
+    assert info["format_version"] == 7 and info["metadata"] == {"s": 3}
     entries = {e["path"]: e for e in info["state"]}
     assert entries["['key']"] == {"path": "['key']", "shape": [2], "dtype": "uint32",
                                   "key_impl": "threefry2x32"}

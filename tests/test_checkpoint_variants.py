@@ -1,5 +1,5 @@
-"""Orbax checkpoints of the LoRA variants: DoRA adapters (format 5 stores and seals the magnitude)
-and adapters on a quantized (QLoRA) base; plain LoRA stays format 4."""
+"""Orbax checkpoints of the LoRA variants: DoRA adapters (stored and sealed with their magnitude,
+since format 5) and adapters on a quantized (QLoRA) base; every tree is written as format 7."""
 
 import hashlib
 import json
@@ -9,6 +9,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import old_formats
 import optax
 import pytest
 from jax.sharding import NamedSharding, SingleDeviceSharding
@@ -105,7 +106,7 @@ def test_dora_round_trip_with_state_onto_a_mesh(tmp_path, scan):
     path = checkpoint.save_adapters(tmp_path / "ckpt", lp, state=state, metadata={"step": 1})
 
     info = checkpoint.read_metadata(path)
-    assert info["format_version"] == 5
+    assert info["format_version"] == 7
     nodes = _nodes(lp)
     assert sorted(info["adapters"]) == sorted(nodes) and len(nodes) == (5 if scan else 9)
     for name, node in nodes.items():
@@ -239,7 +240,7 @@ def test_tampered_magnitude_is_refused(tmp_path):
         checkpoint.load_adapters(path, base)
     edited(lambda d: d["adapters"][name].update(arrays=["lora_a", "lora_b", "lora_c"]))
     with pytest.raises(ValueError, match=r"\['arrays'\] is \['lora_a', 'lora_b', 'lora_c'\]; "
-                                         r"format_version 5 knows"):
+                                         r"format_version 7 knows"):
         checkpoint.read_metadata(path)
 
 
@@ -261,7 +262,7 @@ def test_qlora_round_trip(tmp_path, kind, dtype):
 
     # Only the adapters are stored; each record has the kernel the Quantized one stands for.
     info = checkpoint.read_metadata(path)
-    assert info["format_version"] == 5
+    assert info["format_version"] == 7
     for name, node in _nodes(qp).items():
         rec = info["adapters"][name]
         assert rec["kernel"] == {"shape": list(node.kernel.shape), "dtype": jnp.dtype(dtype).name}
@@ -323,13 +324,13 @@ def test_qlora_round_trip(tmp_path, kind, dtype):
 
 
 def test_lora_checkpoint_onto_a_quantized_base(tmp_path):
-    """Adapters saved on the float base (format 4) load onto its quantized version: the
+    """Adapters saved on the float base load onto its quantized version: the
     common QLoRA inference set-up; check_base_values refuses the mismatch by name."""
     model, base = _model()
     lp = randomize_b(mlj.init(base, jax.random.key(1), rank=2, targets=mlj.all_kernels),
                      jax.random.key(2))
     path = checkpoint.save_adapters(tmp_path / "ckpt", lp)
-    assert checkpoint.read_metadata(path)["format_version"] == 4
+    assert checkpoint.read_metadata(path)["adapters"]["layers_0/q_proj/kernel"]["quantized"] is None
     qp = quantize(lp, "nf4", block_size=8)
     back = checkpoint.load_adapters(path, mlj.split(qp)[1])
     _assert_identical(back, qp)
@@ -351,18 +352,19 @@ def test_dora_on_a_quantized_base(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Plain LoRA: format 4, as before
+# Plain LoRA: written as format 7; its format-4 document loads as before
 # --------------------------------------------------------------------------------------------
 
 
-def test_plain_lora_stays_format_4(tmp_path):
+def test_plain_lora_in_format_4(tmp_path):
     model, base = _model(scan=True)
     lp = randomize_b(mlj.init(base, jax.random.key(1), rank=2, targets=mlj.all_kernels,
                               apply_fn=_fn(model), args=(X,)), jax.random.key(2))
     path = checkpoint.save_adapters(tmp_path / "ckpt", lp)
     doc = json.loads((path / "minilora.json").read_text())
-    assert doc["format_version"] == checkpoint.FORMAT_VERSION == 4
-    for name, rec in doc["adapters"].items():  # exactly the version-4 record and hashes
+    assert doc["format_version"] == checkpoint.FORMAT_VERSION == 7
+    doc = old_formats.rewrite(path, 4)  # exactly the version-4 record and hashes
+    for name, rec in doc["adapters"].items():
         assert set(rec) == {"rank", "scale", "layout", "kernel", "lora_a", "lora_b"}, name
         assert set(doc["arrays_sha256"][name]) == {"lora_a", "lora_b"}
     _assert_identical(checkpoint.load_adapters(path, base, check_base_values=True), lp)

@@ -225,7 +225,7 @@ def test_checkpoint_carries_them_sealed(tmp_path):
     params = _trained(base)
     saved = mlj.save_adapters(tmp_path / "a", params)
     info = mlj.read_metadata(saved)
-    assert info["format_version"] == 6
+    assert info["format_version"] == 7
     assert info["full"] == {"head/bias": {"shape": [3], "dtype": "float32"},
                             "head/kernel": {"shape": [6, 3], "dtype": "float32"}}
     _assert_same(mlj.load_adapters(saved, base), params)
@@ -234,9 +234,10 @@ def test_checkpoint_carries_them_sealed(tmp_path):
     for x, y in zip(_values(mlj.split(abstract)[0]), _values(mlj.split(params)[0]),
                     strict=True):  # the stand-in base has no biases: compare what trains
         np.testing.assert_array_equal(x, y)
-    # A tree without them is written as before.
+    # A tree without them is written in the same format, without 'full'.
     plain = mlj.init(base, jax.random.key(0), rank=2, targets="l1")
-    assert mlj.read_metadata(mlj.save_adapters(tmp_path / "p", plain))["format_version"] == 4
+    plain_info = mlj.read_metadata(mlj.save_adapters(tmp_path / "p", plain))
+    assert plain_info["format_version"] == 7 and "full" not in plain_info
 
     # The values of another save (same shapes) under full/ are refused by their hashes.
     other = mlj.save_adapters(tmp_path / "b", _trained(base, seed=5))

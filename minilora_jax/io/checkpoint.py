@@ -31,7 +31,7 @@ describing the stored array (stored under ``state/`` as ``{"0": ..., "1": ...}``
 A typed PRNG key is stored as its ``jax.random.key_data`` and its entry adds ``"key_impl"``
 (``"threefry2x32"``), so it comes back as a key. The state's structure (optax's NamedTuples and
 the like) is not stored: `load_adapters` takes it from a target tree, as orbax does. A checkpoint
-without state is written as format version 2, which has no ``state``.
+without state has no ``state`` (format 2 had none).
 
 Format version 1 (minilora_jax 0.1) keyed adapters by their *layer* path (the dict holding
 ``kernel``) and had no layouts: a kernel of ``n`` axes was Flax's ``(..., in, out)`` with
@@ -52,29 +52,25 @@ refuses a document whose checksum does not match (an edited scale, a flipped bit
 of these and load unsealed: nothing tells an edited version-3 file from a genuine one,
 beyond its ``base_fingerprint``.
 
-Format version 5 (written only where needed: a checkpoint of plain LoRA adapters on plain
-kernels is still written as version 4, so that readers of version 4 read it) stores
-DoRA adapters and records adapters saved on a quantized (QLoRA) base. Each record adds
-``"arrays"``, the arrays stored for that adapter: ``["lora_a", "lora_b"]``, or for DoRA
-``["lora_a", "lora_b", "magnitude"]``, with a ``"magnitude": {"shape", "dtype"}`` entry (the
-``(*batch, *out)`` vector of `minilora_jax.Lora`) stored beside ``lora_a``/``lora_b`` and sealed
-in ``arrays_sha256`` like them; and ``"quantized"``: ``null``, or ``{"kind", "block_size"}`` of
-the `minilora_jax.quantize.Quantized` kernel the adapter was saved on. A quantized kernel is
-never stored: its record's ``kernel`` is the kernel it stands for (logical shape and dtype), and
-its ``base_values_sha256`` hashes what it stores, the codes and scales (see
-`load_adapters`' ``check_base_values``), not the dequantised values.
+Format version 5 stores DoRA adapters and records adapters saved on a quantized (QLoRA) base.
+Each record adds ``"arrays"``, the arrays stored for that adapter: ``["lora_a", "lora_b"]``, or
+for DoRA ``["lora_a", "lora_b", "magnitude"]``, with a ``"magnitude": {"shape", "dtype"}`` entry
+(the ``(*batch, *out)`` vector of `minilora_jax.Lora`) stored beside ``lora_a``/``lora_b`` and
+sealed in ``arrays_sha256`` like them; and ``"quantized"``: ``null``, or ``{"kind",
+"block_size"}`` of the `minilora_jax.quantize.Quantized` kernel the adapter was saved on. A
+quantized kernel is never stored: its record's ``kernel`` is the kernel it stands for (logical
+shape and dtype), and its ``base_values_sha256`` hashes what it stores, the codes and scales
+(see `load_adapters`' ``check_base_values``), not the dequantised values.
 
-Format version 6 (written only where needed: a tree with leaves trained whole) stores the
-leaves `minilora_jax.init`'s ``train_full=`` marks (`minilora_jax.Full` nodes, PEFT's
-``modules_to_save``) as part of the same sealed unit: ``"full"`` (``{leaf path: {"shape",
-"dtype"}}``) and ``"full_sha256"`` (``{leaf path: hash}``) in ``minilora.json``, the values
-under ``full/``, an orbax tree keyed by the leaf paths' components. `load_adapters` puts each
-back as a `minilora_jax.Full` node in the place of the base's leaf of that shape and dtype,
-after checking its hash (a flipped byte is refused).
+Format version 6 stores the leaves `minilora_jax.init`'s ``train_full=`` marks
+(`minilora_jax.Full` nodes, PEFT's ``modules_to_save``) as part of the same sealed unit:
+``"full"`` (``{leaf path: {"shape", "dtype"}}``) and ``"full_sha256"`` (``{leaf path: hash}``)
+in ``minilora.json``, the values under ``full/``, an orbax tree keyed by the leaf paths'
+components. `load_adapters` puts each back as a `minilora_jax.Full` node in the place of the
+base's leaf of that shape and dtype, after checking its hash (a flipped byte is refused).
 
-Format 7 is written only where needed: by every save of a multi-process job
-(``jax.process_count() > 1``), and for a tree with an adapter on a lookup table (an embedding)
-or a convolution filter. It differs from format 6 in these points:
+Format 7 is the one format every save writes (earlier saves wrote 4, 5 or 6 where those
+sufficed). It differs from format 6 in these points:
 
 * ``full``/``full_sha256`` are present only with leaves trained whole;
 * a record's ``layout`` may also hold ``"gathered": true`` (and ``"tied": true``) for a lookup
@@ -92,7 +88,11 @@ or a convolution filter. It differs from format 6 in these points:
   (``jnp.asarray(step)`` on one device of each process, NumPy arrays) are saved once,
   replicated, after checking that every process holds the same bytes.
 
-Files of versions 1-6 load as before.
+Files of versions 1-6 load as before: each is upgraded to the current form, one version at a
+time, before the one validator of that form checks it (`_upgrade`); what an older version
+sealed differently (format 1's fingerprint of layer paths) is checked as it was written, and a
+field or value its version did not have (a magnitude in format 4, block hashes or a table's
+layout before 7) is refused by that version.
 
 Saving is atomic: everything is written to a temporary directory beside ``DIR`` and renamed into
 place, so a save that fails or is killed part-way leaves the previous checkpoint readable. A
@@ -132,7 +132,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path as FilePath
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -171,16 +171,10 @@ from minilora_jax.io._files import RUN_LOCK as RUN_LOCK
 from minilora_jax.io._files import lock_run as lock_run
 
 FORMAT = "minilora_jax.adapters"
-# The version a checkpoint of plain LoRA adapters on plain kernels is written in (so that
-# readers of version 4 read it); DoRA adapters or quantized kernels need version 5.
-FORMAT_VERSION = 4
-# Leaves trained whole (init's train_full=, minilora_jax.Full) need version 6.
-FULL_FORMAT_VERSION = 6
-# Format 7: adapters on lookup tables (a layout with "gathered": true) or convolution filters
-# (a layout with "spatial", "groups", "dilation"), and saves by several processes
-# (jax.process_count() > 1), whose hashes may be per block.
-GATHERED_FORMAT_VERSION = SPLIT_FORMAT_VERSION = 7
-NEWEST_FORMAT_VERSION = 7  # the newest version this module reads (and writes, where needed)
+# The one format every save writes. Files of versions 1-6 are read through `_upgrade`.
+FORMAT_VERSION = 7
+SEALED_FORMAT_VERSION = 4  # the first to seal the document and the arrays
+FULL_FORMAT_VERSION = 6  # the first to store leaves trained whole
 ARRAYS_DIR = "adapters"
 FULL_DIR = "full"  # the values of the leaves trained whole (format 6), an orbax tree
 _FULL_KEYS = {"full", "full_sha256"}  # format 6's document fields for them
@@ -188,6 +182,9 @@ STATE_DIR = "state"
 ARRAY_NAMES = ("lora_a", "lora_b")  # the arrays of every adapter
 DORA_ARRAY_NAMES = (*ARRAY_NAMES, "magnitude")  # a DoRA adapter's (format 5)
 _ARRAY_SETS = (ARRAY_NAMES, DORA_ARRAY_NAMES)  # the per-adapter "arrays" format 5 knows
+# Set (true) only in a document upgraded from format 1, whose base fingerprint and stored
+# arrays are keyed by the layer path (the kernel's parent); never written, never returned.
+_LAYER_PATHS = "layer_paths"
 
 _DOCUMENT_KEYS = {
     "format",
@@ -235,10 +232,10 @@ def save_adapters(
 
     Only ``lora_a`` and ``lora_b`` (and a DoRA adapter's ``magnitude``) are stored as arrays
     (orbax-checkpoint); ranks, scales, layouts, shapes, dtypes and the fingerprint of the base
-    go to ``directory/minilora.json``. A tree with DoRA adapters or quantized kernels
-    (`minilora_jax.quantize`, QLoRA) is written as format version 5, any other as version 4
-    (see the module docstring); a quantized kernel is recorded (its logical shape and dtype,
-    kind and block size), not stored.
+    go to ``directory/minilora.json``. Every tree is written in one format, `FORMAT_VERSION`
+    (see the module docstring), DoRA or not, on plain or quantized kernels
+    (`minilora_jax.quantize`, QLoRA); a quantized kernel is recorded (its logical shape and
+    dtype, kind and block size), not stored.
     ``state``, if given, is saved in the same directory, in the same atomic unit: a loop that
     resumes from the checkpoint gets adapters and state of the same step. An existing checkpoint
     at ``directory`` is replaced only once the new one is completely written; a directory that
@@ -294,7 +291,7 @@ def save_adapters(
       >>> sorted(p.name for p in ckpt.iterdir())
       ['adapters', 'minilora.json', 'state']
 
-      DoRA adapters keep their magnitude (format version 5):
+      DoRA adapters keep their magnitude:
 
       >>> dora = mlj.init(base, jax.random.key(0), rank=2, dora=True)
       >>> ckpt = save_adapters(ckpt, dora)
@@ -303,7 +300,7 @@ def save_adapters(
       >>> load_adapters(ckpt, base)["dense"]["kernel"].magnitude.tolist()
       [2.0, 2.0, 2.0, 2.0]
 
-      Leaves trained whole (``train_full=``) are part of the checkpoint (format version 6):
+      Leaves trained whole (``train_full=``) are part of the checkpoint:
 
       >>> base["head"] = {"kernel": jnp.ones((4, 2))}
       >>> params = mlj.init(base, jax.random.key(0), rank=2, targets="dense", train_full="head")
@@ -313,27 +310,51 @@ def save_adapters(
       >>> load_adapters(ckpt, base)["head"]["kernel"]
       Full((4, 2))
     """
-    from minilora_jax._version import __version__
-
     names, leaves, _ = flatten(tree)
     require("save", zip(names, leaves, strict=True), "save_adapters")
-    # Plain LoRA on plain kernels stays in format 4, which older readers read.
+    nodes = _adapters_to_save(names, leaves)
     full = _full_leaves(names, leaves)
-    version = (
-        GATHERED_FORMAT_VERSION
-        if any(is_lora(leaf) and (leaf.layout.gathered or leaf.layout.is_conv) for leaf in leaves)
-        else FULL_FORMAT_VERSION
-        if full
-        else 5
-        if any(
-            is_lora(leaf) and (leaf.magnitude is not None or _is_quantized(leaf.kernel)
-                               or leaf.residual is not None)
-            for leaf in leaves
+    target_dir = _local(directory)
+    entries, state_arrays = _flatten_state(state) if state is not None else (None, {})
+    for path in full:
+        if path in nodes:
+            raise ValueError(f"'{path}' holds both an adapter and a leaf trained whole")
+    placed, seals, base_hashes = _seal_stored(nodes, full, state_arrays, entries, base_values)
+    for path, node in nodes.items():
+        if node.residual is not None and base_hashes[path] is None:
+            raise ValueError(
+                f"the adapter at '{path}' sits on a {node.residual} residual kernel; a load must "
+                "check it gets that kernel back, so save it with base_values=True and concrete "
+                "kernels (or convert it with minilora_jax.pissa.to_lora first)"
+            )
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise ValueError(
+            f"metadata must be a mapping (a JSON object), got {type(metadata).__name__}"
         )
-        else FORMAT_VERSION
-    )
-    if jax.process_count() > 1:
-        version = SPLIT_FORMAT_VERSION  # its hashes may be per block (see the docstring)
+    text = _document_text(nodes, full, entries, seals, base_hashes, metadata)
+    arrays: dict[str, Any] = {}
+    for path, node in nodes.items():
+        _put(arrays, _parts(path), {key: placed[("adapter", path, key)]
+                                    for key in _node_arrays(node)})  # fmt: skip
+    full_values = {path: placed[("full", path, None)] for path in full}
+    state_values = {str(i): placed[("state", i, None)] for i in range(len(state_arrays))}
+
+    def write(tmp: FilePath) -> None:
+        _write_arrays(tmp / ARRAYS_DIR, arrays)
+        if full_values:
+            _write_arrays(tmp / FULL_DIR, _full_tree(full_values))
+        if state_values:
+            _write_arrays(tmp / STATE_DIR, state_values)
+        if jax.process_index() == 0:
+            _write_metadata(tmp / METADATA_FILE, text)
+
+    _replace_directory(target_dir, write)
+    return target_dir
+
+
+def _adapters_to_save(names: list[str], leaves: list[Any]) -> dict[str, Lora]:
+    """``{leaf path: Lora node}`` of the tree's adapters, each checked against its kernel;
+    refuses an adapter without its kernel, two at one path, or none at all."""
     nodes: dict[str, Lora] = {}
     for path, leaf in zip(names, leaves, strict=True):
         if not is_lora(leaf):
@@ -353,24 +374,33 @@ def save_adapters(
             "the tree holds no adapters (no minilora_jax.Lora nodes): nothing to save. Add "
             "adapters with minilora_jax.init, or save the whole tree with orbax directly."
         )
-    target_dir = _local(directory)
-    entries, state_arrays = _flatten_state(state) if state is not None else (None, {})
-    for path in full:
-        if path in nodes:
-            raise ValueError(f"'{path}' holds both an adapter and a leaf trained whole")
-    # Every stored array, in one list: made global where host-local (several processes), then
-    # sealed, with the base kernels, in one collective call.
+    return nodes
+
+
+def _seal_stored(
+    nodes: Mapping[str, Lora],
+    full: Mapping[str, Any],
+    state_arrays: Mapping[str, Any],
+    entries: list[dict[str, Any]] | None,
+    base_values: bool,
+) -> tuple[dict[tuple[str, Any, Any], Any], dict[tuple[str, Any, Any], Any], dict[str, Any]]:
+    """Every array to store, as it will be written, and its seal, keyed by where it goes
+    (``("adapter", path, key)``, ``("full", path, None)``, ``("state", i, None)``); and the seal
+    of each adapted kernel's values (None without ``base_values``).
+
+    Host-local arrays are made global first (several processes); the stored arrays and the
+    plain kernels are sealed in one collective call (`minilora_jax.io._seal`). A quantized
+    kernel is hashed as it stores its values (`_kernel_sha256`), never per block.
+    """
     stored = [(("adapter", path, key), getattr(node, key))
               for path, node in nodes.items() for key in _node_arrays(node)]
     stored += [(("full", path, None), value) for path, value in full.items()]
     stored += [(("state", i, None), state_arrays[str(i)]) for i in range(len(state_arrays))]
-    values = _seal.globalize(
-        [x for _, x in stored], [_stored_name(where, entries) for where, _ in stored]
-    )
+    wheres = [where for where, _ in stored]
+    values = _seal.globalize([x for _, x in stored], [_stored_name(w, entries) for w in wheres])
     kernels = [node.kernel for node in nodes.values()] if base_values else []
     plain = [k for k in kernels if not _is_quantized(k)]
     seals = _seal.seal([*values, *plain])
-    by_where = dict(zip([where for where, _ in stored], seals, strict=False))
     plain_seals = iter(seals[len(values):])
     base_hashes = {
         path: None if not base_values
@@ -378,49 +408,44 @@ def save_adapters(
         else next(plain_seals)
         for path, node in nodes.items()
     }
-    records: dict[str, dict[str, Any]] = {}
-    arrays: dict[str, Any] = {}
-    array_hashes: dict[str, dict[str, Any]] = {}
-    placed = dict(zip([where for where, _ in stored], values, strict=True))
-    for path, node in nodes.items():
-        if node.residual is not None and base_hashes[path] is None:
-            raise ValueError(
-                f"the adapter at '{path}' sits on a {node.residual} residual kernel; a load must "
-                "check it gets that kernel back, so save it with base_values=True and concrete "
-                "kernels (or convert it with minilora_jax.pissa.to_lora first)"
-            )
-        records[path] = _record(node, version)
-        keys = _node_arrays(node)
-        array_hashes[path] = {key: by_where[("adapter", path, key)] for key in keys}
-        _put(arrays, _parts(path), {key: placed[("adapter", path, key)] for key in keys})
-    full = {path: placed[("full", path, None)] for path in full}
-    state_arrays = {str(i): placed[("state", i, None)] for i in range(len(state_arrays))}
+    placed = dict(zip(wheres, values, strict=True))
+    return placed, dict(zip(wheres, seals, strict=False)), base_hashes
 
+
+def _document_text(
+    nodes: Mapping[str, Lora],
+    full: Mapping[str, Any],
+    entries: list[dict[str, Any]] | None,
+    seals: Mapping[tuple[str, Any, Any], Any],
+    base_hashes: Mapping[str, Any],
+    metadata: Mapping[str, Any] | None,
+) -> str:
+    """``minilora.json`` (format `FORMAT_VERSION`) of a save, sealed by its ``checksum``."""
+    from minilora_jax._version import __version__
+
+    records = {path: _record(node) for path, node in nodes.items()}
     state_fields = {}
     if entries is not None:
         state_fields = {
             "state": entries,
-            "state_sha256": [by_where[("state", i, None)] for i in range(len(entries))],
+            "state_sha256": [seals[("state", i, None)] for i in range(len(entries))],
         }
-    if metadata is not None and not isinstance(metadata, Mapping):
-        raise ValueError(
-            f"metadata must be a mapping (a JSON object), got {type(metadata).__name__}"
-        )
     full_fields = {}
     if full:
         full_fields = {
             "full": {path: _entry(value) for path, value in full.items()},
-            "full_sha256": {path: by_where[("full", path, None)] for path in full},
+            "full_sha256": {path: seals[("full", path, None)] for path in full},
         }
     document = {
         "format": FORMAT,
-        "format_version": version,
+        "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "save_id": uuid.uuid4().hex,
-        "base_fingerprint": _fingerprint(records, version),
+        "base_fingerprint": _fingerprint(records, FORMAT_VERSION),
         "adapters": records,
-        "arrays_sha256": array_hashes,
-        "base_values_sha256": base_hashes,
+        "arrays_sha256": {path: {key: seals[("adapter", path, key)] for key in _node_arrays(node)}
+                          for path, node in nodes.items()},  # fmt: skip
+        "base_values_sha256": dict(base_hashes),
         **state_fields,
         **full_fields,
         "metadata": dict(metadata) if metadata is not None else {},
@@ -431,19 +456,7 @@ def save_adapters(
     except (TypeError, ValueError) as e:
         raise ValueError(f"metadata must be JSON-serialisable (no NaN/Inf): {e}") from e
     document["checksum"] = _checksum(document)
-    text = json.dumps(document, indent=2)
-
-    def write(tmp: FilePath) -> None:
-        _write_arrays(tmp / ARRAYS_DIR, arrays)
-        if full:
-            _write_arrays(tmp / FULL_DIR, _full_tree(full))
-        if state_arrays:
-            _write_arrays(tmp / STATE_DIR, state_arrays)
-        if jax.process_index() == 0:
-            _write_metadata(tmp / METADATA_FILE, text)
-
-    _replace_directory(target_dir, write)
-    return target_dir
+    return json.dumps(document, indent=2)
 
 
 def load_adapters(
@@ -481,7 +494,7 @@ def load_adapters(
         and returns such a tree. Each array is read straight into its shards, so a checkpoint
         saved on one mesh restores onto another.
       check_base_values: also require each adapted kernel of ``base_tree`` to hold the very
-        values it held at save (their SHA-256, recorded by format 4 and 5 when the saved kernels
+        values it held at save (their SHA-256, recorded by format 4 on when the saved kernels
         were concrete): adapters of one fine-tune are refused on another fine-tune of the same
         architecture, which shapes alone cannot tell apart. The kernels must then be concrete
         arrays; a checkpoint without those hashes (format 1-3, or saved with
@@ -573,87 +586,132 @@ def _load_document(
     shardings: Any,
     check_base_values: bool,
 ) -> Any:
-    records = info["adapters"]
-    names, leaves, treedef = _flatten_base(base_tree)
-    index = {name: i for i, name in enumerate(names)}
+    """`_load_once` on the validated document ``info``: the adapters fitted onto the base,
+    their arrays (and the leaves trained whole, and the state) read and checked against their
+    seals."""
+    base = _Base.of(base_tree)
+    nodes = _fit_records(directory, info, base, check_base_values)
+    placement = _placements(shardings, base.with_nodes, nodes)
+    state_plan = None if state is None else _plan_state(directory, info.get("state"), state)
+    # (directory part, what, array, recorded seal): checked together, after every read.
+    checks: list[tuple[str, str, Any, Any]] = []
+    loaded = _load_arrays(directory, info, nodes, placement, checks)
+    if "full" in info:
+        loaded.update(_load_full(directory, info, base, shardings, checks))
+    tree = base.with_nodes(loaded)
+    restored = None
+    if state_plan is not None:
+        restored = _read_state(directory / STATE_DIR, *state_plan)
+        for (name, entry), leaf in zip(state_plan[1], jax.tree.leaves(restored), strict=True):
+            data = jax.random.key_data(leaf) if "key_impl" in entry else leaf
+            checks.append((STATE_DIR, f"the state leaf at {entry['path']}", data,
+                           info["state_sha256"][int(name)]))  # fmt: skip
+    _verify(directory, checks)
+    return tree if state_plan is None else (tree, restored)
 
-    where = f"checkpoint {directory}"
+
+class _Base(NamedTuple):
+    """The leaves of `load_adapters`' base tree by path, where it puts the nodes it loads."""
+
+    names: list[str]
+    leaves: list[Any]
+    treedef: Any
+    index: dict[str, int]  # a leaf's position by its path
+
+    @classmethod
+    def of(cls, tree: Any) -> _Base:
+        names, leaves, treedef = _flatten_base(tree)
+        return cls(names, leaves, treedef, {name: i for i, name in enumerate(names)})
+
+    def leaf(self, name: str) -> Any:
+        """The leaf at path ``name``, or None if there is none."""
+        return self.leaves[self.index[name]] if name in self.index else None
+
+    def with_nodes(self, found: Mapping[str, Any]) -> Any:
+        """The base tree with ``found``'s nodes in the place of the leaves at their paths."""
+        out = list(self.leaves)
+        for name, node in found.items():
+            out[self.index[name]] = node
+        return jax.tree.unflatten(self.treedef, out)
+
+
+def _fit_records(
+    directory: FilePath, info: Mapping[str, Any], base: _Base, check_base_values: bool
+) -> dict[str, Lora]:
+    """The abstract `Lora` node of each record on its base kernel (`_base_kernel`), after
+    comparing the kernels' values with the recorded ones where asked (and always under a
+    PiSSA/OLoRA adapter, which means nothing on another kernel than its residual)."""
     nodes: dict[str, Lora] = {}
     base_checks: list[tuple[str, Any, Any]] = []  # (path, kernel, recorded seal)
-    for name, rec in records.items():
-        recorded = _shape_dtype(rec["kernel"])
-        if name not in index:
-            known = [
-                f"{n} {tuple(x.shape)}"
-                for n, x in zip(names, leaves, strict=True)
-                if len(getattr(x, "shape", ())) >= 2 and not is_lora(x)
-            ][:6]
-            raise ValueError(
-                f"{where} has an adapter at '{name}' (kernel {recorded}) but the base has no "
-                f"leaf there; its kernels include {known}"
-            )
-        leaf = leaves[index[name]]
-        if is_lora(leaf):
-            held = "none" if leaf.kernel is None else _shape_dtype(_entry(leaf.kernel))
-            raise ValueError(
-                f"'{name}' already holds an adapter in the base (kernel {held}, checkpoint "
-                f"kernel {recorded}); load onto the base without adapters "
-                "(minilora_jax.split(tree)[1])"
-            )
-        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-            raise ValueError(
-                f"{where} has an adapter at '{name}' (kernel {recorded}) but the base holds "
-                f"{type(leaf).__name__} there, not an array"
-            )
-        have = _entry(leaf)
-        if have != rec["kernel"]:
-            raise ValueError(
-                f"{where} does not fit the base: kernel at '{name}' has shape {_shape_dtype(have)} "
-                f"in the base, but the checkpoint was made for shape {recorded} (a different "
-                "base model?)"
-            )
+    for name, rec in info["adapters"].items():
+        leaf = _base_kernel(directory, name, rec, base)
         node = _abstract_node(rec, kernel=leaf)
         node.check(name)  # the recorded layout against the base's kernel
         nodes[name] = node
-        # A PiSSA/OLoRA adapter means nothing on another kernel than its residual: always check.
-        if check_base_values or rec.get("residual") is not None:
+        if check_base_values or rec["residual"] is not None:
             base_checks.append((name, leaf, _check_base_values(directory, info, name, leaf, rec)))
     _compare_base_values(directory, base_checks)
+    return nodes
 
-    def with_nodes(found: Mapping[str, Lora]) -> Any:
-        out = list(leaves)
-        for name, node in found.items():
-            out[index[name]] = node
-        return jax.tree.unflatten(treedef, out)
 
-    placement = _placements(shardings, with_nodes, nodes)
-    state_plan = None if state is None else _plan_state(directory, info.get("state"), state)
-    arrays = _read_arrays(directory / ARRAYS_DIR, records, info["format_version"], placement)
-    hashes = info.get("arrays_sha256", {})
-    # (directory part, what, array, recorded seal): checked together, after every read.
-    checks: list[tuple[str, str, Any, Any]] = []
+def _base_kernel(directory: FilePath, name: str, rec: Mapping[str, Any], base: _Base) -> Any:
+    """The base's kernel at the record's path; refuses a missing leaf, one that already holds
+    an adapter or is not an array, or a kernel of another shape or dtype than recorded."""
+    where = f"checkpoint {directory}"
+    recorded = _shape_dtype(rec["kernel"])
+    if name not in base.index:
+        known = [
+            f"{n} {tuple(x.shape)}"
+            for n, x in zip(base.names, base.leaves, strict=True)
+            if len(getattr(x, "shape", ())) >= 2 and not is_lora(x)
+        ][:6]
+        raise ValueError(
+            f"{where} has an adapter at '{name}' (kernel {recorded}) but the base has no "
+            f"leaf there; its kernels include {known}"
+        )
+    leaf = base.leaf(name)
+    if is_lora(leaf):
+        held = "none" if leaf.kernel is None else _shape_dtype(_entry(leaf.kernel))
+        raise ValueError(
+            f"'{name}' already holds an adapter in the base (kernel {held}, checkpoint "
+            f"kernel {recorded}); load onto the base without adapters "
+            "(minilora_jax.split(tree)[1])"
+        )
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+        raise ValueError(
+            f"{where} has an adapter at '{name}' (kernel {recorded}) but the base holds "
+            f"{type(leaf).__name__} there, not an array"
+        )
+    have = _entry(leaf)
+    if have != rec["kernel"]:
+        raise ValueError(
+            f"{where} does not fit the base: kernel at '{name}' has shape {_shape_dtype(have)} "
+            f"in the base, but the checkpoint was made for shape {recorded} (a different "
+            "base model?)"
+        )
+    return leaf
+
+
+def _load_arrays(
+    directory: FilePath,
+    info: Mapping[str, Any],
+    nodes: Mapping[str, Lora],
+    placement: Mapping[str, Mapping[str, Sharding]],
+    checks: list[tuple[str, str, Any, Any]],
+) -> dict[str, Lora]:
+    """The adapters' nodes with their arrays read into ``placement``; each array, with its
+    recorded seal, is added to ``checks``."""
+    arrays = _read_arrays(directory / ARRAYS_DIR, info["adapters"],
+                          bool(info.get(_LAYER_PATHS)), placement)  # fmt: skip
     loaded = {}
     for name, node in nodes.items():
         for key in _node_arrays(node):
             checks.append((ARRAYS_DIR, f"{key} at '{name}'", arrays[name][key],
-                           hashes.get(name, {}).get(key)))  # fmt: skip
+                           info["arrays_sha256"][name][key]))  # fmt: skip
         node = node.replace(**arrays[name])
         node.check(name)
         loaded[name] = node
-    if "full" in info:
-        loaded.update(_load_full(directory, info, names, leaves, index, shardings, checks))
-    tree = with_nodes(loaded)
-    restored = None
-    if state_plan is not None:
-        restored = _read_state(directory / STATE_DIR, *state_plan)
-        state_hashes = info.get("state_sha256")
-        if state_hashes is not None:
-            for (name, entry), leaf in zip(state_plan[1], jax.tree.leaves(restored), strict=True):
-                data = jax.random.key_data(leaf) if "key_impl" in entry else leaf
-                checks.append((STATE_DIR, f"the state leaf at {entry['path']}", data,
-                               state_hashes[int(name)]))  # fmt: skip
-    _verify(directory, checks)
-    return tree if state_plan is None else (tree, restored)
+    return loaded
 
 
 def _verify(directory: FilePath, checks: list[tuple[str, str, Any, Any]]) -> None:
@@ -702,20 +760,18 @@ def _full_tree(full: Mapping[str, Any]) -> dict[str, Any]:
 def _load_full(
     directory: FilePath,
     info: Mapping[str, Any],
-    names: list[str],
-    leaves: list[Any],
-    index: Mapping[str, int],
+    base: _Base,
     shardings: Any,
     checks: list[tuple[str, str, Any, Any]],
 ) -> dict[str, Full]:
-    """The leaves trained whole of a format-6 checkpoint, as `Full` nodes by path: each in the
+    """The leaves trained whole of a checkpoint, as `Full` nodes by path: each in the
     place of a plain base leaf of its shape and dtype, placed where that leaf is (or on
     ``shardings`` if it is one `Sharding`); their bytes, to check against ``full_sha256``, are
     added to ``checks``."""
     where = f"checkpoint {directory}"
     target: dict[str, Any] = {}
     for name, entry in info["full"].items():
-        leaf = leaves[index[name]] if name in index else None
+        leaf = base.leaf(name)
         if leaf is None or is_node(leaf) or not hasattr(leaf, "shape"):
             held = "no leaf" if leaf is None else type(leaf).__name__
             raise ValueError(
@@ -763,8 +819,8 @@ def _load_full(
 def _validate_full(
     info: Mapping[str, Any], records: Mapping[str, Any], bad: Callable[[str], ValueError]
 ) -> None:
-    """Format 6's ``full`` and ``full_sha256``: one shape-and-dtype entry and one hash per leaf
-    trained whole, none of them an adapted kernel."""
+    """``full`` and ``full_sha256`` (format 6 on): one shape-and-dtype entry and one hash per
+    leaf trained whole, none of them an adapted kernel."""
     full, hashes = info.get("full"), info.get("full_sha256")
     if not isinstance(full, dict) or not full or not isinstance(hashes, dict):
         raise bad(
@@ -779,20 +835,8 @@ def _validate_full(
             raise bad(f"{where}: the path has an empty component")
         if name in records:
             raise bad(f"{where}: '{name}' is also an adapted kernel")
-        if (
-            not isinstance(entry, dict)
-            or set(entry) != {"shape", "dtype"}
-            or not isinstance(entry["shape"], list)
-            or not all(_is_int(n) and n >= 0 for n in entry["shape"])
-            or not isinstance(entry["dtype"], str)
-        ):
-            raise bad(f"{where} must be {{'shape': [ints], 'dtype': str}}, got {entry!r}")
-        try:
-            jnp.dtype(entry["dtype"])
-        except TypeError as e:
-            raise bad(f"{where}['dtype'] {entry['dtype']!r} is not a dtype") from e
-        _check_hash(hashes[name], f"full_sha256['{name}']", entry["shape"],
-                    info["format_version"], bad)
+        _check_entry(entry, where, bad)
+        _check_hash(hashes[name], f"full_sha256['{name}']", entry["shape"], True, bad)
 
 
 def _check_base_values(
@@ -810,13 +854,13 @@ def _check_base_values(
             "compares the kernel as stored (a quantized kernel's codes and scales), so it "
             "cannot hold. Load onto the base they were saved with, or without check_base_values"
         )
-    recorded = info.get("base_values_sha256", {}).get(name)
+    recorded = info["base_values_sha256"][name]
     if recorded is None:
-        if info["format_version"] < 4:
+        if info["checksum"] is None:  # upgraded from before format 4: nothing was hashed
             why = f"format {info['format_version']} records no kernel values"
         else:
             why = "it was saved with base_values=False, or from an abstract or traced kernel"
-            if saved_on is not None and info["format_version"] >= SPLIT_FORMAT_VERSION:
+            if saved_on is not None and info["format_version"] >= FORMAT_VERSION:
                 why += (", or from a quantized kernel split over several processes (whose codes "
                         "and scales are not hashed)")
         raise ValueError(
@@ -864,7 +908,7 @@ def _compare_base_values(directory: FilePath, checks: list[tuple[str, Any, Any]]
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     """Reads and validates ``minilora.json`` of a checkpoint written by `save_adapters`.
 
-    The whole document is checked: its ``checksum`` (format 4), every field's type, each
+    The whole document is checked: its ``checksum`` (format 4 on), every field's type, each
     record's arrays against its kernel, rank and layout (`minilora_jax.Lora.check`), and
     ``base_fingerprint`` against the records.
 
@@ -872,17 +916,20 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
       directory: the checkpoint directory.
 
     Returns:
-      The parsed document: ``format``, ``format_version``, ``library_version``,
-      ``base_fingerprint``, ``adapters`` (``{leaf path: {"rank", "scale", "layout", "kernel",
-      "lora_a", "lora_b"}}``, the layout as ``Layout.to_json()``, each array entry
-      ``{"shape": [...], "dtype": "float32"}``), ``metadata``, and in format 3 ``state`` (a
-      list of ``{"path", "shape", "dtype"}``, plus ``"key_impl"`` for a PRNG key; see the
-      module docstring); in format 4 also ``save_id``, ``arrays_sha256``,
-      ``base_values_sha256``, ``state_sha256`` (with a state) and ``checksum``; in format 5
-      each record also has ``arrays``, ``quantized`` and, for DoRA, ``magnitude``. A format-1
-      document comes
-      back in this form (``<layer path>/kernel`` with its implied layout), its
-      ``format_version`` and ``base_fingerprint`` as the file has them.
+      The parsed document, in the current format (7) whatever version wrote it: ``format``,
+      ``format_version``, ``library_version``, ``save_id``, ``base_fingerprint``, ``adapters``
+      (``{leaf path: {"rank", "scale", "layout", "kernel", "lora_a", "lora_b", "arrays",
+      "quantized", "residual"}}`` and, for DoRA, ``"magnitude"``; the layout as
+      ``Layout.to_json()``, each array entry ``{"shape": [...], "dtype": "float32"}``),
+      ``arrays_sha256``, ``base_values_sha256``, ``metadata`` and ``checksum``; with a state,
+      ``state`` (a list of ``{"path", "shape", "dtype"}``, plus ``"key_impl"`` for a PRNG key;
+      see the module docstring) and ``state_sha256``; with leaves trained whole, ``full`` and
+      ``full_sha256``. An older document comes back upgraded to this form, its
+      ``format_version`` and ``base_fingerprint`` as the file has them: the fields its
+      version did not have hold what they meant then (``"arrays": ["lora_a", "lora_b"]``,
+      ``"quantized": None``, ``"residual": None`` before format 5; null hashes, ``save_id``
+      and ``checksum`` before format 4, which sealed nothing); a format-1 record is keyed
+      ``<layer path>/kernel``, with its implied layout.
 
     Raises:
       FileNotFoundError: naming the missing directory or file (and, if a save was interrupted
@@ -900,7 +947,8 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
       (2, {'in': [0], 'out': [1], 'batch': []})
     """
     directory = _local(directory)
-    return _read_consistently(directory, lambda: _read_document(directory)[1])
+    info = _read_consistently(directory, lambda: _read_document(directory)[1])
+    return {key: value for key, value in info.items() if key != _LAYER_PATHS}
 
 
 def _read_document(directory: FilePath) -> tuple[bytes, dict[str, Any]]:
@@ -920,7 +968,7 @@ def _read_document(directory: FilePath) -> tuple[bytes, dict[str, Any]]:
         info = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from e
-    return text, _validate(file, info)
+    return text, _parse(file, info)
 
 
 def _read_consistently(
@@ -1142,20 +1190,18 @@ def _shape_dtype(entry: Mapping[str, Any]) -> str:
     return f"{tuple(entry['shape'])} {entry['dtype']}"
 
 
-def _record(node: Lora, version: int) -> dict[str, Any]:
-    """The ``adapters`` entry of ``node``; ``version`` 4 (plain LoRA, plain kernel) or 5."""
-    rec = {
+def _record(node: Lora) -> dict[str, Any]:
+    """The ``adapters`` entry of ``node``."""
+    return {
         "rank": node.rank,
         "scale": float(node.scale),
         "layout": node.layout.to_json(),
         "kernel": _entry(node.kernel),  # a Quantized kernel's: the kernel it stands for
         **{key: _entry(getattr(node, key)) for key in _node_arrays(node)},
+        "arrays": list(_node_arrays(node)),
+        "quantized": _quantization(node.kernel),
+        "residual": node.residual,
     }
-    if version >= 5:
-        rec["arrays"] = list(_node_arrays(node))
-        rec["quantized"] = _quantization(node.kernel)
-        rec["residual"] = node.residual
-    return rec
 
 
 def _node_arrays(node: Lora) -> tuple[str, ...]:
@@ -1164,8 +1210,8 @@ def _node_arrays(node: Lora) -> tuple[str, ...]:
 
 
 def _record_arrays(rec: Mapping[str, Any]) -> tuple[str, ...]:
-    """The names of the arrays stored for a (validated) record: format 5 lists them."""
-    return tuple(rec.get("arrays", ARRAY_NAMES))
+    """The names of the arrays stored for a (validated) record."""
+    return tuple(rec["arrays"])
 
 
 def _quantization(kernel: Any) -> dict[str, Any] | None:
@@ -1253,9 +1299,9 @@ def _put(tree: dict[str, Any], parts: list[str], value: Any) -> None:
             node = node.setdefault(key, {})
 
 
-def _array_path(name: str, version: int) -> str:
+def _array_path(name: str, layer_paths: bool) -> str:
     # Format 1 stored the arrays under the layer path, the kernel's parent.
-    return name.removesuffix("/kernel") if version == 1 else name
+    return name.removesuffix("/kernel") if layer_paths else name
 
 
 def _fingerprint(records: Mapping[str, Mapping[str, Any]], version: int) -> str:
@@ -1265,7 +1311,7 @@ def _fingerprint(records: Mapping[str, Mapping[str, Any]], version: int) -> str:
     """
     if version == 1:
         kernels = {
-            _array_path(n, 1): [list(r["kernel"]["shape"]), r["kernel"]["dtype"]]
+            _array_path(n, True): [list(r["kernel"]["shape"]), r["kernel"]["dtype"]]
             for n, r in records.items()
         }
     else:
@@ -1281,12 +1327,25 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _validate(file: FilePath, info: Any) -> dict[str, Any]:
-    """The document in the current form; raises ValueError naming ``file`` and the entry."""
+def _parse(file: FilePath, info: Any) -> dict[str, Any]:
+    """The document in the current form, validated; raises ValueError naming ``file`` and the
+    entry.
+
+    As written, the document must be of a version this module reads, match its checksum (format
+    4 on) and have the fields of its version (`_check_written`); `_upgrade` then brings it to
+    the current shape, and `_validate` checks that.
+    """
 
     def bad(what: str) -> ValueError:
         return ValueError(f"{file} is malformed: {what}")
 
+    _check_written(file, info, bad)
+    return _validate(file, _upgrade(info, bad), bad)
+
+
+def _check_written(file: FilePath, info: Any, bad: Callable[[str], ValueError]) -> None:
+    """The document as the file has it: its format and version, its seal (format 4 on: the
+    checksum), and the fields its version writes (`_check_fields`)."""
     if not isinstance(info, dict):
         raise bad(f"expected a JSON object, got {type(info).__name__}")
     if info.get("format") != FORMAT:
@@ -1294,12 +1353,12 @@ def _validate(file: FilePath, info: Any) -> dict[str, Any]:
     version = info.get("format_version")
     if not _is_int(version) or version < 1:
         raise bad(f"'format_version' is {version!r}, expected a positive integer")
-    if version > NEWEST_FORMAT_VERSION:
+    if version > FORMAT_VERSION:
         raise ValueError(
             f"{file} has format_version {version}, written by a newer minilora_jax "
-            f"({info.get('library_version')}); this version reads up to {NEWEST_FORMAT_VERSION}"
+            f"({info.get('library_version')}); this version reads up to {FORMAT_VERSION}"
         )
-    if version >= 4:
+    if version >= SEALED_FORMAT_VERSION:
         given_sum = info.get("checksum")
         try:
             expected_sum = _checksum(info)
@@ -1310,36 +1369,26 @@ def _validate(file: FilePath, info: Any) -> dict[str, Any]:
                 f"{file}: checksum {given_sum!r} does not match its content ({expected_sum}); "
                 "the file was edited or corrupted"
             )
+    _check_fields(info, version, bad)
+
+
+def _check_fields(info: dict[str, Any], version: int, bad: Callable[[str], ValueError]) -> None:
+    """The document and each of its records (those that are objects) have exactly the fields
+    format ``version`` writes: no unknown one, none that it requires missing."""
     known = _DOCUMENT_KEYS | ({"state"} if version >= 3 else set())
     known |= _FULL_KEYS if version >= FULL_FORMAT_VERSION else set()
-    if version >= 4:
+    if version >= SEALED_FORMAT_VERSION:
         known |= _SEAL_KEYS | ({"state_sha256"} if "state" in info else set())
     unknown = sorted(set(info) - known)
     if unknown:
         raise bad(f"unknown fields {unknown} (format_version {version} has {sorted(known)})")
     if version == 3 and "state" not in info:
         raise bad(f"format_version {version} records a 'state', this file has none")
-    if version >= 4:
-        missing = sorted(_SEAL_KEYS - set(info))
-        if missing:
-            raise bad(f"format_version {version} records {missing}, this file has not")
-        if not isinstance(info["save_id"], str) or not re.fullmatch(
-            r"[0-9a-f]{32}", info["save_id"]
-        ):
-            raise bad(f"'save_id' is {info['save_id']!r}, expected 32 hex digits")
-    if not isinstance(info.get("base_fingerprint"), str):
-        raise bad("'base_fingerprint' is missing or not a string")
-    if not isinstance(info.get("metadata", {}), dict):
-        raise bad("'metadata' is not an object")
-    given = info.get("adapters")
-    if not isinstance(given, dict) or not given:
-        raise bad("'adapters' is missing, empty or not an object")
-
-    records = {}
-    for name, rec in given.items():
+    missing = sorted(_SEAL_KEYS - set(info)) if version >= SEALED_FORMAT_VERSION else []
+    if missing:
+        raise bad(f"format_version {version} records {missing}, this file has not")
+    for name, rec in _record_objects(info):
         where = f"adapters['{name}']"
-        if not isinstance(rec, dict):
-            raise bad(f"{where} is not an object")
         array_names = ARRAY_NAMES
         if version >= 5:
             given_arrays = rec.get("arrays")
@@ -1349,74 +1398,181 @@ def _validate(file: FilePath, info: Any) -> dict[str, Any]:
                     f"{[list(names) for names in _ARRAY_SETS]} (a newer minilora_jax's file?)"
                 )
             array_names = tuple(given_arrays)
-            _validate_quantized(rec.get("quantized"), f"{where}['quantized']", bad)
-            if rec.get("residual") not in RESIDUALS:
-                raise bad(f"{where}['residual'] is {rec.get('residual')!r}; expected one of "
-                          f"{list(RESIDUALS)}")
         want_keys = _RECORD_KEYS[version] | set(array_names)
         if set(rec) != want_keys:
             raise bad(
                 f"{where} has fields {sorted(rec)}; format_version {version} records "
                 f"{sorted(want_keys)}"
             )
-        if not name or any(not part for part in _parts(name)):
-            raise bad(f"{where}: the path has an empty component")
-        rank, scale = rec["rank"], rec["scale"]
-        if not _is_int(rank) or rank < 1:
-            raise bad(f"{where}['rank'] is {rank!r}, expected a positive integer")
-        if (
-            not isinstance(scale, (int, float))
-            or isinstance(scale, bool)
-            or not math.isfinite(scale)
-        ):
-            raise bad(f"{where}['scale'] is {scale!r}, expected a finite number")
-        for key in ("kernel", *array_names):
-            entry = rec[key]
-            if (
-                not isinstance(entry, dict)
-                or set(entry) != {"shape", "dtype"}
-                or not isinstance(entry["shape"], list)
-                or not all(_is_int(n) and n >= 0 for n in entry["shape"])
-                or not isinstance(entry["dtype"], str)
-            ):
-                raise bad(
-                    f"{where}['{key}'] must be {{'shape': [ints], 'dtype': str}}, got {entry!r}"
-                )
-            try:
-                jnp.dtype(entry["dtype"])
-            except TypeError as e:
-                raise bad(f"{where}['{key}']['dtype'] {entry['dtype']!r} is not a dtype") from e
-        if version == 1:
-            ndim = len(rec["kernel"]["shape"])
-            if ndim < 2:
-                raise bad(
-                    f"{where}['kernel'] has shape {rec['kernel']['shape']}; format 1 "
-                    "kernels have at least two axes"
-                )
-            name = f"{name}/kernel"
-            rec = {**rec, "layout": Layout.dense(stacked=ndim - 2).to_json()}
-        try:
-            layout = Layout.from_json(rec["layout"])
-        except (ValueError, TypeError) as e:
-            raise bad(f"{where}['layout']: {e}") from e
-        if (layout.gathered or layout.is_conv) and version < GATHERED_FORMAT_VERSION:
-            what = "a lookup table's ('gathered')" if layout.gathered else "a convolution filter's"
-            raise bad(f"{where}['layout'] is {what}, which format_version "
-                      f"{GATHERED_FORMAT_VERSION} introduced; this file says {version}")
-        rec = {**rec, "layout": layout.to_json()}
-        node = _abstract_node(rec)
-        try:
-            node.check(name)
-        except ValueError as e:
-            raise bad(f"{where}: {e}") from e
-        if node.rank != rank:
-            raise bad(
-                f"{where}['rank'] is {rank} but lora_a {tuple(node.lora_a.shape)} has "
-                f"rank {node.rank}"
-            )
-        records[name] = rec
 
-    expected = _fingerprint(records, version)
+
+def _record_objects(info: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(path, record)`` of the document's records that are JSON objects (`_validate` refuses
+    the others)."""
+    records = info.get("adapters")
+    if not isinstance(records, dict):
+        return []
+    return [(name, rec) for name, rec in records.items() if isinstance(rec, dict)]
+
+
+# --------------------------------------------------------------------------------------------
+# Older formats: one step per version, each to the next (the document keeps the version it was
+# written in as its "format_version")
+# --------------------------------------------------------------------------------------------
+
+
+def _upgrade(info: dict[str, Any], bad: Callable[[str], ValueError]) -> dict[str, Any]:
+    """``info`` (as `_check_written` passed it) in the current shape, for `_validate`.
+
+    Each step upgrades a document of one version to the next and says what changed; a
+    current document goes through none. What the older version sealed differently (format 1's
+    fingerprint and array paths, `_LAYER_PATHS`) is recorded, so that it is checked as it was
+    written. ``info`` itself is not changed.
+    """
+    for version in range(info["format_version"], FORMAT_VERSION):
+        info = _UPGRADES[version](info, bad)
+    return info
+
+
+def _from_1(info: dict[str, Any], bad: Callable[[str], ValueError]) -> dict[str, Any]:
+    """Format 2 keys each record by its kernel's leaf path and records its layout. Format 1
+    keyed it by the layer's path (the dict holding ``kernel``), and a kernel of ``n`` axes was
+    Flax's ``(..., in, out)`` with ``n - 2`` leading stacked-layer axes: the record becomes
+    ``<layer path>/kernel`` with ``Layout.dense(stacked=n - 2)``. The fingerprint and the
+    stored arrays stay keyed by the layer path (`_LAYER_PATHS`)."""
+    records = info.get("adapters")
+    if not isinstance(records, dict):
+        return info
+    upgraded: dict[str, Any] = {}
+    for name, rec in records.items():
+        if not isinstance(rec, dict):
+            upgraded[name] = rec
+            continue
+        where = f"adapters['{name}']"
+        _check_entry(rec["kernel"], f"{where}['kernel']", bad)
+        ndim = len(rec["kernel"]["shape"])
+        if ndim < 2:
+            raise bad(
+                f"{where}['kernel'] has shape {rec['kernel']['shape']}; format 1 "
+                "kernels have at least two axes"
+            )
+        layout = Layout.dense(stacked=ndim - 2).to_json()
+        upgraded[f"{name}/kernel"] = {**rec, "layout": layout}
+    return {**info, "adapters": upgraded, _LAYER_PATHS: True}
+
+
+def _from_2(info: dict[str, Any], bad: Callable[[str], ValueError]) -> dict[str, Any]:
+    """Format 3 adds the training ``state`` (written only with one); format 2 had none."""
+    return info
+
+
+def _from_3(info: dict[str, Any], bad: Callable[[str], ValueError]) -> dict[str, Any]:
+    """Format 4 seals the checkpoint: ``save_id``, ``checksum``, and the SHA-256 of every
+    stored array and base kernel. Format 3 sealed nothing: its ``checksum`` and ``save_id``
+    become null (null checksum: not sealed), and so does every hash, so its arrays load
+    unchecked, and ``check_base_values`` is refused, as they always were."""
+    records = info.get("adapters")
+    names = list(records) if isinstance(records, dict) else []
+    unsealed = {
+        "save_id": None,
+        "checksum": None,
+        "arrays_sha256": {name: dict.fromkeys(ARRAY_NAMES) for name in names},
+        "base_values_sha256": dict.fromkeys(names),
+    }
+    if isinstance(info.get("state"), list):
+        unsealed["state_sha256"] = [None] * len(info["state"])
+    return {**info, **unsealed}
+
+
+def _from_4(info: dict[str, Any], bad: Callable[[str], ValueError]) -> dict[str, Any]:
+    """Format 5 lists each record's stored ``arrays`` (DoRA adds ``magnitude``) and the kernel
+    it was saved on (``quantized``, ``residual``). Format 4 held plain LoRA on plain kernels
+    only: ``["lora_a", "lora_b"]``, null and null."""
+    plain = {"arrays": list(ARRAY_NAMES), "quantized": None, "residual": None}
+    records = dict(info["adapters"]) if isinstance(info.get("adapters"), dict) else None
+    if records is None:
+        return info
+    records.update({name: {**rec, **plain} for name, rec in _record_objects(info)})
+    return {**info, "adapters": records}
+
+
+def _from_5(info: dict[str, Any], bad: Callable[[str], ValueError]) -> dict[str, Any]:
+    """Format 6 adds the leaves trained whole (``full``, ``full_sha256``); format 5 had none."""
+    return info
+
+
+def _from_6(info: dict[str, Any], bad: Callable[[str], ValueError]) -> dict[str, Any]:
+    """Format 7 makes ``full`` optional (format 6 always wrote it) and adds what no older
+    document holds: a lookup table's or a convolution filter's layout, and per-block hashes
+    (``{"blocks": [...]}``). Nothing changes shape; an older document holding either is
+    refused by its version instead of being misread."""
+    version = info["format_version"]
+    for name, rec in _record_objects(info):
+        try:
+            layout = Layout.from_json(rec.get("layout"))
+        except (ValueError, TypeError):
+            continue  # `_validate` names it
+        if layout.gathered or layout.is_conv:
+            what = "a lookup table's ('gathered')" if layout.gathered else "a convolution filter's"
+            raise bad(f"adapters['{name}']['layout'] is {what}, which format_version "
+                      f"{FORMAT_VERSION} introduced; this file says {version}")  # fmt: skip
+    for where, value in _recorded_hashes(info):
+        if isinstance(value, dict):
+            raise bad(f"{where} is {value!r}, expected 'sha256:<64 hex digits>' or null")
+    if version == FULL_FORMAT_VERSION and not _FULL_KEYS <= set(info):
+        raise bad(
+            f"format_version {FULL_FORMAT_VERSION} records 'full' (a non-empty object) and "
+            "'full_sha256'"
+        )
+    return info
+
+
+# The step from each older version to the next.
+_UPGRADES = {1: _from_1, 2: _from_2, 3: _from_3, 4: _from_4, 5: _from_5, 6: _from_6}
+
+
+def _recorded_hashes(info: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``(where, value)`` of every hash the document records, as far as its hash fields are
+    objects and lists (`_validate_hashes` checks that they are)."""
+    found = []
+    pairs = info.get("arrays_sha256")
+    for name, pair in pairs.items() if isinstance(pairs, dict) else ():
+        for key, value in pair.items() if isinstance(pair, dict) else ():
+            found.append((f"arrays_sha256['{name}']['{key}']", value))
+    for field in ("base_values_sha256", "full_sha256"):
+        hashes = info.get(field)
+        for name, value in hashes.items() if isinstance(hashes, dict) else ():
+            found.append((f"{field}['{name}']", value))
+    hashes = info.get("state_sha256")
+    for i, value in enumerate(hashes if isinstance(hashes, list) else ()):
+        found.append((f"state_sha256[{i}]", value))
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# The current format
+# --------------------------------------------------------------------------------------------
+
+
+def _validate(
+    file: FilePath, info: dict[str, Any], bad: Callable[[str], ValueError]
+) -> dict[str, Any]:
+    """The document, in the current shape (`_upgrade`), with its records in canonical form;
+    raises ValueError naming ``file`` and the entry."""
+    # A null checksum: a document upgraded from before format 4, which sealed nothing.
+    if info["checksum"] is not None and (
+        not isinstance(info["save_id"], str) or not re.fullmatch(r"[0-9a-f]{32}", info["save_id"])
+    ):
+        raise bad(f"'save_id' is {info['save_id']!r}, expected 32 hex digits")
+    if not isinstance(info.get("base_fingerprint"), str):
+        raise bad("'base_fingerprint' is missing or not a string")
+    if not isinstance(info.get("metadata", {}), dict):
+        raise bad("'metadata' is not an object")
+    given = info.get("adapters")
+    if not isinstance(given, dict) or not given:
+        raise bad("'adapters' is missing, empty or not an object")
+    records = {name: _validate_record(name, rec, bad) for name, rec in given.items()}
+    expected = _fingerprint(records, 1 if info.get(_LAYER_PATHS) else FORMAT_VERSION)
     if info["base_fingerprint"] != expected:
         raise ValueError(
             f"{file}: base_fingerprint {info['base_fingerprint']} does not match the kernels it "
@@ -1424,23 +1580,76 @@ def _validate(file: FilePath, info: Any) -> dict[str, Any]:
         )
     if "state" in info:
         _validate_state(info["state"], bad)
-    if version >= 4:
-        _validate_hashes(info, bad)
-    if version == FULL_FORMAT_VERSION or (version > FULL_FORMAT_VERSION and "full" in info):
-        _validate_full(info, records, bad)  # 'full' is optional from version 7 on
+    _validate_hashes(info, bad)
+    if "full" in info:
+        _validate_full(info, records, bad)
     elif "full_sha256" in info:
         raise bad("'full_sha256' without 'full'")
     return {**info, "metadata": info.get("metadata", {}), "adapters": records}
 
 
+def _validate_record(name: str, rec: Any, bad: Callable[[str], ValueError]) -> dict[str, Any]:
+    """One record (its fields checked by `_check_fields`), its layout in canonical form: each
+    field's type and range, and its arrays against its kernel, rank and layout."""
+    where = f"adapters['{name}']"
+    if not isinstance(rec, dict):
+        raise bad(f"{where} is not an object")
+    _validate_quantized(rec["quantized"], f"{where}['quantized']", bad)
+    if rec["residual"] not in RESIDUALS:
+        raise bad(f"{where}['residual'] is {rec['residual']!r}; expected one of "
+                  f"{list(RESIDUALS)}")  # fmt: skip
+    if not name or any(not part for part in _parts(name)):
+        raise bad(f"{where}: the path has an empty component")
+    rank, scale = rec["rank"], rec["scale"]
+    if not _is_int(rank) or rank < 1:
+        raise bad(f"{where}['rank'] is {rank!r}, expected a positive integer")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise bad(f"{where}['scale'] is {scale!r}, expected a finite number")
+    for key in ("kernel", *_record_arrays(rec)):
+        _check_entry(rec[key], f"{where}['{key}']", bad)
+    try:
+        layout = Layout.from_json(rec["layout"])
+    except (ValueError, TypeError) as e:
+        raise bad(f"{where}['layout']: {e}") from e
+    rec = {**rec, "layout": layout.to_json()}
+    node = _abstract_node(rec)
+    try:
+        node.check(name)
+    except ValueError as e:
+        raise bad(f"{where}: {e}") from e
+    if node.rank != rank:
+        raise bad(
+            f"{where}['rank'] is {rank} but lora_a {tuple(node.lora_a.shape)} has "
+            f"rank {node.rank}"
+        )
+    return rec
+
+
+def _check_entry(entry: Any, where: str, bad: Callable[[str], ValueError]) -> None:
+    """A recorded array: ``{"shape": [sizes], "dtype": <a dtype's name>}``."""
+    if (
+        not isinstance(entry, dict)
+        or set(entry) != {"shape", "dtype"}
+        or not isinstance(entry["shape"], list)
+        or not all(_is_int(n) and n >= 0 for n in entry["shape"])
+        or not isinstance(entry["dtype"], str)
+    ):
+        raise bad(f"{where} must be {{'shape': [ints], 'dtype': str}}, got {entry!r}")
+    try:
+        jnp.dtype(entry["dtype"])
+    except TypeError as e:
+        raise bad(f"{where}['dtype'] {entry['dtype']!r} is not a dtype") from e
+
+
 def _check_hash(
-    value: Any, where: str, shape: list[int], version: int, bad: Callable[[str], ValueError]
+    value: Any, where: str, shape: list[int], blocks: bool, bad: Callable[[str], ValueError]
 ) -> None:
-    """A recorded hash: null, ``sha256:<hex>``, or (format 7) block hashes tiling ``shape``."""
+    """A recorded hash: null, ``sha256:<hex>``, or, if ``blocks``, block hashes tiling
+    ``shape``."""
     if value is None or (isinstance(value, str) and _HASH.fullmatch(value)):
         return
-    if version < SPLIT_FORMAT_VERSION or not isinstance(value, dict):
-        also = " or {'blocks': [...]}" if version >= SPLIT_FORMAT_VERSION else ""
+    if not blocks or not isinstance(value, dict):
+        also = " or {'blocks': [...]}" if blocks else ""
         raise bad(f"{where} is {value!r}, expected 'sha256:<64 hex digits>'{also} or null")
     blocks = value.get("blocks")
     if set(value) != {"blocks"} or not isinstance(blocks, list) or not blocks:
@@ -1476,7 +1685,7 @@ def _check_hash(
 
 
 def _validate_hashes(info: Mapping[str, Any], bad: Callable[[str], ValueError]) -> None:
-    version = info["format_version"]
+    """One hash (`_check_hash`) per stored array, base kernel and state leaf."""
     records = info["adapters"]
     names = set(records)
     for field in ("arrays_sha256", "base_values_sha256"):
@@ -1488,19 +1697,18 @@ def _validate_hashes(info: Mapping[str, Any], bad: Callable[[str], ValueError]) 
             raise bad(f"arrays_sha256['{name}'] must have the fields {list(stored)}")
         for key in stored:
             _check_hash(pair[key], f"arrays_sha256['{name}']['{key}']",
-                        records[name][key]["shape"], version, bad)  # fmt: skip
+                        records[name][key]["shape"], True, bad)  # fmt: skip
     for name, value in info["base_values_sha256"].items():
-        # A quantized kernel's hash covers its codes and scales: never per block (so checked
-        # as format 4's, one hash or null).
-        quantized = records[name].get("quantized") is not None
+        # A quantized kernel's hash covers its codes and scales: never per block.
+        quantized = records[name]["quantized"] is not None
         _check_hash(value, f"base_values_sha256['{name}']", records[name]["kernel"]["shape"],
-                    FORMAT_VERSION if quantized else version, bad)  # fmt: skip
+                    not quantized, bad)  # fmt: skip
     if "state" in info:
         hashes = info.get("state_sha256")
         if not isinstance(hashes, list) or len(hashes) != len(info["state"]):
             raise bad("'state_sha256' must be a list with one entry per state leaf")
         for i, value in enumerate(hashes):
-            _check_hash(value, f"state_sha256[{i}]", info["state"][i]["shape"], version, bad)
+            _check_hash(value, f"state_sha256[{i}]", info["state"][i]["shape"], True, bad)
 
 
 def _validate_quantized(value: Any, where: str, bad: Callable[[str], ValueError]) -> None:
@@ -1632,22 +1840,21 @@ def _unreadable(directory: FilePath, verb: str, e: BaseException | None) -> Valu
 def _read_arrays(
     directory: FilePath,
     records: Mapping[str, Any],
-    version: int,
+    layer_paths: bool,
     placement: Mapping[str, Mapping[str, Sharding]],
 ) -> dict[str, dict[str, Any]]:
     """Restores ``{leaf path: {"lora_a", "lora_b"[, "magnitude"]}}`` from ``directory`` into the
     shardings of ``placement``, checked against ``records`` by orbax's metadata before anything
-    is read."""
+    is read; with ``layer_paths`` (format 1) stored under each kernel's parent path."""
     stored = _stored_metadata(directory, "array data")
-    known = DORA_ARRAY_NAMES if version >= 5 else ARRAY_NAMES
     stored_flat: dict[str, dict[str, Any]] = {}
     for keys, meta in jax.tree_util.tree_flatten_with_path(stored)[0]:
         parts = [key_name(k) for k in keys]
-        if parts[-1] in known:
+        if parts[-1] in DORA_ARRAY_NAMES:
             stored_flat.setdefault("/".join(parts[:-1]), {})[parts[-1]] = meta
         else:
             stored_flat.setdefault("/".join(parts), {})
-    located = {_array_path(name, version): name for name in records}
+    located = {_array_path(name, layer_paths): name for name in records}
     missing = sorted(set(located) - set(stored_flat))
     extra = sorted(set(stored_flat) - set(located))
     if missing or extra:
