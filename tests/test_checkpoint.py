@@ -364,7 +364,7 @@ def _write_v1(directory, adapters):
         node.update(lora_a=a, lora_b=b)
     ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(
         directory / "adapters", args=ocp.args.StandardSave(arrays))
-    document = {"format": "minilora_jax._adapters", "format_version": 1,
+    document = {"format": "minilora_jax.adapters", "format_version": 1,
                 "library_version": "0.1.0", "base_fingerprint": _v1_fingerprint(records),
                 "adapters": records, "metadata": {"step": 5}}
     (directory / "minilora.json").write_text(json.dumps(document, indent=2))
