@@ -1,4 +1,5 @@
-"""Hashes of the optimized XLA programs of MiniMind's LoRA and DoRA forward and train step.
+"""Hashes of the optimized XLA programs of MiniMind's LoRA, DoRA and QLoRA forward and train
+step, and of a bank of two adapters' mixed-batch forward under both routings.
 
 Two trees that print the same hashes compile the same programs: the same FLOPs, the same memory,
 the same step time up to noise. Run it in each tree to compare a change against an earlier
@@ -48,6 +49,19 @@ def main() -> None:
             "forward": jax.jit(mlj.wrap(apply)).lower(lp, ids).compile(),
             "train step": jax.jit(step).lower(adapters, tx.init(adapters)).compile(),
         }
+        if name == "LoRA":
+            other = mlj.init(params, jax.random.key(2), rank=4, apply_fn=apply, args=(ids,))
+            bank = mlj.bank.stack([lp, other])
+            adapter_ids = jnp.array([0, 1])
+            for routing in ("vmap", "leading_axis"):
+                wrapped = mlj.wrap(apply, routing=routing)
+                programs[f"bank forward ({routing})"] = jax.jit(wrapped).lower(
+                    bank, ids, adapter_ids=adapter_ids).compile()
+            q = mlj.quantize.quantize(lp, "nf4")
+            q_adapters, q_base = mlj.split(q)
+            programs["QLoRA forward"] = jax.jit(mlj.wrap(apply)).lower(q, ids).compile()
+            q_step = jax.jit(lambda a, s, b=q_base: step(a, s, b))
+            programs["QLoRA train step"] = q_step.lower(q_adapters, tx.init(q_adapters)).compile()
         for what, compiled in programs.items():
             digest = hashlib.sha256(program_text(compiled).encode()).hexdigest()[:16]
             print(f"{name} {what}: {digest}")

@@ -399,16 +399,16 @@ def _save_params(out: Path, params: Any, fmt: str) -> None:
         return
     import orbax.checkpoint as ocp
 
-    from minilora_jax.io._files import _replace_directory
+    from minilora_jax.io._files import replace_directory
 
     def write(tmp: Path) -> None:
-        # tmp is the fresh empty directory _replace_directory made; orbax writes it whole.
+        # tmp is the fresh empty directory replace_directory made; orbax writes it whole.
         ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(
             tmp, args=ocp.args.StandardSave(params), force=True
         )
 
     # Staged and renamed into place; an OUT holding anything but our own output is refused.
-    _replace_directory(out.absolute(), write, owned=_is_our_directory, kind=_OUR_DIRECTORY)
+    replace_directory(out.absolute(), write, owned=_is_our_directory, kind=_OUR_DIRECTORY)
 
 
 def _read_torch(fmt: str, path: Path) -> dict[str, Any]:

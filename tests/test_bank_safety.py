@@ -17,7 +17,7 @@ from jax.experimental import checkify
 from toy_models import Stack, randomize_b
 
 import minilora_jax as mlj
-from minilora_jax.io.checkpoint import _checksum
+from minilora_jax.io.checkpoint import document_checksum
 
 TARGETS = "(q_proj|o_proj)/kernel"
 CASES = [(m, r) for m in ("gather", "one_hot") for r in ("vmap", "leading_axis")]
@@ -190,7 +190,7 @@ def test_flipped_bytes_duplicate_names_and_foreign_members_are_refused(tmp_path)
     with pytest.raises(ValueError, match="does not match its checksum"):
         mlj.bank.load(path, BASE)
     forged = {**doc, "names": ["a1", "a1", "a2"]}  # even with a checksum that matches
-    forged["checksum"] = _checksum(forged)
+    forged["checksum"] = document_checksum(forged)
     file.write_text(json.dumps(forged))
     with pytest.raises(ValueError, match=r"holds \['a1'\] more than once"):
         mlj.bank.load(path, BASE)
@@ -234,13 +234,13 @@ def die():
 
 if mode == "kill_at":  # arg: "write:K" (before the K-th JSON file) or "rename" (between the two)
     if arg.startswith("write:"):
-        calls, real = [0], checkpoint._write_metadata
+        calls, real = [0], checkpoint.write_synced
         def write(*a):
             calls[0] += 1
             if calls[0] == int(arg[6:]):
                 die()
             real(*a)
-        checkpoint._write_metadata = write
+        checkpoint.write_synced = write
     else:
         real = os.replace
         def replace(src, dst):

@@ -266,7 +266,7 @@ def test_malformed_or_missing_metadata(tmp_path):
         bad = json.loads(json.dumps(good))
         edit(bad)
         if reseal:  # as if the editor also knew how to update the checksum
-            bad["checksum"] = checkpoint._checksum(bad)
+            bad["checksum"] = checkpoint.document_checksum(bad)
         file.write_text(json.dumps(bad))
 
     edited(lambda d: d["adapters"]["layers_0/q_proj/kernel"].update(scale=3.0), reseal=False)
@@ -321,7 +321,7 @@ def test_edited_layout_is_refused(tmp_path):
         bad["adapters"][path]["layout"] = layout
         if refingerprint:  # as if the editor also knew how to update the fingerprint
             bad["base_fingerprint"] = checkpoint._fingerprint(bad["adapters"], 4)
-        bad["checksum"] = checkpoint._checksum(bad)
+        bad["checksum"] = checkpoint.document_checksum(bad)
         file.write_text(json.dumps(bad))
 
     # A square kernel: the arrays fit either way, the fingerprint tells.
@@ -431,7 +431,7 @@ def test_missing_or_mismatched_array_data(tmp_path):
     file = tmp_path / "a" / "minilora.json"
     doc = json.loads(file.read_text())
     doc["adapters"]["layers_2/q_proj/kernel"]["lora_b"]["dtype"] = "bfloat16"
-    doc["checksum"] = checkpoint._checksum(doc)
+    doc["checksum"] = checkpoint.document_checksum(doc)
     file.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"lora_b at 'layers_2/q_proj/kernel' is stored as "
                                          r"\(\(2, 8\), 'float32'\) but recorded as"):
@@ -502,7 +502,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     with monkeypatch.context() as m:
-        m.setattr(checkpoint, "_write_metadata", crash)
+        m.setattr(checkpoint, "write_synced", crash)
         with pytest.raises(OSError, match="disk full"):
             checkpoint.save_adapters(path, new)
     _assert_same(checkpoint.load_adapters(path, base), old)
@@ -698,7 +698,7 @@ root = sys.argv[1]
 params = mlj.init({"q": {"kernel": jnp.ones((8, 8))}}, jax.random.key(0), rank=2)
 checkpoint.save_step(root, 5, params, state={"step": jnp.asarray(5)})
 # Step 10 dies like a SIGKILL: after its arrays are on disk, before its minilora.json.
-checkpoint._write_metadata = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.write_synced = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
 checkpoint.save_step(root, 10, params, state={"step": jnp.asarray(10)})
 """
 

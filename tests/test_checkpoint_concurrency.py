@@ -161,7 +161,7 @@ def test_stale_temporary_and_set_aside_directories_are_cleaned(tmp_path):
 
     # The temporary directory of a save in progress (its lock held) is left alone.
     (tmp_path / ".ckpt.tmp-8c9d").mkdir()
-    with checkpoint._locked(path) as held:
+    with checkpoint.locked(path) as held:
         assert held
         _same(checkpoint.load_adapters(path, BASE), new)
         assert (tmp_path / ".ckpt.tmp-8c9d").is_dir()

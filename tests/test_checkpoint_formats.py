@@ -203,7 +203,7 @@ def _rewritten(path, version, edit, reseal=True):
     doc = old_formats.as_version(json.loads((path / "current.json").read_text()), version)
     edit(doc)
     if reseal and version >= 4:
-        doc["checksum"] = checkpoint._checksum(doc)
+        doc["checksum"] = checkpoint.document_checksum(doc)
     file.write_text(json.dumps(doc))
 
 
@@ -250,7 +250,7 @@ def test_what_an_older_version_sealed_or_could_not_hold_is_refused(tmp_path):
     doc["format_version"] = 4
     for rec in doc["adapters"].values():
         del rec["arrays"], rec["quantized"], rec["residual"]
-    doc["checksum"] = checkpoint._checksum(doc)
+    doc["checksum"] = checkpoint.document_checksum(doc)
     (table_path / "minilora.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"adapters\['emb'\]\['layout'\] is a lookup table's "
                                          r"\('gathered'\), which format_version 7 introduced; "
@@ -263,7 +263,7 @@ def test_a_format_6_document_without_its_leaves_trained_whole_is_refused(tmp_pat
     path = checkpoint.save_adapters(tmp_path / "ckpt", tree)
     doc = old_formats.as_version(json.loads((path / "minilora.json").read_text()), 6)
     del doc["full"], doc["full_sha256"]
-    doc["checksum"] = checkpoint._checksum(doc)
+    doc["checksum"] = checkpoint.document_checksum(doc)
     (path / "minilora.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"format_version 6 records 'full' \(a non-empty object\)"):
         checkpoint.load_adapters(path, base)

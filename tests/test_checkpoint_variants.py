@@ -213,7 +213,7 @@ def test_tampered_magnitude_is_refused(tmp_path):
         doc = json.loads(json.dumps(original))
         change(doc)
         if reseal:
-            doc["checksum"] = checkpoint._checksum(doc)
+            doc["checksum"] = checkpoint.document_checksum(doc)
         file.write_text(json.dumps(doc))
 
     edited(lambda d: d["arrays_sha256"][name].update(magnitude="sha256:" + "0" * 64),
@@ -371,7 +371,7 @@ def test_plain_lora_in_format_4(tmp_path):
     # Version 4 knows no magnitude: one added to a record (and re-sealed) is refused.
     name = next(iter(doc["adapters"]))
     doc["adapters"][name]["magnitude"] = {"shape": [8], "dtype": "float32"}
-    doc["checksum"] = checkpoint._checksum(doc)
+    doc["checksum"] = checkpoint.document_checksum(doc)
     (path / "minilora.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"has fields \[.*'magnitude'.*\]; format_version 4 "
                                          r"records"):

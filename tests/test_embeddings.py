@@ -267,7 +267,7 @@ def test_a_gathered_layout_in_an_older_format_is_refused(tmp_path):
     info["format_version"] = 6
     from minilora_jax.io import checkpoint
 
-    info["checksum"] = checkpoint._checksum(info)
+    info["checksum"] = checkpoint.document_checksum(info)
     doc.write_text(json.dumps(info))
     with pytest.raises(ValueError, match="format_version 7 introduced"):
         mlj.load_adapters(tmp_path / "ckpt", params)

@@ -46,7 +46,7 @@ def _as_format_7(path, edit) -> None:
     doc["adapters"]["q/kernel"].update(arrays=["lora_a", "lora_b"], quantized=None,
                                        residual=None)  # fmt: skip
     edit(doc)
-    doc["checksum"] = checkpoint._checksum(doc)
+    doc["checksum"] = checkpoint.document_checksum(doc)
     file.write_text(json.dumps(doc))
 
 
@@ -129,7 +129,7 @@ def test_block_hashes_need_format_7(saved):
     file = path / "minilora.json"
     doc = old_formats.as_version(json.loads(file.read_text()), 4)
     doc["arrays_sha256"]["q/kernel"]["lora_b"] = _blocks(node.lora_b, 2, 3)
-    doc["checksum"] = checkpoint._checksum(doc)
+    doc["checksum"] = checkpoint.document_checksum(doc)
     file.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"expected 'sha256:<64 hex digits>' or null"):
         mlj.read_metadata(path)

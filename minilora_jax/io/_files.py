@@ -2,18 +2,18 @@
 
 What it guarantees, on a local or shared POSIX filesystem:
 
-* `_replace_directory` writes a new directory beside its target and renames it into place, so a
+* `replace_directory` writes a new directory beside its target and renames it into place, so a
   reader sees the old complete directory or the new complete one, never half of one. For the
   instant between the two renames the old one sits at ``.<name>.old-<id>`` beside the target.
 * Writers of one target are serialised by an ``fcntl.flock`` on ``.<name>.lock`` beside it
-  (`_locked`); the last holder removes the lock file, and a lock dies with its process, so a
+  (`locked`); the last holder removes the lock file, and a lock dies with its process, so a
   killed writer never blocks the next one.
 * What a killed save leaves (``.<name>.tmp-<id>``, ``.<name>.old-<id>``) is removed under the
-  lock by the next writer or reader (`_clean_leftovers`, `_recover`); a set-aside directory is
+  lock by the next writer or reader (`clean_leftovers`, `recover`); a set-aside directory is
   renamed back if the target is missing, so a complete one is never lost.
 * `lock_run` holds a whole training run's root, refusing a second run on it.
 * In a multi-process JAX job every process writes into the same temporary directory and process
-  0 alone creates, renames and cleans up, between barriers (`_sync`).
+  0 alone creates, renames and cleans up, between barriers (`sync_processes`).
 
 Without ``fcntl`` (not POSIX) saves and loads go without locks. A directory counts as complete
 when it holds its marker file: `METADATA_FILE` for an adapter checkpoint, `BANK_FILE` for a bank
@@ -54,7 +54,7 @@ def _owner(marker: str, owned: Callable[[FilePath], bool] | None,
     return owned, kind or f"{_KINDS.get(marker, marker)} (no {marker})"
 
 
-def _file_bytes(path: FilePath) -> bytes | None:
+def file_bytes(path: FilePath) -> bytes | None:
     """``path``'s bytes, or None if it cannot be read (a save may be replacing it)."""
     try:
         return path.read_bytes()
@@ -62,7 +62,7 @@ def _file_bytes(path: FilePath) -> bytes | None:
         return None
 
 
-def _replace_directory(
+def replace_directory(
     target: FilePath,
     write: Callable[[FilePath], None],
     marker: str = METADATA_FILE,
@@ -90,15 +90,15 @@ def _replace_directory(
     token = _shared_token()
     tmp = target.parent / f".{target.name}.tmp-{token}"
     aside = target.parent / f".{target.name}.old-{token}"
-    with _locked(target, create_parent=primary) if primary else _no_lock():
+    with locked(target, create_parent=primary) if primary else _no_lock():
         if primary:
-            _clean_leftovers(target, marker, owned=owned)
+            clean_leftovers(target, marker, owned=owned)
             _check_replaceable(target, marker, owned=owned, kind=kind)  # again: another writer
             tmp.mkdir()
-        _sync(f"minilora_jax: created {tmp}")
+        sync_processes(f"minilora_jax: created {tmp}")
         try:
             write(tmp)
-            _sync(f"minilora_jax: wrote {tmp}")
+            sync_processes(f"minilora_jax: wrote {tmp}")
             if primary:
                 _fsync_dir(tmp)
                 if target.exists():
@@ -112,7 +112,7 @@ def _replace_directory(
                 else:
                     os.replace(tmp, target)
                 _fsync_dir(target.parent)
-            _sync(f"minilora_jax: renamed {tmp}")
+            sync_processes(f"minilora_jax: renamed {tmp}")
         finally:
             if primary and tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -136,7 +136,7 @@ def _check_replaceable(
             )
 
 
-def _leftovers(target: FilePath, marker: str = METADATA_FILE) -> list[FilePath]:
+def leftover_dirs(target: FilePath, marker: str = METADATA_FILE) -> list[FilePath]:
     """The ``.<name>.tmp-*`` and ``.<name>.old-*`` directories beside ``target``, oldest first."""
     pattern = re.compile(re.escape(f".{target.name}.") + r"(tmp|old)-[0-9a-f]+")
     try:
@@ -153,7 +153,7 @@ def _mtime(path: FilePath, marker: str = METADATA_FILE) -> float:
         return -1.0
 
 
-def _clean_leftovers(
+def clean_leftovers(
     target: FilePath,
     marker: str = METADATA_FILE,
     *,
@@ -163,7 +163,7 @@ def _clean_leftovers(
     (``owned``, by default holding ``marker``) if ``target`` is missing. Only with the writers'
     lock held."""
     owned, _ = _owner(marker, owned, None)
-    found = _leftovers(target, marker)
+    found = leftover_dirs(target, marker)
     aside = [p for p in found if ".old-" in p.name and owned(p)]
     if aside and not target.exists():
         os.replace(aside[-1], target)  # the newest complete one
@@ -173,13 +173,13 @@ def _clean_leftovers(
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _recover(target: FilePath, marker: str = METADATA_FILE) -> None:
-    """`_clean_leftovers` if there are leftovers and no writer holds the lock (never waits)."""
-    if not _leftovers(target, marker):
+def recover(target: FilePath, marker: str = METADATA_FILE) -> None:
+    """`clean_leftovers` if there are leftovers and no writer holds the lock (never waits)."""
+    if not leftover_dirs(target, marker):
         return
-    with _locked(target, blocking=False) as held:
+    with locked(target, blocking=False) as held:
         if held:
-            _clean_leftovers(target, marker)
+            clean_leftovers(target, marker)
 
 
 @contextmanager
@@ -188,7 +188,7 @@ def _no_lock() -> Iterator[bool]:
 
 
 @contextmanager
-def _locked(
+def locked(
     target: FilePath, *, blocking: bool = True, create_parent: bool = False
 ) -> Iterator[bool]:
     """Holds the writers' lock of ``target`` (``flock`` on ``.<name>.lock`` beside it).
@@ -208,7 +208,7 @@ def _locked(
 
 
 def _acquire(path: FilePath, *, blocking: bool) -> int | None:
-    """An open, ``flock``-ed descriptor of the lock file ``path``, or None (see `_locked`)."""
+    """An open, ``flock``-ed descriptor of the lock file ``path``, or None (see `locked`)."""
     if fcntl is None:
         return None
     while True:
@@ -273,7 +273,7 @@ def lock_run(root: str | os.PathLike) -> Iterator[FilePath]:
       ...     held.is_dir()
       True
     """
-    root = _local(root)
+    root = local_path(root)
     root.mkdir(parents=True, exist_ok=True)
     path = root / RUN_LOCK
     fd = _acquire(path, blocking=False)
@@ -299,7 +299,7 @@ def _shared_token() -> str:
     return token.tobytes().hex()
 
 
-def _shared_int(value: int | None) -> int | None:
+def shared_int(value: int | None) -> int | None:
     """Process 0's ``value`` (a non-negative int or None), in every process of a job."""
     from jax.experimental import multihost_utils
 
@@ -308,7 +308,7 @@ def _shared_int(value: int | None) -> int | None:
     return None if got < 0 else got
 
 
-def _sync(name: str) -> None:
+def sync_processes(name: str) -> None:
     """A barrier across the processes of a multi-process job; nothing in a single process."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -316,7 +316,7 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _local(directory: str | os.PathLike) -> FilePath:
+def local_path(directory: str | os.PathLike) -> FilePath:
     """``directory`` as an absolute local path; a URL is refused rather than mangled."""
     if "://" in os.fspath(directory):
         raise ValueError(

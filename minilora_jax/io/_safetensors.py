@@ -91,7 +91,7 @@ def _verify(
             )
 
 
-def _read_safetensors(file: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_with_metadata(file: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """`read_safetensors`, and the file's header metadata."""
     from safetensors import safe_open
     from safetensors.numpy import load_file
@@ -149,7 +149,7 @@ def read_safetensors(file: str | os.PathLike) -> dict[str, np.ndarray]:
       ...
       ValueError: ...w.safetensors: tensor 'a' float32[2, 3] does not match its sha256 checksum...
     """
-    return _read_safetensors(file)[0]
+    return read_with_metadata(file)[0]
 
 
 def write_safetensors(
@@ -198,7 +198,7 @@ def write_safetensors(
         tmp.unlink(missing_ok=True)
 
 
-def _write_json(file: FilePath, document: Any) -> None:
+def write_json(file: FilePath, document: Any) -> None:
     tmp = file.with_name(f".{file.name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
         tmp.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")

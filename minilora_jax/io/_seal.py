@@ -70,7 +70,7 @@ def _is_whole(box: Box, shape: tuple[int, ...]) -> bool:
     return all(start == 0 and stop == size for (start, stop), size in zip(box, shape, strict=True))
 
 
-def _host_values(x: Any) -> np.ndarray | None:
+def host_values(x: Any) -> np.ndarray | None:
     """``x``'s values on this host if they are all here, else None (abstract, traced, split)."""
     if isinstance(x, jax.Array):
         if not x.is_fully_addressable:
@@ -108,7 +108,7 @@ def seal(arrays: Sequence[Any]) -> list[Any]:
     out: list[Any] = [None] * len(arrays)
     blocks: list[tuple[int, Box]] = []  # (array position, box), over all split arrays
     for i, x in enumerate(arrays):
-        values = _host_values(x)
+        values = host_values(x)
         if values is not None:
             out[i] = _text(_digest(values))
         elif _is_split(x):
@@ -161,7 +161,7 @@ def globalize(arrays: Sequence[Any], names: Sequence[str]) -> list[Any]:
     for i, x in enumerate(arrays):
         if isinstance(x, np.generic):
             x = np.asarray(x)
-        values = _host_values(x)
+        values = host_values(x)
         if values is None:
             continue
         local[i] = values
@@ -214,7 +214,7 @@ def check(arrays: Sequence[Any], seals: Sequence[Any]) -> list[bool]:
                  bytes.fromhex(block["sha256"].removeprefix("sha256:")))
                 for block in want["blocks"]
             ]  # fmt: skip
-        values = _host_values(x)
+        values = host_values(x)
         if values is not None:
             ok[i] = all(_digest(values[_slices(box)]) == digest for box, digest in blocks)
         else:

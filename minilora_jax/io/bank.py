@@ -24,9 +24,9 @@ from minilora_jax._variants import require
 from minilora_jax.io._files import (
     BANK_FILE,
     METADATA_FILE,
-    _file_bytes,
-    _leftovers,
-    _replace_directory,
+    file_bytes,
+    leftover_dirs,
+    replace_directory,
 )
 
 # bank.json, sealed (see `save`). Version 1 (written before banks were sealed) had only
@@ -112,10 +112,15 @@ def save(directory: str | os.PathLike, tree: Any, names: Sequence[str] | None = 
                          "names")
     if format not in ("orbax", "peft"):
         raise ValueError(f"format must be 'orbax' or 'peft', got {format!r}")
-    from minilora_jax.io.checkpoint import _checksum, _local, _write_metadata, save_adapters
+    from minilora_jax.io.checkpoint import (
+        document_checksum,
+        local_path,
+        save_adapters,
+        write_synced,
+    )
 
     adapters = [select(tree, n) for n in range(count)]
-    target = _local(directory)
+    target = local_path(directory)
 
     def write(tmp: FilePath) -> None:
         members = {}
@@ -130,11 +135,11 @@ def save(directory: str | os.PathLike, tree: Any, names: Sequence[str] | None = 
             members[name] = _member_sha256(member, format)
         document = {"format": format, "names": names, "bank_version": _BANK_VERSION,
                     "save_id": uuid.uuid4().hex, "members": members}
-        document["checksum"] = _checksum(document)
+        document["checksum"] = document_checksum(document)
         if jax.process_index() == 0:
-            _write_metadata(tmp / BANK_FILE, json.dumps(document, indent=1))
+            write_synced(tmp / BANK_FILE, json.dumps(document, indent=1))
 
-    _replace_directory(target, write, BANK_FILE)
+    replace_directory(target, write, BANK_FILE)
     return os.fspath(directory)
 
 
@@ -157,22 +162,22 @@ def load(directory: str | os.PathLike, base: Any, **load_kwargs: Any) -> tuple[A
         checksum, or a member does not match its recorded SHA-256; the message names the file.
       CheckpointChangedError: if other processes replaced the bank during every attempt.
     """
-    from minilora_jax.io.checkpoint import _local, _read_consistently
+    from minilora_jax.io.checkpoint import local_path, read_consistently
 
-    target = _local(directory)
-    return _read_consistently(target, lambda: _load_once(target, base, load_kwargs), BANK_FILE,
+    target = local_path(directory)
+    return read_consistently(target, lambda: _load_once(target, base, load_kwargs), BANK_FILE,
                               "bank")
 
 
 def _read_manifest(directory: FilePath) -> tuple[bytes, dict[str, Any]]:
-    """``bank.json``'s bytes and validated document; `_Changed` if a save is under way."""
-    from minilora_jax.io.checkpoint import _Changed, _checksum
+    """``bank.json``'s bytes and validated document; `Changed` if a save is under way."""
+    from minilora_jax.io.checkpoint import Changed, document_checksum
 
     path = directory / BANK_FILE
-    text = _file_bytes(directory / BANK_FILE)
+    text = file_bytes(directory / BANK_FILE)
     if text is None:
-        if _leftovers(directory, BANK_FILE):  # a save between its two renames, or a killed one
-            raise _Changed
+        if leftover_dirs(directory, BANK_FILE):  # a save between its two renames, or a killed one
+            raise Changed
         raise FileNotFoundError(f"{path} does not exist: not a bank saved by "
                                 "minilora_jax.bank.save")
     try:
@@ -183,7 +188,7 @@ def _read_manifest(directory: FilePath) -> tuple[bytes, dict[str, Any]]:
             or set(manifest) not in (_BANK_KEYS, _OLD_BANK_KEYS)):
         raise ValueError(f"{path} is not a bank manifest {{'format': 'orbax'|'peft', "
                          f"'names': [...], ...}}: {manifest!r}")
-    if set(manifest) == _BANK_KEYS and manifest["checksum"] != _checksum(manifest):
+    if set(manifest) == _BANK_KEYS and manifest["checksum"] != document_checksum(manifest):
         raise ValueError(f"{path} does not match its checksum: it was edited or corrupted; "
                          "save the bank again")
     names = _check_names(manifest["names"], None, f"{path}'s 'names'")
@@ -200,19 +205,19 @@ def _read_manifest(directory: FilePath) -> tuple[bytes, dict[str, Any]]:
 
 
 def _load_once(directory: FilePath, base: Any, load_kwargs: Any) -> tuple[Any, list[str]]:
-    """One attempt of `load`; raises `_Changed` if a save replaced ``directory`` meanwhile."""
-    from minilora_jax.io.checkpoint import _Changed
+    """One attempt of `load`; raises `Changed` if a save replaced ``directory`` meanwhile."""
+    from minilora_jax.io.checkpoint import Changed
 
     text, manifest = _read_manifest(directory)
     try:
         result = _load_members(directory, manifest, base, load_kwargs)
     except Exception:
-        if _file_bytes(directory / BANK_FILE) != text:
-            raise _Changed from None
+        if file_bytes(directory / BANK_FILE) != text:
+            raise Changed from None
         raise
     # every save writes a new save_id: none came between
-    if _file_bytes(directory / BANK_FILE) != text:
-        raise _Changed
+    if file_bytes(directory / BANK_FILE) != text:
+        raise Changed
     return result
 
 

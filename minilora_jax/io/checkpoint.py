@@ -155,20 +155,27 @@ from minilora_jax._variants import require
 from minilora_jax.io import _seal
 from minilora_jax.io._files import (
     METADATA_FILE,
-    _clean_leftovers,
-    _file_bytes,
-    _leftovers,
-    _local,
-    _locked,
-    _recover,
-    _replace_directory,
-    _shared_int,
-    _sync,
+    clean_leftovers,
+    file_bytes,
+    leftover_dirs,
+    local_path,
+    locked,
+    recover,
+    replace_directory,
+    shared_int,
+    sync_processes,
 )
 
 # Re-exported: `lock_run` is public (`mlj.lock_run` loads it from here); RUN_LOCK is its file.
 from minilora_jax.io._files import RUN_LOCK as RUN_LOCK
 from minilora_jax.io._files import lock_run as lock_run
+
+# The public names (`mlj.save_adapters` and the rest load from here); the other names without an
+# underscore are shared with the rest of `minilora_jax.io` (`bank`), not an interface for users.
+__all__ = [
+    "RUN_LOCK", "CheckpointChangedError", "abstract_base", "latest_step", "load_adapters",
+    "lock_run", "read_metadata", "save_adapters", "save_step",
+]
 
 FORMAT = "minilora_jax.adapters"
 # The one format every save writes. Files of versions 1-6 are read through `_upgrade`.
@@ -216,7 +223,7 @@ class CheckpointChangedError(RuntimeError):
     """A checkpoint was replaced by another process during every attempt to read it."""
 
 
-class _Changed(Exception):
+class Changed(Exception):
     """Raised inside one read attempt: ``minilora.json`` changed (or vanished) meanwhile."""
 
 
@@ -314,7 +321,7 @@ def save_adapters(
     require("save", zip(names, leaves, strict=True), "save_adapters")
     nodes = _adapters_to_save(names, leaves)
     full = _full_leaves(names, leaves)
-    target_dir = _local(directory)
+    target_dir = local_path(directory)
     entries, state_arrays = _flatten_state(state) if state is not None else (None, {})
     for path in full:
         if path in nodes:
@@ -346,9 +353,9 @@ def save_adapters(
         if state_values:
             _write_arrays(tmp / STATE_DIR, state_values)
         if jax.process_index() == 0:
-            _write_metadata(tmp / METADATA_FILE, text)
+            write_synced(tmp / METADATA_FILE, text)
 
-    _replace_directory(target_dir, write)
+    replace_directory(target_dir, write)
     return target_dir
 
 
@@ -455,7 +462,7 @@ def _document_text(
         document = json.loads(json.dumps(document, allow_nan=False))
     except (TypeError, ValueError) as e:
         raise ValueError(f"metadata must be JSON-serialisable (no NaN/Inf): {e}") from e
-    document["checksum"] = _checksum(document)
+    document["checksum"] = document_checksum(document)
     return json.dumps(document, indent=2)
 
 
@@ -555,8 +562,8 @@ def load_adapters(
       >>> bool(got["key"] == state["key"]), got["opt"][0].mu["dense"]["kernel"].lora_a.shape
       (True, (4, 2))
     """
-    directory = _local(directory)
-    return _read_consistently(
+    directory = local_path(directory)
+    return read_consistently(
         directory,
         lambda: _load_once(directory, base_tree, state, shardings, check_base_values),
     )
@@ -565,16 +572,16 @@ def load_adapters(
 def _load_once(
     directory: FilePath, base_tree: Any, state: Any, shardings: Any, check_base_values: bool
 ) -> Any:
-    """One attempt of `load_adapters`; raises `_Changed` if a save replaced ``directory``."""
+    """One attempt of `load_adapters`; raises `Changed` if a save replaced ``directory``."""
     text, info = _read_document(directory)
     try:
         result = _load_document(directory, info, base_tree, state, shardings, check_base_values)
     except Exception:
-        if _file_bytes(directory / METADATA_FILE) != text:
-            raise _Changed from None
+        if file_bytes(directory / METADATA_FILE) != text:
+            raise Changed from None
         raise
-    if _file_bytes(directory / METADATA_FILE) != text:
-        raise _Changed
+    if file_bytes(directory / METADATA_FILE) != text:
+        raise Changed
     return result
 
 
@@ -946,18 +953,18 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
       >>> record["rank"], record["layout"]
       (2, {'in': [0], 'out': [1], 'batch': []})
     """
-    directory = _local(directory)
-    info = _read_consistently(directory, lambda: _read_document(directory)[1])
+    directory = local_path(directory)
+    info = read_consistently(directory, lambda: _read_document(directory)[1])
     return {key: value for key, value in info.items() if key != _LAYER_PATHS}
 
 
 def _read_document(directory: FilePath) -> tuple[bytes, dict[str, Any]]:
-    """``minilora.json``'s bytes and validated document; `_Changed` if a save is under way."""
+    """``minilora.json``'s bytes and validated document; `Changed` if a save is under way."""
     file = directory / METADATA_FILE
-    text = _file_bytes(directory / METADATA_FILE)
+    text = file_bytes(directory / METADATA_FILE)
     if text is None:
-        if _leftovers(directory):  # a save between its two renames, or a killed one
-            raise _Changed
+        if leftover_dirs(directory):  # a save between its two renames, or a killed one
+            raise Changed
         if not directory.exists():
             raise FileNotFoundError(f"adapter checkpoint directory not found: {directory}")
         raise FileNotFoundError(
@@ -971,30 +978,30 @@ def _read_document(directory: FilePath) -> tuple[bytes, dict[str, Any]]:
     return text, _parse(file, info)
 
 
-def _read_consistently(
+def read_consistently(
     directory: FilePath, read: Callable[[], Any], marker: str = METADATA_FILE,
     what: str = "adapter checkpoint",
 ) -> Any:
-    """``read()`` until no save interfered (`_Changed`); the last attempt under the lock.
+    """``read()`` until no save interfered (`Changed`); the last attempt under the lock.
 
     Each attempt first recovers what killed saves left, if no writer holds the lock. ``marker``
     is the file that makes a saved directory complete (``minilora.json``, a bank's
     ``bank.json``).
     """
     for attempt in range(_READ_ATTEMPTS - 1):
-        _recover(directory, marker)
+        recover(directory, marker)
         try:
             return read()
-        except _Changed:
+        except Changed:
             time.sleep(random.uniform(0.01, 0.05) * 2**attempt)
     try:
-        with _locked(directory) as held:
+        with locked(directory) as held:
             if held:
-                _clean_leftovers(directory, marker)
+                clean_leftovers(directory, marker)
             return read()
-    except _Changed:
+    except Changed:
         pass
-    aside = _leftovers(directory, marker)
+    aside = leftover_dirs(directory, marker)
     if not directory.exists() and aside:
         raise FileNotFoundError(
             f"{what} directory not found: {directory}; a save was interrupted and left the "
@@ -1099,11 +1106,11 @@ def save_step(
     step = index
     if keep is not None and (not _is_int(keep) or keep < 1):
         raise ValueError(f"keep must be a positive integer or None, got {keep!r}")
-    root = _local(root)
+    root = local_path(root)
     path = save_adapters(root / str(step), tree, metadata=metadata, state=state)
     if jax.process_index() == 0:
         _prune(root, step, keep)
-    _sync(f"minilora_jax.save_step {root} {step}")
+    sync_processes(f"minilora_jax.save_step {root} {step}")
     return path
 
 
@@ -1121,13 +1128,13 @@ def latest_step(root: str | os.PathLike) -> int | None:
       >>> latest_step(tempfile.mkdtemp()), latest_step("/nonexistent/run")
       (None, None)
     """
-    root = _local(root)
+    root = local_path(root)
     found = None
     if jax.process_index() == 0:
         _recover_steps(root)
         found = max(_steps(root), default=None)
     if jax.process_count() > 1:
-        found = _shared_int(found)
+        found = shared_int(found)
     return found
 
 
@@ -1143,7 +1150,7 @@ def _steps(root: FilePath) -> list[int]:
 
 
 def _recover_steps(root: FilePath) -> None:
-    """`_recover` for each step that killed saves left debris of in ``root``."""
+    """`recover` for each step that killed saves left debris of in ``root``."""
     try:
         names = [p.name for p in root.iterdir()]
     except OSError:
@@ -1155,9 +1162,9 @@ def _recover_steps(root: FilePath) -> None:
             steps.add(match.group(1))
     for step in sorted(steps):
         # Taking the lock also removes a lock file that a killed save left behind.
-        with _locked(root / step, blocking=False) as held:
+        with locked(root / step, blocking=False) as held:
             if held:
-                _clean_leftovers(root / step)
+                clean_leftovers(root / step)
 
 
 def _prune(root: FilePath, saved: int, keep: int | None) -> None:
@@ -1361,7 +1368,7 @@ def _check_written(file: FilePath, info: Any, bad: Callable[[str], ValueError]) 
     if version >= SEALED_FORMAT_VERSION:
         given_sum = info.get("checksum")
         try:
-            expected_sum = _checksum(info)
+            expected_sum = document_checksum(info)
         except ValueError as e:  # NaN or Infinity, which json.loads accepts
             raise bad(str(e)) from e
         if given_sum != expected_sum:
@@ -1726,7 +1733,7 @@ def _validate_quantized(value: Any, where: str, bad: Callable[[str], ValueError]
         )
 
 
-def _checksum(document: Mapping[str, Any]) -> str:
+def document_checksum(document: Mapping[str, Any]) -> str:
     """SHA-256 of the canonical JSON of ``document`` without its ``checksum`` field."""
     body = {key: value for key, value in document.items() if key != "checksum"}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
@@ -1735,7 +1742,7 @@ def _checksum(document: Mapping[str, Any]) -> str:
 
 def _sha256(x: Any) -> str | None:
     """SHA-256 of an array's bytes (C order); None if it is abstract or not all here."""
-    values = _seal._host_values(x)
+    values = _seal.host_values(x)
     if values is None:
         return None
     data = np.ascontiguousarray(values).reshape(-1)
@@ -1772,7 +1779,7 @@ def _validate_state(entries: Any, bad: Callable[[str], ValueError]) -> None:
             raise bad(f"{where}['key_impl'] is {entry['key_impl']!r}, expected a string")
 
 
-def _write_metadata(file: FilePath, text: str) -> None:
+def write_synced(file: FilePath, text: str) -> None:
     with open(file, "w") as f:
         f.write(text)
         f.flush()

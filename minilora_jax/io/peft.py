@@ -171,14 +171,23 @@ from minilora_jax._variants import require
 from minilora_jax.io._safetensors import CHECKSUM_KEY as CHECKSUM_KEY
 from minilora_jax.io._safetensors import (
     SCALES_KEY,
-    _read_safetensors,
-    _write_json,
+    read_with_metadata,
+    write_json,
     write_safetensors,
 )
 from minilora_jax.io._safetensors import read_safetensors as read_safetensors
 from minilora_jax.io._safetensors import tensor_digest as tensor_digest
 from minilora_jax.io.zoo import Fused, ModuleMap
 from minilora_jax.pissa import RESIDUAL_INITS, residual_base
+
+# The public names of `mlj.peft`; the other names without an underscore are shared with the
+# rest of `minilora_jax.io` (`zoo`), not an interface for users.
+__all__ = [
+    "CHECKSUM_KEY", "CONFIG_FILE", "FieldRule", "KEY_PREFIX", "ModuleNames", "PICKLE_FILES",
+    "TorchAdapter", "WEIGHTS_FILE", "from_torch", "full_to_torch", "load", "module_name",
+    "read", "read_safetensors", "save", "tensor_digest", "to_torch", "write",
+    "write_safetensors",
+]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -245,7 +254,7 @@ def module_name(path: str) -> str:
     return "model." + ".".join(parts)
 
 
-def _layer_path(path: str) -> str:
+def layer_path(path: str) -> str:
     # The module that owns the kernel; a leaf at the root has no owner but itself.
     return path.rsplit("/", 1)[0] if "/" in path else path
 
@@ -288,7 +297,7 @@ def _linears(
     it holds none.
 
     A kernel with one in and one out axis is one Linear (index None); with ``flatten`` (a
-    `ModuleMap` that says so) so is one with several, over its axes flattened (`_flat_kernel`).
+    `ModuleMap` that says so) so is one with several, over its axes flattened (`flat_kernel`).
     With one batch axis as well, under a ``layers`` path component, it is an ``nn.scan`` stack
     of them, named unrolled: ``layers/q/kernel`` -> ``layers_0/q``, ``layers_1/q``...
     """
@@ -303,7 +312,7 @@ def _linears(
             "(targets=/exclude=) to export the others, or, if the torch weight is this kernel "
             "reshaped, pass module_names=a minilora_jax.peft.ModuleMap with flatten=True"
         )
-    layer = _layer_path(path)
+    layer = layer_path(path)
     if not layout.batch_axes:
         return [(layer, None)]
     parts = layer.split("/")
@@ -344,11 +353,11 @@ def _drop_axis(layout: Layout, axis: int) -> Layout:
     return Layout(keep(layout.in_axes), keep(layout.out_axes), keep(layout.batch_axes))
 
 
-def _split(path: str, shape: tuple[int, ...], layout: Layout, namer: Callable[[str], Any],
+def split_kernel(path: str, shape: tuple[int, ...], layout: Layout, namer: Callable[[str], Any],
            flatten: bool) -> _Split | str:
     """The torch Linears the kernel at ``path`` holds (`_linears`, or a `Fused` rule's slices),
     or why it holds none."""
-    layer = _layer_path(path)
+    layer = layer_path(path)
     rule = namer(layer) if isinstance(namer, ModuleMap) else None
     if not isinstance(rule, Fused):
         linears = _linears(path, shape, layout, flatten)
@@ -414,7 +423,7 @@ def _order(axes: tuple[int, ...]) -> list[int]:
     return sorted(range(len(axes)), key=lambda k: axes[k])
 
 
-def _flat_kernel(kernel: np.ndarray, layout: Layout) -> np.ndarray:
+def flat_kernel(kernel: np.ndarray, layout: Layout) -> np.ndarray:
     """An unbatched kernel as the torch weight transposed, ``(in, out)``: its in and its out
     axes each flattened row-major in stored order (what a loader's reshape undoes)."""
     ins = sorted(layout.in_axes)
@@ -579,7 +588,7 @@ def to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, TorchA
         )
     for path, node in found:
         shape = _kernel_shape(path, node)
-        split = _split(path, shape, node.layout, namer, flat)
+        split = split_kernel(path, shape, node.layout, namer, flat)
         if isinstance(split, str):
             raise ValueError(
                 f"cannot export the adapter at '{path}' to PEFT "
@@ -765,7 +774,7 @@ def _candidates(kernels: Mapping[str, Any], others: Mapping[str, tuple[tuple[int
                 "'kernel' is known to be (in, out)); pass apply_fn= (and args=)"
             )
             continue
-        split = _split(path, kernel.shape, kernel.layout, namer, flat)
+        split = split_kernel(path, kernel.shape, kernel.layout, namer, flat)
         if isinstance(split, str):
             unusable[path] = _not_linear(kernel.shape, kernel.layout, split)
             continue
@@ -1037,12 +1046,12 @@ def full_to_torch(tree: Any, *, module_names: ModuleNames = None) -> dict[str, n
     paths, leaves, _ = flatten(tree)
     layers: dict[str, list[tuple[str, Any]]] = {}
     for path, leaf in zip(paths, leaves, strict=True):
-        layers.setdefault(_layer_path(path), []).append((path, leaf))
+        layers.setdefault(layer_path(path), []).append((path, leaf))
     out: dict[str, np.ndarray] = {}
     for path, leaf in zip(paths, leaves, strict=True):
         if not is_full(leaf):
             continue
-        layer = _layer_path(path)
+        layer = layer_path(path)
         for other, sibling in layers[layer]:
             if is_lora(sibling) or is_bank(sibling):
                 raise ValueError(
@@ -1088,7 +1097,7 @@ def _attach_full(
     paths, leaves, treedef = flatten(tree)
     used = set()
     for i, (path, leaf) in enumerate(zip(paths, leaves, strict=True)):
-        layer = _layer_path(path)
+        layer = layer_path(path)
         try:
             module = namer(layer)
         except Exception:  # a user's module_names may not know this leaf: not a torch module
@@ -1143,7 +1152,7 @@ def _missing(
     """The error for a module that no usable kernel of the base is named as."""
     for path, why in unusable.items():
         try:
-            named = namer(_layer_path(path))
+            named = namer(layer_path(path))
         except Exception:  # a user's module_names may not know this leaf; only the message suffers
             continue
         if named == name or isinstance(named, Fused) and name in named.names:
@@ -1585,7 +1594,7 @@ def _read(directory: str | os.PathLike) -> tuple[dict[str, TorchAdapter], Any]:
             raise FileNotFoundError(f"PEFT adapter directory not found: {directory}")
     config_file = directory / CONFIG_FILE
     config = _read_config(config_file)
-    tensors, metadata = _read_safetensors(weights)
+    tensors, metadata = read_with_metadata(weights)
 
     halves, full = _group_tensors(weights, config, tensors)
     out = {name: _module_adapter(weights, config_file, config, name, pair)
@@ -1827,7 +1836,7 @@ def write(
     directory.mkdir(parents=True, exist_ok=True)
     # Weights first: a directory whose config is new is then never paired with old weights.
     write_safetensors(directory / WEIGHTS_FILE, tensors, {SCALES_KEY: json.dumps(scales)})
-    _write_json(directory / CONFIG_FILE, config)
+    write_json(directory / CONFIG_FILE, config)
 
 
 def save(
@@ -1938,12 +1947,12 @@ def load(
     names, leaves, _ = flatten(loaded)
     new = [p for p, leaf in zip(names, leaves, strict=True) if is_lora(leaf) and p not in had]
     if isinstance(module_names, ModuleMap):
-        fused = [p for p in new if isinstance(module_names(_layer_path(p)), Fused)]
+        fused = [p for p in new if isinstance(module_names(layer_path(p)), Fused)]
         if fused:
             raise ValueError(
                 f"{directory / CONFIG_FILE}: 'init_lora_weights' {init!r} makes PEFT derive each "
                 f"module's residual from its own weight, but '{fused[0]}' fuses the modules "
-                f"{list(module_names(_layer_path(fused[0])).names)}; a fused kernel's residual "
+                f"{list(module_names(layer_path(fused[0])).names)}; a fused kernel's residual "
                 "is not verified against PEFT: refused (convert the adapter to a plain LoRA in "
                 "PEFT first)"
             )

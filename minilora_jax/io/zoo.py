@@ -257,12 +257,12 @@ def check(module_map: ModuleMap, tree: Any, hf_weights: Mapping[str, Any] | str 
         kernel of ``tree``.
     """
     from minilora_jax._adapters import find_kernels
-    from minilora_jax.io.peft import _flat_kernel, _layer_path, _split
+    from minilora_jax.io.peft import flat_kernel, layer_path, split_kernel
 
     weights = _hf_weights(hf_weights)
     kernels, others = find_kernels(tree, apply_fn, args, kwargs, None)
     for path, (shape, why) in sorted(others.items()):
-        if (name := module_map(_layer_path(path))) is not None:
+        if (name := module_map(layer_path(path))) is not None:
             raise ValueError(
                 f"{module_map.family}: '{path}' {shape} is named {name!r}, but it is not a "
                 f"kernel minilora_jax can read: {why}"
@@ -272,7 +272,7 @@ def check(module_map: ModuleMap, tree: Any, hf_weights: Mapping[str, Any] | str 
     values = dict(zip(*flatten(tree)[:2], strict=True))
     checked = []
     for path, kernel in sorted(kernels.items()):
-        rule = module_map(_layer_path(path))
+        rule = module_map(layer_path(path))
         if rule is None:
             continue
         if kernel.layout is None:
@@ -280,7 +280,7 @@ def check(module_map: ModuleMap, tree: Any, hf_weights: Mapping[str, Any] | str 
                 f"{module_map.family}: '{path}' {kernel.shape} is named {rule!r}, but its layout "
                 "is unknown: pass apply_fn= and args="
             )
-        split = _split(path, kernel.shape, kernel.layout, module_map, module_map.flatten)
+        split = split_kernel(path, kernel.shape, kernel.layout, module_map, module_map.flatten)
         if isinstance(split, str) or any(m.index is not None for m in split.modules):
             raise ValueError(
                 f"{module_map.family}: '{path}' {kernel.shape} is named {rule!r}, but "
@@ -296,7 +296,7 @@ def check(module_map: ModuleMap, tree: Any, hf_weights: Mapping[str, Any] | str 
                     f"weights have no '{key}'"
                 )
             part = value if m.fused is None else np.take(value, m.fused, axis=split.axis)
-            ours = _flat_kernel(part, split.part)
+            ours = flat_kernel(part, split.part)
             theirs = np.asarray(weights[key], dtype=np.float32).T
             where = f"'{path}'" + ("" if m.fused is None else f" slice {m.fused} on axis "
                                                                f"{split.axis}")
