@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minilora_jax import _jax, _lookup, _variants, _views
+from minilora_jax import _banked, _jax, _lookup, _variants, _views
 from minilora_jax._lora import Layout, is_adapter, is_bank, is_full
 from minilora_jax._tree import flatten
 
@@ -47,9 +47,6 @@ _PASS_THROUGH = {
     "mesh_cast",
     "reshard",
 }
-# Route a bank with one-hot weights when that costs at most this many extra rows' worth of
-# adapter multiply-adds per example (rows * (N - 1)); else gather. See `_bank_factors`.
-_ONE_HOT_MAX_EXTRA_ROWS = 32
 _INLINE = {"jit", "pjit", "closed_call", "core_call"}
 _REMAT = {"remat2", "checkpoint", "remat"}
 
@@ -82,13 +79,13 @@ class Arrays:
     # extra leading "n" label: the adapter axis.
     scales: Any = None
     ranks: Any = None
-    # A bank's (N,) flags: adapter n holds NaN/Inf in a live component (see `_clean_bank`).
+    # A bank's (N,) flags: adapter n holds NaN/Inf in a live component (see `_banked.clean_bank`).
     broken: Any = None
     # DoRA's magnitude (*batch, *out) and its labels; None for plain LoRA and for banks.
     magnitude: Any = None
     m_labels: tuple[Any, ...] = ()
-    # The `minilora_jax._variants.Variant` whose ``contract`` computes this adapter's
-    # contractions (DoRA's); None for plain LoRA and for banks.
+    # The `minilora_jax._variants.Variant` whose hooks compute this adapter's contractions
+    # (DoRA's ``contract``, a bank's ``factors``/``leading``); plain LoRA's has none.
     variant: Any = None
 
 
@@ -241,11 +238,11 @@ class Interpreter:
         self.dropout = dropout
         self.count = 0
         # The example's adapter in a bank (a scalar, batched by the caller's vmap), and how to
-        # apply it: see `_bank_factors`.
+        # apply it: see `minilora_jax._banked.factors`.
         self.adapter_id = adapter_id
         self.method = method
         # routing="leading_axis": every example's adapter, examples on the leading axis of each
-        # adapted contraction's input (see `_leading_low_rank`).
+        # adapted contraction's input (see `minilora_jax._banked.leading_low_rank`).
         self.example_ids = example_ids
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -519,15 +516,16 @@ class Interpreter:
         nb, nc = len(kb), len(kc)
         precision = eqn.params.get("precision")
         preferred = eqn.params.get("preferred_element_type")
-        if arrays.scales is None:
+        variant = arrays.variant
+        if variant is None or variant.factors is None:
             a, b, a_labels, b_labels, rank_group = arrays.a, arrays.b, arrays.a_labels, \
                 arrays.b_labels, ("r",)
             weights = arrays.scale
         elif self.example_ids is not None:
-            return self._leading_low_rank(site, x.astype(dtype), dtype, precision, preferred)
+            return variant.leading(self, site, x.astype(dtype), dtype, precision, preferred)
         else:
             rows = math.prod(x.shape[j] for j in range(x.ndim) if j not in xc and j not in xb)
-            a, b, a_labels, b_labels, rank_group, weights = self._bank_factors(arrays, rows)
+            a, b, a_labels, b_labels, rank_group, weights = variant.factors(self, arrays, rows)
         if arrays.layout.batch_axes != () and any(
             axis in arrays.layout.batch_axes for j in kf for axis in groups[j]
         ):
@@ -544,7 +542,7 @@ class Interpreter:
         )
         # Scaling the rank-r intermediate costs r multiplies per row instead of d_out.
         if isinstance(weights, tuple):
-            xa = _masked(xa, *weights).astype(dtype)
+            xa = _banked.masked(xa, *weights).astype(dtype)
         elif weights != 1.0:
             xa = (xa * jnp.asarray(weights, xa.dtype)).astype(dtype)
         return jax.lax.dot_general(
@@ -590,97 +588,6 @@ class Interpreter:
             precision=precision, preferred_element_type=preferred)
         free = [nb + ke.index(j) if j in ke else nb + ne + nx + ko.index(j) for j in kf]
         return jnp.transpose(out, [*range(nb), *range(nb + ne, nb + ne + nx), *free])
-
-    def _leading_low_rank(self, site, x, dtype, precision, preferred):
-        """A bank's low-rank term for a whole batch whose examples run along the leading axis of
-        this contraction's input (``routing="leading_axis"``): example ``e`` through adapter
-        ``example_ids[e]``, without a vmap. Output axes: (batch, x free, out), as `_low_rank`.
-        """
-        arrays, view = site.arrays, site.view
-        kc, xc, kb, xb, kf = site.dot.kc, site.dot.xc, site.dot.kb, site.dot.xb, site.dot.kf
-        ids = jnp.asarray(self.example_ids, jnp.int32)
-        count = int(ids.shape[0])
-        if 0 in xc or 0 in xb or x.ndim == 0 or x.shape[0] != count:
-            raise RoutingError(
-                f"routing='leading_axis' needs the input of every adapted contraction to have its "
-                f"examples on its leading axis ({count} of them, one per adapter id), but the "
-                f"input contracted with the kernel at '{self.names[view.src]}' has shape "
-                f"{tuple(x.shape)}"
-                + (" and its leading axis is contracted" if 0 in xc or 0 in xb else "")
-                + "; use the default routing='vmap', which makes no such assumption"
-            )
-        groups = view.groups
-        nb, nc = len(kb), len(kc)
-        n_axis = arrays.a_labels.index("n")
-        n, r = arrays.a.shape[n_axis], arrays.a.shape[-1]
-        rows = math.prod(x.shape[j] for j in range(1, x.ndim) if j not in xc and j not in xb)
-        if self._choose(rows, n) == "one_hot":
-            a = arrange(arrays.a, arrays.a_labels, [groups[j] for j in kb + kc] + [("n", "r")])
-            b = arrange(arrays.b, arrays.b_labels, [groups[j] for j in kb] + [("n", "r")] +
-                         [groups[j] for j in kf])
-            xa = jax.lax.dot_general(
-                x, a.astype(dtype), ((xc, tuple(range(nb, nb + nc))), (xb, tuple(range(nb)))),
-                precision=precision, preferred_element_type=preferred)
-            keep, scale, fill = _one_hot_weights(arrays, ids, n, r)
-            # xa: (kb..., x free with the example axis first..., n * r)
-            shape = [1] * xa.ndim
-            shape[nb] = count
-            xa = _masked(xa, keep.reshape((*shape[:-1], n * r)), scale,
-                         fill.reshape(shape)).astype(dtype)
-            return jax.lax.dot_general(
-                xa, b.astype(dtype), (((xa.ndim - 1,), (nb,)), (tuple(range(nb)),) * 2),
-                precision=precision, preferred_element_type=preferred)
-        keep, scale, fill, safe = _gather_weights(arrays, ids, n, r)
-        relabel = lambda labels: tuple("e" if lbl == "n" else lbl for lbl in labels)  # noqa: E731
-        a_labels, b_labels = relabel(arrays.a_labels), relabel(arrays.b_labels)
-        a = arrange(jnp.take(arrays.a, safe, axis=n_axis), a_labels,
-                     [("e",)] + [groups[j] for j in kb + kc] + [("r",)])
-        b = arrange(jnp.take(arrays.b, safe, axis=arrays.b_labels.index("n")), b_labels,
-                     [("e",)] + [groups[j] for j in kb] + [("r",)] + [groups[j] for j in kf])
-        xa = jax.lax.dot_general(
-            x, a.astype(dtype),
-            ((xc, tuple(range(1 + nb, 1 + nb + nc))), ((0, *xb), tuple(range(1 + nb)))),
-            precision=precision, preferred_element_type=preferred)
-        shape = (count,) + (1,) * (xa.ndim - 2)
-        xa = _masked(xa, keep.reshape((*shape, r)), scale.reshape((*shape, 1)),
-                     fill.reshape((*shape, 1))).astype(dtype)
-        out = jax.lax.dot_general(
-            xa, b.astype(dtype), (((xa.ndim - 1,), (1 + nb,)), (tuple(range(1 + nb)),) * 2),
-            precision=precision, preferred_element_type=preferred)
-        # (example, kb..., other x free..., out...) -> (kb..., example, other x free..., out...)
-        return jnp.moveaxis(out, 0, nb)
-
-    def _bank_factors(self, arrays, rows):
-        """This example's factors from a bank, and the weight of each rank component.
-
-        ``gather`` takes adapter ``id``'s A and B (a copy per example; the work stays that of
-        one adapter): right when an example has many rows (prefill, training). ``one_hot``
-        multiplies by every adapter's A and B and zeroes all but one adapter's components: no
-        copy, ``N`` times the adapter's multiply-adds: right for a row or a few (decode). Both
-        give the same numbers; ``id = -1`` gives the base model, components at or past an
-        adapter's rank are dropped (padding is inert), and an id outside ``[-1, N)`` gives NaN
-        (see `_usable`). Every mask selects with ``jnp.where``: a zero weight times a NaN would
-        still be NaN.
-        """
-        n_axis = arrays.a_labels.index("n")
-        n, r = arrays.a.shape[n_axis], arrays.a.shape[-1]
-        idx = jnp.asarray(self.adapter_id, jnp.int32)
-        if self._choose(rows, n) == "gather":
-            keep, scale, fill, safe = _gather_weights(arrays, idx, n, r)
-            a = jnp.take(arrays.a, safe, axis=n_axis)
-            b = jnp.take(arrays.b, safe, axis=arrays.b_labels.index("n"))
-            drop = lambda labels: tuple(lbl for lbl in labels if lbl != "n")  # noqa: E731
-            return (a, b, drop(arrays.a_labels), drop(arrays.b_labels), ("r",),
-                    (keep, scale, fill))
-        weights = _one_hot_weights(arrays, idx, n, r)
-        return arrays.a, arrays.b, arrays.a_labels, arrays.b_labels, ("n", "r"), weights
-
-    def _choose(self, rows: int, n: int) -> str:
-        """``self.method``, with ``"auto"`` made ``one_hot`` when its extra multiply-adds
-        (``rows * (n - 1)`` rows' worth per example) are few, else ``gather``."""
-        if self.method != "auto":
-            return self.method
-        return "one_hot" if rows * (n - 1) <= _ONE_HOT_MAX_EXTRA_ROWS else "gather"
 
     # -- control flow --------------------------------------------------------------------------
 
@@ -809,64 +716,6 @@ class Interpreter:
                                  *[None] * n], scope, None)[0])
 
         return list(jax.lax.while_loop(cond_fun, body_fun, list(init)))
-
-
-def _usable(arrays: Arrays, ids: Any, n: int) -> tuple[Any, Any]:
-    """``(ok, fill)`` per id: ``ok`` False for an id outside ``[-1, N)`` or an adapter with
-    NaN/Inf in a live component (`Arrays.broken`), whose rows then hold ``fill`` = NaN in every
-    rank component (0 elsewhere). Under ``jit`` ids cannot be refused, so such rows are
-    poisoned rather than run through another adapter or none."""
-    safe = jnp.clip(ids, 0, n - 1)
-    ok = (ids == -1) | ((ids >= 0) & (ids < n) & ~arrays.broken[safe])
-    return ok, jnp.where(ok, 0.0, jnp.nan)
-
-
-def _gather_weights(arrays: Arrays, ids: Any, n: int, r: int) -> tuple[Any, Any, Any, Any]:
-    """``(keep (*ids, r), scale (*ids, 1), fill (*ids, 1), clipped ids)`` for gathering each
-    id's factors: its first ``ranks`` components kept, none for id -1 (the base model)."""
-    safe = jnp.clip(ids, 0, n - 1)
-    ok, fill = _usable(arrays, ids, n)
-    keep = (ok & (ids >= 0))[..., None] & (jnp.arange(r) < arrays.ranks[safe][..., None])
-    return keep, arrays.scales[safe][..., None], fill[..., None], safe
-
-
-def _one_hot_weights(arrays: Arrays, ids: Any, n: int, r: int) -> tuple[Any, Any, Any]:
-    """``(keep (*ids, n * r), scale (n * r,), fill (*ids, 1))`` over every adapter's
-    components: each id's live components kept, every other adapter's (and all for id -1)
-    dropped."""
-    ok, fill = _usable(arrays, ids, n)
-    chosen = (ids[..., None] == jnp.arange(n)) & ok[..., None]  # (*ids, n)
-    live = jnp.arange(r) < arrays.ranks[:, None]  # (n, r)
-    keep = (chosen[..., None] & live).reshape((*jnp.shape(ids), n * r))
-    return keep, jnp.repeat(arrays.scales, r), fill[..., None]
-
-
-def _masked(xa: Any, keep: Any, scale: Any, fill: Any) -> Any:
-    """``scale * xa`` where ``keep``, else ``fill``: selected, so a NaN or Inf in a dropped
-    component (padding, another adapter) never reaches the row, as ``0 * NaN`` would."""
-    return jnp.where(keep, xa * scale.astype(xa.dtype), fill.astype(xa.dtype))
-
-
-def _clean_bank(node: Any) -> tuple[Any, Any, Any]:
-    """A bank's ``(A, B, broken)``: A and B with padding and non-finite entries set to 0,
-    ``broken[n]`` True where adapter ``n`` had NaN/Inf in a live component.
-
-    One-hot routing contracts every row with every adapter's B (and its gradient with every
-    A): a NaN there would reach rows that do not use it (``0 * NaN``). Zeroed here, once per
-    call on the N * r factors; the rows of a broken adapter are poisoned instead (`_usable`),
-    so both methods give those rows NaN and every other row its exact value.
-    """
-    a, b, layout = node.lora_a, node.lora_b, node.layout
-    n, r = a.shape[0], a.shape[-1]
-    live = jnp.arange(r) < node.ranks[:, None]  # (n, r)
-    nb = len(layout.batch_axes)
-    a_live = live.reshape((n,) + (1,) * (a.ndim - 2) + (r,))
-    b_live = live.reshape((n,) + (1,) * nb + (r,) + (1,) * (b.ndim - 2 - nb))
-    a_bad, b_bad = a_live & ~jnp.isfinite(a), b_live & ~jnp.isfinite(b)
-    broken = (jnp.any(a_bad.reshape(n, -1), axis=1) | jnp.any(b_bad.reshape(n, -1), axis=1))
-    a = jnp.where(a_live & ~a_bad, a, jnp.zeros((), a.dtype))
-    b = jnp.where(b_live & ~b_bad, b, jnp.zeros((), b.dtype))
-    return a, b, broken
 
 
 def _is_drop(var: Any) -> bool:
@@ -1107,9 +956,9 @@ def apply(
 
     `Lora` nodes apply as they are; a `Bank` node applies its adapter ``adapter_id`` (a scalar:
     `minilora_jax.wrap` calls this once per example under ``jax.vmap``), with ``method``
-    ``"gather"``, ``"one_hot"`` or ``"auto"`` (see `Interpreter._bank_factors`). With
+    ``"gather"``, ``"one_hot"`` or ``"auto"`` (see `minilora_jax._banked.factors`). With
     ``example_ids`` instead (one per example), the whole batch runs at once, its examples on the
-    leading axis of every adapted contraction's input (see `Interpreter._leading_low_rank`).
+    leading axis of every adapted contraction's input (see `minilora_jax._banked.leading_low_rank`).
 
     Returns ``(output, problems)``: ``problems`` maps the path of each adapter that some use of
     its kernel could not follow to the operations involved (an empty dict when all is well).
@@ -1136,7 +985,8 @@ def apply(
     for i, node in adapters.items():
         lay = node.layout
         lead = ("n",) if is_bank(node) else ()
-        a, b, broken = _clean_bank(node) if is_bank(node) else (node.lora_a, node.lora_b, None)
+        a, b, broken = (_banked.clean_bank(node) if is_bank(node)
+                        else (node.lora_a, node.lora_b, None))
         arrays[i] = Arrays(
             a,
             b,
@@ -1148,7 +998,7 @@ def apply(
             broken=broken,
             magnitude=None if is_bank(node) else node.magnitude,
             m_labels=(*lay.batch_axes, *lay.out_axes),
-            variant=None if is_bank(node) else _variants.computing(node),
+            variant=_variants.computing(node),
         )
     interp = Interpreter(names, arrays, dropout, adapter_id, method, example_ids)
     outs, out_views = interp.run(closed.jaxpr, closed.consts, values, views, arrays, key)

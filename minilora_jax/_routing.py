@@ -90,7 +90,7 @@ def checked_ids(adapter_ids: Any, count: int | None = None) -> jax.Array:
 
     With ``count`` (the bank's ``N``), ids outside ``[-1, N)`` are refused where they are
     concrete; traced ones (under ``jit``) cannot be, so the program poisons their rows with NaN
-    (`minilora_jax._program._usable`) and `jax.experimental.checkify` reports them.
+    (`minilora_jax._banked.usable`) and `jax.experimental.checkify` reports them.
     """
     ids = jnp.asarray(adapter_ids)
     if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):

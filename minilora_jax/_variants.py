@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from minilora_jax import _dora
+from minilora_jax import _banked, _dora
 from minilora_jax._lora import Bank, Full, Lora
 
 # What an operation may need of every node it is handed. Each operation asks for one of these
@@ -83,6 +83,11 @@ class Variant:
         ``base + low_rank`` (`minilora_jax._dora.contract`); None for plain LoRA's.
       rescale: the adapted kernel from ``W + delta`` (float32) where it is not ``W + delta``
         itself (`minilora_jax._dora.merged`); None for ``W + delta``.
+      factors: ``factors(interp, arrays, rows)``: this example's factors and the weight of each
+        rank component, where they are not the node's own A, B and scale (a bank's adapter of
+        this example, `minilora_jax._banked.factors`); None for the node's own.
+      leading: ``leading(interp, site, x, dtype, precision, preferred)``: the low-rank term of a
+        whole batch routed along its leading axis (`minilora_jax._banked.leading_low_rank`).
       check: ``check(node, where, kernel_shape)`` raises ValueError when the variant's own
         arrays do not fit (`minilora_jax.Lora.check` calls it); None when there are none.
     """
@@ -93,6 +98,8 @@ class Variant:
     contract: Callable[..., Any] | None = None
     rescale: Callable[[Lora, Any], Any] | None = None
     check: Callable[[Lora, str, tuple[int, ...]], None] | None = None
+    factors: Callable[..., Any] | None = None
+    leading: Callable[..., Any] | None = None
 
 
 _BANK_WHY = (
@@ -127,7 +134,8 @@ VARIANTS: tuple[Variant, ...] = (
                    "and unmerging",
     }),
     Variant("bank", lambda x: isinstance(x, Bank),
-            dict.fromkeys(("combine", "merge", "summarize", "save"), _BANK_WHY)),
+            dict.fromkeys(("combine", "merge", "summarize", "save"), _BANK_WHY),
+            factors=_banked.factors, leading=_banked.leading_low_rank),
     Variant("full", lambda x: isinstance(x, Full),
             dict.fromkeys(("combine", "stack", "save_bank", "save_minimind"), _FULL_WHY)),
 )
@@ -165,6 +173,7 @@ def require(capability: str, leaves: Iterable[tuple[str, Any]], what: str) -> No
 
 def computing(node: Any) -> Variant:
     """The variant whose computation ``node`` follows: the last of its kinds that changes what
-    a contraction or a merge computes (DoRA), else plain LoRA."""
-    found = [v for v in variants_of(node) if v.contract is not None or v.rescale is not None]
+    a contraction or a merge computes (DoRA, a bank), else plain LoRA."""
+    found = [v for v in variants_of(node)
+             if (v.contract, v.rescale, v.factors) != (None, None, None)]
     return found[-1] if found else VARIANTS[0]
