@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import old_formats
 import pytest
-from toy_models import randomize_b
+from toy_models import assert_identical, randomize_b
 
 import minilora_jax as mlj
 from minilora_jax._tree import flatten
@@ -113,17 +113,6 @@ def _stored(tree, flip=None):
     return out
 
 
-def _assert_identical(a, b):
-    """Same structure (scales, layouts, magnitudes, Quantized aux data) and bit-identical
-    leaves of the same dtypes."""
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            x, y = jax.random.key_data(x), jax.random.key_data(y)
-        assert x.dtype == y.dtype and x.shape == y.shape
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def _load(path, base, state, **kwargs):
     if state is None:
         return checkpoint.load_adapters(path, base, **kwargs), None
@@ -148,9 +137,9 @@ def test_every_tree_is_written_as_format_7(tmp_path, kind, with_state):
         assert all(doc["arrays_sha256"][name][key].startswith("sha256:") for key in arrays)
         assert doc["base_values_sha256"][name].startswith("sha256:")
     back, got = _load(path, base, state, check_base_values=True)
-    _assert_identical(back, tree)
+    assert_identical(back, tree)
     if with_state:
-        _assert_identical(got, state)
+        assert_identical(got, state)
 
 
 # The tree each older version is tried with: what that version could hold.
@@ -175,9 +164,9 @@ def test_an_older_format_is_upgraded_and_loads_as_before(tmp_path, version, kind
     assert ("state" in info) == with_state and ("full" in info) == (kind == "full")
     sealed = version >= 4
     back, got = _load(path, base, state, check_base_values=sealed)
-    _assert_identical(back, tree)
+    assert_identical(back, tree)
     if with_state:
-        _assert_identical(got, state)
+        assert_identical(got, state)
     if not sealed:
         with pytest.raises(ValueError, match=rf"format {version} records no kernel values"):
             _load(path, base, state, check_base_values=True)

@@ -14,7 +14,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
-from toy_models import Stack, randomize_b
+from toy_models import Stack, assert_identical, randomize_b
 
 import minilora_jax as mlj
 from minilora_jax._tree import flatten
@@ -79,17 +79,6 @@ def _train_state(model, tree):
     return {"opt": opt, "step": jnp.asarray(1), "key": jax.random.key(4)}
 
 
-def _assert_identical(a, b):
-    """Same structure (scales, layouts, magnitudes present or not, Quantized aux data) and
-    bit-identical leaves of the same dtypes."""
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            x, y = jax.random.key_data(x), jax.random.key_data(y)
-        assert x.dtype == y.dtype and x.shape == y.shape
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def _sha256(x):
     return "sha256:" + hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
 
@@ -125,8 +114,8 @@ def test_dora_round_trip_with_state_onto_a_mesh(tmp_path, scan):
     target = jax.eval_shape(lambda: state)
     frozen = mlj.split(lp)[1]
     back, got = checkpoint.load_adapters(path, frozen, state=target)
-    _assert_identical(back, lp)
-    _assert_identical(got, state)
+    assert_identical(back, lp)
+    assert_identical(got, state)
     wrapped = jax.jit(mlj.wrap(_fn(model)))
     np.testing.assert_array_equal(wrapped(back, X), wrapped(lp, X))
     assert not np.allclose(wrapped(back, X), _fn(model)(base, X), atol=1e-3)  # DoRA does act
@@ -135,14 +124,14 @@ def test_dora_round_trip_with_state_onto_a_mesh(tmp_path, scan):
     # (the magnitude sharded as the kernel's batch and out axes), on a one-device mesh.
     device = SingleDeviceSharding(jax.devices()[0])
     on_device = checkpoint.load_adapters(path, base, shardings=device)
-    _assert_identical(on_device, lp)
+    assert_identical(on_device, lp)
     assert all(n.magnitude.sharding == device for n in _nodes(on_device).values()
                if n.magnitude is not None)
     mesh = jax.make_mesh((1,), ("fsdp",))
     specs = mlj.shardings(lp, jax.tree.map(lambda _: P("fsdp"), base), mesh=mesh)
     on_mesh, got = checkpoint.load_adapters(path, base, state=target, shardings=specs)
-    _assert_identical(on_mesh, lp)
-    _assert_identical(got, state)
+    assert_identical(on_mesh, lp)
+    assert_identical(got, state)
     for name, node in _nodes(on_mesh).items():
         want = _nodes(specs)[name]
         assert node.lora_a.sharding == want.lora_a and node.lora_b.sharding == want.lora_b
@@ -156,7 +145,7 @@ def test_dora_round_trip_with_state_onto_a_mesh(tmp_path, scan):
         seen.extend(n.magnitude.shape for n in _nodes(abstract).values() if n.is_dora)
         return mlj.shardings(abstract, jax.tree.map(lambda _: P(), base), mesh=mesh)
 
-    _assert_identical(checkpoint.load_adapters(path, base, shardings=shard), lp)
+    assert_identical(checkpoint.load_adapters(path, base, shardings=shard), lp)
     assert sorted(seen) == sorted(n.magnitude.shape for n in nodes.values() if n.is_dora)
 
 
@@ -172,9 +161,9 @@ def test_dora_save_step_resumes(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["2", "3"]
     back, got = checkpoint.load_adapters(tmp_path / "run" / "3", frozen,
                                          state=jax.eval_shape(lambda: state))
-    _assert_identical(back, at(3))
+    assert_identical(back, at(3))
     assert int(got["step"]) == 3
-    _assert_identical(got["opt"], state["opt"])
+    assert_identical(got["opt"], state["opt"])
 
 
 def test_tampered_magnitude_is_refused(tmp_path):
@@ -282,14 +271,14 @@ def test_qlora_round_trip(tmp_path, kind, dtype):
     adapters, frozen = mlj.split(qp)
     back, got = checkpoint.load_adapters(path, frozen, state=jax.eval_shape(lambda: state),
                                          check_base_values=True)
-    _assert_identical(back, qp)
-    _assert_identical(got, state)
+    assert_identical(back, qp)
+    assert_identical(got, state)
     wrapped = jax.jit(mlj.wrap(_fn(model)))
     np.testing.assert_array_equal(wrapped(back, X), wrapped(qp, X))
     assert isinstance(back["layers_0"]["q_proj"]["kernel"].kernel, Quantized)
     # jit-placed on one device, too
     device = SingleDeviceSharding(jax.devices()[0])
-    _assert_identical(checkpoint.load_adapters(path, frozen, shardings=device), qp)
+    assert_identical(checkpoint.load_adapters(path, frozen, shardings=device), qp)
 
     # Another quantized kernel of the same shape (another fine-tune): loads, unless its values
     # are checked.
@@ -319,7 +308,7 @@ def test_qlora_round_trip(tmp_path, kind, dtype):
     shapes = _nodes(checkpoint.load_adapters(path, checkpoint.abstract_base(path)))
     assert {n: x.kernel.shape for n, x in shapes.items()} == {
         n: x.kernel.shape for n, x in _nodes(qp).items()}
-    _assert_identical({n: x.replace(kernel=None) for n, x in shapes.items()},
+    assert_identical({n: x.replace(kernel=None) for n, x in shapes.items()},
                       {n: x.replace(kernel=None) for n, x in _nodes(qp).items()})
 
 
@@ -333,7 +322,7 @@ def test_lora_checkpoint_onto_a_quantized_base(tmp_path):
     assert checkpoint.read_metadata(path)["adapters"]["layers_0/q_proj/kernel"]["quantized"] is None
     qp = quantize(lp, "nf4", block_size=8)
     back = checkpoint.load_adapters(path, mlj.split(qp)[1])
-    _assert_identical(back, qp)
+    assert_identical(back, qp)
     with pytest.raises(ValueError, match=r"saved on a plain array, but the base holds a "
                                          r"Quantized kernel \(nf4, block_size 8\)"):
         checkpoint.load_adapters(path, mlj.split(qp)[1], check_base_values=True)
@@ -346,7 +335,7 @@ def test_dora_on_a_quantized_base(tmp_path):
     rec = checkpoint.read_metadata(path)["adapters"]["layers_0/up_proj/kernel"]
     assert rec["arrays"][-1] == "magnitude" and rec["quantized"]["kind"] == "nf4"
     back = checkpoint.load_adapters(path, mlj.split(qp)[1], check_base_values=True)
-    _assert_identical(back, qp)
+    assert_identical(back, qp)
     wrapped = jax.jit(mlj.wrap(_fn(model)))
     np.testing.assert_array_equal(wrapped(back, X), wrapped(qp, X))
 
@@ -367,7 +356,7 @@ def test_plain_lora_in_format_4(tmp_path):
     for name, rec in doc["adapters"].items():
         assert set(rec) == {"rank", "scale", "layout", "kernel", "lora_a", "lora_b"}, name
         assert set(doc["arrays_sha256"][name]) == {"lora_a", "lora_b"}
-    _assert_identical(checkpoint.load_adapters(path, base, check_base_values=True), lp)
+    assert_identical(checkpoint.load_adapters(path, base, check_base_values=True), lp)
     # Version 4 knows no magnitude: one added to a record (and re-sealed) is refused.
     name = next(iter(doc["adapters"]))
     doc["adapters"][name]["magnitude"] = {"shape": [8], "dtype": "float32"}

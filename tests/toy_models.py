@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import minilora_jax as mlj
 
@@ -150,3 +151,14 @@ def all_eqns(jaxpr):
                 inner = getattr(v, "jaxpr", v)
                 if hasattr(inner, "eqns"):
                     yield from all_eqns(inner)
+
+
+def assert_identical(a, b):
+    """Same structure (scales, layouts, magnitudes present or not, Quantized aux data) and
+    bit-identical leaves of the same dtypes."""
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
